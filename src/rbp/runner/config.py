@@ -1,0 +1,259 @@
+"""Typed experiment settings: a dataclass filled from layered YAML and ``--set`` overrides.
+
+Layers, lowest priority first: the experiment's default YAML (the paper's settings), its
+``quick:`` section when ``quick=True``, the user's ``--config`` file (and its own ``quick:``
+section), ``--set KEY=VALUE`` overrides, then already-typed values from command-line flags.
+Every key and type is checked, and the dataclass's ``validate()`` runs, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "QUICK_KEY",
+    "ConfigError",
+    "config_fields",
+    "config_to_dict",
+    "default_config_path",
+    "load_config",
+    "parse_override",
+]
+
+T = TypeVar("T")
+
+#: Top-level YAML key whose mapping is applied only in ``--quick`` mode.
+QUICK_KEY = "quick"
+
+_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, has the wrong type or an impossible value."""
+
+
+def default_config_path(name: str) -> Path:
+    """Path of the packaged default settings ``rbp/configs/<name>.yaml``."""
+    return _CONFIG_DIR / f"{name}.yaml"
+
+
+def config_fields(cls: type) -> dict[str, Any]:
+    """Map each settable field name of dataclass ``cls`` to its resolved type hint."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict copy of a settings dataclass instance."""
+    return dataclasses.asdict(cfg)
+
+
+def type_name(tp: Any) -> str:
+    """Readable name of a type hint, e.g. ``list[int]`` or ``int | None``."""
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and get_origin(tp) is None:
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def _fail() -> tuple[bool, Any]:
+    return False, None
+
+
+def coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check ``value`` against hint ``tp``; return ``(ok, value converted to the hint)``.
+
+    ints are accepted (and converted) for floats, numeric strings such as ``"1e-3"`` (which
+    YAML 1.1 reads as text) for floats, and strings for :class:`Path`; bools are never
+    accepted as numbers. Unknown hint kinds are accepted unchecked.
+    """
+    if tp is Any or tp is object:
+        return True, value
+    origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        for arg in get_args(tp):
+            ok, out = coerce(value, arg)
+            if ok:
+                return True, out
+        return _fail()
+    if tp is None or tp is type(None):
+        return value is None, None
+    if origin is Literal:
+        for choice in get_args(tp):
+            if value == choice and type(value) is type(choice):
+                return True, value
+        return _fail()
+    if origin in (list, tuple, set, frozenset) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return _fail()
+        args = get_args(tp)
+        if origin is tuple and args and (len(args) != 2 or args[1] is not Ellipsis):
+            if len(args) != len(value):
+                return _fail()
+            elem_types: Iterable[Any] = args
+        else:
+            elem_types = [args[0] if args else Any] * len(value)
+        items = []
+        for item, elem_tp in zip(value, elem_types, strict=True):
+            ok, out = coerce(item, elem_tp)
+            if not ok:
+                return _fail()
+            items.append(out)
+        container = origin or tp
+        return True, container(items)
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            return _fail()
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        out_map = {}
+        for k, v in value.items():
+            ok_k, ck = coerce(k, key_tp)
+            ok_v, cv = coerce(v, val_tp)
+            if not (ok_k and ok_v):
+                return _fail()
+            out_map[ck] = cv
+        return True, out_map
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, bool):
+            return _fail()
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return _fail()
+        return _fail()
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return True, Path(value)
+        return _fail()
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value
+
+
+def _unknown_key(key: str, valid: Iterable[str], source: str) -> ConfigError:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(
+        f"unknown setting '{key}' in {source}{hint} (valid settings: {', '.join(valid)})"
+    )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE`` and parse VALUE as YAML (``3`` -> int, ``[1, 2]`` -> list...)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value '{raw}': {exc}") from exc
+    return key, value
+
+
+def _is_list_type(tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        return any(_is_list_type(a) for a in get_args(tp))
+    return origin is list or tp is list
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse {what} {path}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError(f"{what} {path} must hold a mapping of settings, got {kind}")
+    return data
+
+
+def _split_quick(data: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    data = dict(data)
+    quick = data.pop(QUICK_KEY, None) or {}
+    if not isinstance(quick, dict):
+        raise ConfigError(f"'{QUICK_KEY}:' in {source} must be a mapping of settings")
+    return data, quick
+
+
+def load_config(
+    cls: type[T],
+    default_yaml: Path | None,
+    config_file: Path | None = None,
+    overrides: Iterable[str] = (),
+    quick: bool = False,
+    values: Mapping[str, Any] | None = None,
+) -> T:
+    """Build and validate a ``cls`` instance from the layered settings sources.
+
+    ``default_yaml=None`` starts from the dataclass defaults alone. ``values`` holds typed
+    values from command-line flags and takes precedence over everything else. Raises
+    :class:`ConfigError` (unknown key, wrong type, impossible value) or FileNotFoundError.
+    """
+    hints = config_fields(cls)
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    for path, what in ((default_yaml, "default config"), (config_file, "config file")):
+        if path is None:
+            continue
+        data, quick_data = _split_quick(_read_yaml(path, what), f"{what} {path}")
+        layers.append((f"{what} {path}", data))
+        if quick:
+            layers.append((f"'{QUICK_KEY}:' section of {what} {path}", quick_data))
+    set_values: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in hints and _is_list_type(hints[key]) and isinstance(value, (str, int, float)):
+            # ``--set methods=rbp,cg`` or ``--set sizes=4``: a comma-separated list.
+            raw = text.partition("=")[2]
+            value = [yaml.safe_load(p) for p in raw.split(",") if p.strip()]
+        set_values[key] = value
+    layers.append(("--set", set_values))
+    layers.append(("command-line flags", dict(values or {})))
+
+    merged: dict[str, Any] = {}
+    for source, data in layers:
+        for key, value in data.items():
+            if key not in hints:
+                raise _unknown_key(str(key), hints, source)
+            ok, converted = coerce(value, hints[key])
+            if not ok:
+                raise ConfigError(
+                    f"setting '{key}' in {source} expects {type_name(hints[key])}, "
+                    f"got {value!r} ({type(value).__name__})"
+                )
+            merged[key] = converted
+
+    for f in dataclasses.fields(cls):
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.init and no_default and f.name not in merged:
+            raise ConfigError(f"setting '{f.name}' is required but was not given")
+    cfg = cls(**merged)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg

@@ -1,0 +1,84 @@
+"""Flat views of recurrent states: a tensor, or a tuple / list / dict of tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+State = Any  # a tensor or a (nested) tuple / list / dict of tensors
+
+
+def flatten(state: State, what: str = "state") -> tuple[list[torch.Tensor], pytree.TreeSpec]:
+    """Leaves and structure of ``state``; every leaf must be a floating-point tensor."""
+    leaves, spec = pytree.tree_flatten(state)
+    if not leaves:
+        raise TypeError(f"{what} holds no tensors: pass a tensor or a tuple/list/dict of tensors")
+    for path, leaf in zip(_paths(spec), leaves, strict=True):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{what}{path} is a {type(leaf).__name__}, not a tensor: a state must be a tensor "
+                "or a tuple/list/dict of tensors"
+            )
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"{what}{path} has dtype {leaf.dtype}; states must be floating point "
+                "(float32 or float64)"
+            )
+    return leaves, spec
+
+
+def unflatten(spec: pytree.TreeSpec, leaves: Sequence[torch.Tensor]) -> State:
+    """Inverse of :func:`flatten`."""
+    return pytree.tree_unflatten(list(leaves), spec)
+
+
+def check_same_structure(
+    spec: pytree.TreeSpec, leaves: Sequence[torch.Tensor], out: State, step: int
+) -> list[torch.Tensor]:
+    """Leaves of ``out`` after checking it matches the structure, shapes and dtypes of the state."""
+    out_leaves, out_spec = pytree.tree_flatten(out)
+    if out_spec != spec:
+        raise TypeError(
+            f"f returned a different structure at step {step}: expected {spec}, got {out_spec}. "
+            "f must map a state to a state of the same structure"
+        )
+    for path, a, b in zip(_paths(spec), leaves, out_leaves, strict=True):
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"f returned a {type(b).__name__} at state{path}, not a tensor")
+        if a.shape != b.shape:
+            raise ValueError(
+                f"f changed the shape of state{path} at step {step}: "
+                f"{tuple(a.shape)} -> {tuple(b.shape)}"
+            )
+        if a.dtype != b.dtype:
+            raise TypeError(
+                f"f changed the dtype of state{path} at step {step}: {a.dtype} -> {b.dtype}"
+            )
+    return out_leaves
+
+
+def to_vector(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate leaves into one flat vector (a view when there is a single leaf)."""
+    if len(leaves) == 1:
+        return leaves[0].reshape(-1)
+    return torch.cat([leaf.reshape(-1) for leaf in leaves])
+
+
+def from_vector(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Split a flat vector back into tensors shaped like ``like``."""
+    if len(like) == 1:
+        return [vector.view_as(like[0])]
+    sizes = [leaf.numel() for leaf in like]
+    return [part.view_as(leaf) for part, leaf in zip(torch.split(vector, sizes), like, strict=True)]
+
+
+def _paths(spec: pytree.TreeSpec) -> list[str]:
+    """Readable paths (``[0]``, ``['w']``) of the leaves of ``spec``, for error messages."""
+    dummy = pytree.tree_unflatten([None] * spec.num_leaves, spec)
+    return [
+        "".join(f"[{k.idx}]" if hasattr(k, "idx") else f"[{k.key!r}]" for k in keypath)
+        for keypath, _ in pytree.tree_flatten_with_path(dummy)[0]
+    ]
