@@ -34,8 +34,13 @@ def tanh_rnn(n: int = 8, seed: int = 0) -> Problem:
     w = (0.6 * w / torch.linalg.matrix_norm(w, 2)).requires_grad_()
     x = torch.randn(n, dtype=DT, generator=gen).requires_grad_()
     return Problem(
-        "tanh_rnn", lambda h: torch.tanh(w @ h + x), [w, x], torch.zeros(n, dtype=DT),
-        _loss_factory(n, gen), 200, 120,
+        "tanh_rnn",
+        lambda h: torch.tanh(w @ h + x),
+        [w, x],
+        torch.zeros(n, dtype=DT),
+        _loss_factory(n, gen),
+        200,
+        120,
     )
 
 
@@ -48,8 +53,13 @@ def gru(n: int = 6, m: int = 4, seed: int = 1) -> Problem:
             p.mul_(0.5)
     x = torch.randn(1, m, dtype=DT, generator=gen).requires_grad_()
     return Problem(
-        "gru", lambda h: cell(x, h.unsqueeze(0)).squeeze(0), [*cell.parameters(), x],
-        torch.zeros(n, dtype=DT), _loss_factory(n, gen), 400, 300,
+        "gru",
+        lambda h: cell(x, h.unsqueeze(0)).squeeze(0),
+        [*cell.parameters(), x],
+        torch.zeros(n, dtype=DT),
+        _loss_factory(n, gen),
+        400,
+        300,
     )
 
 
@@ -77,8 +87,13 @@ def slow(n: int = 6, seed: int = 3) -> Problem:
     a = (q @ torch.diag(eig) @ q.T).requires_grad_()
     x = torch.randn(n, dtype=DT, generator=gen).requires_grad_()
     return Problem(
-        "slow", lambda h: a @ h + x, [a, x], torch.zeros(n, dtype=DT), _loss_factory(n, gen),
-        2500, 2000,
+        "slow",
+        lambda h: a @ h + x,
+        [a, x],
+        torch.zeros(n, dtype=DT),
+        _loss_factory(n, gen),
+        2500,
+        2000,
     )
 
 
@@ -91,8 +106,13 @@ def non_normal(n: int = 6, seed: int = 4) -> Problem:
     a.requires_grad_()
     x = torch.randn(n, dtype=DT, generator=gen).requires_grad_()
     return Problem(
-        "non_normal", lambda h: torch.tanh(a @ h) + x, [a, x], torch.zeros(n, dtype=DT),
-        _loss_factory(n, gen), 400, 300,
+        "non_normal",
+        lambda h: torch.tanh(a @ h) + x,
+        [a, x],
+        torch.zeros(n, dtype=DT),
+        _loss_factory(n, gen),
+        400,
+        300,
     )
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dynamics import ALL, exact_gradients, max_rel_error, method_gradients
 
 import rbp
-from dynamics import ALL, exact_gradients, max_rel_error, method_gradients
 
 
 @pytest.fixture(params=ALL, ids=lambda make: make.__name__)
@@ -37,7 +37,9 @@ def test_truncation_is_an_approximation_that_improves_with_k(method):
     p = slow()
     want = exact_gradients(p)
     errors = [
-        max_rel_error(method_gradients(p, method, steps=p.steps, truncate=k, rbp_init="zeros"), want)
+        max_rel_error(
+            method_gradients(p, method, steps=p.steps, truncate=k, rbp_init="zeros"), want
+        )
         if method == "rbp"
         else max_rel_error(method_gradients(p, method, steps=p.steps, truncate=k), want)
         for k in (5, 50, 500)
@@ -58,12 +60,20 @@ def test_gmres_beats_cg_on_slow_non_normal_dynamics():
 
     x = torch.randn(n, dtype=torch.float64, generator=gen).requires_grad_()
     c = torch.randn(n, dtype=torch.float64, generator=gen)
-    p = Problem("nn", lambda h: torch.tanh(a @ h) + x, [a, x], torch.zeros(n, dtype=torch.float64),
-                lambda h: (c * h).sum(), 3000, 0)
+    p = Problem(
+        "nn",
+        lambda h: torch.tanh(a @ h) + x,
+        [a, x],
+        torch.zeros(n, dtype=torch.float64),
+        lambda h: (c * h).sum(),
+        3000,
+        0,
+    )
     want = exact_gradients(p)
     err = {
-        m: max_rel_error(method_gradients(p, m, steps=p.steps, truncate=15, on_failure="ignore"),
-                         want)
+        m: max_rel_error(
+            method_gradients(p, m, steps=p.steps, truncate=15, on_failure="ignore"), want
+        )
         for m in ("cg", "gmres")
     }
     assert err["gmres"] < err["cg"]
@@ -108,8 +118,9 @@ def test_cuda_matches_cpu(method):
     w = p.params[0].detach().cuda().requires_grad_()
     x = p.params[1].detach().cuda().requires_grad_()
     torch.manual_seed(0)
-    h = rbp.fixed_point(lambda h: torch.tanh(w @ h + x), p.h0.cuda(), 200, method, 60,
-                        rbp_init="zeros")
+    h = rbp.fixed_point(
+        lambda h: torch.tanh(w @ h + x), p.h0.cuda(), 200, method, 60, rbp_init="zeros"
+    )
     p.loss(h.cpu()).backward()
     assert torch.allclose(w.grad.cpu(), cpu[0], atol=1e-6)
     assert torch.allclose(x.grad.cpu(), cpu[1], atol=1e-6)
