@@ -272,6 +272,7 @@ def build_parser(exps: dict[str, Experiment]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rbp {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("list", help="list the experiments", description="List the experiments.")
+    _add_tool_commands(sub)
     for exp in exps.values():
         p = sub.add_parser(exp.name, help=exp.help, description=exp.help,
                            epilog=_settings_epilog(exp))
@@ -283,6 +284,20 @@ def build_parser(exps: dict[str, Experiment]) -> argparse.ArgumentParser:
         if missing:
             raise ValueError(f"experiment '{exp.name}': flag_to_key names unknown flags {missing}")
     return parser
+
+
+def _add_tool_commands(sub: Any) -> None:
+    """``rbp sweep`` (a grid of runs) and ``rbp report`` (an HTML page of finished runs)."""
+    from rbp.runner import report, sweep
+
+    p = sub.add_parser("sweep", help="run a grid of runs of one experiment",
+                       description="Run a grid of independent runs of one experiment, in "
+                       "local worker processes or on a Ray cluster; re-run to resume.")
+    sweep.add_arguments(p)
+    p = sub.add_parser("report", help="one HTML page of finished runs",
+                       description="Write one self-contained HTML page of the finished runs "
+                       "(results.json) and sweeps (sweep.json) found under RESULTS_DIR.")
+    report.add_arguments(p)
 
 
 def _build_config(exp: Experiment, args: argparse.Namespace) -> Any:
@@ -407,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, exp in exps.items():
             print(f"{name:<{width}}  {exp.help}")
         return 0
+    if args.command in ("sweep", "report"):
+        tool = importlib.import_module(f"rbp.runner.{args.command}")
+        return int(tool.run_command(args))
     return _run(exps[args.command], args, argv)
 
 

@@ -1,0 +1,735 @@
+"""rbp's gradient methods against TorchDEQ, torchopt and a hand-written loop, at equal budgets.
+
+Every method differentiates the same recurrence ``h_{t+1} = F(h_t)`` (batched, per-row
+independent) after the same forward of ``T`` updates, with the same backward budget ``K``
+(iterations of its linear solve, or truncation length for TBPTT). Against the exact implicit
+gradient ``dL/dw = z^T dF/dw`` with ``(I - J^T) z = g`` solved densely per batch row at a fully
+converged ``h*`` (``J = dF/dh`` is block-diagonal: one ``torch.func.jacrev`` block per row,
+vmapped), it reports for each method:
+
+* ``rel_err_W`` / ``rel_err_x``: ``||grad - exact|| / ||exact||`` for the recurrent weight and the
+  input (float64 problems; the float32 variant is compared with the float64 exact gradient);
+* ``time_ms`` / ``cpu_ms``: median wall / process-CPU time of forward + loss + backward over
+  ``--repeats`` timed calls after one warm-up; all configurations of a problem are timed
+  round-robin so that load from other processes falls on them alike (CPU time leaves out the
+  time spent waiting for a core on a shared machine);
+* ``saved_kib``: distinct tensor storages autograd saves during the forward
+  (``torch.autograd.graph.saved_tensors_hooks``), not counting the problem's own leaves
+  (parameters, input, initial state), which every method references without copying;
+  ``bwd_saved_kib``: the same for graphs built during the backward (recomputed steps,
+  double-backward graphs);
+* ``n_f`` / ``n_vjp``: evaluations of F and reverse products through F, counted in a separate
+  untimed run (forward-mode / double-backward products of ``cg`` are not in ``n_vjp``);
+* ``ratio_vs_hand`` / ``cpu_ratio_vs_hand``: time over the hand-written Neumann-RBP loop at the
+  same K (the overhead baseline); ``overhead_paired`` times rbp's neumann against that loop
+  call by call, alternating, with forward and backward apart, on the same problems and on a
+  tiny one where per-call Python work is all there is.
+
+Peers (``torchdeq``, ``torchopt``) are optional and imported lazily; their rows are skipped with a
+note when absent. Run ``python benchmarks/core_bench.py [--quick] [--repeats N] [--out DIR]``;
+writes ``DIR/bench.json`` (default ``results/core_bench``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import rbp
+
+Tensor = torch.Tensor
+Step = Callable[..., Tensor]  # F(h, *args) -> h, batched over rows
+Forward = Callable[[], Tensor]  # one forward with the method's gradient attached -> h_T
+
+KIB = 1024.0
+RBP_METHODS = ("bptt", "tbptt", "rbp", "cg", "neumann", "gmres")
+
+
+# --------------------------------------------------------------------------- problems
+
+
+@dataclass
+class Problem:
+    """A batched recurrence ``h <- step(h, *args)`` and the loss ``0.5 ||h - target||^2``.
+
+    ``args`` are every tensor the step uses, all leaves with ``requires_grad``; the one at
+    ``weight_index`` is the recurrent weight W and the one at ``input_index`` the input x
+    (shape (batch, ...), one row per independent recurrence).
+    """
+
+    name: str
+    description: str
+    step: Step
+    args: tuple[Tensor, ...]
+    arg_names: tuple[str, ...]
+    h0: Tensor
+    target: Tensor
+    weight_index: int
+    input_index: int
+
+    def f(self, h: Tensor) -> Tensor:
+        """One update ``F(h)`` closing over the problem's tensors (what an rbp user writes)."""
+        return self.step(h, *self.args)
+
+    def loss(self, h: Tensor) -> Tensor:
+        """``L = 0.5 ||h - target||^2``, so ``g = dL/dh = h - target``."""
+        return 0.5 * (h - self.target).pow(2).sum()
+
+    def leaves(self) -> tuple[Tensor, ...]:
+        return (*self.args, self.h0, self.target)
+
+    def zero_grad(self) -> None:
+        for a in self.args:
+            a.grad = None
+
+    def grads(self) -> tuple[Tensor, Tensor]:
+        w, x = self.args[self.weight_index].grad, self.args[self.input_index].grad
+        if w is None or x is None:
+            raise RuntimeError(f"{self.name}: a method left W or x without a gradient")
+        return w, x
+
+    def cast(self, dtype: torch.dtype) -> Problem:
+        """The same problem in ``dtype`` (fresh leaves)."""
+        args = tuple(a.detach().to(dtype).requires_grad_() for a in self.args)
+        return Problem(
+            self.name, self.description, self.step, args, self.arg_names,
+            self.h0.to(dtype), self.target.to(dtype), self.weight_index, self.input_index,
+        )
+
+
+def rnn_step(h: Tensor, w: Tensor, u: Tensor, b: Tensor, x: Tensor) -> Tensor:
+    """Contractive tanh RNN: ``F(h) = tanh(h W^T + x U^T + b)``."""
+    return torch.tanh(torch.addmm(b, x, u.t()) + h @ w.t())
+
+
+def gru_step(
+    h: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor
+) -> Tensor:
+    """``torch.nn.GRUCell(x, h)`` written out: ``(1 - z) n + z h`` with gates r, z and n."""
+    gi = torch.addmm(b_ih, x, w_ih.t())
+    gh = torch.addmm(b_hh, h, w_hh.t())
+    i_r, i_z, i_n = gi.chunk(3, dim=1)
+    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
+
+
+def _orthogonal(n: int, gen: torch.Generator) -> Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def make_rnn(
+    hidden: int, batch: int, inputs: int, seed: int, *, nonnormal: bool = False
+) -> Problem:
+    """(a) ``W = 0.9 Q`` (Q orthogonal: every singular value 0.9, eigenvalues on |lambda| = 0.9)
+    and a weak input drive (``U ~ 0.3 N(0, 1/inputs)``) so that tanh stays near its linear range
+    and J = diag(1 - h^2) W contracts slowly; (c) ``W = Q S Q^T`` with S block-diagonal 2x2
+    Jordan blocks ``[[0.6, 1.5], [0, 0.6]]``: rho(W) = 0.6 but ||W||_2 ~ 1.8, so powers of J
+    grow before they decay."""
+    gen = torch.Generator().manual_seed(seed)
+    if nonnormal:
+        s = 0.6 * torch.eye(hidden, dtype=torch.float64)
+        idx = torch.arange(0, hidden - 1, 2)
+        s[idx, idx + 1] = 1.5
+        q = _orthogonal(hidden, gen)
+        w = q @ s @ q.t()
+        name, desc = "rnn-nonnormal", "tanh RNN, W = Q S Q^T, rho(W)=0.6, ||W||~1.8"
+    else:
+        w = 0.9 * _orthogonal(hidden, gen)
+        name, desc = "rnn", "tanh RNN, W = 0.9 Q (||W||_2 = 0.9)"
+    drive = 1.0 if nonnormal else 0.3
+    u = drive * torch.randn(hidden, inputs, generator=gen, dtype=torch.float64) / math.sqrt(inputs)
+    b = 0.1 * torch.randn(hidden, generator=gen, dtype=torch.float64)
+    x = torch.randn(batch, inputs, generator=gen, dtype=torch.float64)
+    target = 0.5 * torch.randn(batch, hidden, generator=gen, dtype=torch.float64)
+    args = tuple(a.requires_grad_() for a in (w, u, b, x))
+    return Problem(
+        name, f"{desc}, hidden {hidden}, batch {batch}", rnn_step, args, ("W", "U", "b", "x"),
+        torch.zeros(batch, hidden, dtype=torch.float64), target, 0, 3,
+    )
+
+
+def make_gru(hidden: int, batch: int, inputs: int, seed: int, hh_scale: float = 2.5) -> Problem:
+    """(b) ``h = GRUCell(x, h)`` with PyTorch's default init and ``weight_hh`` scaled by
+    ``hh_scale`` (slower convergence); checked against ``torch.nn.GRUCell``."""
+    torch.manual_seed(seed)
+    cell = torch.nn.GRUCell(inputs, hidden, dtype=torch.float64)
+    with torch.no_grad():
+        cell.weight_hh.mul_(hh_scale)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, inputs, generator=gen, dtype=torch.float64)
+    h_test = torch.randn(batch, hidden, generator=gen, dtype=torch.float64)
+    target = 0.5 * torch.randn(batch, hidden, generator=gen, dtype=torch.float64)
+    params = [p.detach().clone() for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih,
+                                           cell.bias_hh)]
+    with torch.no_grad():
+        if not torch.allclose(gru_step(h_test, x, *params), cell(x, h_test), atol=1e-12):
+            raise RuntimeError("gru_step does not match torch.nn.GRUCell")
+    args = tuple(a.requires_grad_() for a in (x, *params))
+    return Problem(
+        "gru", f"GRUCell equilibrium, weight_hh x{hh_scale:g}, hidden {hidden}, batch {batch}",
+        gru_step, args, ("x", "W_ih", "W", "b_ih", "b_hh"),
+        torch.zeros(batch, hidden, dtype=torch.float64), target, 2, 0,
+    )
+
+
+@dataclass
+class Exact:
+    """Exact implicit gradients at a converged state, and the Jacobian's spectrum."""
+
+    grad_w: Tensor
+    grad_x: Tensor
+    steps: int
+    residual: float
+    rho: float  # max over rows of the spectral radius of J_i
+    norm: float  # max over rows of ||J_i||_2
+
+
+def exact_gradients(p: Problem, max_steps: int = 20000, tol: float = 1e-14) -> Exact:
+    """Run F to ``||F(h) - h|| <= tol ||h||``, then solve ``(I - J_i^T) z_i = g_i`` densely per
+    row (``J_i`` by ``vmap(jacrev)``) and return ``z^T dF/d(W, x)``."""
+    h = p.h0
+    residual, steps = math.inf, 0
+    with torch.no_grad():
+        while steps < max_steps:
+            h_next = p.f(h)
+            residual = (h_next - h).norm().item() / max(h_next.norm().item(), 1e-300)
+            h, steps = h_next, steps + 1
+            if residual <= tol:
+                break
+    if residual > 1e-12:
+        raise RuntimeError(f"{p.name}: forward did not converge ({residual:.2e} after {steps})")
+    xi = p.input_index
+    detached = [a.detach() for a in p.args]
+
+    def row_step(h_row: Tensor, x_row: Tensor) -> Tensor:
+        args = list(detached)
+        args[xi] = x_row[None]
+        return p.step(h_row[None], *args)[0]
+
+    jac = torch.func.vmap(torch.func.jacrev(row_step))(h, detached[xi])  # (B, H, H)
+    eye = torch.eye(jac.shape[-1], dtype=jac.dtype)
+    g = (h - p.target).unsqueeze(-1)
+    z = torch.linalg.solve(eye - jac.transpose(1, 2), g).squeeze(-1)
+    out = p.step(h, *p.args)
+    gw, gx = torch.autograd.grad(out, [p.args[p.weight_index], p.args[xi]], z)
+    return Exact(
+        grad_w=gw, grad_x=gx, steps=steps, residual=residual,
+        rho=torch.linalg.eigvals(jac).abs().max().item(),
+        norm=torch.linalg.matrix_norm(jac, ord=2).max().item(),
+    )
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Method:
+    """A gradient method: ``make(problem, T, K)`` returns a forward producing ``h_T``."""
+
+    name: str
+    family: str  # rbp | baseline | torchdeq | torchopt
+    make: Callable[[Problem, int, int], Forward]
+    uses_k: bool = True
+    requires: str | None = None  # optional package
+    note: str = ""
+
+
+def _rbp_method(method: str) -> Method:
+    def make(p: Problem, steps: int, k: int) -> Forward:
+        kwargs: dict[str, Any] = {"rbp_init": "zeros"} if method == "rbp" else {}
+        truncate = 1 if method == "bptt" else k
+
+        def forward() -> Tensor:
+            return rbp.fixed_point(p.f, p.h0, steps, method=method, truncate=truncate, **kwargs)
+
+        return forward
+
+    notes = {"rbp": "rbp_init='zeros'", "cg": "K iterations = K vjp + K jvp (double vjp)"}
+    return Method(f"rbp.{method}", "rbp", make, uses_k=method != "bptt", note=notes.get(method, ""))
+
+
+def _hand_neumann(p: Problem, steps: int, k: int) -> Forward:
+    """The overhead baseline: Neumann-RBP written directly with autograd.
+
+    ``T-1`` steps under no_grad, one step with a graph, and a hook on its output replacing the
+    incoming ``g`` by ``z = sum_{t=0}^{K} (J^T)^t g`` (K calls of ``torch.autograd.grad``); the
+    hook removes itself first, since those products flow through ``h_out`` again."""
+
+    def forward() -> Tensor:
+        with torch.no_grad():
+            h = p.h0
+            for _ in range(steps - 1):
+                h = p.f(h)
+        h_in = h.detach().requires_grad_()
+        h_out = p.f(h_in)
+
+        def neumann_hook(g: Tensor) -> Tensor:
+            handle.remove()  # the products below pass through h_out again
+            v, z = g, g.clone()
+            for _ in range(k):
+                (v,) = torch.autograd.grad(h_out, h_in, v, retain_graph=True)
+                z.add_(v)
+            return z
+
+        handle = h_out.register_hook(neumann_hook)
+        return h_out
+
+    return forward
+
+
+def _torchdeq_method(b_solver: str, f_solver: str = "fixed_point_iter") -> Method:
+    def make(p: Problem, steps: int, k: int) -> Forward:
+        from torchdeq import get_deq
+
+        # Equal budgets: T-1 solver steps + the one graph step torchdeq appends = T updates;
+        # tol=0 so that neither solve stops early; broyden spends max_iter + 1 products.
+        deq = get_deq(
+            core="sliced", ift=True, f_solver=f_solver, f_max_iter=steps - 1,
+            f_tol=0.0, b_solver=b_solver, b_max_iter=k - 1 if b_solver == "broyden" else k,
+            b_tol=0.0,
+        )
+
+        def forward() -> Tensor:
+            z_out, _ = deq(p.f, p.h0)
+            return z_out[-1]
+
+        return forward
+
+    note = "b_max_iter=K-1 (K products)" if b_solver == "broyden" else ""
+    name = f"torchdeq.{b_solver}"
+    if f_solver != "fixed_point_iter":
+        name = f"torchdeq.{b_solver}+{f_solver.removesuffix('_fixed_point_iter')}-fwd"
+        note = f"f_solver='{f_solver}' (no per-step statistics)"
+    return Method(name, "torchdeq", make, requires="torchdeq", note=note)
+
+
+def _torchopt_method(solver: str) -> Method:
+    def make(p: Problem, steps: int, k: int) -> Forward:
+        from torchopt.diff.implicit import custom_root
+        from torchopt.linear_solve import solve_cg, solve_inv, solve_normal_cg
+
+        if solver == "normal_cg":
+            solve = solve_normal_cg(maxiter=k, rtol=0.0)
+        elif solver == "cg":
+            solve = solve_cg(maxiter=k, rtol=0.0)
+        else:  # Neumann series of A^{-1}, A = J^T - I: alpha = -1 gives sum_t (J^T)^t
+            solve = solve_inv(ns=True, maxiter=k, alpha=-1.0)
+        step = p.step
+
+        def optimality(h: Tensor, *args: Tensor) -> Tensor:
+            return step(h, *args) - h
+
+        def solver_fn(h0: Tensor, *args: Tensor) -> Tensor:
+            h = h0
+            for _ in range(steps):
+                h = step(h, *args)
+            return h
+
+        root = custom_root(optimality, argnums=tuple(range(1, len(p.args) + 1)), solve=solve)(
+            solver_fn
+        )
+        return lambda: root(p.h0, *p.args)
+
+    notes = {
+        "normal_cg": "CG on normal equations: K iterations = K vjp + K double-vjp",
+        "ns": "solve_inv(ns=True, alpha=-1): Neumann series",
+        "cg": "solve_cg assumes a symmetric PD system; (I - J^T) is not: shown as a misuse",
+    }
+    return Method(f"torchopt.{solver}", "torchopt", make, requires="torchopt",
+                  note=notes[solver])
+
+
+METHODS: tuple[Method, ...] = (
+    *(_rbp_method(m) for m in RBP_METHODS),
+    Method("hand.neumann", "baseline", _hand_neumann),
+    _torchdeq_method("fixed_point_iter"),
+    _torchdeq_method("anderson"),
+    _torchdeq_method("broyden"),
+    _torchdeq_method("fixed_point_iter", f_solver="simple_fixed_point_iter"),
+    _torchopt_method("normal_cg"),
+    _torchopt_method("ns"),
+    _torchopt_method("cg"),
+)
+HAND = "hand.neumann"
+
+
+def available(method: Method) -> str | None:
+    """None if the method can run, else why not (a missing optional package)."""
+    if method.requires is None:
+        return None
+    try:
+        importlib.import_module(method.requires)
+    except ImportError as exc:
+        return f"{method.requires} not installed ({exc})"
+    return None
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def run_once(p: Problem, forward: Forward) -> tuple[float, float]:
+    """Forward + loss + backward; returns (wall, process CPU) seconds."""
+    p.zero_grad()
+    start, cpu = time.perf_counter(), time.process_time()
+    p.loss(forward()).backward()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+class _StorageCounter:
+    """Bytes of distinct storages packed by autograd, leaving out known leaf storages."""
+
+    def __init__(self, exclude: tuple[Tensor, ...]) -> None:
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        self.seen.setdefault(s.data_ptr(), s.nbytes())
+        return t
+
+    def kib(self, extra_only: bool = True) -> float:
+        return sum(n for ptr, n in self.seen.items()
+                   if not (extra_only and ptr in self.exclude)) / KIB
+
+
+def saved_memory(p: Problem, forward: Forward) -> dict[str, float]:
+    """KiB saved for backward by the forward (extra and total) and by graphs built in backward."""
+    p.zero_grad()
+    fwd, bwd = _StorageCounter(p.leaves()), _StorageCounter(p.leaves())
+    with torch.autograd.graph.saved_tensors_hooks(fwd.pack, lambda t: t):
+        loss = p.loss(forward())
+    bwd_kib: float | None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(bwd.pack, lambda t: t):
+            loss.backward(retain_graph=True)
+        bwd_kib = bwd.kib()
+    except RuntimeError:  # torch.func transforms (torchopt's backward) refuse saved-tensor hooks
+        p.zero_grad()
+        loss.backward()
+        bwd_kib = None
+    return {"saved_kib": fwd.kib(), "saved_total_kib": fwd.kib(extra_only=False),
+            "bwd_saved_kib": bwd_kib}
+
+
+class _CountVJP(torch.autograd.Function):
+    """Identity on h whose backward counts reverse products through F."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(h: Tensor) -> Tensor:
+        return h.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        _CountVJP.calls += 1
+        return g
+
+
+def count_calls(p: Problem, method: Method, steps: int, k: int) -> tuple[int, int]:
+    """(F evaluations, reverse products through F) of one forward + backward."""
+    counts = {"f": 0}
+    base = p.step
+
+    def counted(h: Tensor, *args: Tensor) -> Tensor:
+        counts["f"] += 1
+        return base(_CountVJP.apply(h), *args)
+
+    q = Problem(p.name, p.description, counted, p.args, p.arg_names, p.h0, p.target,
+                p.weight_index, p.input_index)
+    forward = method.make(q, steps, k)
+    _CountVJP.calls = 0
+    q.zero_grad()
+    q.loss(forward()).backward()
+    return counts["f"], _CountVJP.calls
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@dataclass
+class Config:
+    method: Method
+    k: int | None
+    forward: Forward
+    times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def bench_problem(
+    p: Problem, exact: Exact, methods: list[Method], steps: int, ks: list[int], repeats: int,
+    dtype: torch.dtype, counts: bool,
+) -> list[dict[str, Any]]:
+    """All rows of one problem in one dtype."""
+    q = p if dtype == torch.float64 else p.cast(dtype)
+    configs: list[Config] = []
+    for m in methods:
+        for k in (ks if m.uses_k else [None]):
+            configs.append(Config(m, k, m.make(q, steps, k or 1)))
+    rows: list[dict[str, Any]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rbp.ConvergenceWarning)
+        warnings.filterwarnings("ignore", ".*functorch.vjp. is deprecated", FutureWarning)
+        for c in configs:  # warm-up, and the gradients for the error columns
+            run_once(q, c.forward)
+            gw, gx = q.grads()
+            rows.append({
+                "problem": p.name, "dtype": str(dtype).removeprefix("torch."),
+                "method": c.method.name, "family": c.method.family, "K": c.k,
+                "T": steps, "rel_err_W": relative_error(gw, exact.grad_w),
+                "rel_err_x": relative_error(gx, exact.grad_x), "note": c.method.note,
+            })
+        for r in range(repeats):  # round-robin, rotating the start
+            for i in range(len(configs)):
+                c = configs[(i + r) % len(configs)]
+                wall, cpu = run_once(q, c.forward)
+                c.times.append(wall)
+                c.cpu.append(cpu)
+        for row, c in zip(rows, configs, strict=True):
+            row["time_ms"] = 1e3 * statistics.median(c.times)
+            row["times_ms"] = [round(1e3 * t, 3) for t in c.times]
+            row["cpu_ms"] = 1e3 * statistics.median(c.cpu)
+            row.update(saved_memory(q, c.forward))
+            if counts:
+                row["n_f"], row["n_vjp"] = count_calls(q, c.method, steps, c.k or 1)
+    hand = {row["K"]: row for row in rows if row["method"] == HAND}
+    for row in rows:
+        ref = hand.get(row["K"])
+        row["ratio_vs_hand"] = row["time_ms"] / ref["time_ms"] if ref else None
+        row["cpu_ratio_vs_hand"] = row["cpu_ms"] / ref["cpu_ms"] if ref else None
+    return rows
+
+
+def _timed_phases(p: Problem, forward: Forward) -> tuple[float, float, float, float]:
+    """(forward, loss + backward) seconds of one call: wall, then process CPU."""
+    p.zero_grad()
+    t0, c0 = time.perf_counter(), time.process_time()
+    h = forward()
+    t1, c1 = time.perf_counter(), time.process_time()
+    p.loss(h).backward()
+    return t1 - t0, time.perf_counter() - t1, c1 - c0, time.process_time() - c1
+
+
+def paired_overhead(p: Problem, steps: int, k: int, pairs: int) -> dict[str, Any]:
+    """rbp.neumann against the hand-written loop, alternating call by call (``pairs`` each).
+
+    Alternation puts both under the same background load; the paired ratio is the median of
+    the per-pair ratios of total time. Forward and backward are timed separately, in wall and
+    in process CPU time (which leaves out the time the process waits for a core)."""
+    ours = next(m for m in METHODS if m.name == "rbp.neumann").make(p, steps, k)
+    hand = _hand_neumann(p, steps, k)
+    samples: dict[str, list[tuple[float, float, float, float]]] = {"rbp": [], "hand": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rbp.ConvergenceWarning)
+        for fn in (ours, hand):
+            _timed_phases(p, fn)
+        for i in range(pairs):
+            order = (("rbp", ours), ("hand", hand)) if i % 2 == 0 else (("hand", hand),
+                                                                        ("rbp", ours))
+            for name, fn in order:
+                samples[name].append(_timed_phases(p, fn))
+    out: dict[str, Any] = {"problem": p.name, "dtype": str(p.h0.dtype).removeprefix("torch."),
+                           "T": steps, "K": k, "pairs": pairs}
+    for name, xs in samples.items():
+        for clock, i in (("", 0), ("cpu_", 2)):
+            out[f"{name}_{clock}fwd_ms"] = 1e3 * statistics.median(x[i] for x in xs)
+            out[f"{name}_{clock}bwd_ms"] = 1e3 * statistics.median(x[i + 1] for x in xs)
+            out[f"{name}_{clock}total_ms"] = 1e3 * statistics.median(x[i] + x[i + 1] for x in xs)
+    pairs_ = list(zip(samples["rbp"], samples["hand"], strict=True))
+    out["paired_ratio"] = statistics.median((a[0] + a[1]) / (b[0] + b[1]) for a, b in pairs_)
+    out["paired_cpu_ratio"] = statistics.median((a[2] + a[3]) / (b[2] + b[3]) for a, b in pairs_)
+    out["extra_cpu_us_per_call"] = 1e6 * statistics.median(
+        (a[2] + a[3]) - (b[2] + b[3]) for a, b in pairs_
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+
+
+SIZES = {
+    # name: (hidden, batch, inputs)
+    "full": {"rnn": (256, 64, 64), "gru": (128, 64, 32), "rnn-nonnormal": (256, 64, 64)},
+    "quick": {"rnn": (16, 4, 8), "gru": (12, 4, 6), "rnn-nonnormal": (16, 4, 8)},
+}
+
+
+def build_problems(quick: bool, names: list[str], seed: int) -> list[Problem]:
+    sizes = SIZES["quick" if quick else "full"]
+    makers: dict[str, Callable[[], Problem]] = {
+        "rnn": lambda: make_rnn(*sizes["rnn"], seed),
+        "gru": lambda: make_gru(*sizes["gru"], seed),
+        "rnn-nonnormal": lambda: make_rnn(*sizes["rnn-nonnormal"], seed, nonnormal=True),
+    }
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise ValueError(f"unknown problems {unknown}; choose from {sorted(makers)}")
+    return [makers[n]() for n in names]
+
+
+def run(
+    *, quick: bool = False, repeats: int | None = None, steps: int | None = None,
+    ks: list[int] | None = None, problems: list[str] | None = None,
+    dtypes: list[str] | None = None, seed: int = 0, counts: bool = True,
+    pairs: int | None = None,
+) -> dict[str, Any]:
+    """The whole benchmark; returns the JSON-ready result dict."""
+    steps = steps or (80 if quick else 100)
+    ks = ks or ([5, 25] if quick else [10, 30])
+    repeats = repeats or (2 if quick else 9)
+    names = problems or ["rnn", "gru", "rnn-nonnormal"]
+    dtype_names = dtypes or (["float64"] if quick else ["float64", "float32"])
+    if max(ks) > steps:
+        raise ValueError("every K must be <= T (tbptt back-propagates K steps)")
+    methods, skipped = [], []
+    for m in METHODS:
+        why = available(m)
+        if why is None:
+            methods.append(m)
+        else:
+            skipped.append({"method": m.name, "reason": why})
+    result: dict[str, Any] = {
+        "settings": {"T": steps, "K": ks, "repeats": repeats, "quick": quick, "seed": seed,
+                     "dtypes": dtype_names, "threads": torch.get_num_threads()},
+        "versions": _versions(), "machine": _machine(), "problems": {}, "rows": [],
+        "skipped": skipped,
+    }
+    start = time.perf_counter()
+    for p in build_problems(quick, names, seed):
+        exact = exact_gradients(p)
+        with torch.no_grad():
+            h = p.h0
+            for _ in range(steps):
+                h_prev, h = h, p.f(h)
+        result["problems"][p.name] = {
+            "description": p.description, "rho_J": exact.rho, "norm_J": exact.norm,
+            "exact_forward_steps": exact.steps, "exact_residual": exact.residual,
+            "forward_rel_change_at_T": ((h - h_prev).norm() / h.norm()).item(),
+        }
+        for dname in dtype_names:
+            result["rows"] += bench_problem(
+                p, exact, methods, steps, ks, repeats, getattr(torch, dname),
+                counts and dname == "float64",
+            )
+    result["overhead"] = {
+        f"{r['problem']}/{r['dtype']}/K={r['K']}": {"wall": r["ratio_vs_hand"],
+                                                    "cpu": r["cpu_ratio_vs_hand"]}
+        for r in result["rows"] if r["method"] == "rbp.neumann"
+    }
+    pairs = 3 if quick and pairs is None else (40 if pairs is None else pairs)
+    paired: list[dict[str, Any]] = []
+    if pairs > 0:
+        # The same problems, plus a tiny one where per-call Python work is all there is.
+        studied = build_problems(quick, names, seed) + [make_rnn(16, 4, 8, seed)]
+        studied[-1].name = "rnn-tiny"
+        for p in studied:
+            for dname in dtype_names:
+                q = p if dname == "float64" else p.cast(getattr(torch, dname))
+                for k in ks:
+                    paired.append(paired_overhead(q, steps, k, pairs))
+    result["overhead_paired"] = paired
+    result["wall_time_s"] = time.perf_counter() - start
+    return result
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"torch": torch.__version__, "rbp": rbp.__version__}
+    for name in ("torchdeq", "torchopt"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:  # noqa: BLE001 - not installed
+            out[name] = None
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown table of all rows."""
+    head = ("| problem | dtype | method | K | rel. err dW | rel. err dx | time ms | cpu ms "
+            "| saved KiB | bwd KiB | F / vjp | ratio vs hand (wall / cpu) |")
+    lines = [head, "|" + "---|" * 12]
+    for r in result["rows"]:
+        calls = f"{r['n_f']} / {r['n_vjp']}" if "n_f" in r else "-"
+        ratio = (f"{r['ratio_vs_hand']:.2f} / {r['cpu_ratio_vs_hand']:.2f}"
+                 if r["ratio_vs_hand"] else "-")
+        bwd = "n/a" if r["bwd_saved_kib"] is None else f"{r['bwd_saved_kib']:.0f}"
+        lines.append(
+            f"| {r['problem']} | {r['dtype']} | {r['method']} | {r['K'] or '-'} "
+            f"| {r['rel_err_W']:.2e} | {r['rel_err_x']:.2e} | {r['time_ms']:.2f} "
+            f"| {r['cpu_ms']:.2f} "
+            f"| {r['saved_kib']:.0f} | {bwd} | {calls} | {ratio} |"
+        )
+    for s in result["skipped"]:
+        lines.append(f"\nskipped {s['method']}: {s['reason']}")
+    if result.get("overhead_paired"):
+        lines += ["", "rbp.neumann vs hand.neumann, alternating calls (medians; CPU ms):", "",
+                  "| problem | dtype | K | rbp fwd | hand fwd | rbp bwd | hand bwd "
+                  "| paired ratio wall | paired ratio cpu | extra cpu us/call |",
+                  "|" + "---|" * 10]
+        for o in result["overhead_paired"]:
+            lines.append(
+                f"| {o['problem']} | {o['dtype']} | {o['K']} | {o['rbp_cpu_fwd_ms']:.2f} "
+                f"| {o['hand_cpu_fwd_ms']:.2f} | {o['rbp_cpu_bwd_ms']:.2f} "
+                f"| {o['hand_cpu_bwd_ms']:.2f} | {o['paired_ratio']:.3f} "
+                f"| {o['paired_cpu_ratio']:.3f} | {o['extra_cpu_us_per_call']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per config")
+    parser.add_argument("--out", type=Path, default=Path("results/core_bench"))
+    parser.add_argument("--steps", type=int, default=None, help="forward steps T")
+    parser.add_argument("--k", type=int, nargs="+", default=None, help="backward budgets K")
+    parser.add_argument("--problems", nargs="+", default=None,
+                        help="rnn gru rnn-nonnormal (default: all)")
+    parser.add_argument("--dtypes", nargs="+", default=None, help="float64 float32")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--no-counts", action="store_true", help="skip the F / vjp count run")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="alternating rbp/hand calls in the overhead study (0: skip)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(quick=args.quick, repeats=args.repeats, steps=args.steps, ks=args.k,
+                 problems=args.problems, dtypes=args.dtypes, counts=not args.no_counts,
+                 pairs=args.pairs)
+    result["command"] = " ".join(["python", "benchmarks/core_bench.py", *(argv or sys.argv[1:])])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=1))
+    print(format_table(result))
+    print(f"\nwrote {args.out / 'bench.json'} ({result['wall_time_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Applications of rbp: the paper's experiments, registered with the runner."""

@@ -1,0 +1,102 @@
+"""Figures of the associative-memory run, drawn from its results dict (``results.json``).
+
+fig1_loss.png: log-scale L1 vs training step (mean over each epoch's images) and vs
+validation step; fig2_retrieval.png: clean, corrupted and each method's retrieved digits
+(binarised at 0.5); fig3_forward_trace.png: ``||h_t - h_{t-1}||`` of the last validation pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["epoch_means", "main", "make_figures"]
+
+
+def epoch_means(losses: Sequence[float | None], n: int) -> tuple[list[int], list[float]]:
+    """Mean of each complete block of ``n`` per-step losses, at the block's last step."""
+    xs, ys = [], []
+    for end in range(n, len(losses) + 1, n):
+        block = [v for v in losses[end - n:end] if v is not None and math.isfinite(v)]
+        if len(block) == n:
+            xs.append(end)
+            ys.append(float(np.mean(block)))
+    return xs, ys
+
+
+def _label(name: str, res: dict[str, Any]) -> str:
+    return name if res.get("diverged_at") is None else f"{name} (blew up @ {res['diverged_at']})"
+
+
+def make_figures(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write the PNGs for ``results`` (the dict ``run`` returns) into ``out_dir``."""
+    from rbp.runner.plots import image_grid, multi_panel
+
+    methods: dict[str, Any] = results["methods"]
+    n = int(results["steps_per_epoch"])
+    k = results.get("truncate")
+    train = {}
+    val = {}
+    trace = {}
+    for name, res in methods.items():
+        label = _label(name, res)
+        xs, ys = epoch_means(res["train_loss"], n)
+        if res.get("diverged_at") is not None:  # show the partial epoch up to the blow-up
+            tail = [v for v in res["train_loss"][len(xs) * n:] if v is not None]
+            if tail:
+                xs, ys = [*xs, len(res["train_loss"])], [*ys, float(np.mean(tail))]
+        train[label] = (xs, ys)
+        vals = [v if v is not None else math.nan for v in res["val_loss"]]
+        val[label] = (list(range(len(vals))), vals)
+        if res["forward_trace"]:
+            last = res["forward_trace"][-1]
+            trace[label] = (list(range(1, len(last) + 1)), last)
+    suffix = f" (K = {k})" if k is not None else ""
+    epochs = next((r["val_epochs"] for r in methods.values() if len(r["val_epochs"]) > 1), [0, 1])
+    every = f"every {epochs[1] - epochs[0]} epochs"
+    paths = [
+        multi_panel(out_dir / "fig1_loss.png", [
+            {"series": train, "xlabel": f"training step (mean over each epoch of {n})",
+             "ylabel": "L1 loss", "title": f"training{suffix}", "logy": True},
+            {"series": val, "xlabel": f"validation step ({every}; 0 = before training)",
+             "ylabel": "L1 loss (corrupted input)", "title": f"validation{suffix}",
+             "logy": True},
+        ], ncols=2),
+        multi_panel(out_dir / "fig3_forward_trace.png", [
+            {"series": trace, "xlabel": "update t", "ylabel": "||h_t - h_{t-1}||",
+             "title": "forward trace, last validation", "logy": True},
+        ], ncols=1),
+    ]
+    images = results["images"]
+    rows = [("clean", [np.asarray(r, float).reshape(28, 28) for r in images["clean"]]),
+            ("corrupted", [np.asarray(r, float).reshape(28, 28) for r in images["corrupted"]])]
+    for name, res in methods.items():
+        if res.get("retrieved") is None:
+            continue
+        digits = [(np.asarray(r, float) > 0.5).astype(float).reshape(28, 28)
+                  for r in res["retrieved"]]
+        rows.append((_label(name, res), digits))
+    paths.append(image_grid(out_dir / "fig2_retrieval.png", rows,
+                            title=f"retrieval from 50%-corrupted digits{suffix}", vmin=0.0,
+                            vmax=1.0))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m rbp.apps.hopfield.figures RUN_DIR``: redraw the figures of a run."""
+    from rbp.runner import read_json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("run_dir", type=Path)
+    args = p.parse_args(argv)
+    for path in make_figures(read_json(args.run_dir / "results.json"), args.run_dir):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

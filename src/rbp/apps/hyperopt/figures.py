@@ -1,0 +1,169 @@
+"""Figures of ``rbp hyperopt``: paper Fig. 4 (t-SNE), Fig. 5 (meta loss), Fig. 6 (last inner
+training curve) and the learned learning-rate / momentum trajectories."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rbp.runner import line_plot, multi_panel
+
+
+def _smooth(values: list[float], width: int) -> np.ndarray:
+    """Trailing moving average ``m_t = mean(x_{t-w+1..t})`` (shorter at the start)."""
+    x = np.asarray(values, dtype=float)
+    if width <= 1 or len(x) == 0:
+        return x
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(idx - width, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def _by_setting(units: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
+    grouped: dict[tuple[int, int], dict[str, Any]] = {}
+    for unit in units.values():
+        key = (int(unit["train_steps"]), int(unit["truncate"]))
+        grouped.setdefault(key, {})[unit["method"]] = unit
+    return grouped
+
+
+def fig5(units: dict[str, Any], path: Path) -> Path:
+    """Meta training loss vs meta step, one panel per (T, K), one line per method."""
+    panels = []
+    for (t, k), methods in _by_setting(units).items():
+        series = {m: (list(range(1, len(u["meta_loss"]) + 1)), u["meta_loss"])
+                  for m, u in methods.items() if u["meta_loss"]}
+        panels.append({"series": series, "title": f"T={t}, K={k}", "xlabel": "meta step",
+                       "ylabel": "meta training loss", "logy": True})
+    return multi_panel(path, panels, ncols=4)
+
+
+def fig6(units: dict[str, Any], path: Path, smooth: int = 10) -> Path:
+    """Inner mini-batch training loss over the run at the last meta step (smoothed)."""
+    panels = []
+    for (t, k), methods in _by_setting(units).items():
+        series = {}
+        for m, u in methods.items():
+            curve = u["inner_loss_last"][:-1]  # the last entry is the full-batch step
+            if curve:
+                series[m] = (list(range(1, len(curve) + 1)), _smooth(curve, smooth).tolist())
+        panels.append({"series": series, "title": f"T={t}, K={k} (last meta step)",
+                       "xlabel": "training step", "ylabel": "training loss (mini-batch)",
+                       "logy": True})
+    return multi_panel(path, panels, ncols=4)
+
+
+def fig_hyper(units: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Learned learning rates and momenta per parameter tensor vs meta step, per setting:
+    one row per method; colour = layer, solid = weights, dashed = biases."""
+    import matplotlib.pyplot as plt
+
+    from rbp.runner import plots
+
+    paths = []
+    for (t, k), methods in _by_setting(units).items():
+        rows = [(m, u) for m, u in methods.items() if u["learning_rate"]]
+        if not rows:
+            continue
+        fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.8 * len(rows)), squeeze=False)
+        for r, (m, u) in enumerate(rows):
+            steps = np.arange(1, len(u["learning_rate"]) + 1)
+            for c, (what, key, logy) in enumerate((("learning rate", "learning_rate", True),
+                                                   ("momentum", "momentum", False))):
+                ax = axes[r, c]
+                arr = np.asarray(u[key])
+                for i in range(arr.shape[1]):
+                    ax.plot(steps, arr[:, i], color=plt.cm.tab10(i // 2),
+                            linestyle="-" if i % 2 == 0 else "--", label=_tensor_name(i))
+                if logy:
+                    ax.set_yscale("log")
+                ax.set_title(f"{m}: {what} (T={t}, K={k})")
+                ax.set_xlabel("meta step")
+                ax.grid(True, alpha=0.3)
+        axes[0, 1].legend(fontsize="x-small", ncol=2)
+        fig.tight_layout()
+        paths.append(plots._save(fig, out_dir / f"hyperparams_T{t}_K{k}.png"))
+    return paths
+
+
+def _tensor_name(i: int) -> str:
+    return f"{'W' if i % 2 == 0 else 'b'}{i // 2 + 1}"
+
+
+def tsne_embed(trajectories: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """2-D t-SNE of all (projected) weight snapshots together, split back per trajectory."""
+    from sklearn.manifold import TSNE
+
+    names = list(trajectories)
+    stacked = np.concatenate([trajectories[n] for n in names])
+    perplexity = float(min(30.0, max(2.0, (len(stacked) - 1) / 3)))
+    emb = TSNE(n_components=2, perplexity=perplexity, random_state=seed,
+               init="pca").fit_transform(stacked)
+    out, start = {}, 0
+    for n in names:
+        out[n] = emb[start:start + len(trajectories[n])]
+        start += len(trajectories[n])
+    return out
+
+
+def fig4(units: dict[str, Any], path: Path, seed: int) -> tuple[Path | None, dict[str, Any]]:
+    """t-SNE of the inner weight trajectories (colour = training step) per method, one panel
+    per recorded meta step; the end point of each trajectory is annotated."""
+    import matplotlib.pyplot as plt
+
+    from rbp.runner import plots
+
+    recorded = sorted({int(s) for u in units.values() for s in u.get("trajectories", {})})
+    if not recorded:
+        return None, {}
+    coords: dict[str, Any] = {}
+    fig, axes = plt.subplots(1, len(recorded), figsize=(5.5 * len(recorded), 4.5),
+                             squeeze=False)
+    for ax, meta in zip(axes[0], recorded, strict=True):
+        trajs = {u["method"]: np.asarray(u["trajectories"][str(meta)])
+                 for u in units.values() if str(meta) in u.get("trajectories", {})}
+        emb = tsne_embed(trajs, seed)
+        coords[str(meta)] = {m: e.tolist() for m, e in emb.items()}
+        markers = ["o", "^", "s", "D"]
+        for i, (m, e) in enumerate(emb.items()):
+            sc = ax.scatter(e[:, 0], e[:, 1], c=np.linspace(0, 1, len(e)), cmap="viridis",
+                            marker=markers[i % len(markers)], s=14, label=m)
+            ax.annotate(m, e[-1], fontsize=9, weight="bold")
+        ax.set_title(f"meta step {meta}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize="small")
+        fig.colorbar(sc, ax=ax, label="training step (fraction of run)")
+    fig.tight_layout()
+    return plots._save(fig, path), coords
+
+
+def make_all(results: dict[str, Any], cfg: Any, out_dir: Path,
+             log: logging.Logger | None = None) -> dict[str, Any]:
+    """Draw every figure into ``out_dir``; returns their paths (and the t-SNE coordinates)."""
+    units = results["units"]
+    paths: dict[str, Any] = {
+        "fig5": str(fig5(units, out_dir / "fig5_meta_loss.png")),
+        "fig6": str(fig6(units, out_dir / "fig6_last_training_loss.png")),
+        "hyperparams": [str(p) for p in fig_hyper(units, out_dir)],
+    }
+    try:
+        p4, coords = fig4(units, out_dir / "fig4_tsne.png", cfg.seed)
+    except ImportError as exc:  # scikit-learn missing
+        if log is not None:
+            log.warning("fig4 skipped: %s", exc)
+        p4, coords = None, {}
+    if p4 is not None:
+        paths["fig4"] = str(p4)
+        paths["fig4_tsne_coordinates"] = coords
+    # One summary line plot of the meta loss of every unit (handy for a quick look).
+    series = {tag: (list(range(1, len(u["meta_loss"]) + 1)), u["meta_loss"])
+              for tag, u in units.items() if u["meta_loss"]}
+    if len(series) <= 10:
+        paths["meta_loss_all"] = str(line_plot(out_dir / "meta_loss_all.png", series,
+                                               "meta step", "meta loss", logy=True))
+    return paths

@@ -1,0 +1,168 @@
+"""Tests of the associative-memory application (rbp hopfield)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import rbp
+from rbp.apps.hopfield.experiment import load_digits
+from rbp.apps.hopfield.model import Hopfield, corrupt, full_update, hopfield_jacobian
+from rbp.runner import cli, read_json
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+needs_data = pytest.mark.skipif(not (DATA / "t10k-images-idx3-ubyte.gz").exists(),
+                                reason="shared MNIST data not present")
+
+
+def _small(a: float = 1.0, std: float = 0.3, seed: int = 0) -> Hopfield:
+    return Hopfield(5, 4, 3, a=a, b=0.5, init_std=std,
+                    generator=torch.Generator().manual_seed(seed)).double()
+
+
+def test_effective_weight_symmetric_zero_diagonal() -> None:
+    m = _small()
+    w = m.effective_weight()
+    assert torch.equal(w, w.T) and torch.all(torch.diagonal(w) == 0)
+    assert torch.count_nonzero(w) == w.numel() - w.shape[0]
+    # free rows built by the custom autograd function equal the rows of W_eff, and so do
+    # their gradients
+    assert torch.allclose(m.free_rows(), w[m.n_visible:])
+    w_in = m.W.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda v: rbp.apps.hopfield.model._FreeRows.apply(v, m.n_visible), (w_in,))
+
+
+@pytest.mark.parametrize("a", [1.0, 0.7])
+def test_update_matches_clamped_full_step_and_jacobian(a: float) -> None:
+    torch.manual_seed(0)
+    m = _small(a=a)
+    x = (torch.rand(m.n_visible) > 0.5).double()
+    h = torch.randn(m.n_free, dtype=torch.float64)
+    f = m.update(x)
+    full = full_update(m, torch.cat([x, h]), x)
+    assert torch.equal(full[:m.n_visible], x)                     # clamping holds
+    assert torch.allclose(full[m.n_visible:], f(h))              # free rows = reduced map
+    # batched input gives the same rows
+    hb = torch.stack([h, 2 * h])
+    assert torch.allclose(m.update(x.expand(2, -1))(hb)[1], f(2 * h))
+
+    dense = torch.autograd.functional.jacobian(f, h)
+    assert torch.allclose(dense, hopfield_jacobian(m, h.detach()), atol=1e-12)
+    v = torch.randn(m.n_free, dtype=torch.float64)
+    hr = h.clone().requires_grad_()
+    (jtv,) = torch.autograd.grad(f(hr), hr, v)
+    _, jv = torch.func.jvp(f, (h,), (v,))
+    assert torch.allclose(jtv, dense.T @ v) and torch.allclose(jv, dense @ v)
+    assert not torch.allclose(jtv, jv)  # the Jacobian is not symmetric (diag(sigma') factor)
+
+
+def test_inference_clamps_and_settles() -> None:
+    torch.manual_seed(1)
+    m = _small(std=0.1)
+    x = (torch.rand(m.n_visible) > 0.5).double()
+    with torch.no_grad():
+        y, info = m(x, steps=50, trace=True)
+    assert y.shape == (m.n_output,) and len(info.forward_trace) == 50
+    assert info.forward_trace[-1] < 1e-10 < info.forward_trace[0]
+    assert torch.allclose(m.output(m.initial_state(x), "sigmoid"), torch.full((3,), 0.5,
+                                                                              dtype=y.dtype))
+
+
+def test_corruption_removes_half_of_the_ink_seeded() -> None:
+    gen = torch.Generator().manual_seed(3)
+    images = (torch.rand(6, 50, generator=gen) > 0.6).float()
+    images[0] = 0.0
+    images[1, :7] = 1.0
+    images[1, 7:] = 0.0  # 7 non-zero pixels: 4 removed (halves round up)
+    out = corrupt(images, 0.5, seed=11)
+    for before, after in zip(images, out, strict=True):
+        n = int(before.sum())
+        assert int(after.sum()) == n - (n + 1) // 2
+        assert torch.all(after <= before)  # only ink is removed
+    assert torch.equal(out, corrupt(images, 0.5, seed=11))
+    assert not torch.equal(out, corrupt(images, 0.5, seed=12))
+
+
+@needs_data
+def test_digits_are_first_of_each_class() -> None:
+    x, idx = load_digits(str(DATA), 10)
+    from rbp.data import load_mnist
+
+    _, labels = load_mnist(str(DATA), "t10k")
+    assert labels[idx].tolist() == list(range(10))
+    assert all(int((labels[: i] == d).sum()) == 0 for d, i in enumerate(idx))
+    assert x.shape == (10, 784) and set(x.unique().tolist()) == {0.0, 1.0}
+
+
+def test_neumann_matches_bptt_on_full_size_model() -> None:
+    """Real size (2592 neurons), random W making a contraction: Neumann-RBP with many terms
+    gives BPTT's gradient once the forward has converged."""
+    torch.set_num_threads(1)
+    m = Hopfield(init_std=0.02, generator=torch.Generator().manual_seed(0))
+    x = (torch.rand(784, generator=torch.Generator().manual_seed(1)) > 0.8).float()
+    grads = {}
+    for method in ("bptt", "neumann", "rbp"):
+        m.zero_grad()
+        y, info = m(x, 50, method, 40, trace=True, rbp_init="zeros")
+        (y - x).abs().mean().backward()
+        grads[method] = m.W.grad.clone()
+        assert info.forward_trace[-1] < 1e-5 * info.forward_trace[0]
+    scale = grads["bptt"].norm()
+    assert scale > 0
+    assert (grads["neumann"] - grads["bptt"]).norm() < 1e-4 * scale
+    assert (grads["rbp"] - grads["bptt"]).norm() < 1e-4 * scale
+    # the gradient of the symmetric parametrisation is symmetric with zero diagonal
+    g = grads["bptt"]
+    assert torch.allclose(g, g.T) and torch.all(torch.diagonal(g) == 0)
+
+
+def _run(out: Path, *extra: str) -> int:
+    return cli.main(["hopfield", "--out", str(out), "--no-progress", *extra])
+
+
+@needs_data
+def test_quick_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    assert _run(out, "--quick", "--data-dir", str(DATA)) == 0
+    res = read_json(out / "results.json")
+    assert res["status"] == "finished"
+    for name in ("fig1_loss.png", "fig2_retrieval.png", "fig3_forward_trace.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    for name in ("bptt", "rbp", "neumann"):
+        r = res["methods"][name]
+        assert len(r["train_loss"]) == 4 * 3 and r["val_epochs"] == [0, 2, 4]
+        first, last = sum(r["train_loss"][:3]), sum(r["train_loss"][-3:])
+        assert last < first  # mean training loss falls from the first to the last epoch
+        assert len(r["forward_trace"]) == 3 and len(r["forward_trace"][0]) == 50
+        assert len(r["retrieved"]) == 3 and len(r["retrieved"][0]) == 784
+    # Prop. 1 in practice: a settled forward makes neumann's training identical-ish to bptt's
+    b, nm = res["methods"]["bptt"]["train_loss"], res["methods"]["neumann"]["train_loss"]
+    assert max(abs(u - v) for u, v in zip(b, nm, strict=True)) < 1e-3
+
+
+@needs_data
+def test_resume_gives_identical_numbers(tmp_path: Path) -> None:
+    common = ["--data-dir", str(DATA), "--method", "rbp,tbptt", "--epochs", "3",
+              "--set", "num_digits=2", "--set", "n_hidden=8", "--set", "checkpoint_every=2",
+              "--set", "val_every=1", "--truncate", "5"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _run(full, *common) == 0
+    # interrupted in the second method at its step 3 (checkpoint at step 2), then resumed
+    assert _run(cut, *common, "--set", "interrupt_at=9") == 130
+    assert read_json(cut / "results.json")["status"] == "interrupted"
+    assert _run(cut, *common, "--resume") == 0
+    a, b = read_json(full / "results.json"), read_json(cut / "results.json")
+    for r in (*a["methods"].values(), *b["methods"].values()):
+        r.pop("wall_time_s")
+    assert b["resumed"] is True and a["methods"] == b["methods"]
+    # and interrupting the first method (rbp draws random z0: its RNG state is restored)
+    cut2 = tmp_path / "cut2"
+    assert _run(cut2, *common, "--set", "interrupt_at=5") == 130
+    assert _run(cut2, *common, "--resume") == 0
+    c = read_json(cut2 / "results.json")
+    for r in c["methods"].values():
+        r.pop("wall_time_s")
+    assert c["methods"] == a["methods"]

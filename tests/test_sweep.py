@@ -1,0 +1,336 @@
+"""Tests of ``rbp sweep``: grid expansion, local worker pool, failures, kill + resume, Ray."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rbp.runner import cli, read_json, unregister
+from rbp.runner.sweep import (
+    SweepSpec,
+    aggregate,
+    expand_grid,
+    load_spec,
+    parse_grid_option,
+    plan_point,
+    register_summary,
+    run_sweep,
+    runs_matching,
+    summarize,
+)
+
+MODULE = "rbp_sweep_dummy_app"
+
+# An experiment living outside rbp.apps, imported by each worker through --import. Hooks driven
+# by environment variables: SWEEPDUMMY_KILL=<point dir name>:<step> SIGKILLs that run at that
+# step (unless resuming); SWEEPDUMMY_BARRIER=<dir>:<n> makes each run wait until n runs have
+# reached run(), which only a pool of >= n workers can satisfy.
+APP_SOURCE = '''
+import os, signal, time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rbp.runner import ConfigError, Experiment, register, rng_state, set_rng_state
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class SweepDummyConfig:
+    methods: list[str] = field(default_factory=lambda: ["rbp"])
+    seed: int = 0
+    steps: int = 8
+    lr: float = 0.2
+    checkpoint_every: int = 2
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be at least 1, got {self.steps}")
+
+
+def _barrier(ctx) -> None:
+    spec = os.environ.get("SWEEPDUMMY_BARRIER")
+    if not spec or ctx.resume:
+        return
+    folder, n = spec.rsplit(":", 1)
+    Path(folder, ctx.out_dir.name).touch()
+    deadline = time.monotonic() + 60
+    while len(list(Path(folder).iterdir())) < int(n):
+        if time.monotonic() > deadline:
+            raise RuntimeError("barrier timeout: the runs did not run concurrently")
+        time.sleep(0.05)
+
+
+def run(cfg, ctx):
+    _barrier(ctx)
+    kill = os.environ.get("SWEEPDUMMY_KILL", "")
+    kill_name, _, kill_step = kill.partition(":")
+    done = {}
+    for method in cfg.methods:
+        state = ctx.load(method)
+        if state is not None and state.get("done"):
+            done[method] = state["result"]
+            continue
+        w, step = torch.zeros((), dtype=torch.float64), 0
+        if state is not None:
+            w, step = state["w"], state["step"]
+            set_rng_state(state["rng"])
+        scale = 1.0 if method == "rbp" else 0.5
+        while step < cfg.steps:
+            if ctx.out_dir.name == kill_name and step == int(kill_step) and not ctx.resume:
+                os.kill(os.getpid(), signal.SIGKILL)
+            w = w - cfg.lr * scale * (w - 3.0) + 0.1 * torch.randn((), dtype=torch.float64)
+            step += 1
+            if ctx.should_checkpoint(step):
+                ctx.save(method, {"w": w, "step": step, "rng": rng_state()})
+        done[method] = {"w": float(w), "loss": float((w - 3.0) ** 2), "steps": step}
+        ctx.save(method, {"done": True, "result": done[method]})
+        ctx.write_results({"methods": done})
+    (ctx.out_dir / "table.md").write_text("| method | w |\\n|---|---|\\n" + "".join(
+        f"| {m} | {r['w']:.4f} |\\n" for m, r in done.items()))
+    return {"methods": done, "n_methods": len(done)}
+
+
+register(Experiment(
+    name="sweepdummy", help="a scalar toy for sweep tests", config_cls=SweepDummyConfig,
+    run=run, methods=("rbp", "cg", "neumann"), default_config=HERE / "sweepdummy.yaml",
+))
+'''
+
+
+@pytest.fixture(scope="module")
+def app_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("app")
+    (folder / f"{MODULE}.py").write_text(APP_SOURCE)
+    (folder / "sweepdummy.yaml").write_text("steps: 8\nquick:\n  steps: 4\n")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def dummy_app(app_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(app_dir))
+    old = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(app_dir), old])))
+    monkeypatch.delenv("SWEEPDUMMY_KILL", raising=False)
+    monkeypatch.delenv("SWEEPDUMMY_BARRIER", raising=False)
+    module = importlib.import_module(MODULE)
+    yield module
+    unregister("sweepdummy")
+    sys.modules.pop(MODULE, None)
+
+
+def _spec(out: Path, **kw) -> SweepSpec:
+    kw.setdefault("grid", {"method": ["rbp", "cg"], "steps": [6, 0]})
+    return SweepSpec(experiment="sweepdummy", out=out, imports=[MODULE], **kw)
+
+
+# ---------------------------------------------------------------- the spec
+
+
+def test_grid_expansion_and_flags(tmp_path: Path) -> None:
+    spec = SweepSpec(
+        experiment="x", out=tmp_path,
+        grid={"method": ["rbp", ["cg", "neumann"]], "seed": [0, 1], "dataset": ["cora"]},
+        fixed={"lr": 1e-3, "tags": [1, 2], "label": "a,b", "--data-dir": "/d", "--flag": True,
+               "--off": False},
+        quick=True,
+    )
+    points = expand_grid(spec)
+    assert [p.name for p in points] == [
+        "method-rbp__seed-0__dataset-cora", "method-rbp__seed-1__dataset-cora",
+        "method-cg+neumann__seed-0__dataset-cora", "method-cg+neumann__seed-1__dataset-cora",
+    ]
+    argv = points[3].argv
+    assert argv[argv.index("--method") + 1] == "cg,neumann"
+    assert argv[argv.index("--seed") + 1] == "1"
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert sets == ["lr=0.001", "tags=[1, 2]", 'label="a,b"', "dataset=cora"]
+    assert "--flag" in argv and "--off" not in argv and "--quick" in argv
+    assert argv[argv.index("--data-dir") + 1] == "/d"
+    assert parse_grid_option("seed=0,1,2") == ("seed", [0, 1, 2])
+    assert parse_grid_option("lr=[0.1, 1e-2]") == ("lr", [0.1, "1e-2"])  # YAML 1.1 reads str
+    assert parse_grid_option("method=bptt,rbp") == ("method", ["bptt", "rbp"])
+
+
+def test_load_spec(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("experiment: citation\nout: o\ngrid:\n  seed: [0, 1]\n  dataset: cora\n"
+                    "fixed:\n  epochs: 3\nworkers: 2\n")
+    spec = load_spec(path)
+    assert spec.grid == {"seed": [0, 1], "dataset": ["cora"]} and spec.fixed == {"epochs": 3}
+    assert spec.workers == 2 and spec.out == Path("o") and len(expand_grid(spec)) == 2
+    path.write_text("experiment: citation\ngird: {}\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_spec(path)
+    path.write_text("experiment: citation\ngrid: {seed: [0]}\nfixed: {seed: 1}\n")
+    with pytest.raises(ValueError, match="both in the grid and fixed"):
+        load_spec(path)
+
+
+def test_packaged_sweep_specs_parse() -> None:
+    folder = Path(__file__).resolve().parents[1] / "configs" / "sweeps"
+    specs = sorted(folder.glob("*.yaml"))
+    assert specs, "no example sweep specs"
+    for path in specs:
+        spec = load_spec(path)
+        assert expand_grid(spec), path
+
+
+def test_dry_run_checks_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["sweep", "sweepdummy", "--import", MODULE, "--grid", "steps=3,0", "--out",
+            str(tmp_path / "s"), "--dry-run"]
+    assert cli.main(argv) == 2
+    out = capsys.readouterr().out
+    assert "steps-3: rbp sweepdummy --set steps=3" in out
+    assert "error: steps must be at least 1" in out
+    assert not (tmp_path / "s").exists()
+    assert cli.main(["sweep", "nosuchexp", "--grid", "seed=1"]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_summarize_over_seeds() -> None:
+    group = {
+        "dataset=cora,seed=0": {"values": {"dataset": "cora", "seed": 0},
+                                "methods": {"rbp": {"acc": 0.5, "ok": True, "curve": [1]}}},
+        "dataset=cora,seed=1": {"values": {"dataset": "cora", "seed": 1},
+                                "methods": {"rbp": {"acc": 0.7}, "cg": {"acc": 0.1}}},
+        "dataset=pubmed,seed=0": {"values": {"dataset": "pubmed", "seed": 0},
+                                  "methods": {"rbp": {"acc": 0.9}}},
+    }
+    stats = summarize({"results": group}, over="seed")
+    assert set(stats) == {"dataset=cora", "dataset=pubmed"}
+    rbp = stats["dataset=cora"]["rbp"]["acc"]
+    assert rbp["n"] == 2 and rbp["mean"] == pytest.approx(0.6)
+    assert rbp["std"] == pytest.approx(0.1414213562)
+    assert set(stats["dataset=cora"]["rbp"]) == {"acc"}  # bools and lists are not metrics
+    assert stats["dataset=cora"]["cg"]["acc"] == {"mean": 0.1, "std": 0.0, "n": 1}
+
+
+# ---------------------------------------------------------------- local backend
+
+
+def test_local_sweep_failure_kill_resume_aggregate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "sweep"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    # steps=6 points meet at a barrier (only possible with 2 workers); cg's is killed at step 3.
+    monkeypatch.setenv("SWEEPDUMMY_BARRIER", f"{barrier}:2")
+    monkeypatch.setenv("SWEEPDUMMY_KILL", "method-cg__steps-6:3")
+    argv = ["sweep", "sweepdummy", "--import", MODULE, "--grid", "method=rbp,cg",
+            "--grid", "steps=6,0", "--set", "lr=0.3", "--out", str(out), "--no-progress"]
+    assert cli.main([*argv, "--workers", "2"]) == 1
+    doc = read_json(out / "sweep.json")
+    by = {p["name"]: p for p in doc["points"]}
+    assert set(by) == {"method-rbp__steps-6", "method-rbp__steps-0", "method-cg__steps-6",
+                       "method-cg__steps-0"}
+    assert by["method-rbp__steps-6"]["status"] == "finished"
+    for bad in ("method-rbp__steps-0", "method-cg__steps-0"):
+        assert by[bad]["status"] == "failed"
+        assert "steps must be at least 1" in by[bad]["error"]
+    killed = by["method-cg__steps-6"]
+    assert killed["status"] == "killed" and "SIGKILL" in killed["error"]
+    assert read_json(out / "method-cg__steps-6" / "results.json")["status"] == "running"
+    assert doc["status"] == "incomplete" and doc["counts"]["failed"] == 2
+    finished_mtime = (out / "method-rbp__steps-6" / "results.json").stat().st_mtime_ns
+
+    # Re-run: the finished point is skipped, the killed one resumes from its checkpoint.
+    monkeypatch.delenv("SWEEPDUMMY_BARRIER")
+    monkeypatch.delenv("SWEEPDUMMY_KILL")
+    assert cli.main([*argv, "--workers", "2"]) == 1
+    doc = read_json(out / "sweep.json")
+    by = {p["name"]: p for p in doc["points"]}
+    assert by["method-rbp__steps-6"]["action"] == "skip"
+    assert (out / "method-rbp__steps-6" / "results.json").stat().st_mtime_ns == finished_mtime
+    assert by["method-cg__steps-6"]["action"] == "resume"
+    assert by["method-cg__steps-6"]["status"] == "finished"
+    resumed = read_json(out / "method-cg__steps-6" / "results.json")
+    assert resumed["resumed"] is True and resumed["status"] == "finished"
+
+    # The same points run on their own, in this process, give the same numbers.
+    single = {}
+    for method in ("rbp", "cg"):
+        run_dir = tmp_path / f"single-{method}"
+        assert cli.main(["sweepdummy", "--method", method, "--set", "lr=0.3", "--set",
+                         "steps=6", "--out", str(run_dir), "--no-progress"]) == 0
+        single.update(read_json(run_dir / "results.json")["methods"])
+    assert resumed["methods"]["cg"] == single["cg"]
+
+    agg = aggregate(out)
+    assert agg["experiment"] == "sweepdummy" and agg["keys"] == ["steps"]
+    assert sorted(agg["incomplete"]) == ["method-cg__steps-0", "method-rbp__steps-0"]
+    assert list(agg["results"]) == ["steps=6"]
+    group = agg["results"]["steps=6"]
+    assert group["values"] == {"steps": 6} and group["methods"] == single
+    assert runs_matching(agg, steps=6) == [group] and runs_matching(agg, steps=5) == []
+
+
+def test_conflicting_finished_run_and_summary_hook(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    spec = _spec(out, grid={"method": ["rbp", "cg"]}, fixed={"steps": 3}, workers=2)
+    seen: list[dict] = []
+    register_summary("sweepdummy", lambda agg, d: seen.append(agg))
+    try:
+        doc = run_sweep(spec, show_progress=False)
+    finally:
+        register_summary("sweepdummy", lambda agg, d: None)
+    assert doc["status"] == "finished"
+    assert seen and set(seen[0]["results"]["all"]["methods"]) == {"rbp", "cg"}
+    # Same point names, other fixed settings: the finished runs are not silently reused.
+    changed = _spec(out, grid={"method": ["rbp", "cg"]}, fixed={"steps": 4})
+    point = expand_grid(changed)[0]
+    action, why = plan_point("sweepdummy", point, out / point.name, force=False)
+    assert action == "conflict" and "--force" in why
+    assert plan_point("sweepdummy", expand_grid(spec)[0], out / point.name, False)[0] == "skip"
+
+
+# ---------------------------------------------------------------- Ray backend
+
+
+def test_ray_backend(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = tmp_path / "ray"
+        doc = run_sweep(_spec(out, grid={"method": ["rbp", "cg"]}, fixed={"steps": 4},
+                              backend="ray"), show_progress=False)
+    finally:
+        ray.shutdown()
+    assert doc["status"] == "finished" and doc["backend"] == "ray"
+    agg = aggregate(out)
+    assert set(agg["results"]["all"]["methods"]) == {"rbp", "cg"}
+    for p in doc["points"]:
+        res = read_json(out / p["path"] / "results.json")
+        assert res["status"] == "finished" and res["experiment"] == "sweepdummy"
+
+
+def test_sigterm_stops_the_sweep_and_its_runs(tmp_path: Path) -> None:
+    out, barrier = tmp_path / "s", tmp_path / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "SWEEPDUMMY_BARRIER": f"{barrier}:99"}  # the runs wait forever
+    code = "import sys; from rbp.runner.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "sweep", "sweepdummy", "--import", MODULE, "--grid",
+         "seed=0,1,2", "--workers", "2", "--out", str(out), "--no-progress"],
+        env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    doc = read_json(out / "sweep.json")
+    assert doc["status"] == "interrupted"
+    assert [p["status"] for p in doc["points"]] == ["interrupted", "interrupted", "pending"]
+    for name in ("seed-0", "seed-1"):
+        assert read_json(out / name / "results.json")["status"] == "interrupted"
