@@ -19,7 +19,7 @@ from rbp.data import load_mnist
 
 
 class EquilibriumClassifier(nn.Module):
-    """``logits = V h*``, ``h* = tanh(W h* + U x)``; W is rescaled to ||W||_2 <= 0.9 (contraction)."""
+    """``logits = V h*``, ``h* = tanh(W h* + U x)``; ||W||_2 <= 0.9 keeps the map contractive."""
 
     def __init__(self, hidden: int = 128, method: str = "neumann", truncate: int = 10) -> None:
         super().__init__()
