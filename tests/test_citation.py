@@ -209,3 +209,19 @@ def test_method_list_matches_core() -> None:
     from rbp.apps.citation import EXPERIMENT
 
     assert EXPERIMENT.methods == tuple(rbp.METHODS)
+
+
+@needs_data
+def test_table1_from_a_sweep_equals_the_sequential_run(tmp_path: Path) -> None:
+    common = ["--set", "models=[paper]", "--set", "injected_methods=[]"]
+    seq = tmp_path / "sequential"
+    assert _quick(seq, "--seeds", "0,1", *common) == 0
+    sweep = tmp_path / "sweep"
+    assert cli.main(["sweep", "citation", "--quick", "--grid", "method=tbptt,neumann",
+                     "--grid", "seed=0,1", "--set", f"data_dir={DATA}", *common,
+                     "--out", str(sweep), "--workers", "2", "--no-progress"]) == 0
+    table = (sweep / "summary" / "table1.md").read_text()
+    assert table == (seq / "table1.md").read_text()
+    assert "(n=2)" in table and (sweep / "summary" / "fig3_cora.png").is_file()
+    merged = json.loads((sweep / "summary" / "results.json").read_text())
+    assert merged["experiment"] == "citation" and len(merged["merged_from"]) == 4

@@ -51,10 +51,12 @@ __all__ = [
     "expand_grid",
     "load_spec",
     "main",
+    "point_name",
     "register_summary",
     "run_sweep",
     "runs_matching",
     "summarize",
+    "write_merged_run",
 ]
 
 #: Summary file written at the top of a sweep directory.
@@ -739,6 +741,18 @@ def summarize(agg: Mapping[str, Any], over: str = "seed") -> dict[str, dict[str,
                 out.setdefault(label, {}).setdefault(method, {})[metric] = {
                     "mean": mean, "std": std, "n": n}
     return out
+
+
+def write_merged_run(directory: Path, experiment: str, results: Mapping[str, Any],
+                     points: Sequence[str]) -> Path:
+    """Write ``results`` merged from the finished ``points`` of a sweep as ``results.json`` of a
+    run directory, so that figures, tables and ``rbp report`` treat it like a single run."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    doc = {**results, "experiment": experiment, "status": "finished",
+           "merged_from": list(points)}
+    write_json(directory / RESULTS_FILE, doc)
+    return directory
 
 
 def register_summary(experiment: str, fn: Callable[[dict[str, Any], Path], Any]) -> None:

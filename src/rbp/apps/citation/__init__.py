@@ -6,8 +6,10 @@ import argparse
 
 import rbp
 from rbp.runner import Experiment, register
+from rbp.runner.sweep import register_summary
 
 from .experiment import MODELS, CitationConfig, run
+from .figures import sweep_summary
 
 __all__ = ["EXPERIMENT", "MODELS", "CitationConfig", "run"]
 
@@ -45,3 +47,5 @@ EXPERIMENT = register(Experiment(
     flag_to_key={"dataset": "dataset", "seeds": "seeds", "model": "models",
                  "epochs": "epochs", "data_dir": "data_dir"},
 ))
+
+register_summary("citation", sweep_summary)

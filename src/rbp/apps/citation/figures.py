@@ -9,7 +9,8 @@ import numpy as np
 
 from rbp.runner import method_colors
 
-__all__ = ["LABELS", "PAPER_TABLE1", "write_figures", "write_table1"]
+__all__ = ["LABELS", "PAPER_TABLE1", "merge_runs", "sweep_summary", "write_figures",
+           "write_table1"]
 
 LABELS = {"bptt": "BPTT", "tbptt": "TBPTT", "rbp": "RBP", "cg": "CG-RBP",
           "neumann": "Neumann-RBP", "gmres": "GMRES-RBP"}
@@ -130,3 +131,49 @@ def write_table1(path: Path | str, results: dict[str, Any]) -> Path:
             + "\n".join(rows) + "\n")
     Path(path).write_text(text)
     return Path(path)
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from several ``rbp citation`` runs (e.g. one per method and seed of a
+    sweep): every (dataset, model or baseline, method) gets the per-seed records of all runs,
+    one per seed, in seed order, summarised as a single run over those seeds would be."""
+    from .experiment import summarise
+
+    units: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    stats: dict[str, Any] = {}
+    for res in runs:
+        for ds, entry in (res.get("datasets") or {}).items():
+            stats.setdefault(ds, entry.get("stats"))
+            groups = [("baselines", name, s) for name, s in entry.get("baselines", {}).items()]
+            groups += [(model, method, s) for model, ms in entry.get("models", {}).items()
+                       for method, s in ms.items()]
+            for kind, name, summary in groups:
+                per = units.setdefault((ds, kind, name), {})
+                for unit in summary.get("per_seed") or []:
+                    per.setdefault(int(unit["seed"]), unit)  # a repeated seed: same numbers
+    merged: dict[str, Any] = {"datasets": {}}
+    for (ds, kind, name), per in units.items():
+        entry = merged["datasets"].setdefault(ds, {"seeds": [], "stats": stats[ds],
+                                                   "baselines": {}, "models": {}})
+        where = entry["baselines"] if kind == "baselines" else \
+            entry["models"].setdefault(kind, {})
+        where[name] = summarise([per[s] for s in sorted(per)])
+        entry["seeds"] = sorted(set(entry["seeds"]) | set(per))
+    merged["seeds"] = sorted({s for e in merged["datasets"].values() for s in e["seeds"]})
+    return merged
+
+
+def sweep_summary(agg: dict[str, Any], sweep_dir: Path) -> Path | None:
+    """After ``rbp sweep``: Table 1 and Fig. 3 over every finished point, in ``summary/``."""
+    from rbp.runner.sweep import write_merged_run
+
+    done = [(name, p["results"]) for name, p in agg["points"].items()
+            if p["status"] == "finished" and p["results"]]
+    if not done:
+        return None
+    merged = merge_runs([res for _, res in done])
+    out = Path(sweep_dir) / "summary"
+    out.mkdir(parents=True, exist_ok=True)
+    merged["figures"] = [str(p.name) for p in write_figures(out, merged)]
+    merged["table1"] = str(write_table1(out / "table1.md", merged).name)
+    return write_merged_run(out, agg["experiment"], merged, [name for name, _ in done])

@@ -6,8 +6,10 @@ import argparse
 
 import rbp
 from rbp.runner import Experiment, register
+from rbp.runner.sweep import register_summary
 
 from .experiment import HopfieldConfig, run
+from .figures import sweep_summary
 
 __all__ = ["EXPERIMENT", "HopfieldConfig", "run"]
 
@@ -28,3 +30,5 @@ EXPERIMENT = register(Experiment(
     add_arguments=_add_arguments,
     flag_to_key={"truncate": "truncate", "epochs": "epochs", "data_dir": "data_dir"},
 ))
+
+register_summary("hopfield", sweep_summary)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["epoch_means", "main", "make_figures"]
+__all__ = ["epoch_means", "main", "make_figures", "sweep_summary"]
 
 
 def epoch_means(losses: Sequence[float | None], n: int) -> tuple[list[int], list[float]]:
@@ -85,6 +85,23 @@ def make_figures(results: dict[str, Any], out_dir: Path) -> list[Path]:
                             title=f"retrieval from 50%-corrupted digits{suffix}", vmin=0.0,
                             vmax=1.0))
     return paths
+
+
+def sweep_summary(agg: dict[str, Any], sweep_dir: Path) -> list[Path]:
+    """After ``rbp sweep``: merge the methods of each truncation into ``summary/truncate-K/``
+    (``results.json`` plus the figures), as if one ``rbp hopfield`` run had trained them all."""
+    from rbp.runner.sweep import point_name, write_merged_run
+
+    dirs = []
+    for group in agg["results"].values():
+        first = agg["points"][group["points"][0]]["results"]
+        merged = {k: v for k, v in first.items() if k not in ("methods", "status", "error")}
+        merged["methods"] = group["methods"]
+        out = write_merged_run(Path(sweep_dir) / "summary" / point_name(group["values"]),
+                               agg["experiment"], merged, group["points"])
+        make_figures(merged, out)
+        dirs.append(out)
+    return dirs
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from rbp.apps.hyperopt.experiment import METHODS, HyperoptConfig, run
+from rbp.apps.hyperopt.figures import sweep_summary
 from rbp.runner import Experiment, register
+from rbp.runner.sweep import register_summary
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,3 +31,4 @@ register(Experiment(
     flag_to_key={"train_steps": "train_steps", "truncate": "truncate",
                  "meta_steps": "meta_steps", "data_dir": "data_dir"},
 ))
+register_summary("hyperopt", sweep_summary)

@@ -167,3 +167,28 @@ def make_all(results: dict[str, Any], cfg: Any, out_dir: Path,
         paths["meta_loss_all"] = str(line_plot(out_dir / "meta_loss_all.png", series,
                                                "meta step", "meta loss", logy=True))
     return paths
+
+
+def sweep_summary(agg: dict[str, Any], sweep_dir: Path) -> Path | None:
+    """After ``rbp sweep``: merge the units of every finished point into ``summary/`` and draw
+    Fig. 4-6 there, as if one ``rbp hyperopt`` run had covered the whole grid."""
+    from types import SimpleNamespace
+
+    from rbp.runner.sweep import write_merged_run
+
+    done = [(name, p["results"]) for name, p in agg["points"].items()
+            if p["status"] == "finished" and p["results"]]
+    if not done:
+        return None
+    first = done[0][1]
+    units: dict[str, Any] = {}
+    for _, res in done:
+        units.update(res.get("units") or {})
+    settings = sorted({(int(u["train_steps"]), int(u["truncate"])) for u in units.values()})
+    merged = {"units": units, "num_examples": first.get("num_examples"),
+              "settings": [list(s) for s in settings], "config": first.get("config")}
+    out = Path(sweep_dir) / "summary"
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int((first.get("config") or {}).get("seed", 0))
+    merged["figures"] = make_all(merged, SimpleNamespace(seed=seed), out)
+    return write_merged_run(out, agg["experiment"], merged, [name for name, _ in done])
