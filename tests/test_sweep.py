@@ -334,3 +334,30 @@ def test_sigterm_stops_the_sweep_and_its_runs(tmp_path: Path) -> None:
     assert [p["status"] for p in doc["points"]] == ["interrupted", "interrupted", "pending"]
     for name in ("seed-0", "seed-1"):
         assert read_json(out / name / "results.json")["status"] == "interrupted"
+
+
+def test_sigterm_to_a_single_run_records_it_and_resume_continues(tmp_path: Path) -> None:
+    out, barrier = tmp_path / "run", tmp_path / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "SWEEPDUMMY_BARRIER": f"{barrier}:2"}  # waits: nobody else comes
+    code = (f"import sys, {MODULE}; from rbp.runner.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "sweepdummy", "--out", str(out),
+                             "--no-progress"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(barrier.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err, err
+    assert read_json(out / "results.json")["status"] == "interrupted"
+    assert cli.main(["sweepdummy", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert read_json(out / "results.json")["status"] == "finished"
+
+
+def test_command_names_are_reserved() -> None:
+    from rbp.runner import Experiment, register
+
+    for name in ("list", "sweep", "report"):
+        with pytest.raises(ValueError, match="reserved"):
+            register(Experiment(name=name, help="", config_cls=SweepSpec, run=lambda c, x: {}))

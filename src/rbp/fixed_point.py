@@ -234,7 +234,7 @@ def _diff_norm(a: State, b: State) -> torch.Tensor:
 
 
 def _check_finite(leaves: Sequence[torch.Tensor], method: str, steps: int) -> None:
-    if not all(bool(torch.isfinite(leaf).all()) for leaf in leaves):
+    if not all(bool(torch.isfinite(leaf.detach()).all()) for leaf in leaves):
         raise DivergenceError(
             f"{method}: the forward state is not finite after {steps} steps: the map diverges. "
             "Check that f is a contraction (e.g. smaller weights or a damped update)."

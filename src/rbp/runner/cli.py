@@ -11,15 +11,18 @@ calls ``run(cfg, ctx)`` with a :class:`RunContext`, and writes ``results.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import importlib
 import logging
 import shlex
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,8 +94,8 @@ _REGISTRY: dict[str, Experiment] = {}
 
 def register(exp: Experiment) -> Experiment:
     """Add ``exp`` to the registry (re-registering an equal experiment is a no-op)."""
-    if exp.name == "list":
-        raise ValueError("'list' is a reserved command name")
+    if exp.name in ("list", "sweep", "report"):
+        raise ValueError(f"'{exp.name}' is a reserved command name")
     old = _REGISTRY.get(exp.name)
     if old is not None and old != exp:
         raise ValueError(f"an experiment named '{exp.name}' is already registered")
@@ -338,6 +341,27 @@ def _adopt_previous(ctx: RunContext, log: logging.Logger) -> None:
         log.warning("resuming with changed settings: %s", ", ".join(changed))
 
 
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM (and SIGINT, even when inherited as ignored, as under
+    ``nohup ... &``) raise KeyboardInterrupt in the main thread, so that runs and sweeps
+    record their state; the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
+
+
 def _error(prog: str, message: object) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr)
 
@@ -381,7 +405,8 @@ def _run(exp: Experiment, args: argparse.Namespace, argv: list[str]) -> int:
         seed_everything(seed)
 
     try:
-        results = exp.run(cfg, ctx)
+        with interrupt_on_sigterm():  # `kill` (e.g. by a job scheduler) saves like Ctrl-C
+            results = exp.run(cfg, ctx)
     except KeyboardInterrupt:
         _finish_quietly(ctx, "interrupted")
         again = [a for a in argv if a != "--force"]

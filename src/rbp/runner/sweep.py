@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from rbp.runner.cli import interrupt_on_sigterm
 from rbp.runner.config import ConfigError, parse_override
 from rbp.runner.progress import get_logger, progress, setup_logging
 from rbp.runner.results import CHECKPOINT_DIR, RESULTS_FILE, read_json, write_json
@@ -362,27 +363,6 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-@contextlib.contextmanager
-def _interrupt_on_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM (and SIGINT, even when inherited as ignored, as under
-    ``nohup ... &``) raise KeyboardInterrupt in the main thread, so that runs and sweeps
-    record their state; the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler), signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old[0])
-        signal.signal(signal.SIGINT, old[1])
 
 
 class _ProcSet:
@@ -870,7 +850,7 @@ def run_command(args: argparse.Namespace) -> int:
             bad += error is not None
         return 2 if bad else 0
     try:
-        with _interrupt_on_sigterm():
+        with interrupt_on_sigterm():
             doc = run_sweep(spec, force=args.force, show_progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
@@ -888,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs ``rbp EXPERIMENT ARGS`` in this process and returns its exit status.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    with _interrupt_on_sigterm():
+    with interrupt_on_sigterm():
         while len(argv) >= 2 and argv[0] == "--import":
             importlib.import_module(argv[1])
             argv = argv[2:]
