@@ -166,3 +166,18 @@ def test_resume_gives_identical_numbers(tmp_path: Path) -> None:
     for r in c["methods"].values():
         r.pop("wall_time_s")
     assert c["methods"] == a["methods"]
+
+
+def test_sweep_merges_its_points_into_one_run(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "hopfield", "--quick", "--grid", "method=bptt,neumann",
+                     "--set", "epochs=2", "--out", str(out), "--workers", "2",
+                     "--no-progress"]) == 0
+    merged = read_json(out / "summary" / "run" / "results.json")
+    assert merged["experiment"] == "hopfield" and merged["status"] == "finished"
+    for method in ("bptt", "neumann"):
+        point = read_json(out / f"method-{method}" / "results.json")
+        assert merged["methods"][method] == point["methods"][method]
+        assert merged["images"] == point["images"]
+    for name in ("fig1_loss.png", "fig2_retrieval.png"):
+        assert (out / "summary" / "run" / name).read_bytes().startswith(b"\x89PNG")

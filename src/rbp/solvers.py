@@ -191,7 +191,8 @@ def gmres(
         if beta == 0.0 or (tol is not None and beta <= tol * gnorm):
             break
         m = min(restart, max_iter - done)
-        basis = [r / beta]
+        basis = torch.empty(m + 1, g.numel(), dtype=g.dtype, device=g.device)
+        basis[0] = r / beta
         hess = torch.zeros(m + 1, m, dtype=torch.float64)
         rhs = torch.zeros(m + 1, dtype=torch.float64)
         rhs[0] = beta
@@ -199,10 +200,13 @@ def gmres(
         for j in range(m):
             w = matvec(basis[j])
             done += 1
-            for i in range(j + 1):  # modified Gram-Schmidt
-                h = torch.dot(w, basis[i])
-                hess[i, j] = h.item()
-                w = w - h * basis[i]
+            # classical Gram-Schmidt twice: as stable as modified GS, in 4 matrix-vector products
+            v = basis[: j + 1]
+            h = v @ w
+            w = w - h @ v
+            h2 = v @ w
+            w = w - h2 @ v
+            hess[: j + 1, j] = (h + h2).to(device="cpu", dtype=torch.float64)
             h_next = w.norm().item()
             hess[j + 1, j] = h_next
             y = torch.linalg.lstsq(hess[: j + 2, : j + 1], rhs[: j + 2, None]).solution[:, 0]
@@ -210,9 +214,8 @@ def gmres(
             converged = tol is not None and residuals[-1] <= tol * gnorm
             if converged or h_next <= 1e-14 * beta or not math.isfinite(residuals[-1]):
                 break
-            basis.append(w / h_next)
-        coeffs = y.to(g)
-        z = z + sum(c * v for c, v in zip(coeffs, basis, strict=False))
+            basis[j + 1] = w / h_next
+        z = z + y.to(g) @ basis[: len(y)]
         if not math.isfinite(residuals[-1]) or (tol is not None and residuals[-1] <= tol * gnorm):
             break
         if hess[len(y), len(y) - 1].item() <= 1e-14 * beta:  # happy breakdown: exact solution
