@@ -108,19 +108,13 @@ def write_table1(path: Path | str, results: dict[str, Any]) -> Path:
 
     row("Baseline (logistic regression)", "logreg",
         lambda e: e.get("baselines", {}).get("logreg"))
-    methods: list[str] = []
-    for d in dss:
-        for m in results["datasets"][d].get("models", {}).get("paper", {}):
-            if m not in methods:
-                methods.append(m)
-    for m in methods:
+    def methods_of(model: str) -> list[str]:  # in order of appearance over the datasets
+        names = [m for d in dss for m in results["datasets"][d].get("models", {}).get(model, {})]
+        return list(dict.fromkeys(names))
+
+    for m in methods_of("paper"):
         row(LABELS.get(m, m), m, lambda e, m=m: e.get("models", {}).get("paper", {}).get(m))
-    inj: list[str] = []
-    for d in dss:
-        for m in results["datasets"][d].get("models", {}).get("injected", {}):
-            if m not in inj:
-                inj.append(m)
-    for m in inj:
+    for m in methods_of("injected"):
         row(f"Injected GNN, {LABELS.get(m, m)} (ours, not in paper)", f"inj_{m}",
             lambda e, m=m: e.get("models", {}).get("injected", {}).get(m))
     row("GCN (PyG, not in paper)", "gcn", lambda e: e.get("baselines", {}).get("gcn"))
