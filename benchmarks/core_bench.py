@@ -265,6 +265,37 @@ def _rbp_method(method: str) -> Method:
     return Method(f"rbp.{method}", "rbp", make, uses_k=method != "bptt", note=notes.get(method, ""))
 
 
+def _rbp_per_sample(method: str) -> Method:
+    """``batch_dim=0``: each row is its own system, solved with its own Krylov space / stop."""
+
+    def make(p: Problem, steps: int, k: int) -> Forward:
+        xi = p.input_index
+        args = list(p.args)
+        step = p.step
+
+        def f(h: Tensor, x: Tensor) -> Tensor:
+            a = list(args)
+            a[xi] = x
+            return step(h, *a)
+
+        def forward() -> Tensor:
+            return rbp.fixed_point(
+                f, p.h0, steps, method=method, truncate=k, batch_dim=0, inputs=(args[xi],)
+            )
+
+        return forward
+
+    return Method(f"rbp.{method}/ps", "rbp", make, note="batch_dim=0: one system per sample")
+
+
+def _rbp_value(name: str, value: Callable[[int], Any], uses_k: bool, note: str) -> Method:
+    def make(p: Problem, steps: int, k: int) -> Forward:
+        method = value(k)
+        return lambda: rbp.fixed_point(p.f, p.h0, steps, method=method)
+
+    return Method(f"rbp.{name}", "rbp", make, uses_k=uses_k, note=note)
+
+
 def _hand_neumann(p: Problem, steps: int, k: int) -> Forward:
     """The overhead baseline: Neumann-RBP written directly with autograd.
 
@@ -358,6 +389,10 @@ def _torchopt_method(solver: str) -> Method:
 
 METHODS: tuple[Method, ...] = (
     *(_rbp_method(m) for m in RBP_METHODS),
+    *(_rbp_per_sample(m) for m in ("neumann", "cg", "gmres")),
+    _rbp_value("jfb", lambda k: rbp.JFB(), False, "JFB: z = g (no Jacobian product), inexact"),
+    _rbp_value("phantom", lambda k: rbp.Phantom(k, 0.5), True,
+               "Phantom(K, damping=0.5): K-1 damped products, inexact"),
     Method("hand.neumann", "baseline", _hand_neumann),
     _torchdeq_method("fixed_point_iter"),
     _torchdeq_method("anderson"),
@@ -532,13 +567,19 @@ def _timed_phases(p: Problem, forward: Forward) -> tuple[float, float, float, fl
     return t1 - t0, time.perf_counter() - t1, c1 - c0, time.process_time() - c1
 
 
-def paired_overhead(p: Problem, steps: int, k: int, pairs: int) -> dict[str, Any]:
+def paired_overhead(
+    p: Problem, steps: int, k: int, pairs: int, **rbp_kwargs: Any
+) -> dict[str, Any]:
     """rbp.neumann against the hand-written loop, alternating call by call (``pairs`` each).
 
     Alternation puts both under the same background load; the paired ratio is the median of
     the per-pair ratios of total time. Forward and backward are timed separately, in wall and
     in process CPU time (which leaves out the time the process waits for a core)."""
-    ours = next(m for m in METHODS if m.name == "rbp.neumann").make(p, steps, k)
+    if rbp_kwargs:
+        def ours() -> Tensor:
+            return rbp.fixed_point(p.f, p.h0, steps, "neumann", k, **rbp_kwargs)
+    else:
+        ours = next(m for m in METHODS if m.name == "rbp.neumann").make(p, steps, k)
     hand = _hand_neumann(p, steps, k)
     samples: dict[str, list[tuple[float, float, float, float]]] = {"rbp": [], "hand": []}
     with warnings.catch_warnings():
@@ -551,7 +592,8 @@ def paired_overhead(p: Problem, steps: int, k: int, pairs: int) -> dict[str, Any
             for name, fn in order:
                 samples[name].append(_timed_phases(p, fn))
     out: dict[str, Any] = {"problem": p.name, "dtype": str(p.h0.dtype).removeprefix("torch."),
-                           "T": steps, "K": k, "pairs": pairs}
+                           "T": steps, "K": k, "pairs": pairs,
+                           "rbp_kwargs": {key: repr(v) for key, v in rbp_kwargs.items()}}
     for name, xs in samples.items():
         for clock, i in (("", 0), ("cpu_", 2)):
             out[f"{name}_{clock}fwd_ms"] = 1e3 * statistics.median(x[i] for x in xs)
@@ -597,7 +639,7 @@ def run(
 ) -> dict[str, Any]:
     """The whole benchmark; returns the JSON-ready result dict."""
     steps = steps or (80 if quick else 100)
-    ks = ks or ([5, 25] if quick else [10, 30])
+    ks = ks or ([5, 25] if quick else [10, 20, 30])
     repeats = repeats or (2 if quick else 9)
     names = problems or ["rnn", "gru", "rnn-nonnormal"]
     dtype_names = dtypes or (["float64"] if quick else ["float64", "float32"])
@@ -650,6 +692,16 @@ def run(
                 for k in ks:
                     paired.append(paired_overhead(q, steps, k, pairs))
     result["overhead_paired"] = paired
+    # The issue's small problem: tanh RNN, 128 units, batch 16, T = 50, K = 20, float32 CPU;
+    # with the default a-posteriori error check and without it.
+    target = []
+    if pairs > 0:
+        small = make_rnn(*((16, 4, 8) if quick else (128, 16, 32)), seed).cast(torch.float32)
+        small.name = "rnn-128x16" if not quick else "rnn-tiny"
+        for kwargs in ({}, {"max_backward_error": None}):
+            target.append(paired_overhead(small, 50, 20, max(pairs, 3 if quick else 200),
+                                          **kwargs))
+    result["overhead_target"] = target
     result["wall_time_s"] = time.perf_counter() - start
     return result
 
@@ -701,6 +753,13 @@ def format_table(result: dict[str, Any]) -> str:
                 f"| {o['hand_cpu_bwd_ms']:.2f} | {o['paired_ratio']:.3f} "
                 f"| {o['paired_cpu_ratio']:.3f} | {o['extra_cpu_us_per_call']:.0f} |"
             )
+    for o in result.get("overhead_target", []):
+        lines.append(
+            f"\ntarget {o['problem']} {o['dtype']} T={o['T']} K={o['K']} {o['rbp_kwargs'] or ''}: "
+            f"rbp fwd {o['rbp_cpu_fwd_ms']:.3f} / bwd {o['rbp_cpu_bwd_ms']:.3f} ms, hand fwd "
+            f"{o['hand_cpu_fwd_ms']:.3f} / bwd {o['hand_cpu_bwd_ms']:.3f} ms, paired CPU ratio "
+            f"{o['paired_cpu_ratio']:.3f}"
+        )
     return "\n".join(lines)
 
 

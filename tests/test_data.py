@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import pickle
-import shutil
 import urllib.error
 import warnings
 from pathlib import Path
@@ -206,7 +205,7 @@ def _check_graph(p: Planetoid) -> None:
 
 
 def test_planetoid_cora_stats() -> None:
-    p = load_planetoid("cora", _need(PLANETOID_DIR), download=False)
+    p = load_planetoid("cora", download=False)  # the packaged copy
     _check_graph(p)
     assert (p.num_nodes, p.num_features, p.num_classes) == (2708, 1433, 7)
     assert p.edge_index.shape[1] == 10556 and p.num_undirected_edges == 5278
@@ -216,7 +215,7 @@ def test_planetoid_cora_stats() -> None:
 
 
 def test_planetoid_citeseer_stats() -> None:
-    p = load_planetoid("CiteSeer", _need(PLANETOID_DIR), download=False)
+    p = load_planetoid("CiteSeer", download=False)  # the packaged copy
     _check_graph(p)
     assert p.name == "citeseer"
     assert (p.num_nodes, p.num_features, p.num_classes) == (3327, 3703, 6)
@@ -227,8 +226,8 @@ def test_planetoid_citeseer_stats() -> None:
     assert float(p.features[unlabelled].abs().sum()) == 0.0
 
 
-def test_planetoid_test_rows_follow_test_index() -> None:
-    directory = _need(PLANETOID_DIR)
+def test_planetoid_test_rows_follow_test_index(tmp_path: Path) -> None:
+    directory = _copy_cora(tmp_path)
     p = load_planetoid("cora", directory, download=False)
     # Independent check with the plain unpickler (old scipy.sparse.csr path warns).
     with open(directory / "ind.cora.tx", "rb") as handle, warnings.catch_warnings():
@@ -259,11 +258,12 @@ def test_planetoid_unknown_name() -> None:
 
 
 def _copy_cora(dst: Path, skip: str | None = None) -> Path:
-    """Copy the cora files (all but ``ind.cora.<skip>``) into ``dst``."""
+    """Write the original cora files (all but ``ind.cora.<skip>``) into ``dst``, from the
+    copy packaged with rbp (so no test needs the shared data for them)."""
     dst.mkdir(parents=True, exist_ok=True)
-    for src in _need(PLANETOID_DIR).glob("ind.cora.*"):
-        if src.name != f"ind.cora.{skip}":
-            shutil.copyfile(src, dst / src.name)
+    for part in planetoid_mod.PLANETOID_PARTS:
+        if part != skip:
+            (dst / f"ind.cora.{part}").write_bytes(planetoid_mod._read_packaged("cora", part))
     return dst
 
 
@@ -298,7 +298,9 @@ def test_planetoid_download_verifies_sha256(
         return (source / url.rsplit("/", 1)[1]).read_bytes()
 
     monkeypatch.setattr(planetoid_mod, "_fetch_bytes", serve)
+    monkeypatch.setattr(planetoid_mod, "PACKAGED_PLANETOID", ())  # cora as if not shipped
     monkeypatch.setenv("HOME", str(tmp_path))  # data_dir=None -> ~/.cache/rbp/planetoid
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     p = load_planetoid("cora")
     assert p.num_nodes == 2708 and len(fetched) == 8
     assert all(
@@ -321,6 +323,7 @@ def test_planetoid_download_verifies_sha256(
 
 def test_planetoid_download_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(planetoid_mod, "_fetch_bytes", _offline)
+    monkeypatch.setattr(planetoid_mod, "PACKAGED_PLANETOID", ())  # as Pubmed: not shipped
     with pytest.raises(DataError, match="offline.*--data-dir"):
         load_planetoid("citeseer", tmp_path, download=True)
 
@@ -367,3 +370,202 @@ def test_split_labelled_small_and_invalid() -> None:
         split_labelled(torch.ones(10, dtype=torch.bool), 0, (0.5, 0.5, 0.5))
     with pytest.raises(DataError, match="labelled nodes"):
         split_labelled(torch.zeros(10, dtype=torch.bool), seed=0)
+
+
+# ----------------------------------------------------------------------------- packaged data
+
+
+def _same_graph(a: Planetoid, b: Planetoid) -> bool:
+    return a.num_classes == b.num_classes and all(
+        torch.equal(getattr(a, k), getattr(b, k))
+        for k in ("features", "labels", "edge_index", "labelled"))
+
+
+@pytest.mark.parametrize("name", planetoid_mod.PACKAGED_PLANETOID)
+def test_packaged_planetoid_loads_offline_and_equals_the_originals(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(planetoid_mod, "_fetch_bytes", _offline)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    packaged = load_planetoid(name, download=False)
+    _check_graph(packaged)
+    # an empty data directory (or one holding only other data sets) falls back to the copy
+    assert _same_graph(load_planetoid(name, tmp_path, download=False), packaged)
+    assert "packaged" in planetoid_mod.describe_planetoid_source(name)
+    assert "packaged" in planetoid_mod.describe_planetoid_source(name, tmp_path)
+    assert not (tmp_path / "cache").exists()  # nothing was written anywhere
+    if PLANETOID_DIR.exists():
+        assert _same_graph(packaged, load_planetoid(name, PLANETOID_DIR, download=False))
+
+
+def test_packaged_files_match_the_published_checksums() -> None:
+    import importlib.resources
+
+    folder = importlib.resources.files("rbp.data") / "files" / "planetoid"
+    for name in planetoid_mod.PACKAGED_PLANETOID:
+        for part in planetoid_mod.PLANETOID_PARTS:
+            raw = gzip.decompress((folder / f"ind.{name}.{part}.gz").read_bytes())
+            assert hashlib.sha256(raw).hexdigest() == planetoid_mod.PLANETOID_SHA256[name][part]
+            if PLANETOID_DIR.exists():
+                assert raw == (PLANETOID_DIR / f"ind.{name}.{part}").read_bytes()
+    licence = (folder / "LICENSE").read_text()
+    assert "MIT License" in licence and "Zhilin Yang" in licence
+
+
+def test_damaged_packaged_file_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = planetoid_mod.gzip.decompress
+
+    def tampered(data: bytes) -> bytes:
+        out = bytearray(real(data))
+        out[len(out) // 2] ^= 0xFF
+        return bytes(out)
+
+    monkeypatch.setattr(planetoid_mod.gzip, "decompress", tampered)
+    with pytest.raises(DataError, match=r"packaged copy of ind\.cora\.x .*SHA-256.*Reinstall"):
+        load_planetoid("cora")
+
+
+def test_data_root_with_planetoid_subfolder(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _copy_cora(root / "planetoid")
+    (root / "planetoid" / "ind.cora.y").unlink()  # partial set in the sub-folder: an error,
+    with pytest.raises(DataError, match=r"ind\.cora\.y not found"):  # not the packaged copy
+        load_planetoid("cora", root, download=False)
+    _copy_cora(root / "planetoid")
+    assert str(root / "planetoid") in planetoid_mod.describe_planetoid_source("cora", root)
+    assert _same_graph(load_planetoid("cora", root, download=False), load_planetoid("cora"))
+    assert "download" in planetoid_mod.describe_planetoid_source("pubmed", root)
+    # a folder that does not exist is a typo, not a reason to fall back silently
+    with pytest.raises(DataError, match=r"data directory .*nowhere does not exist"):
+        load_planetoid("cora", tmp_path / "nowhere")
+    assert "not found" in planetoid_mod.describe_planetoid_source("cora", tmp_path / "nowhere")
+
+
+def test_mnist_data_root_with_mnist_subfolder(tmp_path: Path) -> None:
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    sub = tmp_path / "mnist"
+    sub.mkdir()
+    (sub / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(images))
+    (sub / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.array([3, 7], np.uint8)))
+    got, labels = load_mnist(tmp_path, "t10k")
+    assert np.array_equal(got, images) and labels.tolist() == [3, 7]
+    assert str(sub) in describe_mnist_source(tmp_path)
+    # a root without MNIST files is an error naming what to pass, never the embedded digits
+    with pytest.raises(DataError, match="--data-dir"):
+        load_mnist(tmp_path / "other")
+
+
+# ----------------------------------------------------------------------------- MNIST cache
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty XDG cache and an empty in-process cache of the embedded digits."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    mnist_mod._load_embedded.cache_clear()
+    yield tmp_path / "xdg" / "rbp"
+    mnist_mod._load_embedded.cache_clear()
+
+
+def test_embedded_digits_are_cached_as_verified_npz(
+    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed = mnist_mod._parse_embedded()
+    path = mnist_mod.embedded_cache_path()
+    assert path is not None and path.parent == fresh_cache and not path.exists()
+    images, labels = load_mnist()
+    assert path.is_file() and [p.name for p in fresh_cache.iterdir()] == [path.name]
+    assert np.array_equal(images, parsed[0]) and np.array_equal(labels, parsed[1])
+
+    # a second process reads the cache and never parses the CSV
+    mnist_mod._load_embedded.cache_clear()
+
+    def no_parse() -> None:
+        raise AssertionError("the CSV was parsed although the cache is intact")
+
+    monkeypatch.setattr(mnist_mod, "_parse_embedded", no_parse)
+    again, again_labels = load_mnist()
+    assert np.array_equal(again, images) and np.array_equal(again_labels, labels)
+    assert again.dtype == np.uint8 and again_labels.dtype == np.int64
+
+
+def _small_digits() -> tuple[np.ndarray, np.ndarray]:
+    """Stand-in for the CSV parse (fast): 20 random digits."""
+    rng = np.random.default_rng(0)
+    return (rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+            rng.integers(0, 10, 20).astype(np.int64))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "wrong_digest", "garbage"])
+def test_damaged_mnist_cache_is_rebuilt(
+    fresh_cache: Path, damage: str, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mnist_mod, "_parse_embedded", _small_digits)
+    images, labels = load_mnist()
+    path = mnist_mod.embedded_cache_path()
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x01  # one pixel of the payload: only the checksum notices
+    elif damage == "truncate":
+        raw = raw[: len(raw) // 3]
+    elif damage == "garbage":
+        raw = bytearray(b"not a zip file" * 10)
+    else:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, images=images[::-1].copy(), labels=labels,
+                 sha256=np.array(mnist_mod._arrays_digest(images, labels)))
+        raw = bytearray(buf.getvalue())
+    path.write_bytes(bytes(raw))
+    mnist_mod._load_embedded.cache_clear()
+    with caplog.at_level("WARNING", logger="rbp.data"):
+        got, got_labels = load_mnist()
+    assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
+    assert "MNIST cache" in caplog.text
+    mnist_mod._load_embedded.cache_clear()  # the rewritten cache is intact again
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rbp.data"):
+        assert np.array_equal(load_mnist()[0], images)
+    assert caplog.text == ""
+
+
+def test_unwritable_cache_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr(mnist_mod, "_parse_embedded", _small_digits)
+    mnist_mod._load_embedded.cache_clear()
+    try:
+        images, _ = load_mnist()
+    finally:
+        mnist_mod._load_embedded.cache_clear()
+    assert np.array_equal(images, _small_digits()[0]) and blocker.is_file()
+    assert not list(tmp_path.glob("**/*.part"))
+
+
+def test_package_data_glob_ships_every_packaged_file() -> None:
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["rbp"]
+    package = root / "src" / "rbp"
+    files = [f.relative_to(package).as_posix()
+             for f in (package / "data" / "files").rglob("*") if f.is_file()]
+    assert len(files) == 2 + 8 * len(planetoid_mod.PACKAGED_PLANETOID)  # + LICENSE, README
+    for f in files:
+        assert any(fnmatch.fnmatch(f, g) for g in globs), f"{f} is not in package-data"
+
+
+def test_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from rbp.data.cache import user_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert user_cache_dir() == tmp_path / "rbp"
+    assert planetoid_mod.default_planetoid_dir() == tmp_path / "rbp" / "planetoid"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # not absolute: ignored (XDG rule)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_cache_dir() == tmp_path / "home" / ".cache" / "rbp"

@@ -49,3 +49,45 @@ def test_readme_module_example_trains_with_every_method() -> None:
         grads[method] = model.cell.weight.grad.clone()
     for method, grad in grads.items():
         assert torch.allclose(grad, grads["bptt"], rtol=1e-4, atol=1e-8), method
+
+
+def test_deq_anderson_example_learns_with_per_sample_stopping():
+    path = EXAMPLE.parent / "deq_anderson.py"
+    spec = importlib.util.spec_from_file_location("deq_anderson", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    accuracy = module.main(["--epochs", "2", "--train", "2000"])
+    assert accuracy > 0.8  # chance is 0.1
+
+
+def test_readme_links_and_paths_exist():
+    """Every relative link, image and backticked ``results/``, ``docs/``, ``configs/``,
+    ``examples/`` or ``benchmarks/`` path in the README names a file or folder of the repo."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    targets = set(re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme))
+    targets |= set(re.findall(
+        r"`((?:results|docs|configs|examples|benchmarks)/[^`\s*<>]*?)`", readme))
+    relative = sorted(t for t in targets if "://" not in t)
+    assert relative, "no links found: the pattern is wrong"
+    missing = [t for t in relative if not (root / t).exists()]
+    assert not missing, f"README points to missing files: {missing}"
+
+
+def test_readme_quick_start_is_what_ci_runs():
+    """The quick start's three commands: the CPU PyTorch wheel then the project, the demo,
+    and the test command, which is the one CI runs."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]
+    assert lines[0].startswith("pip install torch==") and "whl/cpu" in lines[0]
+    assert 'pip install -e ".[dev]"' in lines[0]
+    assert lines[1].startswith("python examples/quickstart.py")
+    assert (root / lines[1].split()[1]).is_file()
+    assert lines[2] == "python -m pytest -rs"
+    ci = root / ".ci" / "run"
+    if ci.is_file():
+        assert "python -m pytest -rs" in ci.read_text()

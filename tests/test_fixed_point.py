@@ -159,7 +159,7 @@ def test_trace_and_info():
 
 def test_tol_stops_backward_early():
     p = tanh_rnn()
-    h, info = rbp.fixed_point(p.f, p.h0, 200, "neumann", 500, tol=1e-10, return_info=True)
+    h, info = rbp.fixed_point(p.f, p.h0, 200, "neumann", 500, backward_tol=1e-10, return_info=True)
     p.loss(h).backward()
     record = info.backward[0]
     assert record.status == "converged" and record.iterations < 500

@@ -26,7 +26,9 @@ def test_long_limit_reaches_exact_gradient(problem, method):
 
 
 def test_rbp_uniform_init_converges_to_exact(problem):
-    got = method_gradients(problem, "rbp", steps=problem.steps, truncate=problem.series)
+    got = method_gradients(
+        problem, "rbp", steps=problem.steps, truncate=problem.series, rbp_init="uniform"
+    )
     assert max_rel_error(got, exact_gradients(problem)) <= 1e-8
 
 

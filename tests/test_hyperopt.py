@@ -151,6 +151,8 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         assert len(unit["learning_rate"]) == 3 and len(unit["learning_rate"][0]) == 8
         assert all(0 < m < 1 for row in unit["momentum"] for m in row)
         assert len(unit["inner_loss_last"]) == 30 and all(map(math.isfinite, unit["meta_loss"]))
+        # the hyperparameters learn: the meta loss falls at every meta step
+        assert all(b < a for a, b in zip(unit["meta_loss"], unit["meta_loss"][1:], strict=False))
     # Adam's first step moves each log learning rate from -1 by at most its lr 0.05
     moves = [abs(a + 1.0) for a in units["T30_K10_tbptt"]["log_lr"][0]]
     assert max(moves) == pytest.approx(0.05, abs=1e-6) and all(m <= 0.05 + 1e-6 for m in moves)

@@ -109,7 +109,8 @@ def test_find_runs_and_page(result_dirs: Path, tmp_path: Path) -> None:
     assert [f.name for f in runs[("run", "beta")].figures] == ["curve.png"]
     assert runs[("sweep", "sweep")].figures == []  # its points' files belong to the points
 
-    out, shown, left = write_report([result_dirs], tmp_path / "r.html")
+    out, shown, left, unreadable = write_report([result_dirs], tmp_path / "r.html")
+    assert unreadable == []
     assert [r.experiment for r in left] == ["gamma"]
     page = out.read_text()
     png = base64.b64encode((result_dirs / "alpha" / "small.png").read_bytes()).decode()
@@ -133,6 +134,52 @@ def test_report_command(result_dirs: Path, tmp_path: Path,
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli.main(["report", str(empty), "--out", str(tmp_path / "e.html")]) == 1
+
+
+def test_corrupt_results_file_is_named_not_skipped_silently(
+    result_dirs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = result_dirs / "delta" / "results.json"
+    bad.parent.mkdir()
+    bad.write_text('{"experiment": "delta", "status": "fini')  # cut off mid-write
+    (result_dirs / "eps").mkdir()
+    (result_dirs / "eps" / "results.json").write_text("[1, 2]")
+    out = tmp_path / "r.html"
+    assert cli.main(["report", str(result_dirs), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "2 unreadable skipped" in captured.out
+    err = [ln for ln in captured.err.splitlines() if ln.startswith("rbp report: skipped")]
+    assert len(err) == 2 and any("delta" in ln and "JSONDecodeError" in ln for ln in err)
+    assert any("eps" in ln and "not a mapping" in ln for ln in err)
+    page = out.read_text()
+    assert "Skipped (unreadable)" in page and "delta" in page and "JSONDecodeError" in page
+
+
+def test_tables_passed_as_data(tmp_path: Path) -> None:
+    from rbp.runner.tables import Table, read_table, write_table
+
+    run = tmp_path / "run"
+    write_json(run / "results.json", _results("alpha"))
+    table = Table(columns=["method", "Cora"], rows=[["<b>BPTT</b>", "24.48 ± 6.6"],
+                                                   ["a | b", 0.5]],
+                  title="Table 1", align=["left", "right"], notes="mean ± std over 10 seeds")
+    md, data = write_table(run / "table1", table)
+    assert md.name == "table1.md" and data.name == "table1.table.json"
+    assert read_table(data) == Table(**{**table.to_dict()})
+    assert "| a \\| b | 0.5 |" in md.read_text() and "|:---|---:|" in md.read_text()
+    page = write_report([run], tmp_path / "r.html").out.read_text()
+    # Rendered from the data (escaped), and the Markdown twin is not shown a second time.
+    assert "&lt;b&gt;BPTT&lt;/b&gt;" in page and "<b>BPTT" not in page
+    assert '<td style="text-align:right">24.48 ± 6.6</td>' in page
+    assert page.count("24.48 ± 6.6") == 1 and "mean ± std over 10 seeds" in page
+    with pytest.raises(ValueError, match="row 0 has 1 cells"):
+        Table(columns=["a", "b"], rows=[["x"]])
+    with pytest.raises(ValueError, match="align"):
+        Table(columns=["a"], rows=[], align=["middle"])
+    (run / "broken.table.json").write_text("{}")
+    page = write_report([run], tmp_path / "r2.html").out.read_text()
+    assert "is not a table file" in page  # shown as a problem, the rest of the page intact
+    assert "24.48 ± 6.6" in page
 
 
 class _DomSummary(html.parser.HTMLParser):
@@ -182,7 +229,7 @@ window.addEventListener("load", () => {
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 def test_report_in_headless_chromium(result_dirs: Path, tmp_path: Path) -> None:
-    out, _, _ = write_report([result_dirs], tmp_path / "report.html")
+    out = write_report([result_dirs], tmp_path / "report.html").out
     # The page itself has no script; a copy gets one that records how each image decoded.
     probe = tmp_path / "probe.html"
     probe.write_text(out.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))

@@ -29,6 +29,7 @@ from rbp.runner import (
     progress,
     read_json,
     register,
+    registry,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -54,7 +55,7 @@ class DummyConfig:
     target: float = 3.0
     noise: float = 0.05
     checkpoint_every: int = 5
-    interrupt_at: int | None = None
+    interrupt_after: int | None = None
     tags: list[int] = field(default_factory=list)
     label: str | None = None
 
@@ -66,7 +67,7 @@ class DummyConfig:
 def dummy_run(cfg: DummyConfig, ctx: RunContext) -> dict[str, Any]:
     """'Train' a noisy scalar per method, checkpointing and resuming like a real app."""
     done: dict[str, Any] = {}
-    for i, method in enumerate(cfg.methods):
+    for method in cfg.methods:
         state = ctx.load(method)
         if state is not None and state.get("done"):
             done[method] = state["result"]
@@ -77,8 +78,6 @@ def dummy_run(cfg: DummyConfig, ctx: RunContext) -> dict[str, Any]:
             set_rng_state(state["rng"])
         with progress(cfg.steps, desc=method, enabled=ctx.progress, initial=step) as bar:
             while step < cfg.steps:
-                if cfg.interrupt_at is not None and i * cfg.steps + step == cfg.interrupt_at:
-                    raise KeyboardInterrupt
                 w = w - cfg.lr * 2 * (w - cfg.target) + cfg.noise * torch.randn(())
                 step += 1
                 losses.append(float((w - cfg.target) ** 2))
@@ -87,6 +86,7 @@ def dummy_run(cfg: DummyConfig, ctx: RunContext) -> dict[str, Any]:
                 if ctx.should_checkpoint(step):
                     ctx.save(method, {"w": w, "step": step, "losses": losses,
                                       "rng": rng_state()})
+                ctx.tick()
         result = {"w": float(w), "losses": losses, "undefined": float("nan")}
         ctx.save(method, {"done": True, "result": result})
         done[method] = result
@@ -154,10 +154,10 @@ def test_wrong_types(default_yaml: Path) -> None:
 
 def test_set_parsing(default_yaml: Path) -> None:
     cfg = _load(default_yaml, ["lr=1", "target=1e-3", "tags=[1, 2]", "label=null",
-                               "methods=rbp,cg", "interrupt_at=4"])
+                               "methods=rbp,cg", "interrupt_after=4"])
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.target == 1e-3
-    assert cfg.tags == [1, 2] and cfg.label is None and cfg.interrupt_at == 4
+    assert cfg.tags == [1, 2] and cfg.label is None and cfg.interrupt_after == 4
     assert cfg.methods == ["rbp", "cg"]
     assert _load(default_yaml, ["tags=7", "label=x=y"]).tags == [7]
     assert _load(default_yaml, ["label=x=y"]).label == "x=y"
@@ -283,7 +283,7 @@ def test_resume_matches_uninterrupted(tmp_path: Path, capsys: pytest.CaptureFixt
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert _run(full) == 0
     # Interrupt in the second method at its step 7 (last checkpoint at step 5).
-    assert _run(cut, "--set", "interrupt_at=27") == 130
+    assert _run(cut, "--set", "interrupt_after=27") == 130
     assert "--resume" in capsys.readouterr().err
     partial = read_json(cut / "results.json")
     assert partial["status"] == "interrupted" and list(partial["methods"]) == ["rbp"]
@@ -297,12 +297,12 @@ def test_resume_matches_uninterrupted(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_app_import_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "APP_MODULES", ("rbp.apps.no_such_app",))
+    monkeypatch.setattr(registry, "APP_MODULES", ("rbp.apps.no_such_app",))
     assert "dummy" in cli.experiments()
     pkg = tmp_path / "broken_app_xyz"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "APP_MODULES", ("broken_app_xyz",))
+    monkeypatch.setattr(registry, "APP_MODULES", ("broken_app_xyz",))
     with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
         cli.experiments()

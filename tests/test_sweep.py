@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from rbp.runner.sweep import (
     parse_grid_option,
     plan_point,
     register_summary,
+    resolve_point,
     run_sweep,
     runs_matching,
     summarize,
@@ -149,13 +151,17 @@ def test_grid_expansion_and_flags(tmp_path: Path) -> None:
         "method-rbp__seed-0__dataset-cora", "method-rbp__seed-1__dataset-cora",
         "method-cg+neumann__seed-0__dataset-cora", "method-cg+neumann__seed-1__dataset-cora",
     ]
+    # Everything is a key=value setting (method -> methods), in spec order: fixed, then grid.
+    assert points[3].overrides == ["lr=0.001", "tags=[1, 2]", 'label="a,b"',
+                                   "methods=cg,neumann", "seed=1", "dataset=cora"]
+    flags = points[3].flags  # keys spelled as flags that are no setting stay flags
+    assert flags[0] == "--quick" and "--flag" in flags and "--off" not in flags
+    assert flags[flags.index("--data-dir") + 1] == "/d"
     argv = points[3].argv
-    assert argv[argv.index("--method") + 1] == "cg,neumann"
-    assert argv[argv.index("--seed") + 1] == "1"
-    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    assert sets == ["lr=0.001", "tags=[1, 2]", 'label="a,b"', "dataset=cora"]
-    assert "--flag" in argv and "--off" not in argv and "--quick" in argv
-    assert argv[argv.index("--data-dir") + 1] == "/d"
+    assert argv[argv.index("--data-dir") + 1] == "/d" and argv.count("--set") == 6
+    # With the experiment's settings known, --data-dir is the setting data_dir.
+    known = expand_grid(spec, settings={"data_dir", "lr"})[3]
+    assert "data_dir=/d" in known.overrides and "--data-dir" not in known.flags
     assert parse_grid_option("seed=0,1,2") == ("seed", [0, 1, 2])
     assert parse_grid_option("lr=[0.1, 1e-2]") == ("lr", [0.1, "1e-2"])  # YAML 1.1 reads str
     assert parse_grid_option("method=bptt,rbp") == ("method", ["bptt", "rbp"])
@@ -190,7 +196,8 @@ def test_dry_run_checks_settings(tmp_path: Path, capsys: pytest.CaptureFixture[s
             str(tmp_path / "s"), "--dry-run"]
     assert cli.main(argv) == 2
     out = capsys.readouterr().out
-    assert "steps-3: rbp sweepdummy --set steps=3" in out
+    assert "steps-3: run: rbp sweepdummy --set steps=3" in out
+    assert "steps-0: invalid: rbp sweepdummy --set steps=0" in out
     assert "error: steps must be at least 1" in out
     assert not (tmp_path / "s").exists()
     assert cli.main(["sweep", "nosuchexp", "--grid", "seed=1"]) == 2
@@ -213,6 +220,26 @@ def test_summarize_over_seeds() -> None:
     assert rbp["std"] == pytest.approx(0.1414213562)
     assert set(stats["dataset=cora"]["rbp"]) == {"acc"}  # bools and lists are not metrics
     assert stats["dataset=cora"]["cg"]["acc"] == {"mean": 0.1, "std": 0.0, "n": 1}
+
+
+def test_settings_comparison_tolerates_only_settings_added_or_removed_as_no_ops() -> None:
+    from rbp.runner.sweep.plan import changed_settings, setting_defaults
+
+    @dataclass
+    class Cfg:
+        steps: int = 8
+        tags: list[int] = field(default_factory=lambda: [1])
+        new_knob: float = 0.5
+
+    defaults = setting_defaults(Cfg)
+    assert defaults == {"steps": 8, "tags": [1], "new_knob": 0.5}
+    old = {"steps": 8, "tags": [1], "old_hook": None, "checkpoint_every": 2}
+    same = {"steps": 8, "tags": [1], "new_knob": 0.5, "checkpoint_every": 5}
+    assert changed_settings(old, same, defaults) == []  # added at default, removed when null
+    assert changed_settings(old, {**same, "new_knob": 0.7}, defaults) == ["new_knob"]
+    assert changed_settings(old, {**same, "steps": 9}, defaults) == ["steps"]
+    assert changed_settings({**old, "old_hook": 3}, same, defaults) == ["old_hook"]
+    assert changed_settings(old, same) == ["new_knob"]  # without defaults: strict
 
 
 # ---------------------------------------------------------------- local backend
@@ -288,10 +315,56 @@ def test_conflicting_finished_run_and_summary_hook(tmp_path: Path) -> None:
     assert seen and set(seen[0]["results"]["all"]["methods"]) == {"rbp", "cg"}
     # Same point names, other fixed settings: the finished runs are not silently reused.
     changed = _spec(out, grid={"method": ["rbp", "cg"]}, fixed={"steps": 4})
+    exp = cli.experiments()["sweepdummy"]
     point = expand_grid(changed)[0]
-    action, why = plan_point("sweepdummy", point, out / point.name, force=False)
-    assert action == "conflict" and "--force" in why
-    assert plan_point("sweepdummy", expand_grid(spec)[0], out / point.name, False)[0] == "skip"
+    action, why = plan_point(out / point.name, resolve_point(exp, point), force=False)
+    assert action == "conflict" and "steps" in why and "--force" in why
+    same = resolve_point(exp, expand_grid(spec)[0])
+    assert plan_point(out / point.name, same)[0] == "skip"
+    assert plan_point(out / point.name, same, force=True)[0] == "run"
+    action, why = plan_point(out / point.name, same, experiment="other")
+    assert action == "conflict" and "'sweepdummy', not 'other'" in why
+    # The same settings spelled another way (a flag-style key, a default given) still match.
+    other = _spec(out, grid={"method": ["rbp", "cg"]}, fixed={"--steps": 3, "lr": 0.2})
+    settings = {"steps", "lr", "seed", "methods"}
+    assert plan_point(out / point.name,
+                      resolve_point(exp, expand_grid(other, settings)[0]))[0] == "skip"
+    # And the sweep records the conflict as a failed point without running it.
+    doc = run_sweep(changed, show_progress=False)
+    assert doc["status"] == "incomplete"
+    assert {p["action"] for p in doc["points"]} == {"conflict"}
+    assert all("--force" in p["error"] for p in doc["points"])
+
+
+def test_a_damaged_point_is_reported_then_redone_with_force(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    spec = _spec(out, grid={"seed": [0]}, fixed={"steps": 3})
+    assert run_sweep(spec, show_progress=False)["status"] == "finished"
+    (out / "seed-0" / "results.json").write_text('{"experiment": "sweepd')  # cut off
+    doc = run_sweep(spec, show_progress=False)  # checkpoints there: resume, which refuses
+    (point,) = doc["points"]
+    assert point["action"] == "resume" and point["status"] == "failed"
+    assert "results.json" in point["error"] and "--force" in point["error"]
+    doc = run_sweep(spec, force=True, show_progress=False)
+    assert doc["status"] == "finished"
+    assert read_json(out / "seed-0" / "results.json")["status"] == "finished"
+
+
+def test_one_sweep_per_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rbp.runner.lifecycle import RunLock
+
+    out = tmp_path / "s"
+    out.mkdir()
+    held = RunLock(out, ["rbp", "sweep", "other"])  # a sweep running there now
+    try:
+        argv = ["sweep", "sweepdummy", "--import", MODULE, "--grid", "seed=0", "--out",
+                str(out), "--no-progress"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "rbp sweep: error: another run" in err and str(out) in err
+        assert not (out / "sweep.json").exists() and not (out / "seed-0").exists()
+    finally:
+        held.release()
 
 
 # ---------------------------------------------------------------- Ray backend

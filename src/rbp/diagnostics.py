@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 
@@ -22,9 +23,48 @@ class ConvergenceWarning(RuntimeWarning):
     """A forward trace that has not settled, or a backward solve that grows or stalls."""
 
 
+class Status(StrEnum):
+    """Outcome of a backward solve; the value is the name recorded in :class:`BackwardInfo`."""
+
+    CONVERGED = "converged"
+    MAX_ITER = "max_iter"
+    GROWING = "growing"
+    STALLED = "stalled"
+    BREAKDOWN = "breakdown"
+    DIVERGED = "diverged"
+
+    @property
+    def ok(self) -> bool:
+        """Whether the solve ended normally (its error estimate may still be too large)."""
+        return self in (Status.CONVERGED, Status.MAX_ITER)
+
+    @property
+    def message(self) -> str:
+        return _STATUS_MESSAGES[self]
+
+
+_STATUS_MESSAGES = {
+    Status.CONVERGED: "the tolerance was met (or the solve is exact)",
+    Status.MAX_ITER: "the iteration budget was used while the increments shrank",
+    Status.GROWING: "the last increment is not smaller than the first: the iteration does not "
+    "contract (spectral radius of J >= 1?)",
+    Status.STALLED: "the Krylov residual stopped decreasing",
+    Status.BREAKDOWN: "the Krylov space stopped growing before reaching a solution: I - J^T is "
+    "singular and g is not in its range",
+    Status.DIVERGED: "the iterates became non-finite or exploded",
+}
+
+
 @dataclass
 class BackwardInfo:
-    """One backward call of an implicit method."""
+    """One backward call of an implicit method.
+
+    ``error_estimate`` is the solver's a-posteriori estimate of its own error (max over
+    samples): the estimated relative error ``||z - z_K|| / ||z_K||`` of the Neumann / RBP
+    series from the decay rate of its last increments, or the true relative residual
+    ``||(I - J^T) z - g|| / ||g||`` of a Krylov solve; ``None`` for JFB / phantom gradients,
+    which are inexact by design. ``sample_errors`` holds it per sample when ``batch_dim`` is set.
+    """
 
     method: str
     iterations: int
@@ -33,6 +73,9 @@ class BackwardInfo:
     fell_back_to: str | None = None
     jacobian_norm: float | None = None
     error_bound: float | None = None  # Prop. 2 estimate of ||z_K - z|| / ||g||
+    error_estimate: float | None = None
+    sample_errors: list[float] | None = None
+    dtype: str = ""  # dtype the adjoint was solved in
 
 
 @dataclass
@@ -51,6 +94,14 @@ class FixedPointInfo:
     final_difference: float = math.nan
     relative_final_difference: float = math.nan
     backward: list[BackwardInfo] = field(default_factory=list)
+    # Forward solve (see rbp.forward). Per-sample fields are lists when batch_dim is set.
+    solver: str = "iterate"
+    forward_steps: int | list[int] = 0  # evaluations of F that produced the returned state
+    forward_residual: float | list[float] = math.nan  # ||F(h_in) - h_in|| at the returned h_in
+    tol_reached: bool | list[bool] | None = None  # None: no forward tol was given
+    best_iterate: bool | list[bool] = False  # an earlier, lower-residual iterate was returned
+    solver_fallbacks: int = 0  # accelerated steps replaced by a plain step (summed over rows)
+    row_updates: int = 0  # sum over iterations of the rows F was evaluated on
 
 
 def power_iteration_norm(

@@ -1,8 +1,9 @@
 """Gradients through the steady state of a recurrence ``h_{t+1} = F(h_t)``.
 
 :func:`fixed_point` runs ``steps`` updates of ``f`` and returns the last state ``h_T``, standing in
-for ``h* = F(h*)``. What ``loss(h_T).backward()`` then puts in the ``.grad`` of every tensor
-that ``f`` uses (parameters and inputs alike) depends on ``method``:
+for ``h* = F(h*)`` (with ``tol`` it solves for ``h*`` instead, see :mod:`rbp.forward`). What
+``loss(h_T).backward()`` then puts in the ``.grad`` of every tensor that ``f`` uses (parameters
+and inputs alike) depends on ``method``:
 
 ======== ============================================================== ==========
 method   gradient                                                       memory
@@ -32,15 +33,9 @@ from typing import Any, Literal
 
 import torch
 
-from rbp import solvers, tree
-from rbp.diagnostics import (
-    BackwardInfo,
-    ConvergenceWarning,
-    DivergenceError,
-    FixedPointInfo,
-    neumann_relative_error_estimate,
-    power_iteration_norm,
-)
+from rbp import forward, methods, tree
+from rbp.adjoint import attach_implicit_backward, build_adjoint, refuse_functorch
+from rbp.diagnostics import ConvergenceWarning, DivergenceError, FixedPointInfo
 from rbp.tree import State
 
 METHODS: tuple[str, ...] = ("bptt", "tbptt", "rbp", "cg", "neumann", "gmres")
@@ -52,16 +47,24 @@ def fixed_point(
     f: Callable[..., State],
     h0: State,
     steps: int,
-    method: str = "neumann",
+    method: str | methods.Method = "neumann",
     truncate: int = 20,
     *,
     time_varying: bool = False,
-    last_step: Callable[[State], State] | None = None,
+    last_step: Callable[..., State] | None = None,
     tol: float | None = None,
+    tol_mode: Literal["relative", "absolute"] = "relative",
+    solver: str | forward.Solver = "iterate",
+    batch_dim: int | None = None,
+    inputs: Sequence[Any] = (),
+    best_iterate: bool = False,
+    check_every: int = 1,
+    backward_tol: float | None = None,
+    max_backward_error: float | None = 1e-2,
     settle_tol: float | None = 1e-3,
     on_failure: OnFailure = "warn",
-    fallback: str | None = None,
-    rbp_init: Literal["uniform", "zeros"] = "uniform",
+    fallback: Any = None,
+    rbp_init: Literal["uniform", "zeros"] = "zeros",
     jvp: Literal["double_vjp", "func"] = "double_vjp",
     restart: int = 30,
     trace: bool = False,
@@ -71,21 +74,46 @@ def fixed_point(
     """Run ``h_{t+1} = f(h_t)`` for ``steps`` updates; differentiate ``h_T`` by ``method``.
 
     Args:
-        f: one update. Called ``f(h)``, or ``f(h, t)`` with ``t = 0 .. steps-1`` when
-            ``time_varying``. It closes over its inputs and parameters; every tensor with
-            ``requires_grad`` it uses receives a gradient on ``backward()``.
+        f: one update. Called ``f(h, *inputs)``, or ``f(h, t, *inputs)`` with
+            ``t = 0 .. steps-1`` when ``time_varying``. It closes over its parameters (and
+            inputs, unless passed as ``inputs``); every tensor with ``requires_grad`` it uses
+            receives a gradient on ``backward()``. It must not modify ``h`` in place. An ``f``
+            that uses nothing requiring grad returns a state that does not require grad.
         h0: initial state: a floating tensor or a tuple/list/dict of them. Only ``bptt``
             differentiates with respect to ``h0`` (at a fixed point it does not matter).
-        steps: number of forward updates T >= 1.
-        method: one of :data:`METHODS`.
+        steps: number of forward updates T >= 1; with ``tol`` (or another solver) the most
+            evaluations of ``f`` the forward solve may spend.
+        method: one of :data:`METHODS`, or a value: ``rbp.BPTT()``, ``rbp.TBPTT(k)``,
+            ``rbp.Implicit(solver)`` (``solver`` from :mod:`rbp.solvers` or your own with
+            ``solve(matvec, b)``), ``rbp.JFB()``, ``rbp.Phantom(k, damping)``. A value carries
+            its own options; ``truncate``, ``backward_tol``, ``rbp_init`` and ``restart`` apply
+            to the string names.
         truncate: K. tbptt: the number of steps back-propagated (1 <= K <= steps);
             implicit methods: the number of backward iterations (Jacobian-vector products).
         time_varying: pass the step index to ``f`` (e.g. a fresh mini-batch per step).
         last_step: map used for the final update ``h_T = last_step(h_{T-1})`` by every
             method, so it is the map whose Jacobian the implicit methods invert (e.g. the
             full-batch step of a training run). Default: ``f`` at step ``T-1``.
-        tol: stop a backward iteration early once its increment (or residual) is at most
-            ``tol * ||g||``; ``None`` always runs ``truncate`` iterations.
+        tol: forward tolerance: stop once ``||F(h) - h|| <= tol * ||F(h)||`` (``tol_mode=
+            "relative"``) or ``<= tol`` (``"absolute"``), returning ``F(h)``; not reaching it
+            within ``steps`` is reported per ``on_failure``. ``None``: run all ``steps``.
+        tol_mode: ``"relative"`` or ``"absolute"`` (see ``tol``).
+        solver: forward solver: ``"iterate"`` (plain, or :class:`rbp.Iterate` with damping),
+            ``"anderson"`` / :class:`rbp.Anderson`, ``"broyden"`` / :class:`rbp.Broyden`. The
+            accelerated solvers run without a graph; the implicit methods then linearise at the
+            state they stop at. bptt/tbptt back-propagate through ``"iterate"`` only.
+        batch_dim: the dim of every state leaf (and input) that indexes independent samples:
+            each sample stops when it has converged and is removed from later calls of ``f``,
+            which then receives only the live samples (and the matching rows of ``inputs``).
+            ``f`` must treat samples independently; one sub-batch check refuses one that does
+            not. ``None`` (default): the state is one system.
+        inputs: tensors passed to ``f`` after the state; with ``batch_dim`` they are sliced to
+            the live samples along ``batch_dim``.
+        best_iterate: return, per sample, the lowest-residual iterate the solve visited (and
+            linearise there); flagged in ``info.best_iterate``.
+        check_every: test the stopping rule (one host synchronisation) every N iterations.
+        backward_tol: stop a backward iteration early once its increment (or residual) is at
+            most ``backward_tol * ||g||``; ``None`` always runs ``truncate`` iterations.
         settle_tol: implicit methods assume a steady state; if
             ``||h_T - h_{T-1}|| > settle_tol * ||h_T||`` this is reported per ``on_failure``.
             ``None`` disables the check.
@@ -93,9 +121,16 @@ def fixed_point(
             stalls or diverges: ``"raise"`` (:class:`DivergenceError`), ``"warn"``
             (:class:`ConvergenceWarning`) or ``"ignore"``. A non-finite forward state always
             raises.
-        fallback: an implicit method to re-solve with when the backward solve fails
-            (e.g. ``"gmres"``); the failure is then reported as a warning at most.
-        rbp_init: initial guess z_0 of ``rbp``: ``"uniform"`` (U[0,1], as in Alg. 1) or zeros.
+        max_backward_error: report (per ``on_failure``) an implicit solve whose a-posteriori
+            error estimate exceeds this (Neumann / RBP: estimated ``||z - z_K|| / ||z_K||``
+            from the decay of the last increments; CG / GMRES / user solvers: the true relative
+            residual ``||(I - J^T) z - g|| / ||g||``). ``None``: check statuses only. JFB and
+            phantom gradients are inexact by design and never checked.
+        fallback: a backward solver (name or :mod:`rbp.solvers` value) to re-solve with when
+            the backward solve fails or exceeds ``max_backward_error`` (e.g. ``"gmres"``); the
+            failure is then a warning, unless the fallback fails too (then per ``on_failure``).
+        rbp_init: initial guess z_0 of ``rbp``: ``"zeros"`` (default: the gradient is linear
+            in the loss, zero for a zero loss) or ``"uniform"`` (U[0,1], the paper's Alg. 1).
         jvp: how ``cg`` obtains ``J v``: ``"double_vjp"`` (reverse-over-reverse on the graph of
             the last step) or ``"func"`` (forward mode, ``torch.func.jvp``).
         restart: GMRES restart length.
@@ -108,72 +143,71 @@ def fixed_point(
     Returns:
         ``h_T`` (same structure as ``h0``), or ``(h_T, info)``.
     """
-    _validate(f, steps, method, truncate, on_failure, fallback, rbp_init, jvp, tol)
-    h0_leaves, spec = tree.flatten(h0, "h0")
+    options = dict(
+        steps=steps, method=method, truncate=truncate, time_varying=time_varying,
+        last_step=last_step, tol=tol, tol_mode=tol_mode, batch_dim=batch_dim, inputs=inputs,
+        best_iterate=best_iterate, check_every=check_every, backward_tol=backward_tol,
+        max_backward_error=max_backward_error, settle_tol=settle_tol, on_failure=on_failure,
+        fallback=fallback, rbp_init=rbp_init,
+        jvp=jvp, restart=restart, trace=trace, estimate_error=estimate_error,
+        return_info=return_info,
+    )
+    _validate(f, **options)
+    methods.check_string_options(
+        method, truncate=truncate, backward_tol=backward_tol, rbp_init=rbp_init, restart=restart
+    )
+    how = methods.resolve(
+        method, truncate=truncate, tol=backward_tol, rbp_init=rbp_init, restart=restart
+    )
+    methods.resolve_fallback(
+        fallback, truncate=truncate, tol=backward_tol, rbp_init=rbp_init, restart=restart
+    )
+    if how.implicit and torch.is_grad_enabled():
+        refuse_functorch(how.name)
+    method = how.name  # what the forward and the messages see
+    if isinstance(how, methods.TBPTT):
+        truncate = how.k
+        how.graph_steps(steps)  # k <= steps
+    solver = forward.as_solver(solver)
+    _refuse_functorch()
     info = FixedPointInfo(method=method, steps=steps, truncate=truncate)
 
     def step(h: State, t: int) -> State:
         if t == steps - 1 and last_step is not None:
-            return last_step(h)
-        return f(h, t) if time_varying else f(h)
+            return last_step(h, *inputs)
+        return f(h, t, *inputs) if time_varying else f(h, *inputs)
 
     grad_on = torch.is_grad_enabled()
-    if not grad_on or method == "bptt":
-        graph_steps = steps
-    elif method == "tbptt":
-        graph_steps = truncate
-    else:
-        graph_steps = 1
-    free_steps = steps - graph_steps
-
-    norms: list[torch.Tensor] = []
-    h, prev = h0, h0
-    with torch.no_grad():
-        for t in range(free_steps):
-            prev, h = h, step(h, t)
-            if t == 0:
-                tree.check_same_structure(spec, h0_leaves, h, t)
-            if trace:
-                norms.append(_diff_norm(h, prev))
-
-    implicit = grad_on and method in IMPLICIT_METHODS
-    if grad_on and method != "bptt":
-        h = tree.unflatten(spec, [leaf.detach() for leaf in tree.flatten(h)[0]])
-    h_in_leaves: list[torch.Tensor] = []
-    if implicit:
-        h_in_leaves = [leaf.detach().requires_grad_() for leaf in tree.flatten(h)[0]]
-        h = tree.unflatten(spec, h_in_leaves)
-    for t in range(free_steps, steps):
-        prev, h = h, step(h, t)
-        if t in (0, steps - 1):
-            tree.check_same_structure(spec, h0_leaves, h, t)
-        if trace or t == steps - 1:
-            norms.append(_diff_norm(h, prev))
-
-    out_leaves = tree.flatten(h)[0]
-    _check_finite(out_leaves, method, steps)
-    diffs = torch.stack(norms).tolist()
-    info.forward_trace = diffs if trace else []
-    info.final_difference = diffs[-1]
-    scale = math.sqrt(sum(leaf.detach().pow(2).sum().item() for leaf in out_leaves))
-    info.relative_final_difference = diffs[-1] / max(scale, 1e-30)
+    implicit = grad_on and how.implicit
+    fwd = forward.run(
+        f, h0, steps, method=method, truncate=truncate, implicit=how.implicit,
+        time_varying=time_varying, last_step=last_step, tol=tol, tol_mode=tol_mode,
+        solver=solver, batch_dim=batch_dim, inputs=inputs, best_iterate=best_iterate,
+        check_every=check_every, trace=trace, info=info,
+    )
+    h, h_in_leaves, out_leaves, spec = fwd.h, fwd.h_in, fwd.h_out, fwd.spec
+    if tol is not None:
+        message = forward.unreached_message(info, tol, tol_mode, steps)
+        if message is not None:
+            _report(on_failure, message)
 
     if implicit:
         if settle_tol is not None and info.relative_final_difference > settle_tol:
             _report(
                 on_failure,
-                f"{method}: the forward state has not settled after {steps} steps "
+                f"{method}: the forward state has not settled after "
+                f"{forward.steps_taken(info)} steps "
                 f"(||h_T - h_T-1|| / ||h_T|| = {info.relative_final_difference:.3g} > "
                 f"settle_tol={settle_tol:g}); implicit gradients assume a fixed point. "
                 "Run more steps, or use method='bptt'/'tbptt'.",
             )
-        out_leaves = _attach_implicit_backward(
+        out_leaves = attach_implicit_backward(
             h_in_leaves,
             out_leaves,
-            _Adjoint(
-                method=method,
+            build_adjoint(
+                how,
                 truncate=truncate,
-                tol=tol,
+                tol=backward_tol,
                 on_failure=on_failure,
                 fallback=fallback,
                 rbp_init=rbp_init,
@@ -183,61 +217,98 @@ def fixed_point(
                 info=info,
                 map_at_fixed_point=lambda state: step(state, steps - 1),
                 spec=spec,
+                max_backward_error=max_backward_error,
+                batch_dim=batch_dim,
             ),
         )
         h = tree.unflatten(spec, out_leaves)
     return (h, info) if return_info else h
 
 
-def _validate(
-    f: Any,
-    steps: Any,
-    method: Any,
-    truncate: Any,
-    on_failure: Any,
-    fallback: Any,
-    rbp_init: Any,
-    jvp: Any,
-    tol: Any,
-) -> None:
+def _validate(f: Any, **o: Any) -> None:
+    """Type- and range-check every option of :func:`fixed_point`, naming the bad one."""
     if not callable(f):
         raise TypeError(f"f must be callable (state -> state), got {type(f).__name__}")
-    if method not in METHODS:
+    method = o["method"]
+    if isinstance(method, str) and method not in METHODS:  # values check themselves
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    for name, value in (("steps", steps), ("truncate", truncate)):
+    for name in ("steps", "truncate", "restart", "check_every"):
+        value = o[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if method == "tbptt" and truncate > steps:
+    if method == "tbptt" and o["truncate"] > o["steps"]:
         raise ValueError(
-            f"tbptt cannot back-propagate through truncate={truncate} steps of a {steps}-step "
-            "run; use truncate <= steps (truncate == steps is bptt)"
+            f"tbptt cannot back-propagate through truncate={o['truncate']} steps of a "
+            f"{o['steps']}-step run; use truncate <= steps (truncate == steps is bptt)"
         )
-    if on_failure not in ("raise", "warn", "ignore"):
-        raise ValueError(f"on_failure must be 'raise', 'warn' or 'ignore', got {on_failure!r}")
-    if fallback is not None and fallback not in IMPLICIT_METHODS:
+    for name in ("time_varying", "best_iterate", "trace", "estimate_error", "return_info"):
+        if not isinstance(o[name], bool):
+            raise TypeError(f"{name} must be True or False, got {o[name]!r}")
+    for name in ("tol", "backward_tol", "max_backward_error", "settle_tol"):
+        value = o[name]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be positive (a number) or None, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"{name} must be positive and finite, or None (no test), got {value!r}"
+            )
+    choices = {
+        "tol_mode": forward.TOL_MODES,
+        "on_failure": ("raise", "warn", "ignore"),
+        "rbp_init": ("uniform", "zeros"),
+        "jvp": ("double_vjp", "func"),
+    }
+    for name, allowed in choices.items():
+        if not isinstance(o[name], str) or o[name] not in allowed:
+            raise ValueError(
+                f"{name} must be one of {', '.join(map(repr, allowed))}, got {o[name]!r}"
+            )
+    fallback = o["fallback"]
+    if isinstance(fallback, str) and fallback not in IMPLICIT_METHODS:
         raise ValueError(
             f"fallback must be one of {', '.join(IMPLICIT_METHODS)} (a backward solver: the "
             f"forward graph is gone by then), got {fallback!r}"
         )
-    if rbp_init not in ("uniform", "zeros"):
-        raise ValueError(f"rbp_init must be 'uniform' or 'zeros', got {rbp_init!r}")
-    if jvp not in ("double_vjp", "func"):
-        raise ValueError(f"jvp must be 'double_vjp' or 'func', got {jvp!r}")
-    if tol is not None and not tol > 0:
-        raise ValueError(f"tol must be positive or None, got {tol!r}")
+    if o["last_step"] is not None and not callable(o["last_step"]):
+        raise TypeError(f"last_step must be callable or None, got {type(o['last_step']).__name__}")
+    batch_dim = o["batch_dim"]
+    if batch_dim is not None and (isinstance(batch_dim, bool) or not isinstance(batch_dim, int)):
+        raise TypeError(f"batch_dim must be an integer dim or None, got {batch_dim!r}")
+    if not isinstance(o["inputs"], (tuple, list)):
+        raise TypeError(
+            "inputs must be a tuple or list (passed to f as f(h, *inputs)), got "
+            f"{type(o['inputs']).__name__}"
+        )
 
 
-def _diff_norm(a: State, b: State) -> torch.Tensor:
-    la, lb = tree.flatten(a)[0], tree.flatten(b)[0]
-    total = sum((x.detach() - y.detach()).pow(2).sum() for x, y in zip(la, lb, strict=True))
-    return torch.as_tensor(total).sqrt().to("cpu", torch.float64)
+def check_options(f: Any, steps: Any, method: Any = "neumann", truncate: Any = 20,
+                  **options: Any) -> None:
+    """Check the arguments of a future :func:`fixed_point` call without running it."""
+    import inspect
+
+    try:
+        bound = inspect.signature(fixed_point).bind(f, None, steps, method, truncate, **options)
+    except TypeError as exc:
+        raise TypeError(f"{exc}; see help(rbp.fixed_point) for its options") from None
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    solver = values.pop("solver")
+    for name in ("f", "h0"):
+        values.pop(name)
+    _validate(f, **values)
+    forward.as_solver(solver)
 
 
-def _check_finite(leaves: Sequence[torch.Tensor], method: str, steps: int) -> None:
-    if not all(bool(torch.isfinite(leaf.detach()).all()) for leaf in leaves):
-        raise DivergenceError(
-            f"{method}: the forward state is not finite after {steps} steps: the map diverges. "
-            "Check that f is a contraction (e.g. smaller weights or a damped update)."
+def _refuse_functorch() -> None:
+    """The forward stops on data-dependent tests, which ``torch.func.vmap`` cannot batch."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    if any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack):
+        raise RuntimeError(
+            "rbp.fixed_point cannot run under torch.func.vmap: its forward tests the state "
+            "(finiteness, tol) on the host. Stack the systems along one dim and pass "
+            "batch_dim=... instead, or call fixed_point outside vmap."
         )
 
 
@@ -246,194 +317,3 @@ def _report(on_failure: str, message: str) -> None:
         raise DivergenceError(message)
     if on_failure == "warn":
         warnings.warn(message, ConvergenceWarning, stacklevel=4)
-
-
-class _Adjoint:
-    """Solves ``(I - J^T) z = g`` at the fixed point with the chosen backward solver."""
-
-    def __init__(
-        self,
-        *,
-        method: str,
-        truncate: int,
-        tol: float | None,
-        on_failure: str,
-        fallback: str | None,
-        rbp_init: str,
-        jvp_mode: str,
-        restart: int,
-        estimate_error: bool,
-        info: FixedPointInfo,
-        map_at_fixed_point: Callable[[State], State],
-        spec: Any,
-    ) -> None:
-        self.method = method
-        self.truncate = truncate
-        self.tol = tol
-        self.on_failure = on_failure
-        self.fallback = fallback
-        self.rbp_init = rbp_init
-        self.jvp_mode = jvp_mode
-        self.restart = restart
-        self.estimate_error = estimate_error
-        self.info = info
-        self.map_at_fixed_point = map_at_fixed_point
-        self.spec = spec
-
-    def __call__(
-        self,
-        h_in: list[torch.Tensor],
-        h_out: list[torch.Tensor],
-        grads: Sequence[torch.Tensor | None],
-    ) -> list[torch.Tensor]:
-        g_leaves = [
-            torch.zeros_like(o) if g is None else g for g, o in zip(grads, h_out, strict=True)
-        ]
-        g = tree.to_vector(g_leaves)
-        # Only outputs that depend on the graph take part in J^T v.
-        live = [i for i, o in enumerate(h_out) if o.requires_grad]
-
-        def vjp(v: torch.Tensor) -> torch.Tensor:
-            vs = tree.from_vector(v, h_out)
-            out = torch.autograd.grad(
-                [h_out[i] for i in live],
-                h_in,
-                [vs[i] for i in live],
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            return tree.to_vector(out)
-
-        jvp_cache: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-
-        def jvp(v: torch.Tensor) -> torch.Tensor:
-            if "f" not in jvp_cache:
-                jvp_cache["f"] = self._make_jvp(h_in, h_out, live)
-            return jvp_cache["f"](v)
-
-        solution = self._solve(self.method, vjp, jvp, g)
-        record = BackwardInfo(
-            method=self.method,
-            iterations=solution.iterations,
-            residuals=solution.residuals,
-            status=solution.status,
-        )
-        if not solution.ok:
-            last = solution.residuals[-1] if solution.residuals else 0.0
-            message = (
-                f"{self.method}: backward solve {solution.status} after {solution.iterations} "
-                f"iterations (last residual {last:.3g}, ||g|| = {g.norm().item():.3g})"
-            )
-            if self.fallback is not None:
-                solution = self._solve(self.fallback, vjp, jvp, g)
-                record.fell_back_to = self.fallback
-                _report(
-                    "warn" if self.on_failure != "ignore" else "ignore",
-                    f"{message}; fell back to {self.fallback}: {solution.status} after "
-                    f"{solution.iterations} iterations",
-                )
-            else:
-                _report(
-                    self.on_failure,
-                    f"{message}. The Jacobian at h_T may have spectral radius >= 1; try "
-                    "fallback='gmres', more forward steps, or a contractive f.",
-                )
-        if self.estimate_error:
-            record.jacobian_norm = power_iteration_norm(vjp, jvp, g, iters=10)
-            terms = self.truncate + 1 if self.method == "neumann" else self.truncate
-            record.error_bound = neumann_relative_error_estimate(record.jacobian_norm, terms)
-        self.info.backward.append(record)
-        return tree.from_vector(solution.z, h_out)
-
-    def _solve(
-        self,
-        method: str,
-        vjp: Callable[[torch.Tensor], torch.Tensor],
-        jvp: Callable[[torch.Tensor], torch.Tensor],
-        g: torch.Tensor,
-    ) -> solvers.Solution:
-        k, tol = self.truncate, self.tol
-        if method == "neumann":
-            return solvers.neumann(vjp, g, max_iter=k, tol=tol)
-        if method == "rbp":
-            z0 = torch.rand_like(g) if self.rbp_init == "uniform" else None
-            return solvers.fixed_point_iteration(vjp, g, max_iter=k, tol=tol, z0=z0)
-        if method == "cg":
-            return solvers.conjugate_gradient_normal(vjp, g, jvp=jvp, max_iter=k, tol=tol)
-        return solvers.gmres(vjp, g, max_iter=k, tol=tol, restart=min(self.restart, k))
-
-    def _make_jvp(
-        self, h_in: list[torch.Tensor], h_out: list[torch.Tensor], live: list[int]
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        if self.jvp_mode == "func":
-            primals = tuple(x.detach() for x in h_in)
-
-            def forward_mode(v: torch.Tensor) -> torch.Tensor:
-                tangents = tuple(tree.from_vector(v, h_in))
-
-                def fn(*leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                    out = self.map_at_fixed_point(tree.unflatten(self.spec, list(leaves)))
-                    return tuple(tree.flatten(out)[0])
-
-                with torch.enable_grad():
-                    _, out_tangents = torch.func.jvp(fn, primals, tangents)
-                return tree.to_vector([t.detach() for t in out_tangents])
-
-            return forward_mode
-
-        # J v = d/du <J^T u, v>: build u -> J^T u once with a graph, then one vjp per product.
-        with torch.enable_grad():
-            u = [torch.zeros_like(h_out[i], requires_grad=True) for i in live]
-            jt_u = torch.autograd.grad(
-                [h_out[i] for i in live],
-                h_in,
-                u,
-                retain_graph=True,
-                create_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-
-        def double_vjp(v: torch.Tensor) -> torch.Tensor:
-            vs = tree.from_vector(v, h_in)
-            with torch.enable_grad():
-                outs = torch.autograd.grad(
-                    jt_u, u, vs, retain_graph=True, allow_unused=True, materialize_grads=True
-                )
-            full = [torch.zeros_like(o) for o in h_out]
-            for i, o in zip(live, outs, strict=True):
-                full[i] = o
-            return tree.to_vector(full)
-
-        return double_vjp
-
-
-class _ImplicitGradient(torch.autograd.Function):
-    """Identity on the last state whose backward swaps ``g`` for the adjoint ``z``."""
-
-    @staticmethod
-    def forward(ctx: Any, backward_fn: Callable[..., list[torch.Tensor]], *leaves: torch.Tensor):
-        ctx.backward_fn = backward_fn
-        return tuple(leaf.clone() for leaf in leaves)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor | None):
-        return (None, *ctx.backward_fn(grads))
-
-
-def _attach_implicit_backward(
-    h_in: list[torch.Tensor], h_out: list[torch.Tensor], adjoint: _Adjoint
-) -> list[torch.Tensor]:
-    """Route the gradient arriving at ``h_out = F(h_in)`` through ``adjoint`` first.
-
-    The returned leaves equal ``h_out``; autograd then carries ``z`` on through the graph of
-    the last step, giving ``z^T dF/dw`` to every parameter and input F used.
-    """
-    if not any(o.requires_grad for o in h_out):
-        return h_out
-
-    def backward_fn(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        return adjoint(h_in, h_out, grads)
-
-    return list(_ImplicitGradient.apply(backward_fn, *h_out))

@@ -1,12 +1,26 @@
-"""Backward solvers for the adjoint system ``(I - J^T) z = g``.
+"""Linear solvers for the adjoint system ``A z = b`` with ``A = I - J^T``.
 
-Every solver shares one signature, ``solve(vjp, g, *, max_iter, tol, ...) -> Solution``, where
-``vjp(v) = J^T v`` on flat vectors (``jvp(v) = J v`` where a solver needs it). ``tol`` is
-relative: a solver stops once its increment or residual is at most ``tol * ||g||``; ``None``
-runs exactly ``max_iter`` iterations, as the paper's truncated algorithms do.
+**Protocol.** A solver is a value with a method ``solve(matvec, b) -> Solution`` (a plain
+callable ``solver(matvec, b)`` is accepted too):
 
-A solver never raises on a bad system: it reports ``status`` (see :class:`Solution`) and the
-caller decides what to do.
+* ``b`` is a ``(batch, n)`` tensor holding ``batch`` independent right-hand sides (``batch = 1``
+  unless :func:`rbp.fixed_point` was given ``batch_dim``: then row ``i`` is sample ``i``'s
+  ``g`` and J is block-diagonal, so every row is its own system);
+* ``matvec(v) = A v = v - J^T v`` row by row, for ``v`` of the shape of ``b``. The operator the
+  core passes also has ``matvec.vjp(v) = J^T v`` and ``matvec.rmatvec(v) = A^T v = v - J v``
+  (``rmatvec`` only when forward products are available);
+* the result is a :class:`Solution`, or any object with a ``z`` attribute of ``b``'s shape (or a
+  bare tensor ``z``). The core then computes the true residual ``||A z - b|| / ||b||`` itself
+  (one extra product) as the solve's error estimate.
+
+A built-in solver never raises on a bad system: it reports a :class:`~rbp.diagnostics.Status`
+and an a-posteriori error estimate, and the caller decides. Options are checked when the solver
+is constructed. ``tol`` is relative to ``||b||`` per row; ``tol=None`` runs ``max_iter``
+iterations (the paper's truncated algorithms). The stopping rule costs one host read per test:
+with a tolerance (and always for the Krylov solvers, which also test for breakdown) it is
+tested every ``check_every`` iterations; the series solvers without a tolerance test only after
+their first products (a zero residual, ``J = 0`` or ``g = 0``, stops there) and every
+``UNTOLERANCED_CHECK_EVERY`` products, then read the device once at the end.
 """
 
 from __future__ import annotations
@@ -14,222 +28,550 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-Matvec = Callable[[torch.Tensor], torch.Tensor]
+from rbp.diagnostics import Status
 
-# An increment this many times larger than ||g|| means the iteration has blown up.
+Tensor = torch.Tensor
+Matvec = Callable[[Tensor], Tensor]
+
+# An increment this many times larger than ||b|| means the iteration has blown up.
 DIVERGENCE_FACTOR = 1e6
+# Increments used to estimate the contraction rate of a Neumann / RBP series.
+RATE_WINDOW = 5
 
 
 @dataclass
 class Solution:
     """Result of a backward solve.
 
-    ``status`` is one of: ``"converged"`` (tolerance met), ``"max_iter"`` (budget used while the
-    increments shrank: the normal outcome of a truncated method), ``"growing"`` (the last
-    increment is not smaller than the first: the iteration is not contracting),
-    ``"stalled"`` (a Krylov residual stopped decreasing) or ``"diverged"`` (non-finite or larger
-    than ``DIVERGENCE_FACTOR * ||g||``).
+    ``z`` has ``b``'s shape; ``residuals`` are the solver's own residuals (Neumann / RBP: the
+    increment; CG: the normal-equation residual; GMRES: the Givens estimate of the residual),
+    as 2-norms over all rows: after every iteration, except that the series solvers without a
+    ``tol`` measure only the first increments and the last ``RATE_WINDOW + 1`` (all of them
+    when ``max_iter <= 2 RATE_WINDOW + 2``), saving a reduction per product.
+    ``sample_errors`` is the a-posteriori
+    error estimate of each row (see :class:`~rbp.diagnostics.BackwardInfo`), ``None`` when the
+    solver gives none.
     """
 
-    z: torch.Tensor
+    z: Tensor
     iterations: int
     residuals: list[float] = field(default_factory=list)
-    status: str = "max_iter"
+    status: Status = Status.MAX_ITER
+    sample_errors: list[float] | None = None
+    terms: int | None = None  # Neumann terms summed (Prop. 2 bound), if a series
 
     @property
     def ok(self) -> bool:
-        return self.status in ("converged", "max_iter")
+        return Status(self.status).ok
+
+    @property
+    def error_estimate(self) -> float | None:
+        return None if self.sample_errors is None else max(self.sample_errors, default=0.0)
 
 
-def _check_budget(max_iter: int) -> None:
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+@runtime_checkable
+class Solver(Protocol):
+    """Anything with ``solve(matvec, b) -> Solution`` (see the module docstring)."""
+
+    def solve(self, matvec: Matvec, b: Tensor) -> Any: ...
 
 
-def _status(residuals: list[float], gnorm: float, tol: float | None) -> str:
-    """Classify a finished iteration from its increments / residuals."""
-    if not residuals:
-        return "converged"
-    last = residuals[-1]
-    if not math.isfinite(last) or last > DIVERGENCE_FACTOR * max(gnorm, 1e-30):
-        return "diverged"
-    if tol is not None and last <= tol * gnorm:
-        return "converged"
-    if len(residuals) > 1 and last >= residuals[0]:
-        return "growing"
-    return "max_iter"
+def is_solver(value: Any) -> bool:
+    """Whether ``value`` has a ``solve`` method (cheaper than ``isinstance(value, Solver)``)."""
+    return callable(getattr(value, "solve", None))
 
 
-def _blown_up(value: float, gnorm: float) -> bool:
-    return not math.isfinite(value) or value > DIVERGENCE_FACTOR * max(gnorm, 1e-30)
+class AdjointOperator:
+    """``A v = v - J^T v`` on ``(batch, n)`` rows, with ``vjp = J^T`` and ``rmatvec = A^T``."""
+
+    def __init__(self, vjp: Matvec, jvp: Matvec | None = None) -> None:
+        self.vjp = vjp
+        self.jvp = jvp
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return v - self.vjp(v)
+
+    def rmatvec(self, v: Tensor) -> Tensor:
+        if self.jvp is None:
+            raise ValueError("this operator has no forward products J v (rmatvec)")
+        return v - self.jvp(v)
 
 
-def neumann(vjp: Matvec, g: torch.Tensor, *, max_iter: int, tol: float | None = None) -> Solution:
-    """Neumann-RBP (Alg. 2): ``z = sum_{t=0}^{K} (J^T)^t g`` with K = ``max_iter``.
+def _vjp_of(matvec: Matvec) -> Matvec:
+    vjp = getattr(matvec, "vjp", None)
+    return vjp if vjp is not None else (lambda v: v - matvec(v))
 
-    Converges iff the spectral radius of J is below one. The residual reported at step t is
-    ``||(J^T)^t g||``, the increment added to the sum.
+
+def _check_int(name: str, value: Any, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_tol(value: Any) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"tol must be a finite number > 0 or None, got {value!r}")
+
+
+def _rows(b: Tensor) -> Tensor:
+    if b.dim() != 2:
+        raise ValueError(f"b must have shape (batch, n), got {tuple(b.shape)}")
+    return b
+
+
+def _tail(increments: list[float], znorm: float, eps: float) -> float:
+    """Estimated ``||z_inf - z_K|| / ||z_K||`` of a geometric series from its increments.
+
+    The rate ``q`` is the mean decay of the last ``RATE_WINDOW`` increments and the tail
+    ``r_K q / (1 - q)``; infinite when ``q >= 1`` (the series does not converge), unless the
+    increments are round-off noise far below ``||z_K||``.
     """
-    _check_budget(max_iter)
-    gnorm = g.norm().item()
-    v, z = g, g.clone()
-    residuals: list[float] = []
+    last = increments[-1]
+    if not math.isfinite(last):
+        return math.nan
+    if last == 0.0:
+        return 0.0
+    m = min(RATE_WINDOW, len(increments) - 1)
+    prev = increments[-1 - m] if m >= 1 else 0.0
+    q = (last / prev) ** (1.0 / m) if prev > 0 else math.inf
+    tail = last * q / (1.0 - q) if q < 1 else math.inf
+    if last <= 1e3 * eps * znorm or (q >= 1 and last <= math.sqrt(eps) * znorm):
+        tail = last
+    return tail / max(znorm, 1e-300)
+
+
+def _finish(
+    z: Tensor,
+    iterations: int,
+    norms: list[Tensor] | Tensor,
+    bnorm: Tensor,
+    tol: float | None,
+    *,
+    true_errors: Tensor | None = None,
+    lead: bool = False,
+    terms: int | None = None,
+) -> Solution:
+    """One host read: per-iteration residuals, per-row errors and the status.
+
+    ``norms``: per-row residuals of each iteration (a list of ``(rows,)`` tensors, or a
+    ``(iterations, rows)`` tensor). Error estimates: ``true_errors`` (Krylov) or, if None, the
+    geometric tail of the per-row increments ``norms`` (preceded by ``||b||`` when ``lead``:
+    Neumann's ``v_0 = b``).
+    """
+    rows = bnorm.numel()
+    last = torch.linalg.vector_norm(z, dim=1) if true_errors is None else true_errors
+    if isinstance(norms, list):
+        table = torch.stack([*norms, bnorm, last]).tolist()
+    else:
+        table = torch.cat([norms, bnorm[None], last[None]]).tolist()
+    k = len(table) - 2
+    inc, bn, last_row = table[:k], table[k], table[k + 1]
+    residuals = (
+        [math.sqrt(sum(x * x for x in row)) for row in inc]
+        if rows > 1
+        else [abs(row[0]) for row in inc]
+    )
+    if true_errors is not None:
+        sample_errors = last_row
+    else:
+        eps = torch.finfo(z.dtype).eps
+        sample_errors = [
+            _tail(([bn[r]] if lead else []) + [row[r] for row in inc], last_row[r], eps)
+            if inc
+            else 0.0
+            for r in range(rows)
+        ]
+    gnorm = math.sqrt(sum(x * x for x in bn))
+    if any(math.isnan(e) for e in sample_errors) or any(
+        not math.isfinite(r) or r > DIVERGENCE_FACTOR * max(gnorm, 1e-30) for r in residuals
+    ):
+        status = Status.DIVERGED
+    elif (
+        not residuals
+        or residuals[-1] == 0.0
+        or (tol is not None and all(e <= tol for e in sample_errors))
+    ):
+        status = Status.CONVERGED
+    elif len(residuals) > 1 and residuals[-1] >= residuals[0]:
+        status = Status.GROWING
+    else:
+        status = Status.MAX_ITER
+    return Solution(z, iterations, residuals, status, sample_errors, terms)
+
+
+# Without a tolerance the only reason to stop early is an exact zero (or NaN): checked once
+# after the first products, then every this many.
+UNTOLERANCED_CHECK_EVERY = 64
+
+
+def _due(t: int, max_iter: int, every: int, tol: float | None, first: int = 1) -> bool:
+    if t >= max_iter:
+        return False
+    return t == first or t % (every if tol is not None else UNTOLERANCED_CHECK_EVERY) == 0
+
+
+def _tail_start(max_iter: int, tol: float | None) -> int:
+    """First iteration whose increment norm a series solver records.
+
+    With ``tol`` every increment is measured (the stopping rule needs them); without, only
+    the first ones, those at checks, and the last ``RATE_WINDOW + 1`` (what the status and
+    the error estimate use), which saves a reduction per product.
+    """
+    return 1 if tol is not None else max_iter - RATE_WINDOW
+
+
+def _nothing_left(n: Tensor) -> bool:
+    """No row has a non-zero increment left, or one is NaN (one host read)."""
+    return not bool((n > 0).any())
+
+
+def neumann(
+    matvec: Matvec, b: Tensor, *, max_iter: int, tol: float | None = None, check_every: int = 10
+) -> Solution:
+    """Neumann-RBP (Alg. 2): ``z = sum_{t=0}^{K} (J^T)^t b`` with K = ``max_iter``.
+
+    Converges iff the spectral radius of J is below one; K products, K+1 terms. Rows whose
+    increment ``||(J^T)^t b||`` falls to ``tol ||b||`` stop growing (their increment is zeroed).
+    Error estimate: the geometric tail of the increments.
+    """
+    b = _rows(b)
+    vjp = _vjp_of(matvec)
+    bnorm = torch.linalg.vector_norm(b, dim=1)
+    v, z = b, b.clone()
+    norms: list[Tensor] = []  # increments' norms, read once at the end
+    limit = None if tol is None else tol * bnorm
+    tail_from = _tail_start(max_iter, tol)
+    t = 0
     for t in range(1, max_iter + 1):
         v = vjp(v)
+        due = _due(t, max_iter, check_every, tol)
+        if t == 1 or t >= tail_from or due:
+            n = torch.linalg.vector_norm(v, dim=1)
+            if limit is not None:
+                keep = n > limit
+                v = v * keep.unsqueeze(1)
+                n = n * keep
+            norms.append(n)
+            if due and _nothing_left(n):
+                z.add_(v)
+                break
         z.add_(v)
-        residuals.append(v.norm().item())
-        if _blown_up(residuals[-1], gnorm) or (tol is not None and residuals[-1] <= tol * gnorm):
-            return Solution(z, t, residuals, _status(residuals, gnorm, tol))
-    return Solution(z, max_iter, residuals, _status(residuals, gnorm, tol))
+    return _finish(z, t, norms, bnorm, tol, lead=True, terms=t + 1)
 
 
 def fixed_point_iteration(
-    vjp: Matvec,
-    g: torch.Tensor,
+    matvec: Matvec,
+    b: Tensor,
     *,
     max_iter: int,
     tol: float | None = None,
-    z0: torch.Tensor | None = None,
+    z0: Tensor | None = None,
+    check_every: int = 10,
 ) -> Solution:
-    """Original RBP (Alg. 1): iterate ``z_i = J^T z_{i-1} + g`` from ``z0`` (zeros if None).
+    """Original RBP (Alg. 1): iterate ``z_i = J^T z_{i-1} + b`` from ``z0`` (zeros if None).
 
-    Same convergence condition as Neumann; with ``z0 = 0`` it equals Neumann with one term
-    fewer. The residual is the increment ``||z_i - z_{i-1}||``.
+    Same convergence condition as Neumann; from ``z0 = 0`` it equals Neumann with one term
+    fewer. The residual is the increment ``||z_i - z_{i-1}||``; rows whose increment falls to
+    ``tol ||b||`` are frozen. Error estimate: the geometric tail of the increments.
     """
-    _check_budget(max_iter)
-    gnorm = g.norm().item()
-    z = torch.zeros_like(g) if z0 is None else z0.to(g)
-    residuals: list[float] = []
+    b = _rows(b)
+    vjp = _vjp_of(matvec)
+    bnorm = torch.linalg.vector_norm(b, dim=1)
+    z = torch.zeros_like(b) if z0 is None else z0.to(b).clone()
+    norms: list[Tensor] = []
+    limit = None if tol is None else tol * bnorm
+    active = None
+    i = 0
+    tail_from = _tail_start(max_iter, tol)
     for i in range(1, max_iter + 1):
-        z_next = vjp(z) + g
-        residuals.append((z_next - z).norm().item())
-        z = z_next
-        if _blown_up(residuals[-1], gnorm) or (tol is not None and residuals[-1] <= tol * gnorm):
-            return Solution(z, i, residuals, _status(residuals, gnorm, tol))
-    return Solution(z, max_iter, residuals, _status(residuals, gnorm, tol))
+        step = vjp(z) + b - z
+        if active is not None:
+            step = step * active.unsqueeze(1)
+        z = z + step
+        due = _due(i, max_iter, check_every, tol, first=2)
+        if i <= 2 or i >= tail_from or due:
+            n = torch.linalg.vector_norm(step, dim=1)
+            norms.append(n)
+            if limit is not None:
+                active = n > limit
+            if due and _nothing_left(n):
+                break
+    return _finish(z, i, norms, bnorm, tol, lead=len(norms) == 1, terms=i)
+
+
+def _true_errors(matvec: Matvec, z: Tensor, b: Tensor, bnorm: Tensor) -> Tensor:
+    """``||A z - b|| / ||b||`` per row (0 where ``b = 0`` and ``A z = 0``)."""
+    r = (matvec(z) - b).norm(dim=1)
+    return torch.where(bnorm > 0, r / bnorm.clamp_min(torch.finfo(b.dtype).tiny), r)
+
+
+def _krylov_status(
+    sol: Solution, tol: float | None, broke: list[bool], dtype: torch.dtype
+) -> Solution:
+    """Judge a Krylov solve on its true residual rather than on its internal estimate.
+
+    ``broke[i]``: row i's Krylov space stopped growing (or CG lost definiteness). That is an
+    exact solve when the true residual is small (below ``sqrt(eps)``), and a breakdown on a
+    singular system otherwise.
+    """
+    if sol.status == Status.DIVERGED:
+        return sol
+    errors = sol.sample_errors or [0.0]
+    eps = torch.finfo(dtype).eps
+    small = math.sqrt(eps)
+    if any(b and e > small for b, e in zip(broke, errors, strict=False)):
+        sol.status = Status.BREAKDOWN
+    elif all(e <= max(1e3 * eps, tol or 0.0) for e in errors) or (
+        all(broke) and all(e <= small for e in errors)
+    ):
+        sol.status = Status.CONVERGED
+    elif sol.status == Status.CONVERGED:
+        # the solver's own residual says solved but the true one does not: A is singular
+        inconsistent = max(errors) > max(small, 100 * (tol or 0.0))
+        sol.status = Status.BREAKDOWN if inconsistent else Status.MAX_ITER
+    elif sol.status == Status.GROWING:
+        sol.status = Status.STALLED
+    return sol
 
 
 def conjugate_gradient_normal(
-    vjp: Matvec, g: torch.Tensor, *, jvp: Matvec, max_iter: int, tol: float | None = None
+    matvec: Matvec, b: Tensor, *, max_iter: int, tol: float | None = None, check_every: int = 10
 ) -> Solution:
-    """CG-RBP: conjugate gradient on ``(I - J)(I - J^T) z = (I - J) g`` from ``z = 0``.
+    """CG-RBP: conjugate gradient on ``A A^T z = A b`` (``A = I - J^T``) from ``z = 0``, per row.
 
-    The normal equations are symmetric positive definite whenever ``I - J`` is invertible, so
-    CG applies to any such J, but their condition number is the square of the original one.
-    Each iteration costs one ``vjp`` and one ``jvp``. The residual is the normal-equation one.
+    Assumes ``I - J`` is invertible (the normal equations are then symmetric positive definite);
+    their condition number is the square of ``A``'s. Needs ``matvec.rmatvec`` (``J v``); each
+    iteration costs one ``J^T v`` and one ``J v``. Residual: the normal-equation one. Error
+    estimate: the true relative residual ``||A z - b|| / ||b||`` (one more product).
     """
-    _check_budget(max_iter)
-
-    def normal_matvec(p: torch.Tensor) -> torch.Tensor:
-        q = p - vjp(p)
-        return q - jvp(q)
-
-    gnorm = g.norm().item()
-    b = g - jvp(g)
-    z = torch.zeros_like(g)
-    r = b.clone()
+    b = _rows(b)
+    rmatvec = getattr(matvec, "rmatvec", None)
+    if rmatvec is None:
+        raise ValueError("CGNormal needs an operator with rmatvec(v) = (I - J) v")
+    bnorm = b.norm(dim=1)
+    floor = (torch.finfo(b.dtype).eps * bnorm) ** 2
+    z = torch.zeros_like(b)
+    r = rmatvec(b)
     p = r.clone()
-    rr = torch.dot(r, r)
-    residuals: list[float] = []
-    best = math.inf
+    rr = (r * r).sum(1)
+    norms: list[Tensor] = []
+    broke = torch.zeros_like(bnorm, dtype=torch.bool)
+    i = 0
     for i in range(1, max_iter + 1):
-        if rr.item() <= (torch.finfo(g.dtype).eps * gnorm) ** 2:  # solved to round-off
-            return Solution(z, i - 1, residuals, "converged")
-        ap = normal_matvec(p)
-        p_ap = torch.dot(p, ap)
-        if p_ap.item() <= 0.0:  # the operator lost positive-definiteness: I - J is singular
-            return Solution(z, i - 1, residuals, "stalled" if residuals else "diverged")
-        alpha = rr / p_ap
-        z.add_(alpha * p)
-        r.sub_(alpha * ap)
-        rr_next = torch.dot(r, r)
-        residuals.append(rr_next.sqrt().item())
-        if _blown_up(residuals[-1], gnorm) or (tol is not None and residuals[-1] <= tol * gnorm):
-            return Solution(z, i, residuals, _status(residuals, gnorm, tol))
-        best = min(best, residuals[-1])
-        p = r + (rr_next / rr) * p
+        ap = rmatvec(matvec(p))
+        p_ap = (p * ap).sum(1)
+        # rows solved to round-off, or whose operator lost definiteness (I - J singular), freeze
+        broke = broke | ((rr > floor) & ~(p_ap > 0))
+        active = (rr > floor) & ~broke
+        alpha = torch.where(active, rr / p_ap.clamp_min(1e-300), 0.0)
+        z = z + alpha.unsqueeze(1) * p
+        r = r - alpha.unsqueeze(1) * ap
+        rr_next = (r * r).sum(1)
+        norms.append(rr_next.sqrt())
+        beta = torch.where(active, rr_next / rr.clamp_min(1e-300), 0.0)
+        p = r + beta.unsqueeze(1) * p
         rr = rr_next
-    status = _status(residuals, gnorm, tol)
-    if status == "max_iter" and len(residuals) >= 10 and residuals[-1] > 0.999 * residuals[-10]:
-        status = "stalled"
-    return Solution(z, max_iter, residuals, status)
+        if _due(i, max_iter, check_every, 0.0):  # Krylov: breakdown is worth a check
+            done = rr <= floor
+            if tol is not None:
+                done = done | (norms[-1] <= tol * bnorm)
+            if bool((done | broke).all()) or not bool(torch.isfinite(rr).all()):
+                break
+    errors = _true_errors(matvec, z, b, bnorm)
+    sol = _finish(z, i, norms, bnorm, tol, true_errors=errors)
+    stalled = len(norms) >= 10 and sol.residuals[-1] > 0.999 * sol.residuals[-10]
+    if sol.status == Status.MAX_ITER and stalled:
+        sol.status = Status.STALLED
+    return _krylov_status(sol, tol, broke.tolist(), b.dtype)
 
 
 def gmres(
-    vjp: Matvec,
-    g: torch.Tensor,
+    matvec: Matvec,
+    b: Tensor,
     *,
     max_iter: int,
     tol: float | None = None,
     restart: int = 30,
+    check_every: int = 10,
 ) -> Solution:
-    """GMRES(restart) on the non-symmetric system ``(I - J^T) z = g`` from ``z = 0``.
+    """GMRES(restart) on ``(I - J^T) z = b`` from ``z = 0``, one Krylov space per row.
 
-    Minimises the true residual ``||g - (I - J^T) z||`` over a Krylov space at each step, so it
-    needs no symmetry and does not square the condition number; works whenever ``I - J`` is
-    invertible, including ``rho(J) >= 1`` where the Neumann series diverges. One ``vjp`` per
-    iteration; memory grows with ``restart`` (that many vectors are kept).
+    Minimises each row's residual ``||b - A z||`` over its Krylov space (Arnoldi with classical
+    Gram-Schmidt twice, Givens rotations kept as one orthogonal matrix per row), so it needs no
+    symmetry and does not square the condition number; works whenever ``I - J`` is invertible,
+    including ``rho(J) >= 1``. One product per iteration (plus one per restart and one for the
+    true residual at the end); memory ``restart + 1`` vectors. A row whose Krylov space stops
+    growing has found its solution, unless the true residual says otherwise (breakdown on a
+    singular system).
     """
-    _check_budget(max_iter)
-    if restart < 1:
-        raise ValueError(f"restart must be >= 1, got {restart}")
-
-    def matvec(v: torch.Tensor) -> torch.Tensor:
-        return v - vjp(v)
-
-    gnorm = g.norm().item()
-    z = torch.zeros_like(g)
-    residuals: list[float] = []
+    b = _rows(b)
+    rows, n = b.shape
+    bnorm = b.norm(dim=1)
+    eps = torch.finfo(b.dtype).eps
+    z = torch.zeros_like(b)
+    norms: list[Tensor] = []
+    broke = torch.zeros(rows, dtype=torch.bool, device=b.device)
     done = 0
-    exact = False
     while done < max_iter:
-        r = g - matvec(z) if done else g.clone()
-        beta = r.norm().item()
-        if beta == 0.0 or (tol is not None and beta <= tol * gnorm):
+        r = b - matvec(z) if done else b
+        beta = r.norm(dim=1)
+        if done and bool((beta <= (tol or 0.0) * bnorm).all()):
             break
         m = min(restart, max_iter - done)
-        basis = torch.empty(m + 1, g.numel(), dtype=g.dtype, device=g.device)
-        basis[0] = r / beta
-        hess = torch.zeros(m + 1, m, dtype=torch.float64)
-        rhs = torch.zeros(m + 1, dtype=torch.float64)
-        rhs[0] = beta
-        y = torch.zeros(0, dtype=torch.float64)
+        basis = b.new_zeros(m + 1, rows, n)
+        basis[0] = r / torch.where(beta > 0, beta, 1.0).unsqueeze(1)
+        r_mat = b.new_zeros(rows, m, m)
+        rot = torch.eye(m + 1, dtype=b.dtype, device=b.device).repeat(rows, 1, 1)
+        alive = beta > 0
+        j_end = 0
         for j in range(m):
             w = matvec(basis[j])
             done += 1
-            # classical Gram-Schmidt twice: as stable as modified GS, in 4 matrix-vector products
             v = basis[: j + 1]
-            h = v @ w
-            w = w - h @ v
-            h2 = v @ w
-            w = w - h2 @ v
-            hess[: j + 1, j] = (h + h2).to(device="cpu", dtype=torch.float64)
-            h_next = w.norm().item()
-            hess[j + 1, j] = h_next
-            y = torch.linalg.lstsq(hess[: j + 2, : j + 1], rhs[: j + 2, None]).solution[:, 0]
-            residuals.append((rhs[: j + 2] - hess[: j + 2, : j + 1] @ y).norm().item())
-            converged = tol is not None and residuals[-1] <= tol * gnorm
-            if converged or h_next <= 1e-14 * beta or not math.isfinite(residuals[-1]):
-                break
-            basis[j + 1] = w / h_next
-        z = z + y.to(g) @ basis[: len(y)]
-        if not math.isfinite(residuals[-1]) or (tol is not None and residuals[-1] <= tol * gnorm):
+            h = torch.einsum("kbn,bn->bk", v, w)
+            w = w - torch.einsum("bk,kbn->bn", h, v)
+            h2 = torch.einsum("kbn,bn->bk", v, w)
+            w = w - torch.einsum("bk,kbn->bn", h2, v)
+            h = h + h2
+            h_next = w.norm(dim=1)
+            col = torch.cat([h, h_next.unsqueeze(1)], 1)  # (rows, j + 2)
+            col = torch.einsum("bik,bk->bi", rot[:, : j + 2, : j + 2], col)
+            a, c = col[:, j], col[:, j + 1]
+            rad = torch.hypot(a, c)
+            cs = torch.where(rad > 0, a / rad.clamp_min(1e-300), 1.0)
+            sn = torch.where(rad > 0, c / rad.clamp_min(1e-300), 0.0)
+            col[:, j], col[:, j + 1] = rad, 0.0
+            r_mat[:, : j + 1, j] = col[:, : j + 1]
+            row_j, row_k = rot[:, j].clone(), rot[:, j + 1].clone()
+            rot[:, j] = cs.unsqueeze(1) * row_j + sn.unsqueeze(1) * row_k
+            rot[:, j + 1] = -sn.unsqueeze(1) * row_j + cs.unsqueeze(1) * row_k
+            norms.append(beta * rot[:, j + 1, 0].abs())
+            grew = h_next > 50 * eps * beta
+            broke = broke | (alive & ~grew)
+            alive = alive & grew
+            basis[j + 1] = torch.where(
+                alive.unsqueeze(1), w / torch.where(alive, h_next, 1.0).unsqueeze(1), 0.0
+            )
+            j_end = j + 1
+            if _due(done, max_iter, check_every, 0.0):
+                stop = ~alive
+                if tol is not None:
+                    stop = stop | (norms[-1] <= tol * bnorm)
+                if bool(stop.all()) or not bool(torch.isfinite(norms[-1]).all()):
+                    break
+        diag = torch.diagonal(r_mat[:, :j_end, :j_end], dim1=1, dim2=2)
+        rhs = beta.unsqueeze(1) * rot[:, :j_end, 0]
+        usable = diag.abs() > 1e-300
+        tri = r_mat[:, :j_end, :j_end] + torch.diag_embed(torch.where(usable, 0.0, 1.0))
+        rhs = torch.where(usable, rhs, 0.0)
+        y = torch.linalg.solve_triangular(tri, rhs.unsqueeze(2), upper=True).squeeze(2)
+        z = z + torch.einsum("bk,kbn->bn", y, basis[:j_end])
+        last = norms[-1]
+        if not bool(torch.isfinite(last).all()):
             break
-        if hess[len(y), len(y) - 1].item() <= 1e-14 * beta:  # happy breakdown: exact solution
-            exact = True
+        if bool((~alive | (last <= (tol if tol is not None else 0.0) * bnorm)).all()):
             break
-    status = "converged" if exact else _status(residuals, gnorm, tol)
-    if status == "growing":  # GMRES residuals never grow; equal means no progress
-        status = "stalled"
-    return Solution(z, done, residuals, status)
+    errors = _true_errors(matvec, z, b, bnorm)
+    sol = _finish(z, done, norms, bnorm, tol, true_errors=errors)
+    if sol.status == Status.GROWING:  # GMRES residuals never grow; equal means no progress
+        sol.status = Status.STALLED
+    return _krylov_status(sol, tol, broke.tolist(), b.dtype)
 
 
-SOLVERS: dict[str, Callable[..., Solution]] = {
-    "rbp": fixed_point_iteration,
-    "neumann": neumann,
-    "cg": conjugate_gradient_normal,
-    "gmres": gmres,
+# --------------------------------------------------------------------------- solver values
+
+
+@dataclass(frozen=True)
+class _Options:
+    max_iter: int = 20
+    tol: float | None = None
+    check_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check_int("max_iter", self.max_iter)
+        _check_tol(self.tol)
+        _check_int("check_every", self.check_every)
+
+
+@dataclass(frozen=True)
+class Neumann(_Options):
+    """Neumann series ``sum_{t<=K} (J^T)^t g`` (Alg. 2). Assumes rho(J) < 1; O(1) memory."""
+
+    name = "neumann"
+
+    def solve(self, matvec: Matvec, b: Tensor) -> Solution:
+        return neumann(
+            matvec, b, max_iter=self.max_iter, tol=self.tol, check_every=self.check_every
+        )
+
+
+@dataclass(frozen=True)
+class RBP(_Options):
+    """Fixed-point iteration ``z <- J^T z + g`` (Alg. 1). Assumes rho(J) < 1; O(1) memory.
+
+    ``init``: ``"zeros"`` (default: the gradient is linear in the loss and zero for a zero
+    loss) or ``"uniform"``, the paper's ``z_0 ~ U[0, 1]``.
+    """
+
+    init: str = "zeros"
+    name = "rbp"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init not in ("zeros", "uniform"):
+            raise ValueError(f"init must be 'zeros' or 'uniform', got {self.init!r}")
+
+    def solve(self, matvec: Matvec, b: Tensor) -> Solution:
+        z0 = torch.rand_like(b) if self.init == "uniform" else None
+        return fixed_point_iteration(
+            matvec, b, max_iter=self.max_iter, tol=self.tol, z0=z0, check_every=self.check_every
+        )
+
+
+@dataclass(frozen=True)
+class CGNormal(_Options):
+    """CG on the normal equations (CG-RBP). Assumes ``I - J`` invertible; needs ``J v``."""
+
+    name = "cg"
+    needs_jvp = True
+
+    def solve(self, matvec: Matvec, b: Tensor) -> Solution:
+        return conjugate_gradient_normal(
+            matvec, b, max_iter=self.max_iter, tol=self.tol, check_every=self.check_every
+        )
+
+
+@dataclass(frozen=True)
+class GMRES(_Options):
+    """GMRES(restart) on ``(I - J^T) z = g``. Assumes ``I - J`` invertible; O(restart) memory."""
+
+    restart: int = 30
+    name = "gmres"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("restart", self.restart)
+
+    def solve(self, matvec: Matvec, b: Tensor) -> Solution:
+        return gmres(
+            matvec,
+            b,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            restart=min(self.restart, self.max_iter),
+            check_every=self.check_every,
+        )
+
+
+SOLVERS: dict[str, type[_Options]] = {
+    "rbp": RBP,
+    "neumann": Neumann,
+    "cg": CGNormal,
+    "gmres": GMRES,
 }

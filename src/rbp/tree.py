@@ -16,6 +16,8 @@ def flatten(state: State, what: str = "state") -> tuple[list[torch.Tensor], pytr
     leaves, spec = pytree.tree_flatten(state)
     if not leaves:
         raise TypeError(f"{what} holds no tensors: pass a tensor or a tuple/list/dict of tensors")
+    if all(isinstance(leaf, torch.Tensor) and leaf.is_floating_point() for leaf in leaves):
+        return leaves, spec  # the common case: no readable paths needed
     for path, leaf in zip(_paths(spec), leaves, strict=True):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
@@ -45,6 +47,11 @@ def check_same_structure(
             f"f returned a different structure at step {step}: expected {spec}, got {out_spec}. "
             "f must map a state to a state of the same structure"
         )
+    if all(
+        isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+        for a, b in zip(leaves, out_leaves, strict=True)
+    ):
+        return out_leaves
     for path, a, b in zip(_paths(spec), leaves, out_leaves, strict=True):
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"f returned a {type(b).__name__} at state{path}, not a tensor")

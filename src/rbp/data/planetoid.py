@@ -7,24 +7,26 @@ preprocessing does it: node ``test_index[i]`` receives row ``i`` of ``tx``/``ty`
 Citeseer test ids that are absent from ``test.index`` (isolated nodes) become nodes with zero
 features and no label.
 
-Files found in the directory the user names are used as they are; only files this module
-downloads are checked against the SHA-256 table below.
+Cora and Citeseer ship inside the package (``rbp/data/files/planetoid``, gzip-compressed, MIT
+licence of the original repository), so they load offline; each packaged file is checked
+against the SHA-256 table below every time it is read. Pubmed is read from a data directory or
+downloaded into the user cache. Files found in a directory the user names are used as they are;
+only packaged and downloaded files are checked against the table.
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
+import gzip
 import hashlib
-import http.client
 import importlib
+import importlib.resources
 import io
 import math
 import os
 import pickle
-import tempfile
-import urllib.error
-import urllib.request
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +36,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .cache import user_cache_dir
+from .download import download_verified
+from .download import fetch_bytes as _fetch_bytes  # the tests patch this name
 from .errors import DataError
 
 __all__ = [
+    "PACKAGED_PLANETOID",
     "PLANETOID_NAMES",
     "PLANETOID_PARTS",
     "PLANETOID_SHA256",
@@ -44,11 +50,14 @@ __all__ = [
     "Planetoid",
     "default_planetoid_dir",
     "describe",
+    "describe_planetoid_source",
     "load_planetoid",
     "split_labelled",
 ]
 
 PLANETOID_NAMES: tuple[str, ...] = ("cora", "citeseer", "pubmed")
+#: The data sets whose eight files ship inside the package (Pubmed, ~8 MB, does not).
+PACKAGED_PLANETOID: tuple[str, ...] = ("cora", "citeseer")
 PLANETOID_PARTS: tuple[str, ...] = ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index")
 # Pinned to the commit whose files the SHA-256 table below describes.
 PLANETOID_COMMIT = "af6abf468a772cc055bec88c52e4d6f51b7c37e3"
@@ -88,12 +97,11 @@ PLANETOID_SHA256: dict[str, dict[str, str]] = {
     },
 }
 
-_DOWNLOAD_TIMEOUT_S = 60.0
-
 
 def default_planetoid_dir() -> Path:
-    """The download cache used when no directory is given: ``~/.cache/rbp/planetoid``."""
-    return Path.home() / ".cache" / "rbp" / "planetoid"
+    """The download cache used when no directory is given: ``<cache>/planetoid``, where
+    ``<cache>`` is ``$XDG_CACHE_HOME/rbp`` (default ``~/.cache/rbp``)."""
+    return user_cache_dir() / "planetoid"
 
 
 @dataclass
@@ -140,12 +148,19 @@ def load_planetoid(
 ) -> Planetoid:
     """Load Cora, Citeseer or Pubmed from the eight ``ind.<name>.*`` files.
 
+    Where the files come from: without ``data_dir``, the packaged copy (Cora, Citeseer;
+    SHA-256 checked) or, for Pubmed, :func:`default_planetoid_dir`. With ``data_dir``: that
+    folder (or its ``planetoid/`` sub-folder, so one data root can hold MNIST and Planetoid
+    side by side) when it holds any of the files, else the packaged copy. Files missing from
+    a partial set, and Pubmed's, are downloaded into that folder.
+
     Args:
         name: ``"cora"``, ``"citeseer"`` or ``"pubmed"`` (any case).
-        data_dir: the directory holding the files; ``None`` means
-            :func:`default_planetoid_dir`.
-        download: fetch files missing from the directory from the ``kimiyoung/planetoid``
-            repository, verifying each one's SHA-256 before saving it.
+        data_dir: a directory holding the files, or a data root with a ``planetoid/``
+            sub-folder; ``None`` uses the packaged copy or the download cache.
+        download: fetch files missing from the directory (for a data set that is not
+            packaged) from the ``kimiyoung/planetoid`` repository, verifying each one's
+            SHA-256 before saving it.
 
     Returns:
         The assembled :class:`Planetoid`.
@@ -156,9 +171,19 @@ def load_planetoid(
             another.
     """
     key = _normalise_name(name)
-    directory = Path(data_dir).expanduser() if data_dir is not None else default_planetoid_dir()
+    if data_dir is None and key in PACKAGED_PLANETOID:
+        return _load_packaged(key)
+    directory = _planetoid_dir(key, data_dir)
     paths = {part: directory / f"ind.{key}.{part}" for part in PLANETOID_PARTS}
     missing = [part for part, path in paths.items() if not path.is_file()]
+    if len(missing) == len(PLANETOID_PARTS) and key in PACKAGED_PLANETOID:
+        if not directory.is_dir():  # most likely a typo: say so rather than ignore it
+            raise DataError(
+                f"data directory {directory} does not exist. Pass an existing folder as "
+                f"--data-dir (or RBP_DATA_DIR), or leave it unset to use the copy of {key} "
+                "that ships with rbp."
+            )
+        return _load_packaged(key)  # a partial set is the user's to fix: no silent mix-up
     if missing:
         if not download:
             raise DataError(_missing_message(key, directory, missing))
@@ -227,6 +252,27 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def describe_planetoid_source(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
+    """Say, in one line for logs, where :func:`load_planetoid` takes ``name`` from.
+
+    Reads no data; raises :class:`DataError` only for an unknown name. A data set that would
+    have to be downloaded says so, so a dry run can flag it before any work starts.
+    """
+    key = _normalise_name(name)
+    if data_dir is None and key in PACKAGED_PLANETOID:
+        return f"{key}: the copy packaged with rbp (kimiyoung/planetoid, SHA-256 checked)"
+    directory = _planetoid_dir(key, data_dir)
+    missing = [p for p in PLANETOID_PARTS if not (directory / f"ind.{key}.{p}").is_file()]
+    if not missing:
+        return f"{key}: ind.{key}.* files in {directory}"
+    if len(missing) == len(PLANETOID_PARTS) and key in PACKAGED_PLANETOID:
+        if not directory.is_dir():
+            return f"{key}: not found: data directory {directory} does not exist"
+        return f"{key}: the copy packaged with rbp (kimiyoung/planetoid, SHA-256 checked)"
+    return (f"{key}: not found in {directory} (missing {', '.join(missing)}); it will be "
+            f"downloaded from github.com/kimiyoung/planetoid (needs network)")
+
+
 def describe(p: Planetoid) -> str:
     """One line of statistics about a loaded graph, for logs."""
     return (
@@ -247,6 +293,50 @@ def _normalise_name(name: str) -> str:
             f"unknown Planetoid data set {name!r}; valid names are {', '.join(PLANETOID_NAMES)}."
         )
     return key
+
+
+def _planetoid_dir(key: str, data_dir: str | os.PathLike[str] | None) -> Path:
+    """``data_dir`` itself, or its ``planetoid/`` sub-folder when only that holds the files
+    of ``key``; :func:`default_planetoid_dir` for ``None``."""
+    if data_dir is None:
+        return default_planetoid_dir()
+    directory = Path(data_dir).expanduser()
+    sub = directory / "planetoid"
+    if not (directory / f"ind.{key}.x").is_file() and (sub / f"ind.{key}.x").is_file():
+        return sub
+    return directory
+
+
+def _load_packaged(key: str) -> Planetoid:
+    """Assemble ``key`` from the gzip-compressed copies shipped in ``rbp/data/files``."""
+    payloads = {part: _read_packaged(key, part) for part in PLANETOID_PARTS}
+    objects = {part: _unpickle_bytes(payloads[part], f"packaged ind.{key}.{part}")
+               for part in PLANETOID_PARTS if part != "test.index"}
+    test_index = _parse_test_index(payloads["test.index"].decode("latin-1"),
+                                   f"packaged ind.{key}.test.index")
+    return _assemble(key, objects, test_index)
+
+
+def _read_packaged(key: str, part: str) -> bytes:
+    """The original bytes of one packaged file, after checking their SHA-256."""
+    resource = importlib.resources.files(__package__) / "files" / "planetoid" / \
+        f"ind.{key}.{part}.gz"
+    try:
+        payload = gzip.decompress(resource.read_bytes())
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(
+            f"the packaged copy of ind.{key}.{part} ({resource}) is missing or damaged "
+            f"({exc}). Reinstall rbp, or pass --data-dir pointing at a folder holding the "
+            f"ind.{key}.* files of github.com/kimiyoung/planetoid."
+        ) from exc
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != PLANETOID_SHA256[key][part]:
+        raise DataError(
+            f"the packaged copy of ind.{key}.{part} ({resource}) has SHA-256 {digest}, "
+            f"expected {PLANETOID_SHA256[key][part]}: the installation is damaged. Reinstall "
+            f"rbp, or pass --data-dir pointing at verified copies of the ind.{key}.* files."
+        )
+    return payload
 
 
 def _missing_message(key: str, directory: Path, missing: list[str]) -> str:
@@ -309,6 +399,11 @@ def _unpickle(path: Path) -> Any:
         payload = path.read_bytes()
     except OSError as exc:
         raise DataError(f"could not read {path}: {exc}. Check its permissions.") from exc
+    return _unpickle_bytes(payload, path)
+
+
+def _unpickle_bytes(payload: bytes, path: Path | str) -> Any:
+    """Unpickle the bytes of one ``ind.*`` file; ``path`` names it in error messages."""
     try:
         return _PlanetoidUnpickler(io.BytesIO(payload), encoding="latin1").load()
     except Exception as exc:  # arbitrary bytes can raise almost any exception type
@@ -322,9 +417,17 @@ def _unpickle(path: Path) -> Any:
 def _read_test_index(path: Path) -> np.ndarray:
     """Read ``ind.<name>.test.index``: one non-negative integer node id per line."""
     try:
-        lines = path.read_text(encoding="latin-1").split()
-        ids = np.array([int(tok) for tok in lines], dtype=np.int64)
-    except (OSError, ValueError) as exc:
+        text = path.read_text(encoding="latin-1")
+    except OSError as exc:
+        raise DataError(f"could not read {path}: {exc}. Check its permissions.") from exc
+    return _parse_test_index(text, path)
+
+
+def _parse_test_index(text: str, path: Path | str) -> np.ndarray:
+    """Node ids from the text of a ``test.index`` file; ``path`` names it in errors."""
+    try:
+        ids = np.array([int(tok) for tok in text.split()], dtype=np.int64)
+    except ValueError as exc:
         raise DataError(
             f"{path} is not a list of integer node ids ({exc}); the file looks corrupt. "
             "Replace it with the copy from github.com/kimiyoung/planetoid."
@@ -340,7 +443,12 @@ def _read_test_index(path: Path) -> np.ndarray:
 def _as_dense(obj: Any, key: str, part: str) -> np.ndarray:
     """Turn a loaded feature/label object into a dense 2-D float32 array, or fail clearly."""
     if sp.issparse(obj):
-        arr = np.asarray(obj.toarray())
+        _check_sparse(obj, key, part)  # SciPy's C code trusts these arrays: a bad one crashes
+        try:
+            arr = np.asarray(obj.toarray())
+        except Exception as exc:
+            raise DataError(f"ind.{key}.{part} is not a valid sparse matrix ({exc}); the file "
+                            "looks corrupt.") from None
     elif isinstance(obj, np.ndarray):
         arr = obj
     else:
@@ -350,7 +458,78 @@ def _as_dense(obj: Any, key: str, part: str) -> np.ndarray:
         )
     if arr.ndim != 2:
         raise DataError(f"ind.{key}.{part} is {arr.ndim}-D, expected a 2-D matrix.")
-    return arr.astype(np.float32, copy=False)
+    try:
+        return arr.astype(np.float32, copy=False)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"ind.{key}.{part} does not hold numbers ({exc}); the file looks "
+                        "corrupt.") from None
+
+
+#: Largest matrix (entries) a Planetoid file may expand to; Pubmed's allx has 9.4 million.
+_MAX_DENSE_ENTRIES = 2**28
+
+
+def _check_sparse(obj: Any, key: str, part: str) -> None:
+    """Validate the arrays of an unpickled SciPy sparse matrix before SciPy touches them:
+    shape, dtypes, lengths and index ranges (a damaged file could otherwise crash SciPy)."""
+    where = f"ind.{key}.{part}"
+
+    def bad(what: str) -> DataError:
+        return DataError(f"{where} is a damaged sparse matrix ({what}); the file looks corrupt. "
+                         "Replace it with the copy from github.com/kimiyoung/planetoid.")
+
+    state = getattr(obj, "__dict__", {})
+    shape = state.get("_shape", state.get("shape"))
+    if not (isinstance(shape, tuple) and len(shape) == 2
+            and all(isinstance(n, (int, np.integer)) and 0 <= n < 2**31 for n in shape)):
+        raise bad(f"shape {shape!r}")
+    rows, cols = int(shape[0]), int(shape[1])
+    if rows * cols > _MAX_DENSE_ENTRIES:
+        raise bad(f"shape {rows} x {cols} is far larger than any Planetoid matrix")
+
+    def array(name: str, integer: bool) -> np.ndarray:
+        a = state.get(name)
+        if not isinstance(a, np.ndarray) or a.ndim != 1:
+            raise bad(f"'{name}' is not a 1-D array")
+        kind = "iu" if integer else "iufb"
+        if a.dtype.kind not in kind:
+            raise bad(f"'{name}' has dtype {a.dtype}")
+        return a
+
+    fmt = getattr(obj, "format", None)
+    if fmt in ("csr", "csc"):
+        major, minor = (rows, cols) if fmt == "csr" else (cols, rows)
+        indptr, indices, data = array("indptr", True), array("indices", True), array("data", False)
+        if indptr.size != major + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+            raise bad("'indptr' does not fit its shape")
+        nnz = int(indptr[-1])
+        if indices.size < nnz or data.size < nnz:
+            raise bad("fewer stored entries than 'indptr' says")
+        if nnz and (int(indices[:nnz].min()) < 0 or int(indices[:nnz].max()) >= minor):
+            raise bad("column index out of range" if fmt == "csr" else "row index out of range")
+    elif fmt == "coo":
+        if "coords" in state:  # SciPy >= 1.13 keeps (row, col) as 'coords'
+            coords = state["coords"]
+            if not (isinstance(coords, tuple) and len(coords) == 2):
+                raise bad("'coords' is not a (row, col) pair")
+            state = {**state, "row": coords[0], "col": coords[1]}
+        row, col, data = array("row", True), array("col", True), array("data", False)
+        if not row.size == col.size == data.size:
+            raise bad("'row', 'col' and 'data' differ in length")
+        if row.size and (row.min() < 0 or row.max() >= rows or col.min() < 0
+                         or col.max() >= cols):
+            raise bad("index out of range")
+    elif fmt == "lil":
+        lil_rows, lil_data = state.get("rows"), state.get("data")
+        if not (isinstance(lil_rows, np.ndarray) and isinstance(lil_data, np.ndarray)
+                and lil_rows.shape == lil_data.shape == (rows,)):
+            raise bad("'rows' and 'data' do not fit its shape")
+        for r, d in zip(lil_rows, lil_data, strict=True):
+            if not (isinstance(r, list) and isinstance(d, list) and len(r) == len(d)
+                    and all(isinstance(c, (int, np.integer)) and 0 <= c < cols for c in r)):
+                raise bad("a row's column list is malformed or out of range")
+    else:
+        raise bad(f"unexpected format {fmt!r}")
 
 
 def _one_hot_to_labels(onehot: np.ndarray) -> np.ndarray:
@@ -435,51 +614,13 @@ def _assemble(key: str, objects: dict[str, Any], test_index: np.ndarray) -> Plan
 # ----------------------------------------------------------------------------- download
 
 
-def _fetch_bytes(url: str, timeout: float = _DOWNLOAD_TIMEOUT_S) -> bytes:
-    """Fetch ``url`` and return its body (network errors propagate unchanged)."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read()
-
-
 def _download_part(key: str, part: str, directory: Path) -> Path:
     """Download ``ind.<key>.<part>`` into ``directory`` after checking its SHA-256."""
     filename = f"ind.{key}.{part}"
-    url = PLANETOID_URL + filename
-    try:
-        payload = _fetch_bytes(url)
-    except urllib.error.HTTPError as exc:
-        raise DataError(
-            f"downloading {url} failed: the server answered HTTP {exc.code}. Download the "
-            f"data/ folder of github.com/kimiyoung/planetoid by hand and pass it as --data-dir."
-        ) from exc
-    except (OSError, http.client.HTTPException) as exc:
-        raise DataError(
-            f"could not download {url} ({exc}); this machine appears to be offline. Pass "
-            f"--data-dir pointing at a folder containing ind.{key}.x … ind.{key}.test.index "
-            f"(the data/ folder of github.com/kimiyoung/planetoid), or run once online to "
-            f"download them into {directory}."
-        ) from exc
-    digest = hashlib.sha256(payload).hexdigest()
-    expected = PLANETOID_SHA256[key][part]
-    if digest != expected:
-        raise DataError(
-            f"downloaded {filename} has SHA-256 {digest}, expected {expected}; nothing was "
-            f"saved. The download was damaged or the source changed: try again, or put a "
-            f"verified copy into {directory}."
-        )
-    target = directory / filename
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise DataError(
-            f"could not save {filename} into {directory}: {exc}. Pass a writable --data-dir."
-        ) from exc
-    return target
+    return download_verified(
+        [PLANETOID_URL + filename], directory / filename, PLANETOID_SHA256[key][part],
+        fetch=lambda url: _fetch_bytes(url),
+        hint=f"Pass --data-dir pointing at a folder containing ind.{key}.x … "
+        f"ind.{key}.test.index (the data/ folder of github.com/kimiyoung/planetoid, downloaded "
+        f"by hand), or run once online to download them into {directory}.",
+    )

@@ -1,69 +1,74 @@
-"""Shared experiment runner: settings, checkpoints, results, progress, plots and the CLI.
+"""Shared experiment runner: settings, run lifecycle, checkpoints, results, progress, plots
+and the CLI.
 
-The plotting helpers (``line_plot``, ``multi_panel``, ``image_grid``, ``method_colors``) are
-imported on first use so that importing the runner does not load matplotlib.
+Names are imported on first use, so that ``import rbp.runner`` (and ``rbp --help``) loads
+neither torch nor matplotlib.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from rbp.runner.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
-from rbp.runner.cli import Experiment, RunContext, experiments, main, register, unregister
-from rbp.runner.config import ConfigError, config_to_dict, default_config_path, load_config
-from rbp.runner.progress import get_logger, progress, setup_logging
-from rbp.runner.results import (
-    RunExistsError,
-    machine_info,
-    prepare_run_dir,
-    read_json,
-    to_jsonable,
-    write_json,
-)
+# Eager: the function ``progress`` shares its module's name, and would otherwise be shadowed
+# by the submodule once that is imported (tqdm only, no torch).
+try:
+    from rbp.runner.progress import get_logger as get_logger
+    from rbp.runner.progress import progress as progress
+    from rbp.runner.progress import setup_logging as setup_logging
+except ModuleNotFoundError:  # no experiments extra: the `rbp` command says what to install
+    pass
 
-__all__ = [
-    "ConfigError",
-    "Experiment",
-    "RunContext",
-    "RunExistsError",
-    "config_to_dict",
-    "default_config_path",
-    "experiments",
-    "get_logger",
-    "image_grid",
-    "line_plot",
-    "load_checkpoint",
-    "load_config",
-    "machine_info",
-    "main",
-    "method_colors",
-    "multi_panel",
-    "prepare_run_dir",
-    "progress",
-    "read_json",
-    "register",
-    "rng_state",
-    "save_checkpoint",
-    "seed_everything",
-    "set_rng_state",
-    "setup_logging",
-    "to_jsonable",
-    "unregister",
-    "write_json",
-]
+#: Public name -> the runner module that defines it.
+_WHERE = {
+    "ConfigError": "config",
+    "config_to_dict": "config",
+    "default_config_path": "config",
+    "load_config": "config",
+    "build_config": "config",
+    "CheckpointError": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "rng_state": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "seed_everything": "checkpoint",
+    "set_rng_state": "checkpoint",
+    "Experiment": "registry",
+    "experiments": "registry",
+    "register": "registry",
+    "register_summary": "registry",
+    "unregister": "registry",
+    "RunContext": "lifecycle",
+    "RunLockedError": "lifecycle",
+    "SettingsMismatchError": "lifecycle",
+    "interrupt_on_sigterm": "lifecycle",
+    "run_experiment": "lifecycle",
+    "RunExistsError": "results",
+    "machine_info": "results",
+    "prepare_run_dir": "results",
+    "read_json": "results",
+    "to_jsonable": "results",
+    "write_json": "results",
+    "image_grid": "plots",
+    "line_plot": "plots",
+    "method_color": "plots",
+    "method_colors": "plots",
+    "multi_panel": "plots",
+    "note_coinciding": "plots",
+    "save_figure": "plots",
+    "style_axes": "plots",
+}
 
-_PLOTS = {"image_grid", "line_plot", "method_colors", "multi_panel"}
+__all__ = sorted([*_WHERE, "get_logger", "progress", "setup_logging"])
 
 
 def __getattr__(name: str) -> Any:
-    if name in _PLOTS:
-        from rbp.runner import plots
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rbp.runner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"rbp.runner.{module}"), name)
+    globals()[name] = value
+    return value
 
-        return getattr(plots, name)
-    raise AttributeError(f"module 'rbp.runner' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

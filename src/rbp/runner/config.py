@@ -1,15 +1,21 @@
-"""Typed experiment settings: a dataclass filled from layered YAML and ``--set`` overrides.
+"""Typed experiment settings: a dataclass filled from layered YAML and ``KEY=VALUE`` overrides.
 
 Layers, lowest priority first: the experiment's default YAML (the paper's settings), its
 ``quick:`` section when ``quick=True``, the user's ``--config`` file (and its own ``quick:``
-section), ``--set KEY=VALUE`` overrides, then already-typed values from command-line flags.
-Every key and type is checked, and the dataclass's ``validate()`` runs, before any work starts.
+section), the environment variable ``RBP_DATA_DIR`` (setting ``data_dir`` only), ``--set
+KEY=VALUE`` / ``KEY=VALUE`` overrides, then already-typed values from command-line flags
+(``--data-dir``, ``--seed``, ...). Every key and type is checked in every layer (also a
+``quick:`` section that is not used), floats must be finite, seeds must lie in
+``0 .. 2**32 - 1``, ``methods`` and ``seeds`` must be non-empty lists without repeats, and the
+dataclass's ``validate()`` runs, before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -19,8 +25,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 __all__ = [
+    "DATA_DIR_ENV",
     "QUICK_KEY",
     "ConfigError",
+    "build_config",
+    "check_methods",
     "config_fields",
     "config_to_dict",
     "default_config_path",
@@ -32,6 +41,15 @@ T = TypeVar("T")
 
 #: Top-level YAML key whose mapping is applied only in ``--quick`` mode.
 QUICK_KEY = "quick"
+
+#: Environment variable giving the setting ``data_dir`` (below ``--set`` and ``--data-dir``).
+DATA_DIR_ENV = "RBP_DATA_DIR"
+
+#: Largest seed accepted (NumPy's global generator takes 32-bit seeds).
+MAX_SEED = 2**32 - 1
+
+#: List settings that must be non-empty and hold no repeats.
+_UNIQUE_LISTS = ("methods", "seeds")
 
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -201,6 +219,43 @@ def _split_quick(data: dict[str, Any], source: str) -> tuple[dict[str, Any], dic
     return data, quick
 
 
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def _seeds_in(key: str, value: Any) -> list[Any]:
+    if key.startswith("num_") or not (key == "seed" or key.endswith(("_seed", "seeds"))):
+        return []
+    if isinstance(value, Mapping):
+        return [s for v in value.values() for s in _seeds_in("seeds", v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _seeds_in("seed", v)]
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else []
+
+
+def _check_value(key: str, value: Any, source: str) -> None:
+    """Checks that hold for every experiment: finite floats, 32-bit seeds, unique lists."""
+    if _non_finite(value):
+        raise ConfigError(f"setting '{key}' in {source} must be finite, got {value!r}")
+    for seed in _seeds_in(key, value):
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"setting '{key}' in {source}: seed {seed} is outside "
+                              f"0..{MAX_SEED}; choose a seed in that range")
+    if key in _UNIQUE_LISTS and isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError(f"setting '{key}' in {source} is empty; name at least one")
+        repeated = sorted({str(v) for v in value if list(value).count(v) > 1})
+        if repeated:
+            raise ConfigError(f"setting '{key}' in {source} repeats {', '.join(repeated)}; "
+                              "list each once")
+
+
 def load_config(
     cls: type[T],
     default_yaml: Path | None,
@@ -208,10 +263,12 @@ def load_config(
     overrides: Iterable[str] = (),
     quick: bool = False,
     values: Mapping[str, Any] | None = None,
+    env: Mapping[str, Any] | None = None,
 ) -> T:
     """Build and validate a ``cls`` instance from the layered settings sources.
 
-    ``default_yaml=None`` starts from the dataclass defaults alone. ``values`` holds typed
+    ``default_yaml=None`` starts from the dataclass defaults alone. ``env`` holds settings
+    from environment variables (above the files, below ``overrides``). ``values`` holds typed
     values from command-line flags and takes precedence over everything else. Raises
     :class:`ConfigError` (unknown key, wrong type, impossible value) or FileNotFoundError.
     """
@@ -222,8 +279,15 @@ def load_config(
             continue
         data, quick_data = _split_quick(_read_yaml(path, what), f"{what} {path}")
         layers.append((f"{what} {path}", data))
+        quick_source = f"'{QUICK_KEY}:' section of {what} {path}"
         if quick:
-            layers.append((f"'{QUICK_KEY}:' section of {what} {path}", quick_data))
+            layers.append((quick_source, quick_data))
+        else:  # still checked, so a typo there is not found only on the first --quick run
+            for key in quick_data:
+                if key not in hints:
+                    raise _unknown_key(str(key), hints, quick_source)
+    if env:
+        layers.append(("the environment", dict(env)))
     set_values: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
@@ -246,6 +310,7 @@ def load_config(
                     f"setting '{key}' in {source} expects {type_name(hints[key])}, "
                     f"got {value!r} ({type(value).__name__})"
                 )
+            _check_value(key, converted, source)
             merged[key] = converted
 
     for f in dataclasses.fields(cls):
@@ -256,4 +321,68 @@ def load_config(
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()
+    return cfg
+
+
+def check_methods(names: Iterable[str], valid: Iterable[str], source: str) -> None:
+    """Raise :class:`ConfigError` naming ``source`` for a method not in ``valid``."""
+    valid = list(valid)
+    for name in names:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown method '{name}' in {source}{hint} (valid: {', '.join(valid)}, all)"
+            )
+
+
+def parse_methods(text: str, valid: Iterable[str], source: str = "--method") -> list[str] | None:
+    """``"rbp,cg"`` -> ``["rbp", "cg"]``; ``"all"`` -> every valid method (None: none known)."""
+    valid = list(valid)
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise ConfigError(f"{source} needs at least one method name or 'all'")
+    if "all" in names:
+        if len(names) > 1:
+            check_methods([n for n in names if n != "all"], valid, source)
+        return valid or None
+    if valid:
+        check_methods(names, valid, source)
+    return names
+
+
+def build_config(
+    exp: Any,
+    overrides: Iterable[str] = (),
+    *,
+    config_file: Path | None = None,
+    quick: bool = False,
+    values: Mapping[str, Any] | None = None,
+) -> Any:
+    """Settings of experiment ``exp`` (anything with ``name``, ``config_cls``, ``methods``,
+    ``default_config``) from its default YAML, ``config_file``, ``$RBP_DATA_DIR`` and
+    ``KEY=VALUE`` overrides, as runs and sweep points build them.
+
+    ``methods=all`` expands to ``exp.methods``; every method name is checked against them.
+    """
+    methods: tuple[str, ...] = tuple(getattr(exp, "methods", ()) or ())
+    texts = []
+    for text in overrides:
+        key, _, raw = text.partition("=")
+        if key.strip() == "methods" and "all" in [p.strip() for p in raw.split(",")]:
+            expanded = parse_methods(raw, methods, "setting 'methods'")
+            if expanded is not None:
+                text = "methods=" + ",".join(expanded)
+        texts.append(text)
+    default = getattr(exp, "default_config", None)
+    if default is None:  # the packaged YAML; an experiment without one uses its defaults
+        default = default_config_path(exp.name)
+        default = default if default.is_file() else None
+    env: dict[str, Any] = {}
+    if os.environ.get(DATA_DIR_ENV) and "data_dir" in config_fields(exp.config_cls):
+        env["data_dir"] = os.environ[DATA_DIR_ENV]
+    cfg = load_config(exp.config_cls, default, config_file, texts, quick, values, env)
+    methods_now = getattr(cfg, "methods", None)
+    if methods and isinstance(methods_now, list):
+        check_methods(methods_now, methods, "setting 'methods'")
     return cfg

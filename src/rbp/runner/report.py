@@ -2,11 +2,14 @@
 
 Every directory holding a ``results.json`` is a run; its ``experiment`` key says which. For each
 run the page shows its status, wall time and command, a table of the per-method metrics found
-in ``results["methods"]`` (the scalar entries), the other scalar results, every Markdown file of
-the run directory (pipe tables become HTML tables), every figure (PNG, JPEG, SVG, GIF embedded
-as base64 ``data:`` URIs), its settings and the machine it ran on. A sweep directory
-(``sweep.json``) gets a table of its points. Nothing is fetched from elsewhere: the page can be
-mailed or archived as one file.
+in ``results["methods"]`` (the scalar entries), the other scalar results, every table stored as
+data (``*.table.json``, :mod:`rbp.runner.tables`), every other Markdown file of the run
+directory, every figure (PNG, JPEG, SVG, GIF embedded as base64 ``data:`` URIs), its settings
+and the machine it ran on. A sweep directory (``sweep.json``) gets a table of its points and
+each method's metrics as mean ± std over seeds (:mod:`rbp.runner.stats`). The page is rendered
+by the Jinja2 template ``templates/report.html.j2`` from plain data; nothing is fetched from
+elsewhere, so it can be mailed or archived as one file. A results file that cannot be read is
+named on stderr and in the page, never skipped silently.
 """
 
 from __future__ import annotations
@@ -21,18 +24,23 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from rbp.runner.aggregate import SWEEP_FILE, aggregate, summarize
+from rbp.runner.checkpoint import atomic_write
 from rbp.runner.results import CHECKPOINT_DIR, RESULTS_FILE, read_json
+from rbp.runner.stats import MeanStd
+from rbp.runner.tables import TABLE_SUFFIX, Table, read_table
 
-__all__ = ["Run", "add_arguments", "build_report", "find_runs", "markdown_to_html",
+__all__ = ["Report", "Run", "add_arguments", "build_report", "find_runs", "markdown_to_html",
            "run_command", "write_report"]
 
-SWEEP_FILE = "sweep.json"  # kept equal to rbp.runner.sweep.SWEEP_FILE (no torch import here)
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                 ".gif": "image/gif", ".svg": "image/svg+xml"}
 _META_KEYS = ("experiment", "status", "error", "wall_time_s", "started_at", "resumed", "quick",
               "command", "rbp_version", "config", "machine")
+_KNOWN_STATUS = ("finished", "failed", "killed", "incomplete", "running", "interrupted",
+                 "pending")
 _MAX_FIGURE_BYTES = 20_000_000
 
 
@@ -44,7 +52,8 @@ class Run:
     kind: str  # "run" or "sweep"
     data: dict[str, Any]
     figures: list[Path] = field(default_factory=list)
-    tables: list[Path] = field(default_factory=list)
+    tables: list[Path] = field(default_factory=list)  # Markdown files
+    data_tables: list[Path] = field(default_factory=list)  # *.table.json
 
     @property
     def experiment(self) -> str:
@@ -75,8 +84,13 @@ def _own_files(run_dir: Path) -> Iterable[Path]:
                 yield entry
 
 
-def find_runs(roots: Sequence[Path]) -> list[Run]:
-    """Every run and sweep directory at or below ``roots``, in path order."""
+def find_runs(roots: Sequence[Path],
+              unreadable: list[tuple[Path, str]] | None = None) -> list[Run]:
+    """Every run and sweep directory at or below ``roots``, in path order.
+
+    A ``results.json`` or ``sweep.json`` that is not a readable JSON mapping is left out and
+    appended to ``unreadable`` as ``(path, reason)``.
+    """
     seen: set[Path] = set()
     runs: list[Run] = []
     candidates: list[tuple[Path, str]] = []
@@ -96,17 +110,25 @@ def find_runs(roots: Sequence[Path]) -> list[Run]:
         seen.add(key)
         try:
             data = read_json(path)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            if unreadable is not None:
+                unreadable.append((path, f"{type(exc).__name__}: {exc}"))
             continue
         if not isinstance(data, dict):
+            if unreadable is not None:
+                unreadable.append((path, f"holds a JSON {type(data).__name__}, not a mapping"))
             continue
         run = Run(path=path.parent, kind=kind, data=data)
         if kind == "sweep" and (path.parent / RESULTS_FILE).is_file():
             continue  # a run directory that also holds a sweep file: shown as a run
-        for f in _own_files(path.parent):
-            if f.suffix.lower() in _IMAGE_TYPES and f.stat().st_size <= _MAX_FIGURE_BYTES:
+        files = list(_own_files(path.parent))
+        stems = {f.name[: -len(TABLE_SUFFIX)] for f in files if f.name.endswith(TABLE_SUFFIX)}
+        for f in files:
+            if f.name.endswith(TABLE_SUFFIX):
+                run.data_tables.append(f)
+            elif f.suffix.lower() in _IMAGE_TYPES and f.stat().st_size <= _MAX_FIGURE_BYTES:
                 run.figures.append(f)
-            elif f.suffix.lower() == ".md":
+            elif f.suffix.lower() == ".md" and f.stem not in stems:  # no data twin
                 run.tables.append(f)
         runs.append(run)
     runs.sort(key=lambda r: (r.kind != "sweep", r.experiment, str(r.path)))
@@ -220,30 +242,7 @@ def markdown_to_html(text: str) -> str:
     return "\n".join(out)
 
 
-# ---------------------------------------------------------------- HTML
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;
-color:#222;padding:0 1em}
-h1{font-size:1.6em}h2{border-bottom:2px solid #ccc;padding-bottom:.2em;margin-top:2em}
-h3{margin-top:1.4em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.status{display:inline-block;padding:.1em .5em;border-radius:.3em;color:#fff;font-size:.85em}
-.finished{background:#2a7d2a}.failed,.killed,.incomplete{background:#b22}
-.running,.interrupted,.pending,.other{background:#b80}
-figure{display:inline-block;margin:.5em;vertical-align:top}
-figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
-details{margin:.5em 0}summary{cursor:pointer;font-weight:600}
-code,pre{background:#f6f6f6;font-size:.9em}pre{padding:.5em;overflow-x:auto}
-.meta td:first-child{font-weight:600}.wide{overflow-x:auto}
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value))
+# ---------------------------------------------------------------- page data
 
 
 def _fmt(value: Any) -> str:
@@ -261,55 +260,30 @@ def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def _status(status: str) -> str:
-    known = {"finished", "failed", "killed", "incomplete", "running", "interrupted", "pending"}
-    cls = status if status in known else "other"
-    return f'<span class="status {cls}">{_e(status)}</span>'
+def _cell(value: Any) -> dict[str, Any]:
+    return {"text": _fmt(value),
+            "num": isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
-def _kv_table(mapping: Mapping[str, Any], cls: str = "meta") -> str:
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v))}</td></tr>"
-                   for k, v in mapping.items())
-    return f'<table class="{cls}"><tbody>{rows}</tbody></table>'
+def _data_table(columns: list[str], rows: list[list[Any]], title: str = "",
+                cls: str = "metrics", align: Sequence[str] = (), notes: str = "") -> dict[str, Any]:
+    """A table for the template: cells as ``{"text", "num"}``, ``align`` per column."""
+    return {"title": title, "cls": cls, "columns": columns, "notes": notes,
+            "align": [*align, *[""] * (len(columns) - len(align))],
+            "rows": [[_cell(v) for v in row] for row in rows]}
 
 
-def _metrics_table(methods: Mapping[str, Any]) -> str:
+def _metrics(methods: Mapping[str, Any], title: str) -> dict[str, Any] | None:
     """Rows: methods; columns: the scalar entries of their result dicts."""
     columns: list[str] = []
     for result in methods.values():
         if isinstance(result, Mapping):
-            for key, value in result.items():
-                if _is_scalar(value) and key not in columns:
-                    columns.append(key)
+            columns += [k for k, v in result.items() if _is_scalar(v) and k not in columns]
     if not columns:
-        return ""
-    head = "".join(f"<th>{_e(c)}</th>" for c in ["method", *columns])
-    body = []
-    for method, result in methods.items():
-        result = result if isinstance(result, Mapping) else {}
-        cells = []
-        for c in columns:
-            v = result.get(c)
-            num = isinstance(v, (int, float)) and not isinstance(v, bool)
-            cells.append(f'<td class="{"num" if num else ""}">{_e(_fmt(v))}</td>')
-        body.append(f"<tr><td>{_e(method)}</td>{''.join(cells)}</tr>")
-    return (f'<div class="wide"><table class="metrics"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table></div>")
-
-
-def _figure(path: Path, base: Path) -> str:
-    mime = _IMAGE_TYPES[path.suffix.lower()]
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    rel = _rel(path, base)
-    return (f'<figure><img src="data:{mime};base64,{data}" alt="{_e(rel)}">'
-            f"<figcaption>{_e(rel)}</figcaption></figure>")
-
-
-def _rel(path: Path, base: Path) -> str:
-    try:
-        return str(path.relative_to(base))
-    except ValueError:
-        return str(path)
+        return None
+    rows = [[m, *((r if isinstance(r, Mapping) else {}).get(c) for c in columns)]
+            for m, r in methods.items()]
+    return _data_table(["method", *columns], rows, title)
 
 
 def _shown(path: Path) -> str:
@@ -320,125 +294,130 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _anchor(run: Run, i: int) -> str:
-    return f"run-{i}-" + re.sub(r"[^A-Za-z0-9_-]", "-", run.experiment)
-
-
-def _run_section(run: Run, i: int) -> str:
-    d = run.data
-    parts = [f'<section id="{_anchor(run, i)}">',
-             f"<h2>{_e(run.experiment)} <small>{_e(_shown(run.path))}</small> "
-             f"{_status(run.status)}</h2>"]
-    meta = {k: d[k] for k in ("wall_time_s", "started_at", "quick", "resumed", "rbp_version")
-            if k in d}
-    if isinstance(d.get("command"), list):
-        meta["command"] = " ".join(str(c) for c in d["command"])
-    if d.get("error"):
-        meta["error"] = d["error"]
-    parts.append(_kv_table(meta))
-    methods = d.get("methods")
-    if isinstance(methods, Mapping) and methods:
-        table = _metrics_table(methods)
-        if table:
-            parts += ["<h3>Results per method</h3>", table]
-    extra = {k: v for k, v in d.items() if k not in _META_KEYS and k != "methods"
-             and _is_scalar(v)}
-    if extra:
-        parts += ["<h3>Other results</h3>", _kv_table(extra, "results")]
-    for md in run.tables:
-        parts += [f"<h3>{_e(_rel(md, run.path))}</h3>",
-                  f'<div class="markdown">{markdown_to_html(md.read_text(errors="replace"))}</div>']
-    if run.figures:
-        parts.append("<h3>Figures</h3>")
-        parts += [_figure(f, run.path) for f in run.figures]
-    if isinstance(d.get("config"), Mapping):
-        parts.append(f"<details><summary>Settings</summary>{_kv_table(d['config'])}</details>")
-    if isinstance(d.get("machine"), Mapping):
-        parts.append(f"<details><summary>Machine</summary>{_kv_table(d['machine'])}</details>")
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-def _sweep_section(run: Run, i: int) -> str:
-    d = run.data
-    parts = [f'<section id="{_anchor(run, i)}">',
-             f"<h2>sweep of {_e(run.experiment)} <small>{_e(_shown(run.path))}</small> "
-             f"{_status(run.status)}</h2>",
-             _kv_table({"wall_time_s": d.get("wall_time_s"), "backend": d.get("backend"),
-                        "grid": d.get("grid"), "fixed": d.get("fixed"),
-                        "counts": d.get("counts")})]
-    rows = []
-    for p in d.get("points", []):
-        rows.append(f"<tr><td>{_e(p.get('name'))}</td><td>{_status(str(p.get('status')))}</td>"
-                    f'<td class="num">{_e(_fmt(p.get("wall_time_s")))}</td>'
-                    f"<td>{_e(p.get('action', ''))}</td><td>{_e(p.get('error') or '')}</td></tr>")
-    parts.append('<table class="points"><thead><tr><th>point</th><th>status</th>'
-                 "<th>wall time (s)</th><th>action</th><th>error</th></tr></thead>"
-                 f"<tbody>{''.join(rows)}</tbody></table>")
-    parts.append(_sweep_metrics(run.path))
-    for md in run.tables:
-        parts += [f"<h3>{_e(_rel(md, run.path))}</h3>",
-                  f'<div class="markdown">{markdown_to_html(md.read_text(errors="replace"))}</div>']
-    parts += [_figure(f, run.path) for f in run.figures]
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-def _sweep_metrics(sweep_dir: Path) -> str:
-    """Per group of grid values: each method's numeric metrics as mean ± std over seeds."""
-    from rbp.runner.sweep import aggregate, summarize
-
+def _rel(path: Path, base: Path) -> str:
     try:
-        stats = summarize(aggregate(sweep_dir), over="seed")
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def _common(run: Run, i: int) -> dict[str, Any]:
+    """What every section has: heading data, data tables, Markdown files and figures."""
+    tables = []
+    for path in run.data_tables:
+        try:
+            t: Table = read_table(path)
+        except ValueError as exc:
+            tables.append(_data_table(["problem"], [[str(exc)]], _rel(path, run.path)))
+            continue
+        tables.append(_data_table(t.columns, t.rows, t.title or _rel(path, run.path), "md",
+                             t.align, t.notes))
+    return {
+        "anchor": f"run-{i}-" + re.sub(r"[^A-Za-z0-9_-]", "-", run.experiment),
+        "kind": run.kind, "experiment": run.experiment, "path": _shown(run.path),
+        "status": run.status, "tables": tables, "points": None, "extra": [], "details": [],
+        "markdown": [(_rel(md, run.path), markdown_to_html(md.read_text(errors="replace")))
+                     for md in run.tables],
+        "figures": [{"name": _rel(f, run.path), "mime": _IMAGE_TYPES[f.suffix.lower()],
+                     "data": base64.b64encode(f.read_bytes()).decode("ascii")}
+                    for f in run.figures],
+    }
+
+
+def _run_section(run: Run, i: int) -> dict[str, Any]:
+    d, s = run.data, _common(run, i)
+    meta = [(k, _fmt(d[k])) for k in ("wall_time_s", "started_at", "quick", "resumed",
+                                      "rbp_version") if k in d]
+    if isinstance(d.get("command"), list):
+        meta.append(("command", " ".join(str(c) for c in d["command"])))
+    if d.get("error"):
+        meta.append(("error", _fmt(d["error"])))
+    s["meta"] = meta
+    methods = d.get("methods")
+    table = _metrics(methods, "Results per method") if isinstance(methods, Mapping) else None
+    s["tables"] = [table, *s["tables"]] if table else s["tables"]
+    s["extra"] = [(k, _fmt(v)) for k, v in d.items()
+                  if k not in _META_KEYS and k != "methods" and _is_scalar(v)]
+    s["details"] = [(name, [(k, _fmt(v)) for k, v in d[key].items()])
+                    for name, key in (("Settings", "config"), ("Machine", "machine"))
+                    if isinstance(d.get(key), Mapping)]
+    return s
+
+
+def _sweep_section(run: Run, i: int) -> dict[str, Any]:
+    d, s = run.data, _common(run, i)
+    s["meta"] = [(k, _fmt(d.get(k))) for k in ("wall_time_s", "backend", "grid", "fixed",
+                                               "counts")]
+    s["points"] = _data_table(["point", "status", "wall time (s)", "action", "error"],
+                         [[p.get("name"), str(p.get("status")), p.get("wall_time_s"),
+                           p.get("action", ""), p.get("error") or ""]
+                          for p in d.get("points", [])], cls="points")
+    try:
+        stats = summarize(aggregate(run.path), over="seed")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"<p>Could not aggregate the points: {_e(exc)}</p>"
-    parts = []
-    for label, methods in stats.items():
-        table = {m: {k: (f"{v['mean']:.4g} ± {v['std']:.2g} (n={v['n']})" if v["n"] > 1
-                         else f"{v['mean']:.6g}") for k, v in metrics.items()}
+        problem = f"could not aggregate the points: {exc}"
+        s["tables"].insert(0, _data_table(["problem"], [[problem]]))
+        return s
+    for label, methods in reversed(stats.items()):
+        table = {m: {k: MeanStd(**v).format() for k, v in metrics.items()}
                  for m, metrics in methods.items()}
-        parts += [f"<h3>{_e(label)}: mean ± std over seeds</h3>", _metrics_table(table)]
-    return "\n".join(parts)
+        s["tables"].insert(0, _metrics(table, f"{label}: mean ± std over seeds"))
+    return s
 
 
-def build_report(runs: Sequence[Run], title: str = "rbp report",
-                 skipped: Sequence[Run] = ()) -> str:
-    """The HTML page (a string) for ``runs``; ``skipped`` are listed at the end."""
-    now = datetime.now(UTC).isoformat(timespec="seconds")
-    toc = "".join(f'<li><a href="#{_anchor(r, i)}">{_e(r.experiment)}'
-                  f"{' sweep' if r.kind == 'sweep' else ''}</a> — {_e(_shown(r.path))} "
-                  f"{_status(r.status)}</li>" for i, r in enumerate(runs))
-    body = [_sweep_section(r, i) if r.kind == "sweep" else _run_section(r, i)
-            for i, r in enumerate(runs)]
-    tail = ""
-    if skipped:
-        rows = "".join(f"<tr><td>{_e(r.experiment)}</td><td>{_e(_shown(r.path))}</td>"
-                       f"<td>{_status(r.status)}</td></tr>" for r in skipped)
-        tail = ("<h2>Not included (unfinished)</h2><table><thead><tr><th>experiment</th>"
-                f"<th>path</th><th>status</th></tr></thead><tbody>{rows}</tbody></table>")
-    empty = "" if runs else "<p>No finished runs were found.</p>"
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            f"<h1>{_e(title)}</h1>\n<p>Generated {now}; {len(runs)} entr"
-            f"{'y' if len(runs) == 1 else 'ies'}.</p>\n<ul class=\"toc\">{toc}</ul>\n{empty}"
-            + "\n".join(body) + f"\n{tail}\n</body>\n</html>\n")
+def _template() -> Any:
+    try:
+        import jinja2
+    except ModuleNotFoundError as exc:  # jinja2 comes with torch; the extra names it too
+        raise ModuleNotFoundError("rbp report needs jinja2: pip install 'rbp[experiments]'"
+                                  ) from exc
+    env = jinja2.Environment(loader=jinja2.PackageLoader("rbp.runner", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html.j2")
+
+
+def build_report(runs: Sequence[Run], title: str = "rbp report", skipped: Sequence[Run] = (),
+                 unreadable: Sequence[tuple[Path, str]] = ()) -> str:
+    """The HTML page (a string) for ``runs``; ``skipped`` (unfinished runs) and
+    ``unreadable`` results files are listed at the end."""
+    return _template().render(
+        title=title, generated=datetime.now(UTC).isoformat(timespec="seconds"),
+        known_status=_KNOWN_STATUS,
+        sections=[_sweep_section(r, i) if r.kind == "sweep" else _run_section(r, i)
+                  for i, r in enumerate(runs)],
+        unfinished=[{"experiment": r.experiment, "path": _shown(r.path), "status": r.status}
+                    for r in skipped],
+        corrupt=[(_shown(p), why) for p, why in unreadable],
+    )
+
+
+class Report(NamedTuple):
+    """What :func:`write_report` wrote: the page, the entries shown, the unfinished runs left
+    out and the unreadable results files skipped."""
+
+    out: Path
+    shown: list[Run]
+    left: list[Run]
+    unreadable: list[tuple[Path, str]]
 
 
 def write_report(roots: Sequence[Path], out: Path, title: str = "rbp report",
-                 include_unfinished: bool = False) -> tuple[Path, list[Run], list[Run]]:
+                 include_unfinished: bool = False) -> Report:
     """Find the runs under ``roots`` and write the page to ``out``.
 
     Finished runs (and all sweeps) are shown; the others only when ``include_unfinished``,
-    else listed at the end. Returns ``(out, shown, left_out)``.
+    else listed at the end, as are results files that cannot be read.
     """
-    found = find_runs(roots)
+    unreadable: list[tuple[Path, str]] = []
+    found = find_runs(roots, unreadable)
     shown = [r for r in found if r.kind == "sweep" or r.status == "finished"
              or include_unfinished]
     left = [r for r in found if r not in shown]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_report(shown, title, left), encoding="utf-8")
-    return out, shown, left
+    page = build_report(shown, title, left, unreadable).encode("utf-8")
+    with atomic_write(out) as f:  # an interrupted write leaves the previous page
+        f.write(page)
+    return Report(out, shown, left, unreadable)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -458,7 +437,15 @@ def run_command(args: argparse.Namespace) -> int:
     if missing:
         print(f"rbp report: error: not found: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
-    out, shown, left = write_report(args.dirs, args.out, args.title, args.include_unfinished)
+    try:
+        out, shown, left, unreadable = write_report(args.dirs, args.out, args.title,
+                                                    args.include_unfinished)
+    except OSError as exc:
+        print(f"rbp report: error: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 2
+    for path, why in unreadable:
+        print(f"rbp report: skipped {_shown(path)}: cannot read it ({why})", file=sys.stderr)
     print(f"wrote {out}: {len(shown)} entr{'y' if len(shown) == 1 else 'ies'}"
-          + (f", {len(left)} unfinished left out" if left else ""))
+          + (f", {len(left)} unfinished left out" if left else "")
+          + (f", {len(unreadable)} unreadable skipped" if unreadable else ""))
     return 0 if shown else 1

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 
 import rbp
-from rbp.runner import Experiment, register
-from rbp.runner.sweep import register_summary
+from rbp.runner.registry import Experiment, register, register_summary
 
-from .experiment import MODELS, CitationConfig, run
-from .figures import sweep_summary
+from .experiment import MODELS, CitationConfig, check_data, run
+from .tables import sweep_summary
 
 __all__ = ["EXPERIMENT", "MODELS", "CitationConfig", "run"]
 
@@ -34,7 +33,6 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=_names, default=None, metavar="NAMES",
                    help="paper and/or injected (setting 'models')")
     p.add_argument("--epochs", type=int, default=None, help="paper model epochs ('epochs')")
-    p.add_argument("--data-dir", default=None, help="Planetoid directory ('data_dir')")
 
 
 EXPERIMENT = register(Experiment(
@@ -45,7 +43,8 @@ EXPERIMENT = register(Experiment(
     methods=tuple(rbp.METHODS),
     add_arguments=_add_arguments,
     flag_to_key={"dataset": "dataset", "seeds": "seeds", "model": "models",
-                 "epochs": "epochs", "data_dir": "data_dir"},
+                 "epochs": "epochs"},
+    check_data=check_data,
 ))
 
 register_summary("citation", sweep_summary)

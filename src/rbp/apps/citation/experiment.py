@@ -8,6 +8,7 @@ done) so that ``--resume`` skips finished units and continues an interrupted one
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,14 @@ import torch
 import torch.nn.functional as F
 
 import rbp
-from rbp.data import PLANETOID_NAMES, Planetoid, load_planetoid, split_labelled
+from rbp.data import (
+    PLANETOID_NAMES,
+    DataError,
+    Planetoid,
+    describe_planetoid_source,
+    load_planetoid,
+    split_labelled,
+)
 from rbp.runner import (
     ConfigError,
     RunContext,
@@ -27,13 +35,28 @@ from rbp.runner import (
     seed_everything,
     set_rng_state,
 )
+from rbp.runner.config import DATA_DIR_ENV
 
 from .baselines import BASELINES, GCNSettings, gcn_baseline, logreg_baseline
-from .model import GGNN, InjectedGNN, normalised_adjacency, pca_features, sum_adjacency
+from .figures import write_figures
+from .model import (
+    GGNN,
+    IGNN,
+    PPRGNN,
+    InjectedGNN,
+    normalised_adjacency,
+    pca_features,
+    row_normalise,
+    sum_adjacency,
+    truncation_for,
+)
+from .tables import summarise, write_table1
 
-__all__ = ["MODELS", "CitationConfig", "run", "summarise"]
+__all__ = ["FIXED_POINT_MODELS", "MODELS", "CitationConfig", "check_data", "run", "summarise"]
 
-MODELS = ("paper", "injected")
+#: ``ppr`` and ``ignn`` are contractions by construction (rate ``1 - fp_alpha`` / ``fp_kappa``).
+FIXED_POINT_MODELS = ("ppr", "ignn")
+MODELS = ("paper", "injected", *FIXED_POINT_MODELS)
 
 
 @dataclass
@@ -69,13 +92,35 @@ class CitationConfig:
     injected_weight_decay: float = 5e-4
     injected_epochs: int = 200
     injected_val_every: int = 5
+    # fixed-point GNNs (ours): ppr  Z <- (1-a) Â Z + a MLP(x);  ignn  Z <- relu(Â Z W^T + B x)
+    fp_methods: list[str] | None = None   # None: every method in `methods`
+    fp_alpha: float = 0.05                # ppr: teleport a, contraction rate 1 - a
+    fp_kappa: float = 0.9                 # ignn: ||W||_2 <= kappa, contraction rate kappa
+    fp_bound: float = 1e-3                # K: smallest with rate^(K+1) / (1 - rate) <= bound
+    fp_truncate: int | None = None        # None: from fp_bound; else K explicitly
+    fp_steps: int | None = None           # None: K + 1 forward steps
+    fp_backward_tol: float | None = 1e-3  # implicit backward solves stop at this rel. increment
+    fp_hidden: int = 64
+    fp_dropout: float = 0.5
+    fp_row_normalise: bool = False        # features x_i / sum_j x_ij
+    fp_lr: float = 0.01
+    fp_weight_decay: float = 5e-4
+    fp_epochs: int = 200
+    fp_val_every: int = 5
     # GCN baseline
     gcn_epochs: int = 200
+    gcn_hidden: int = 128                 # tuned on Cora validation (Kipf & Welling: 16, 0.5)
+    gcn_dropout: float = 0.7
+    gcn_lr: float = 0.01
+    gcn_weight_decay: float = 5e-4
+    gcn_row_normalise: bool = False
+    # per-dataset settings overriding the above, e.g. {pubmed: {fp_alpha: 0.2}}
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # bookkeeping
     trace_points: int = 3                 # forward traces per unit (first, middle, last eval)
     on_failure: str = "ignore"
     checkpoint_every: int = 100           # epochs
-    interrupt_after_epochs: int | None = None   # testing hook: KeyboardInterrupt after k epochs
+    interrupt_after: int | None = None    # testing hook: Ctrl-C after this many epochs
     threads: int = 1
 
     def seed_list(self, dataset: str | None = None) -> list[int]:
@@ -85,8 +130,53 @@ class CitationConfig:
         return list(self.seeds) if self.seeds is not None else [
             self.seed + i for i in range(self.num_seeds)]
 
+    def fp_rate(self, model: str) -> float:
+        """Contraction rate of a fixed-point model: ``1 - fp_alpha`` (ppr) or ``fp_kappa``."""
+        return 1.0 - self.fp_alpha if model == "ppr" else self.fp_kappa
+
+    def fp_K(self, model: str) -> int:
+        """Backward iterations K (and TBPTT's truncation) of a fixed-point model."""
+        if self.fp_truncate is not None:
+            return self.fp_truncate
+        return truncation_for(self.fp_rate(model), self.fp_bound)
+
+    def for_dataset(self, name: str) -> CitationConfig:
+        """This config with ``overrides[name]`` applied."""
+        return dataclasses.replace(self, **self.overrides.get(name, {}))
+
     def validate(self) -> None:
         """Reject impossible settings before any work starts."""
+        for key in ("dataset", "models"):
+            names = [str(n).lower() for n in getattr(self, key)]
+            if not names:
+                raise ConfigError(f"setting '{key}' is empty; name at least one")
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ConfigError(f"setting '{key}' repeats {', '.join(repeated)}; list each once")
+        for key in ("hidden", "dataset_seeds"):
+            bad = sorted(set(getattr(self, key)) - set(PLANETOID_NAMES))
+            if bad:
+                raise ConfigError(f"setting '{key}' names unknown dataset(s) {', '.join(bad)} "
+                                  f"(valid: {', '.join(PLANETOID_NAMES)})")
+        for ds, ds_seeds in self.dataset_seeds.items():
+            if len(set(ds_seeds)) != len(ds_seeds):
+                raise ConfigError(f"setting 'dataset_seeds' repeats a seed for {ds}; list each "
+                                  "once")
+        known = {f.name for f in dataclasses.fields(self)} - {"overrides"}
+        for ds, over in self.overrides.items():
+            if ds not in PLANETOID_NAMES:
+                raise ConfigError(f"overrides: unknown dataset '{ds}' "
+                                  f"(valid: {', '.join(PLANETOID_NAMES)})")
+            if not isinstance(over, dict):
+                raise ConfigError(f"overrides.{ds} must map setting names to values, got {over!r}")
+            bad = sorted(set(over) - known)
+            if bad:
+                raise ConfigError(f"overrides.{ds}: unknown setting(s) {bad}")
+        for over in self.overrides.values():
+            dataclasses.replace(self, **over, overrides={})._validate_one()
+        self._validate_one()
+
+    def _validate_one(self) -> None:
         for name in self.dataset:
             if name.lower() not in PLANETOID_NAMES:
                 raise ConfigError(
@@ -97,7 +187,7 @@ class CitationConfig:
         for b in self.baselines:
             if b not in BASELINES:
                 raise ConfigError(f"unknown baseline '{b}' (valid: {', '.join(BASELINES)})")
-        for m in [*self.methods, *(self.injected_methods or [])]:
+        for m in [*self.methods, *(self.injected_methods or []), *(self.fp_methods or [])]:
             if m not in rbp.METHODS:
                 raise ConfigError(f"unknown method '{m}' (valid: {', '.join(rbp.METHODS)})")
         if "paper" in self.models:
@@ -119,6 +209,31 @@ class CitationConfig:
             raise ConfigError("truncate must not exceed steps (TBPTT back-propagates K steps)")
         if not 0.0 <= self.injected_dropout < 1.0:
             raise ConfigError("injected_dropout must be in [0, 1)")
+        for key in ("fp_dropout", "gcn_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"setting '{key}' must be in [0, 1), got {getattr(self, key)}")
+        for key in ("fp_alpha", "fp_kappa"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"setting '{key}' must be in (0, 1) (the contraction rate is "
+                                  f"below 1 only then), got {getattr(self, key)}")
+        for key in ("fp_bound", "fp_lr", "gcn_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"setting '{key}' must be positive, got {getattr(self, key)}")
+        if self.fp_backward_tol is not None and not self.fp_backward_tol > 0:
+            raise ConfigError("setting 'fp_backward_tol' must be positive or null")
+        fp_ints = {"fp_hidden": self.fp_hidden, "fp_epochs": self.fp_epochs,
+                   "fp_val_every": self.fp_val_every, "gcn_hidden": self.gcn_hidden,
+                   "gcn_epochs": self.gcn_epochs, "fp_truncate": self.fp_truncate or 1,
+                   "fp_steps": self.fp_steps or 1}
+        for key, value in fp_ints.items():
+            if value < 1:
+                raise ConfigError(f"setting '{key}' must be >= 1, got {value}")
+        for model in FIXED_POINT_MODELS:
+            if model in self.models and self.fp_steps is not None \
+                    and self.fp_K(model) > self.fp_steps:
+                raise ConfigError(f"fp_steps={self.fp_steps} is below K={self.fp_K(model)} for "
+                                  f"'{model}' (TBPTT back-propagates K steps): raise fp_steps "
+                                  "or set fp_truncate")
         if self.on_failure not in ("raise", "warn", "ignore"):
             raise ConfigError("on_failure must be 'raise', 'warn' or 'ignore'")
 
@@ -132,29 +247,47 @@ class _Graph:
     adj_sum: torch.Tensor | None = None
     adj_norm: torch.Tensor | None = None
     h0: torch.Tensor | None = None
+    x_fp: torch.Tensor | None = None      # features as the fixed-point models see them
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> float:
     return float((logits[idx].argmax(1) == labels[idx]).double().mean())
 
 
-class _Interrupt:
-    """Counts trained epochs in this process and raises KeyboardInterrupt at the limit."""
+class _SavedBytes:
+    """Bytes autograd keeps for backward (distinct storages of the saved tensors).
 
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.count = 0
+    A deterministic measure of a method's graph memory: BPTT keeps every step, the implicit
+    methods one. Sparse tensors (the constant adjacency) have no strided storage and are skipped.
+    """
 
-    def tick(self) -> None:
-        self.count += 1
-        if self.limit is not None and self.count >= self.limit:
-            raise KeyboardInterrupt(f"interrupt_after_epochs={self.limit} reached")
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided:
+            st = t.untyped_storage()
+            self.storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    @property
+    def megabytes(self) -> float:
+        return sum(self.storages.values()) / 2**20
 
 
 def _unit_settings(cfg: CitationConfig, model: str) -> dict[str, Any]:
     if model == "paper":
         return {"steps": cfg.steps, "truncate": cfg.truncate, "epochs": cfg.epochs,
                 "val_every": cfg.val_every}
+    if model in FIXED_POINT_MODELS:
+        k = cfg.fp_K(model)
+        rate = cfg.fp_rate(model)
+        return {"steps": cfg.fp_steps or k + 1, "truncate": k, "epochs": cfg.fp_epochs,
+                "val_every": cfg.fp_val_every, "rate": rate,
+                "prop2_bound": rate ** (k + 1) / (1.0 - rate),
+                "backward_tol": cfg.fp_backward_tol, "hidden": cfg.fp_hidden,
+                "dropout": cfg.fp_dropout, "lr": cfg.fp_lr, "weight_decay": cfg.fp_weight_decay,
+                "row_normalise": cfg.fp_row_normalise}
     return {"steps": cfg.injected_steps, "truncate": cfg.injected_truncate,
             "epochs": cfg.injected_epochs, "val_every": cfg.injected_val_every}
 
@@ -165,6 +298,14 @@ def _build(cfg: CitationConfig, g: _Graph, model: str) -> tuple[torch.nn.Module,
         net: torch.nn.Module = GGNN(cfg.hidden[g.name], d.num_classes)
         opt: Any = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
+    elif model in FIXED_POINT_MODELS:
+        if model == "ppr":
+            net = PPRGNN(d.num_features, cfg.fp_hidden, d.num_classes, cfg.fp_alpha,
+                         cfg.fp_dropout)
+        else:
+            net = IGNN(d.num_features, cfg.fp_hidden, d.num_classes, cfg.fp_kappa,
+                       cfg.fp_dropout)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.fp_lr, weight_decay=cfg.fp_weight_decay)
     else:
         net = InjectedGNN(d.num_features, cfg.injected_hidden, d.num_classes,
                           cfg.injected_dropout)
@@ -178,6 +319,9 @@ def _forward(net: torch.nn.Module, g: _Graph, model: str, method: str, s: dict[s
     if model == "paper":
         return net(g.adj_sum, g.h0, s["steps"], method, s["truncate"], trace=trace,
                    on_failure=on_failure)
+    if model in FIXED_POINT_MODELS:
+        return net(g.adj_norm, g.x_fp, s["steps"], method, s["truncate"], trace=trace,
+                   on_failure=on_failure, backward_tol=s["backward_tol"])
     return net(g.adj_norm, g.data.features, s["steps"], method, s["truncate"], trace=trace,
                on_failure=on_failure)
 
@@ -194,13 +338,13 @@ def _trace_epochs(epochs: int, val_every: int, points: int) -> set[int]:
 
 def _train_unit(
     cfg: CitationConfig, ctx: RunContext, g: _Graph, model: str, method: str, seed: int,
-    interrupt: _Interrupt,
 ) -> dict[str, Any]:
     """Train one (dataset, model, method, seed) unit; return its result record."""
     tag = f"{g.name}_{model}_{method}_s{seed}"
+    prior = ctx.finished(tag)
+    if prior is not None:
+        return prior
     state = ctx.load(tag)
-    if state and state.get("done"):
-        return state["result"]
     s = _unit_settings(cfg, model)
     d = g.data
     train, val, test = split_labelled(d.labelled, seed)
@@ -224,6 +368,7 @@ def _train_unit(
         hist["eval_epochs"].append(ep)
         hist["val_acc"].append(_accuracy(logits, d.labels, val))
         hist["test_acc"].append(_accuracy(logits, d.labels, test))
+        hist.setdefault("rel_diff", []).append(info.relative_final_difference)
         if ep in trace_at:
             hist["traces"].append({"epoch": ep, "diff_norm": list(info.forward_trace)})
         net.train()
@@ -235,7 +380,13 @@ def _train_unit(
         while epoch < s["epochs"]:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            logits, info = _forward(net, g, model, method, s, False, cfg.on_failure)
+            if "saved_mb" not in hist:   # graph memory of one training forward
+                saved = _SavedBytes()
+                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                    logits, info = _forward(net, g, model, method, s, False, cfg.on_failure)
+                hist["saved_mb"] = saved.megabytes
+            else:
+                logits, info = _forward(net, g, model, method, s, False, cfg.on_failure)
             loss = F.cross_entropy(logits[train], d.labels[train])
             loss.backward()
             opt.step()
@@ -246,6 +397,7 @@ def _train_unit(
             if not np.isfinite(loss_v):
                 raise rbp.DivergenceError(f"{tag}: non-finite training loss at epoch {epoch}")
             hist["train_loss"].append(loss_v)
+            hist["train_rel_diff"] = info.relative_final_difference
             epoch += 1
             if epoch % s["val_every"] == 0 or epoch == s["epochs"]:
                 evaluate(epoch)
@@ -254,9 +406,10 @@ def _train_unit(
             if ctx.should_checkpoint(epoch) and epoch < s["epochs"]:
                 ctx.save(tag, {"epoch": epoch, "model": net.state_dict(),
                                "optim": opt.state_dict(), "history": hist, "rng": rng_state()})
-            interrupt.tick()
+            ctx.tick()
     val_acc = np.asarray(hist["val_acc"])
     best = int(np.argmax(val_acc))       # first best epoch
+    rel = hist.get("rel_diff") or []
     result = {
         "seed": seed, "method": method, "model": model, "dataset": g.name,
         "test_acc": hist["test_acc"][best], "best_val_acc": float(val_acc[best]),
@@ -267,47 +420,46 @@ def _train_unit(
             "train_loss": hist["train_loss"], "eval_epochs": hist["eval_epochs"],
             "val_acc": hist["val_acc"], "test_acc": hist["test_acc"]},
         "traces": hist["traces"], "backward_status": hist["backward_status"],
-        "settings": s,
+        "settings": s, "saved_mb": hist.get("saved_mb"),
+        # ||h_T - h_T-1|| / ||h_T||: last training step, and eval forward at the reported epoch
+        "final_rel_diff": hist.get("train_rel_diff"),
+        "best_rel_diff": rel[best] if best < len(rel) else None,
     }
-    ctx.save(tag, {"done": True, "result": result})
+    ctx.finish(tag, result)
     return result
 
 
 def _baseline_unit(cfg: CitationConfig, ctx: RunContext, g: _Graph, name: str,
                    seed: int) -> dict[str, Any]:
     tag = f"{g.name}_baseline_{name}_s{seed}"
-    state = ctx.load(tag)
-    if state and state.get("done"):
-        return state["result"]
+    prior = ctx.finished(tag)
+    if prior is not None:
+        return prior
     d = g.data
     train, val, test = split_labelled(d.labelled, seed)
     t0 = time.perf_counter()
     if name == "logreg":
         res: dict[str, Any] = logreg_baseline(d.features, d.labels, train, val, test, seed)
     else:
-        res = gcn_baseline(d.features, d.labels, d.edge_index, d.num_classes, train, val,
-                           test, seed, GCNSettings(epochs=cfg.gcn_epochs))
+        x = row_normalise(d.features) if cfg.gcn_row_normalise else d.features
+        res = gcn_baseline(x, d.labels, d.edge_index, d.num_classes, train, val, test, seed,
+                           GCNSettings(hidden=cfg.gcn_hidden, dropout=cfg.gcn_dropout,
+                                       lr=cfg.gcn_lr, weight_decay=cfg.gcn_weight_decay,
+                                       epochs=cfg.gcn_epochs))
     res.update({"seed": seed, "wall_s": time.perf_counter() - t0})
-    ctx.save(tag, {"done": True, "result": res})
+    ctx.finish(tag, res)
     return res
 
 
-def summarise(units: list[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregate per-seed records: test accuracies, mean and (population) std in percent."""
-    acc = np.asarray([u["test_acc"] for u in units], dtype=float) * 100.0
-    out: dict[str, Any] = {
-        "seeds": [u["seed"] for u in units], "test_acc": acc.round(4).tolist(),
-        "mean": float(acc.mean()) if acc.size else float("nan"),
-        "std": float(acc.std()) if acc.size else float("nan"), "n": int(acc.size),
-    }
-    if units and "curves" in units[0]:
-        out["best_epoch"] = [u["best_epoch"] for u in units]
-        out["sec_per_epoch"] = float(np.mean([u["sec_per_epoch"] for u in units]))
-        out["train_time_s"] = float(np.sum([u["train_time_s"] for u in units]))
-        out["per_seed"] = units
-    else:
-        out["per_seed"] = units
-    return out
+def check_data(cfg: CitationConfig) -> list[str]:
+    """Where each data set comes from, for ``--dry-run``; DataError when one would need a
+    download (or is not in the given ``data_dir``)."""
+    lines = [describe_planetoid_source(name, cfg.data_dir) for name in cfg.dataset]
+    missing = [line for line in lines if "not found" in line]
+    if missing:
+        raise DataError("; ".join(missing) + f"; pass --data-dir (or set {DATA_DIR_ENV}) to a "
+                        "folder holding the ind.<name>.* files")
+    return lines
 
 
 def _prepare(cfg: CitationConfig, name: str, ctx: RunContext) -> _Graph:
@@ -320,19 +472,23 @@ def _prepare(cfg: CitationConfig, name: str, ctx: RunContext) -> _Graph:
         g.h0 = pca_features(data.features, cfg.hidden[key])
         ctx.log.info("%s: PCA to %d dims in %.1f s", key, cfg.hidden[key],
                      time.perf_counter() - t0)
-    if "injected" in cfg.models:
+    if {"injected", *FIXED_POINT_MODELS} & set(cfg.models):
         g.adj_norm = normalised_adjacency(data.edge_index, data.num_nodes)
+    if set(FIXED_POINT_MODELS) & set(cfg.models):
+        x = row_normalise(data.features) if cfg.fp_row_normalise else data.features
+        g.x_fp = x.to_sparse()   # bag-of-words: 1-10 % non-zero, a sparse product is faster
     return g
 
 
 def run(cfg: CitationConfig, ctx: RunContext) -> dict[str, Any]:
     """Run every (dataset, model, method, seed) unit and the baselines; write figures/table."""
     torch.set_num_threads(cfg.threads)
-    interrupt = _Interrupt(cfg.interrupt_after_epochs)
     results: dict[str, Any] = {"datasets": {}, "seeds": cfg.seed_list(),
                                "curves_note": "curves and traces are stored per seed"}
     ds_results = results["datasets"]
-    for name in cfg.dataset:
+    base = cfg
+    for name in base.dataset:
+        cfg = base.for_dataset(name.lower())
         g = _prepare(cfg, name, ctx)
         d = g.data
         seeds = cfg.seed_list(g.name)
@@ -348,16 +504,19 @@ def run(cfg: CitationConfig, ctx: RunContext) -> dict[str, Any]:
             entry["baselines"][b] = summarise(units)
             ctx.write_results(results)
         for model in cfg.models:
-            methods = cfg.methods if model == "paper" else (cfg.injected_methods or cfg.methods)
+            if model == "paper":
+                methods = cfg.methods
+            elif model in FIXED_POINT_MODELS:
+                methods = cfg.fp_methods or cfg.methods
+            else:
+                methods = cfg.injected_methods or cfg.methods
             per: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
             entry["models"][model] = {}
             for seed in seeds:
                 for method in methods:
-                    per[method].append(_train_unit(cfg, ctx, g, model, method, seed, interrupt))
+                    per[method].append(_train_unit(cfg, ctx, g, model, method, seed))
                     entry["models"][model][method] = summarise(per[method])
                     ctx.write_results(results)
-    from .figures import write_figures, write_table1
-
     results["figures"] = [str(p.name) for p in write_figures(ctx.out_dir, results)]
     results["table1"] = str(write_table1(Path(ctx.out_dir) / "table1.md", results).name)
     return results

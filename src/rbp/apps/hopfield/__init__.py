@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 
 import rbp
-from rbp.runner import Experiment, register
-from rbp.runner.sweep import register_summary
+from rbp.runner.registry import Experiment, register, register_summary
 
-from .experiment import HopfieldConfig, run
+from .experiment import HopfieldConfig, check_data, run
 from .figures import sweep_summary
 
 __all__ = ["EXPERIMENT", "HopfieldConfig", "run"]
@@ -17,8 +16,6 @@ __all__ = ["EXPERIMENT", "HopfieldConfig", "run"]
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", type=int, default=None, help="K (setting 'truncate')")
     p.add_argument("--epochs", type=int, default=None, help="epochs (setting 'epochs')")
-    p.add_argument("--data-dir", default=None,
-                   help="MNIST IDX directory, t10k split (setting 'data_dir')")
 
 
 EXPERIMENT = register(Experiment(
@@ -28,7 +25,8 @@ EXPERIMENT = register(Experiment(
     run=run,
     methods=tuple(rbp.METHODS),
     add_arguments=_add_arguments,
-    flag_to_key={"truncate": "truncate", "epochs": "epochs", "data_dir": "data_dir"},
+    flag_to_key={"truncate": "truncate", "epochs": "epochs"},
+    check_data=check_data,
 ))
 
 register_summary("hopfield", sweep_summary)

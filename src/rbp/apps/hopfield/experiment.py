@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import rbp
-from rbp.data import load_mnist
+from rbp.data import DataError, describe_mnist_source, load_mnist
 from rbp.runner import (
     ConfigError,
     RunContext,
@@ -27,10 +27,11 @@ from rbp.runner import (
     seed_everything,
     set_rng_state,
 )
+from rbp.runner.config import DATA_DIR_ENV
 
 from .model import Hopfield, binarize, corrupt
 
-__all__ = ["HopfieldConfig", "load_digits", "run", "train_method"]
+__all__ = ["HopfieldConfig", "check_data", "load_digits", "run", "train_method"]
 
 log = get_logger("hopfield")
 
@@ -59,7 +60,7 @@ class HopfieldConfig:
     rbp_init: Literal["uniform", "zeros"] = "uniform"
     on_failure: Literal["ignore", "warn"] = "ignore"
     checkpoint_every: int = 500          # training steps
-    interrupt_at: int | None = None      # testing: KeyboardInterrupt at this global step
+    interrupt_after: int | None = None   # testing: Ctrl-C after this many training steps
     threads: int = 1
 
     def validate(self) -> None:
@@ -128,7 +129,7 @@ def train_method(
     }
     step = 0
     state = ctx.load(method)
-    if state is not None:
+    if state is not None and not state.get("done"):
         step = state["step"]
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
@@ -151,8 +152,6 @@ def train_method(
         validate_now(0)
     with progress(total, desc=method, enabled=ctx.progress, initial=step) as bar:
         while step < total and hist["diverged_at"] is None:
-            if cfg.interrupt_at is not None and method_index * total + step == cfg.interrupt_at:
-                raise KeyboardInterrupt
             epoch, pos = divmod(step, n)
             x = clean[_epoch_order(cfg.seed, epoch, n, cfg.shuffle)[pos]]
             opt.zero_grad(set_to_none=True)
@@ -194,6 +193,7 @@ def train_method(
                 ctx.save(method, {"step": step, "model": model.state_dict(),
                                   "optim": opt.state_dict(), "history": hist,
                                   "rng": rng_state()})
+            ctx.tick()
     hist["elapsed"] = time.perf_counter() - start
     finite_val = [v for v in hist["val_loss"] if v is not None and math.isfinite(v)]
     return {
@@ -213,6 +213,27 @@ def train_method(
         "final_val_l1_binary": hist["val_loss_binary"][-1] if finite_val else None,
         "retrieved": hist["retrieved"],
     }
+
+
+def _summary_line(method: str, r: dict[str, Any]) -> str:
+    """``rbp: validation L1 0.1234 after 12 steps (3 s)``, saying when training blew up."""
+    val = r["final_val_l1"]
+    text = f"{method}: validation L1 {val:.4f}" if val is not None else \
+        f"{method}: no finite validation L1"
+    text += f" after {r['steps_done']} steps"
+    if r["diverged_at"] is not None:
+        text += f", blew up at step {r['diverged_at']} ({r['divergence']})"
+    return text + f" ({r['wall_time_s']:.1f} s)"
+
+
+def check_data(cfg: HopfieldConfig) -> list[str]:
+    """Where the digits come from, for ``--dry-run``; DataError when they are not there."""
+    line = describe_mnist_source(cfg.data_dir, "t10k")
+    if "(missing)" in line:
+        raise DataError(f"{line}; pass --data-dir (or set {DATA_DIR_ENV}) to the folder "
+                        "holding the MNIST IDX files, or leave it unset to use the embedded "
+                        "digits")
+    return [line]
 
 
 def _last_epoch_mean(losses: list[float | None], n: int) -> float | None:
@@ -239,15 +260,13 @@ def run(cfg: HopfieldConfig, ctx: RunContext) -> dict[str, Any]:
     }
     results: dict[str, Any] = {}
     for i, method in enumerate(cfg.methods):
-        state = ctx.load(method)
-        if state is not None and state.get("done"):
-            results[method] = state["result"]
+        prior = ctx.finished(method)
+        if prior is not None:
+            results[method] = prior
             continue
         results[method] = train_method(method, i, cfg, ctx, clean, corrupted)
-        r = results[method]
-        log.info("%s: final val L1 %s, diverged_at %s, %.0f s", method, r["final_val_l1"],
-                 r["diverged_at"], r["wall_time_s"])
-        ctx.save(method, {"done": True, "result": r})
+        log.info("%s", _summary_line(method, results[method]))
+        ctx.finish(method, results[method])
         ctx.write_results({"methods": results, **common})
     out = {"methods": results, **common}
     make_figures(out, Path(ctx.out_dir))

@@ -1,8 +1,9 @@
 """Figures of the associative-memory run, drawn from its results dict (``results.json``).
 
-fig1_loss.png: log-scale L1 vs training step (mean over each epoch's images) and vs
-validation step; fig2_retrieval.png: clean, corrupted and each method's retrieved digits
-(binarised at 0.5); fig3_forward_trace.png: ``||h_t - h_{t-1}||`` of the last validation pass.
+fig1_loss.png: L1 vs training step (mean over each epoch's images) and vs epoch for the
+validation (log axes where the losses span a decade); fig2_retrieval.png: clean, corrupted
+and each method's retrieved digits (binarised at 0.5); fig3_forward_trace.png:
+``||h_t - h_{t-1}||`` of the last validation pass.
 """
 
 from __future__ import annotations
@@ -52,23 +53,21 @@ def make_figures(results: dict[str, Any], out_dir: Path) -> list[Path]:
                 xs, ys = [*xs, len(res["train_loss"])], [*ys, float(np.mean(tail))]
         train[label] = (xs, ys)
         vals = [v if v is not None else math.nan for v in res["val_loss"]]
-        val[label] = (list(range(len(vals))), vals)
+        val[label] = (list(res["val_epochs"]), vals)
         if res["forward_trace"]:
             last = res["forward_trace"][-1]
             trace[label] = (list(range(1, len(last) + 1)), last)
     suffix = f" (K = {k})" if k is not None else ""
-    epochs = next((r["val_epochs"] for r in methods.values() if len(r["val_epochs"]) > 1), [0, 1])
-    every = f"every {epochs[1] - epochs[0]} epochs"
     paths = [
         multi_panel(out_dir / "fig1_loss.png", [
             {"series": train, "xlabel": f"training step (mean over each epoch of {n})",
              "ylabel": "L1 loss", "title": f"training{suffix}", "logy": True},
-            {"series": val, "xlabel": f"validation step ({every}; 0 = before training)",
+            {"series": val, "xlabel": "epoch (0 = before training)",
              "ylabel": "L1 loss (corrupted input)", "title": f"validation{suffix}",
              "logy": True},
         ], ncols=2),
         multi_panel(out_dir / "fig3_forward_trace.png", [
-            {"series": trace, "xlabel": "update t", "ylabel": "||h_t - h_{t-1}||",
+            {"series": trace, "xlabel": "update $t$", "ylabel": r"$\|h_t - h_{t-1}\|$",
              "title": "forward trace, last validation", "logy": True},
         ], ncols=1),
     ]

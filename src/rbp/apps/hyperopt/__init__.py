@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from rbp.apps.hyperopt.experiment import METHODS, HyperoptConfig, run
+from rbp.apps.hyperopt.experiment import METHODS, HyperoptConfig, check_data, run
 from rbp.apps.hyperopt.figures import sweep_summary
-from rbp.runner import Experiment, register
-from rbp.runner.sweep import register_summary
+from rbp.runner.registry import Experiment, register, register_summary
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,8 +16,6 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", type=int, default=None,
                    help="truncation K: TBPTT steps / RBP backward iterations")
     p.add_argument("--meta-steps", type=int, default=None, help="meta (Adam) steps")
-    p.add_argument("--data-dir", default=None,
-                   help="directory of MNIST IDX files (default: embedded 5,000 digits)")
 
 
 register(Experiment(
@@ -29,6 +26,7 @@ register(Experiment(
     methods=METHODS,
     add_arguments=_add_arguments,
     flag_to_key={"train_steps": "train_steps", "truncate": "truncate",
-                 "meta_steps": "meta_steps", "data_dir": "data_dir"},
+                 "meta_steps": "meta_steps"},
+    check_data=check_data,
 ))
 register_summary("hyperopt", sweep_summary)

@@ -20,8 +20,9 @@ import torch
 
 import rbp
 from rbp.apps.hyperopt import model
-from rbp.data import load_mnist
+from rbp.data import DataError, describe_mnist_source, load_mnist
 from rbp.runner import ConfigError, RunContext, progress, rng_state, set_rng_state
+from rbp.runner.config import DATA_DIR_ENV
 
 #: (training steps, truncation) of paper Fig. 5 and 6.
 PAPER_GRID: list[list[int]] = [
@@ -60,7 +61,7 @@ class HyperoptConfig:
     tsne_meta_steps: list[int] = field(default_factory=lambda: [20, 40])
     tsne_every: int = 10
     tsne_dims: int = 256
-    interrupt_after: int | None = None
+    interrupt_after: int | None = None    # testing: Ctrl-C after this many meta steps
 
     def grid(self) -> list[tuple[int, int]]:
         """The (T, K) settings to run: ``--train-steps/--truncate`` override ``settings``."""
@@ -215,18 +216,6 @@ def _unit_tag(steps: int, truncate: int, method: str) -> str:
     return f"T{steps}_K{truncate}_{method}"
 
 
-class _Interrupt:
-    """Counts meta steps done in this process and raises KeyboardInterrupt at a limit."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit, self.count = limit, 0
-
-    def tick(self) -> None:
-        self.count += 1
-        if self.limit is not None and self.count >= self.limit:
-            raise KeyboardInterrupt
-
-
 def _projection(dim_in: int, dims: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed + 12345)
     return torch.randn(dim_in, dims, generator=gen) / math.sqrt(dims)
@@ -234,7 +223,7 @@ def _projection(dim_in: int, dims: int, seed: int) -> torch.Tensor:
 
 def _run_unit(
     cfg: HyperoptConfig, ctx: RunContext, problem: Problem, steps: int, truncate: int,
-    method: str, interrupt: _Interrupt,
+    method: str,
 ) -> dict[str, Any]:
     tag = _unit_tag(steps, truncate, method)
     n_tensors = len(problem.sizes) - 1
@@ -249,9 +238,10 @@ def _run_unit(
         "inner_loss_last": [], "trajectories": {},
     }
     done = 0
+    prior = ctx.finished(tag)
+    if prior is not None:
+        return prior
     state = ctx.load(tag)
-    if state is not None and state.get("done"):
-        return state["result"]
     if state is not None:
         done = int(state["step"])
         with torch.no_grad():
@@ -321,15 +311,25 @@ def _run_unit(
                 ctx.save(tag, {"step": done, "log_lr": log_lr.detach().clone(),
                                "logit_momentum": logit.detach().clone(),
                                "adam": adam.state_dict(), "history": hist, "rng": rng_state()})
-            interrupt.tick()
+            ctx.tick()
 
     result = _summarise(hist, steps, truncate, method)
     if result["median_meta_step_s"] is not None:
         ctx.log.info("%s: %d meta steps, final meta loss %.5f, median %.2f s per meta step",
                      tag, result["meta_steps_done"], result["final_meta_loss"],
                      result["median_meta_step_s"])
-    ctx.save(tag, {"done": True, "result": result})
+    ctx.finish(tag, result)
     return result
+
+
+def check_data(cfg: HyperoptConfig) -> list[str]:
+    """Where the digits come from, for ``--dry-run``; DataError when they are not there."""
+    line = describe_mnist_source(cfg.data_dir, cfg.split)
+    if "(missing)" in line:
+        raise DataError(f"{line}; pass --data-dir (or set {DATA_DIR_ENV}) to the folder "
+                        "holding the MNIST IDX files, or leave it unset to use the embedded "
+                        "digits")
+    return [line]
 
 
 def _summarise(hist: dict[str, Any], steps: int, truncate: int, method: str) -> dict[str, Any]:
@@ -365,7 +365,6 @@ def run(cfg: HyperoptConfig, ctx: RunContext) -> dict[str, Any]:
     problem = load_problem(cfg.data_dir, cfg.split, cfg.num_examples, cfg.sizes,
                            cfg.batch_size, cfg.seed, cfg.init_scale)
     ctx.log.info("inner problem: %d examples, MLP %s", len(problem.x), problem.sizes)
-    interrupt = _Interrupt(cfg.interrupt_after)
     units: dict[str, dict[str, Any]] = {}
     results: dict[str, Any] = {"units": units, "num_examples": len(problem.x),
                                "settings": [list(s) for s in cfg.grid()]}
@@ -377,9 +376,9 @@ def run(cfg: HyperoptConfig, ctx: RunContext) -> dict[str, Any]:
             prior = _same_bptt_run(units, steps) if method == "bptt" else None
             if prior is not None:  # BPTT's gradient does not depend on the truncation
                 units[tag] = dict(units[prior], truncate=truncate, reused_from=prior)
-                ctx.save(tag, {"done": True, "result": units[tag]})
+                ctx.finish(tag, units[tag])
             else:
-                units[tag] = _run_unit(cfg, ctx, problem, steps, truncate, method, interrupt)
+                units[tag] = _run_unit(cfg, ctx, problem, steps, truncate, method)
             ctx.write_results(results)
     from rbp.apps.hyperopt import figures
 

@@ -79,8 +79,7 @@ def fig_hyper(units: dict[str, Any], out_dir: Path) -> list[Path]:
                 for i in range(arr.shape[1]):
                     ax.plot(steps, arr[:, i], color=plt.cm.tab10(i // 2),
                             linestyle="-" if i % 2 == 0 else "--", label=_tensor_name(i))
-                if logy:
-                    ax.set_yscale("log")
+                plots.style_axes(ax, [arr.ravel()], logy=logy, integer_x=True)
                 ax.set_title(f"{m}: {what} (T={t}, K={k})")
                 ax.set_xlabel("meta step")
                 ax.grid(True, alpha=0.3)
@@ -129,10 +128,20 @@ def fig4(units: dict[str, Any], path: Path, seed: int) -> tuple[Path | None, dic
         emb = tsne_embed(trajs, seed)
         coords[str(meta)] = {m: e.tolist() for m, e in emb.items()}
         markers = ["o", "^", "s", "D"]
+        centre = np.concatenate(list(emb.values())).mean(axis=0)
         for i, (m, e) in enumerate(emb.items()):
+            # fill = training step, outline = the method's colour of every other figure
             sc = ax.scatter(e[:, 0], e[:, 1], c=np.linspace(0, 1, len(e)), cmap="viridis",
-                            marker=markers[i % len(markers)], s=14, label=m)
-            ax.annotate(m, e[-1], fontsize=9, weight="bold")
+                            marker=markers[i % len(markers)], s=16, label=m,
+                            edgecolors=plots.method_color(m), linewidths=0.6)
+            # the end-point label points inwards, so it never leaves the axes
+            right = e[-1, 0] > centre[0]
+            ax.annotate(f"{m} (end)", e[-1], xytext=(-8 if right else 8, 0),
+                        textcoords="offset points", ha="right" if right else "left",
+                        va="center", fontsize=9, weight="bold", color=plots.method_color(m),
+                        bbox={"boxstyle": "round,pad=0.2", "facecolor": "white",
+                              "alpha": 0.8, "edgecolor": "none"})
+        ax.margins(0.08)
         ax.set_title(f"meta step {meta}")
         ax.set_xticks([])
         ax.set_yticks([])

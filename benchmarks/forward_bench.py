@@ -1,0 +1,312 @@
+"""Forward solves to a tolerance: rbp's solvers against TorchDEQ 0.1.0's, and per-sample stopping.
+
+For each problem (the core benchmark's tanh RNN, GRU and non-normal RNN, a slow affine map with
+spectral radius 0.98, and a convolutional DEQ cell whose evaluations dominate), in float32 and
+float64, and each relative tolerance (1e-4, 1e-6), every solver runs the forward (no graph) until
+each sample's residual ``||F(h) - h|| / ||F(h)||`` is below the tolerance, and reports:
+
+* ``iters``: iterations (batch calls of F; rbp's also counts its 2-sample independence check);
+* ``row_updates``: samples pushed through F in all (rbp drops converged samples; TorchDEQ
+  evaluates the whole batch until the slowest sample has converged);
+* ``time_ms``: median wall time of ``--repeats`` forwards, solvers timed round-robin;
+* ``max_rel_res``: the largest per-sample relative residual of the returned state, measured
+  afterwards with one more evaluation of F, the same way for every solver (``ok`` if <= tol).
+
+rbp runs with ``batch_dim=0`` (per-sample stopping); TorchDEQ stops on the batch maximum of the
+same relative residual. ``ratio`` columns divide by rbp's plain iteration in the same run.
+A second table takes a batch whose samples contract at rates 0.1 ... 0.95 and reports row
+updates with per-sample stopping against batch-maximum stopping.
+
+Run ``python benchmarks/forward_bench.py [--quick] [--repeats N] [--out DIR]``; writes
+``DIR/bench.json`` (default ``results/forward_bench``) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import rbp
+
+Tensor = torch.Tensor
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import core_bench  # noqa: E402  (the core benchmark's dynamics)
+
+MAX_ITERS = 3000
+
+
+@dataclass
+class Problem:
+    """``F(h, *inputs)``, row-independent, with per-sample ``inputs`` (sliced by rbp)."""
+
+    name: str
+    f: Callable[..., Tensor]
+    h0: Tensor
+    inputs: tuple[Tensor, ...]
+
+    def closed(self) -> Callable[[Tensor], Tensor]:
+        return lambda h: self.f(h, *self.inputs)
+
+
+def _from_core(p: core_bench.Problem, dtype: torch.dtype) -> Problem:
+    args = [a.detach().to(dtype) for a in p.args]
+    xi = p.input_index
+    x = args[xi]
+
+    def f(h: Tensor, x_rows: Tensor) -> Tensor:
+        full = list(args)
+        full[xi] = x_rows
+        return p.step(h, *full)
+
+    return Problem(p.name, f, p.h0.to(dtype), (x,))
+
+
+def slow_affine(batch: int, n: int, dtype: torch.dtype, seed: int = 3) -> Problem:
+    """``h W^T + x`` with W symmetric, eigenvalues in [-0.5, 0.98]: plain iteration is slow."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    w = (q @ torch.diag(torch.linspace(-0.5, 0.98, n, dtype=torch.float64)) @ q.T).to(dtype)
+    x = torch.randn(batch, n, generator=gen, dtype=torch.float64).to(dtype)
+    return Problem("slow", lambda h, x: h @ w.T + x, torch.zeros(batch, n, dtype=dtype), (x,))
+
+
+def conv_deq(batch: int, channels: int, size: int, dtype: torch.dtype, seed: int = 5) -> Problem:
+    """``tanh(conv2(tanh(conv1(h))) + inject(x))`` with both 3x3 convs scaled (slow contraction)."""
+    torch.manual_seed(seed)
+    c1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(dtype)
+    c2 = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype)
+    inject = torch.nn.Conv2d(3, channels, 3, padding=1).to(dtype)
+    with torch.no_grad():
+        for conv in (c1, c2):
+            w = conv.weight
+            w.mul_(0.95 / torch.linalg.matrix_norm(w.reshape(channels, -1), 2) / 1.2)
+    for m in (c1, c2, inject):
+        m.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=gen, dtype=torch.float64).to(dtype)
+    u = inject(x)
+
+    def f(h: Tensor, u: Tensor) -> Tensor:
+        return torch.tanh(c2(torch.tanh(c1(h))) + u)
+
+    return Problem("conv-deq", f, torch.zeros(batch, channels, size, size, dtype=dtype), (u,))
+
+
+def problems(dtype: torch.dtype, quick: bool) -> list[Problem]:
+    b = 8 if quick else 16
+    hidden = 32 if quick else 64
+    out = [
+        _from_core(core_bench.make_rnn(hidden, b, 16, 0), dtype),
+        _from_core(core_bench.make_gru(hidden, b, 16, 1), dtype),
+        _from_core(core_bench.make_rnn(hidden, b, 16, 2, nonnormal=True), dtype),
+        slow_affine(b, hidden, dtype),
+        conv_deq(4 if quick else 8, 8 if quick else 16, 8 if quick else 16, dtype),
+    ]
+    return out
+
+
+# ------------------------------------------------------------------------------ solvers
+
+
+class Counter:
+    """Wraps F to count batch calls and samples pushed through it."""
+
+    def __init__(self, f: Callable[..., Tensor]) -> None:
+        self.f, self.calls, self.rows = f, 0, 0
+
+    def __call__(self, h: Tensor, *args: Tensor) -> Tensor:
+        self.calls += 1
+        self.rows += h.shape[0]
+        return self.f(h, *args)
+
+
+def run_rbp(solver: Any, batch_dim: int | None) -> Callable[[Problem, float, Counter], Tensor]:
+    def run(p: Problem, tol: float, counter: Counter) -> Tensor:
+        return rbp.fixed_point(
+            counter, p.h0, MAX_ITERS, tol=tol, solver=solver, batch_dim=batch_dim,
+            inputs=p.inputs, on_failure="ignore", settle_tol=None,
+        )
+
+    return run
+
+
+def run_torchdeq(name: str) -> Callable[[Problem, float, Counter], Tensor]:
+    def run(p: Problem, tol: float, counter: Counter) -> Tensor:
+        from torchdeq.solver import get_solver
+
+        solve = get_solver(name)
+        out, _, _ = solve(lambda h: counter(h, *p.inputs), p.h0, max_iter=MAX_ITERS, tol=tol,
+                          stop_mode="rel")
+        return out
+
+    return run
+
+
+SOLVERS: dict[str, Callable[[Problem, float, Counter], Tensor]] = {
+    "rbp iterate": run_rbp("iterate", 0),
+    "rbp anderson": run_rbp("anderson", 0),
+    "rbp broyden": run_rbp("broyden", 0),
+    "torchdeq fixed_point_iter": run_torchdeq("fixed_point_iter"),
+    "torchdeq anderson": run_torchdeq("anderson"),
+    "torchdeq broyden": run_torchdeq("broyden"),
+}
+
+
+def max_relative_residual(p: Problem, h: Tensor) -> float:
+    with torch.no_grad():
+        fh = p.f(h, *p.inputs)
+    diff = (fh - h).reshape(h.shape[0], -1).norm(dim=1)
+    return (diff / fh.reshape(h.shape[0], -1).norm(dim=1).clamp_min(1e-30)).max().item()
+
+
+def bench(p: Problem, tol: float, names: list[str], repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        counter = Counter(p.f)
+        with torch.no_grad():
+            h = SOLVERS[name](p, tol, counter)
+        res = max_relative_residual(p, h)
+        rows.append({"problem": p.name, "dtype": str(p.h0.dtype).replace("torch.", ""),
+                     "tol": tol, "solver": name, "iters": counter.calls,
+                     "row_updates": counter.rows, "max_rel_res": res, "ok": res <= tol,
+                     "times": []})
+    for _ in range(repeats):  # round-robin so that load falls on every solver alike
+        for row in rows:
+            counter = Counter(p.f)
+            start = time.perf_counter()
+            with torch.no_grad():
+                SOLVERS[row["solver"]](p, tol, counter)
+            row["times"].append(time.perf_counter() - start)
+    for row in rows:
+        row["time_ms"] = 1e3 * statistics.median(row.pop("times"))
+    base = next(r for r in rows if r["solver"] == "rbp iterate")
+    for row in rows:
+        row["iters_ratio"] = row["iters"] / base["iters"]
+        row["time_ratio"] = row["time_ms"] / base["time_ms"]
+    return rows
+
+
+def per_sample_table(dtype: torch.dtype, quick: bool) -> list[dict[str, Any]]:
+    """A batch whose samples contract at 0.1 ... 0.95: per-sample vs batch-maximum stopping."""
+    batch, n = (8, 32) if quick else (32, 64)
+    gen = torch.Generator().manual_seed(7)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+    w = q.to(dtype)
+    x = torch.randn(batch, n, generator=gen, dtype=torch.float64).to(dtype)
+    s = torch.linspace(0.1, 0.95, batch, dtype=torch.float64)[:, None].to(dtype)
+    p = Problem("rates 0.1..0.95", lambda h, x, s: torch.tanh(s * (h @ w.T) + x),
+                torch.zeros(batch, n, dtype=dtype), (x, s))
+    out = []
+    for tol in (1e-4, 1e-6):
+        for label, runner in (
+            ("rbp iterate, batch_dim=0", run_rbp("iterate", 0)),
+            ("rbp iterate, batch_dim=None", run_rbp("iterate", None)),
+            ("rbp anderson, batch_dim=0", run_rbp("anderson", 0)),
+            ("torchdeq fixed_point_iter", run_torchdeq("fixed_point_iter")),
+            ("torchdeq anderson", run_torchdeq("anderson")),
+        ):
+            if label.startswith("torchdeq") and importlib.util.find_spec("torchdeq") is None:
+                continue
+            counter = Counter(p.f)
+            with torch.no_grad():
+                h = runner(p, tol, counter)
+            out.append({"dtype": str(dtype).replace("torch.", ""), "tol": tol, "solver": label,
+                        "iters": counter.calls, "row_updates": counter.rows,
+                        "max_rel_res": max_relative_residual(p, h)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="results/forward_bench")
+    args = parser.parse_args(argv)
+    repeats = 1 if args.quick else args.repeats
+    torch.set_num_threads(1)
+    have_deq = importlib.util.find_spec("torchdeq") is not None
+    names = [n for n in SOLVERS if have_deq or not n.startswith("torchdeq")]
+    rows: list[dict[str, Any]] = []
+    for dtype in (torch.float32, torch.float64):
+        for p in problems(dtype, args.quick):
+            for tol in (1e-4, 1e-6):
+                if dtype == torch.float32 and tol < 1e-6:
+                    continue
+                rows.extend(bench(p, tol, names, repeats))
+    per_sample = [r for d in (torch.float32, torch.float64) for r in per_sample_table(d,
+                                                                                  args.quick)]
+    result = {
+        "command": "python benchmarks/forward_bench.py" + (" --quick" if args.quick else ""),
+        "torch": torch.__version__,
+        "torchdeq": _version("torchdeq") if have_deq else None,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "max_iters": MAX_ITERS,
+        "rows": rows,
+        "per_sample": per_sample,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    print(format_tables(result))
+    print()
+    print(format_summary(result))
+    return result
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """The README table: ``iterations / wall ms`` per solver, one row per problem, dtype, tol."""
+    solvers = list(dict.fromkeys(r["solver"] for r in result["rows"]))
+    short = [s.replace("torchdeq ", "TorchDEQ ").replace("fixed_point_iter", "iterate")
+             for s in solvers]
+    lines = ["| problem | dtype | tol | " + " | ".join(short) + " |",
+             "|---|---|---|" + "---|" * len(solvers)]
+    keys = list(dict.fromkeys((r["problem"], r["dtype"], r["tol"]) for r in result["rows"]))
+    for key in keys:
+        cells = []
+        for name in solvers:
+            r = next(r for r in result["rows"]
+                     if (r["problem"], r["dtype"], r["tol"]) == key and r["solver"] == name)
+            cells.append(f"{r['iters']} / {r['time_ms']:.1f}" + ("" if r["ok"] else " *"))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_tables(result: dict[str, Any]) -> str:
+    lines = ["| problem | dtype | tol | solver | iters | row updates | time ms | iters / plain "
+             "| time / plain | max rel res |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        flag = "" if r["ok"] else " (not reached)"
+        lines.append(
+            f"| {r['problem']} | {r['dtype']} | {r['tol']:g} | {r['solver']} | {r['iters']} | "
+            f"{r['row_updates']} | {r['time_ms']:.1f} | {r['iters_ratio']:.2f} | "
+            f"{r['time_ratio']:.2f} | {r['max_rel_res']:.1e}{flag} |"
+        )
+    lines += ["", "| batch (rates 0.1..0.95) | tol | solver | iters | row updates | max rel res |",
+              "|---|---|---|---|---|---|"]
+    for r in result["per_sample"]:
+        lines.append(f"| {r['dtype']} | {r['tol']:g} | {r['solver']} | {r['iters']} | "
+                     f"{r['row_updates']} | {r['max_rel_res']:.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

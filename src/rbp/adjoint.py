@@ -1,0 +1,433 @@
+"""The adjoint (backward) side of :func:`rbp.fixed_point`.
+
+At a fixed point ``h* = F(h*)`` the gradient of a loss ``L(h*)`` with respect to the parameters
+is ``z^T dF/dw`` with ``z`` solving ``(I - J^T) z = g``, ``J = dF/dh`` and ``g = dL/dh*``.
+:func:`attach_implicit_backward` wraps the last state so that autograd, arriving with ``g``,
+first solves for ``z`` (an :class:`Adjoint`) and then carries it on through the graph of one
+application of F.
+
+The solve runs on a ``(batch, n)`` matrix: one row per sample when ``batch_dim`` is given (J is
+then block-diagonal and each sample is its own system), else one row holding the whole state.
+It accumulates in float32 at least, whatever the state's dtype (e.g. under ``torch.autocast``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rbp import solvers, tree
+from rbp.diagnostics import (
+    BackwardInfo,
+    ConvergenceWarning,
+    DivergenceError,
+    FixedPointInfo,
+    Status,
+    neumann_relative_error_estimate,
+    power_iteration_norm,
+)
+from rbp.methods import Implicit, _Damped, _Identity
+from rbp.tree import State
+
+Tensor = torch.Tensor
+
+DOUBLE_BACKWARD_METHODS = ("bptt", "tbptt")
+
+
+def report(on_failure: str, message: str, stacklevel: int = 4) -> None:
+    """Raise :class:`DivergenceError`, warn :class:`ConvergenceWarning`, or do nothing."""
+    if on_failure == "raise":
+        raise DivergenceError(message)
+    if on_failure == "warn":
+        warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """How state leaves map to the rows of the adjoint matrix (and back)."""
+
+    shapes: tuple[torch.Size, ...]
+    dims: tuple[int, ...] | None
+    sizes: tuple[int, ...]
+    batch: int
+
+    @staticmethod
+    def of(leaves: Sequence[Tensor], batch_dim: int | None) -> Rows:
+        shapes = tuple(leaf.shape for leaf in leaves)
+        if batch_dim is None:
+            return Rows(shapes, None, tuple(leaf.numel() for leaf in leaves), 1)
+        dims, batch = [], None
+        for i, leaf in enumerate(leaves):
+            if not -leaf.dim() <= batch_dim < leaf.dim():
+                raise ValueError(
+                    f"batch_dim={batch_dim} is out of range for state leaf {i} of shape "
+                    f"{tuple(leaf.shape)}; every leaf needs the batch along batch_dim"
+                )
+            d = batch_dim % leaf.dim()
+            if batch is None:
+                batch = leaf.shape[d]
+            elif leaf.shape[d] != batch:
+                raise ValueError(
+                    f"batch_dim={batch_dim}: state leaf {i} has {leaf.shape[d]} samples, leaf 0 "
+                    f"{batch}; every leaf must hold the same batch"
+                )
+            dims.append(d)
+        if not batch:
+            raise ValueError(f"batch_dim={batch_dim}: the state holds no samples (batch size 0)")
+        return Rows(shapes, tuple(dims), tuple(leaf.numel() // batch for leaf in leaves), batch)
+
+    def to_rows(self, leaves: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+        if self.dims is None:
+            parts = [leaf.reshape(1, -1) for leaf in leaves]
+        else:
+            parts = [
+                leaf.movedim(d, 0).reshape(self.batch, -1)
+                for leaf, d in zip(leaves, self.dims, strict=True)
+            ]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return out.to(dtype)
+
+    def from_rows(self, x: Tensor, dtypes: Sequence[torch.dtype]) -> list[Tensor]:
+        parts = [x] if len(self.sizes) == 1 else list(x.split(self.sizes, dim=1))
+        if self.dims is None:
+            return [
+                p.reshape(s).to(dt) for p, s, dt in zip(parts, self.shapes, dtypes, strict=True)
+            ]
+        out = []
+        for p, s, d, dt in zip(parts, self.shapes, self.dims, dtypes, strict=True):
+            rest = s[:d] + s[d + 1 :]
+            out.append(p.reshape(self.batch, *rest).movedim(0, d).to(dt))
+        return out
+
+
+@dataclass
+class Adjoint:
+    """Solves ``(I - J^T) z = g`` at the fixed point for the method, reporting failures.
+
+    ``max_backward_error``: the solve is reported per ``on_failure`` when its a-posteriori error
+    estimate exceeds it (``None``: only statuses are checked).
+    """
+
+    method: Implicit
+    fallback: Any
+    on_failure: str
+    jvp_mode: str
+    estimate_error: bool
+    max_backward_error: float | None
+    batch_dim: int | None
+    info: FixedPointInfo
+    map_at_fixed_point: Callable[[State], State]
+    spec: Any
+
+    def __call__(
+        self,
+        h_in: list[Tensor],
+        h_out: list[Tensor],
+        grads: Sequence[Tensor | None],
+    ) -> list[Tensor]:
+        name = self.method.name
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{name}: second derivatives (backward with create_graph=True, e.g. a gradient "
+                "penalty or meta-learning) are not supported through the implicit methods: the "
+                "adjoint solve is not differentiable and the dependence of h* on the parameters "
+                "is not in the graph. Use one of the methods that support double backward: "
+                f"{', '.join(DOUBLE_BACKWARD_METHODS)}."
+            )
+        rows = Rows.of(h_out, self.batch_dim)
+        work = torch.promote_types(h_out[0].dtype, torch.float32)
+        for o in h_out[1:]:
+            work = torch.promote_types(work, o.dtype)
+        g_leaves = [
+            torch.zeros_like(o) if g is None else g for g, o in zip(grads, h_out, strict=True)
+        ]
+        b = rows.to_rows(g_leaves, work)
+        live = [i for i, o in enumerate(h_out) if o.requires_grad]
+        out_dtypes = [o.dtype for o in h_out]
+        in_dtypes = [x.dtype for x in h_in]
+
+        single = len(h_out) == 1 and len(h_in) == 1 and rows.dims is None and bool(live)
+        out0, in0 = h_out[0], h_in[0]
+        out_dtype, cast = out0.dtype, out0.dtype != work
+
+        def vjp_single(v: Tensor) -> Tensor:  # the common case, without list bookkeeping
+            u = v.reshape(out0.shape)
+            (gi,) = torch.autograd.grad(
+                out0, in0, u.to(out_dtype) if cast else u, retain_graph=True, allow_unused=True
+            )
+            if gi is None:
+                return torch.zeros_like(v)
+            return gi.reshape(1, -1).to(work) if cast else gi.reshape(1, -1)
+
+        def vjp(v: Tensor) -> Tensor:
+            vs = rows.from_rows(v, out_dtypes)
+            out = torch.autograd.grad(
+                [h_out[i] for i in live],
+                h_in,
+                [vs[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            return rows.to_rows(out, work)
+
+        jvp_cache: dict[str, Callable[[Tensor], Tensor]] = {}
+
+        def jvp(v: Tensor) -> Tensor:
+            if "f" not in jvp_cache:
+                jvp_cache["f"] = self._make_jvp(h_in, h_out, live)
+            vs = rows.from_rows(v, in_dtypes)
+            return rows.to_rows(jvp_cache["f"](vs), work)
+
+        op = solvers.AdjointOperator(vjp_single if single else vjp, jvp)
+        solution = _solve(self.method.solver, op, b, name)
+        record = BackwardInfo(
+            method=name,
+            iterations=solution.iterations,
+            residuals=solution.residuals,
+            status=Status(solution.status),
+            error_estimate=solution.error_estimate,
+            sample_errors=solution.sample_errors if self.batch_dim is not None else None,
+            dtype=str(work).removeprefix("torch."),
+        )
+        problem = self._problem(solution, b)
+        if problem is not None:
+            message = f"{name}: {problem}"
+            if self.fallback is not None:
+                fb_name = str(getattr(self.fallback, "name", type(self.fallback).__name__))
+                solution = _solve(self.fallback, op, b, fb_name)
+                record.fell_back_to = fb_name
+                record.error_estimate = solution.error_estimate
+                record.sample_errors = (
+                    solution.sample_errors if self.batch_dim is not None else None
+                )
+                second = self._problem(solution, b)
+                if second is None:
+                    report(
+                        "warn" if self.on_failure != "ignore" else "ignore",
+                        f"{message}; fell back to {fb_name}: {solution.status} after "
+                        f"{solution.iterations} iterations",
+                    )
+                else:
+                    report(
+                        self.on_failure,
+                        f"{message}; the fallback {fb_name} failed too: {second}",
+                    )
+            else:
+                report(
+                    self.on_failure,
+                    f"{message}. Try fallback='gmres', a larger truncate, more forward steps, "
+                    "or a contractive f.",
+                )
+        if self.estimate_error:
+            record.jacobian_norm = power_iteration_norm(
+                lambda v: vjp(v.reshape(b.shape)).reshape(-1),
+                lambda v: jvp(v.reshape(b.shape)).reshape(-1),
+                b.reshape(-1),
+                iters=10,
+            )
+            terms = solution.terms if solution.terms is not None else solution.iterations
+            record.error_bound = neumann_relative_error_estimate(record.jacobian_norm, terms)
+        self.info.backward.append(record)
+        return rows.from_rows(solution.z, out_dtypes)
+
+    def _problem(self, solution: solvers.Solution, b: Tensor) -> str | None:
+        """Why this solution cannot be trusted, or None."""
+        status = Status(solution.status)
+        last = solution.residuals[-1] if solution.residuals else 0.0
+        if not status.ok:
+            return (
+                f"backward solve {status} after {solution.iterations} iterations ({status.message};"
+                f" last residual {last:.3g}, ||g|| = {b.norm().item():.3g})"
+            )
+        err = solution.error_estimate
+        limit = self.max_backward_error
+        if self.method.accurate and limit is not None and err is not None and not err <= limit:
+            return (
+                f"backward solve {status} after {solution.iterations} iterations with an "
+                f"estimated relative error {err:.3g} > max_backward_error={limit:g}"
+            )
+        return None
+
+    def _make_jvp(
+        self, h_in: list[Tensor], h_out: list[Tensor], live: list[int]
+    ) -> Callable[[list[Tensor]], list[Tensor]]:
+        if self.jvp_mode == "func":
+            primals = tuple(x.detach() for x in h_in)
+
+            def forward_mode(tangents: list[Tensor]) -> list[Tensor]:
+                def fn(*leaves: Tensor) -> tuple[Tensor, ...]:
+                    out = self.map_at_fixed_point(tree.unflatten(self.spec, list(leaves)))
+                    return tuple(tree.flatten(out)[0])
+
+                with torch.enable_grad():
+                    _, out_tangents = torch.func.jvp(fn, primals, tuple(tangents))
+                return [t.detach() for t in out_tangents]
+
+            return forward_mode
+
+        # J v = d/du <J^T u, v>: build u -> J^T u once with a graph, then one vjp per product.
+        with torch.enable_grad():
+            u = [torch.zeros_like(h_out[i], requires_grad=True) for i in live]
+            jt_u = torch.autograd.grad(
+                [h_out[i] for i in live],
+                h_in,
+                u,
+                retain_graph=True,
+                create_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+
+        def double_vjp(vs: list[Tensor]) -> list[Tensor]:
+            with torch.enable_grad():
+                outs = torch.autograd.grad(
+                    jt_u, u, vs, retain_graph=True, allow_unused=True, materialize_grads=True
+                )
+            full = [torch.zeros_like(o) for o in h_out]
+            for i, o in zip(live, outs, strict=True):
+                full[i] = o
+            return full
+
+        return double_vjp
+
+
+def _solve(solver: Any, op: solvers.AdjointOperator, b: Tensor, name: str) -> solvers.Solution:
+    """Run a built-in or user solver and normalise its result to a :class:`Solution`."""
+    solve = solver.solve if solvers.is_solver(solver) else solver
+    try:
+        result = solve(op, b)
+    except torch.linalg.LinAlgError as exc:  # a user solver's dense solve, say
+        raise DivergenceError(
+            f"{name}: the backward solve failed in linear algebra: {exc}"
+        ) from exc
+    if isinstance(result, solvers.Solution) and (
+        result.sample_errors is not None or isinstance(solver, (_Identity, _Damped))
+    ):
+        return result
+    z = result if isinstance(result, Tensor) else getattr(result, "z", None)
+    if not isinstance(z, Tensor) or z.shape != b.shape:
+        got = tuple(z.shape) if isinstance(z, Tensor) else type(result).__name__
+        raise TypeError(
+            f"backward solver {name} returned {got}; it must return a Solution, an object with "
+            f"a tensor z, or a tensor z of b's shape {tuple(b.shape)}"
+        )
+    z = z.to(b.dtype)
+    bnorm = b.norm(dim=1)
+    errors = solvers._true_errors(op, z, b, bnorm).double().cpu().tolist()
+    finite = all(math.isfinite(e) for e in errors)
+    status = getattr(result, "status", None)
+    if status is None or not finite:
+        status = Status.CONVERGED if finite else Status.DIVERGED
+    try:
+        status = Status(status)
+    except ValueError:
+        raise TypeError(
+            f"backward solver {name} returned status {status!r}; use one of "
+            f"{', '.join(s.value for s in Status)} (rbp.Status)"
+        ) from None
+    residuals = [float(r) for r in getattr(result, "residuals", []) or []]
+    iterations = int(getattr(result, "iterations", 0) or 0)
+    return solvers.Solution(z, iterations, residuals, status, errors)
+
+
+class _ImplicitGradient(torch.autograd.Function):
+    """Identity on the last state whose backward swaps ``g`` for the adjoint ``z``."""
+
+    @staticmethod
+    def forward(ctx: Any, backward_fn: Callable[..., list[Tensor]], *leaves: Tensor):
+        ctx.backward_fn = backward_fn
+        return tuple(leaf.clone() for leaf in leaves)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None):
+        return (None, *ctx.backward_fn(grads))
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is running."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
+def refuse_functorch(name: str) -> None:
+    """Raise a clear error when an implicit method runs under a ``torch.func`` transform."""
+    if functorch_active():
+        raise RuntimeError(
+            f"fixed_point with the implicit method {name!r} cannot run under torch.func "
+            "transforms (grad, vmap, jacrev, ...): its adjoint is a custom autograd.Function "
+            "that calls torch.autograd.grad. Use torch.autograd.grad / .backward() around "
+            "fixed_point, or method='bptt' / 'tbptt' under torch.func."
+        )
+
+
+def attach_implicit_backward(
+    h_in: list[Tensor], h_out: list[Tensor], adjoint: Callable[..., list[Tensor]]
+) -> list[Tensor]:
+    """Route the gradient arriving at ``h_out = F(h_in)`` through ``adjoint`` first.
+
+    ``h_in``: the leaves of the state at which the map was last applied (``requires_grad``);
+    ``h_out``: the leaves of ``F(h_in)``, with the graph. The returned leaves equal ``h_out``;
+    autograd then carries ``z`` on through the graph of the last step, giving ``z^T dF/dw`` to
+    every parameter and input F used.
+    """
+    refuse_functorch(str(getattr(getattr(adjoint, "method", None), "name", "implicit")))
+    if not any(o.requires_grad for o in h_out):
+        return h_out
+
+    def backward_fn(grads: Sequence[Tensor | None]) -> list[Tensor]:
+        return adjoint(h_in, h_out, grads)
+
+    return list(_ImplicitGradient.apply(backward_fn, *h_out))
+
+
+# The names fixed_point.py used before the move.
+_attach_implicit_backward = attach_implicit_backward
+
+
+def build_adjoint(
+    method: Any,
+    *,
+    truncate: int,
+    tol: float | None,
+    on_failure: str,
+    fallback: Any,
+    rbp_init: str,
+    jvp_mode: str,
+    restart: int,
+    estimate_error: bool,
+    info: FixedPointInfo,
+    map_at_fixed_point: Callable[[State], State],
+    spec: Any,
+    max_backward_error: float | None = 1e-2,
+    batch_dim: int | None = None,
+) -> Adjoint:
+    """An :class:`Adjoint` from :func:`rbp.fixed_point`'s options (``method``: name or value)."""
+    from rbp import methods
+
+    value = methods.resolve(method, truncate=truncate, tol=tol, rbp_init=rbp_init, restart=restart)
+    if not isinstance(value, Implicit):
+        raise ValueError(f"{value.name} is not an implicit method: it has no adjoint")
+    fb = methods.resolve_fallback(
+        fallback, truncate=truncate, tol=tol, rbp_init=rbp_init, restart=restart
+    )
+    return Adjoint(
+        method=value,
+        fallback=fb,
+        on_failure=on_failure,
+        jvp_mode=jvp_mode,
+        estimate_error=estimate_error,
+        max_backward_error=max_backward_error,
+        batch_dim=batch_dim,
+        info=info,
+        map_at_fixed_point=map_at_fixed_point,
+        spec=spec,
+    )
+
+
+_Adjoint = build_adjoint

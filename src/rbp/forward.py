@@ -1,0 +1,948 @@
+"""The forward side of :func:`rbp.fixed_point`: reaching ``h* = F(h*)``.
+
+Two ways to run the forward:
+
+* **the paper's unroll** (``steps=T``, no ``tol``, plain iteration): exactly ``T`` updates
+  ``h_{t+1} = F(h_t)``; the last one (bptt: all, tbptt: the last K) keeps a graph;
+* **a solve**: a forward solver (:class:`Iterate`, :class:`Anderson`, :class:`Broyden`) run
+  without a graph until the residual ``||F(h) - h||`` is at most ``tol`` (absolute) or
+  ``tol * ||F(h)||`` (relative), or ``steps`` evaluations of F are spent. The state it stops at,
+  ``h_in``, is where the implicit methods linearise: the returned state is ``h_out = F(h_in)``,
+  computed once more with a graph.
+
+Every solver works on a matrix ``X`` of shape ``(b, n)``: one row per sample (``batch_dim``) or a
+single row holding the whole state. Rows stop independently; a row that has stopped is frozen
+and dropped from later evaluations of F, so the work shrinks with the number of live rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rbp import tree
+from rbp.diagnostics import DivergenceError
+from rbp.tree import State
+
+Tensor = torch.Tensor
+RowMap = Callable[[Tensor, "Tensor | None"], Tensor]  # F on live rows: (X_live, rows) -> F(X_live)
+TOL_MODES: tuple[str, ...] = ("relative", "absolute")
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- solver values
+
+
+@dataclass(frozen=True)
+class Iterate:
+    """Plain iteration ``h_{k+1} = (1 - damping) F(h_k) + damping h_k`` (0: the paper's).
+
+    Assumes F is a contraction (or, damped, that the eigenvalues of ``J`` lie left of 1).
+    """
+
+    damping: float = 0.0
+
+    def __post_init__(self) -> None:
+        d = _real("Iterate(damping=...)", self.damping)
+        if not 0.0 <= d < 1.0:
+            raise ValueError(f"Iterate(damping=...) must be in [0, 1), got {self.damping!r}")
+
+    @property
+    def name(self) -> str:
+        return "iterate"
+
+
+@dataclass(frozen=True)
+class Anderson:
+    """Anderson acceleration (type II) over the last ``m`` iterates, per sample.
+
+    ``x_{k+1} = sum_i a_i x_i + beta sum_i a_i g_i`` with ``g_i = F(x_i) - x_i`` and
+    ``a = argmin ||sum_i a_i g_i||`` subject to ``sum_i a_i = 1``, solved from the Gram matrix
+    ``G^T G + ridge * mean(diag) I`` (``ridge=None``: ``sqrt(eps)`` of the dtype). A row whose
+    system is singular, ill-conditioned or non-finite takes the plain step ``x + beta g`` for that
+    iteration instead (counted in ``info.solver_fallbacks``).
+    """
+
+    m: int = 5
+    beta: float = 1.0
+    ridge: float | None = None
+
+    def __post_init__(self) -> None:
+        _count("Anderson(m=...)", self.m)
+        beta = _real("Anderson(beta=...)", self.beta)
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"Anderson(beta=...) must be in (0, 1], got {self.beta!r}")
+        if self.ridge is not None and _real("Anderson(ridge=...)", self.ridge) < 0:
+            raise ValueError(f"Anderson(ridge=...) must be >= 0 or None, got {self.ridge!r}")
+
+    @property
+    def name(self) -> str:
+        return "anderson"
+
+
+@dataclass(frozen=True)
+class Broyden:
+    """Limited-memory ("good") Broyden on ``g(x) = F(x) - x``, per sample.
+
+    The inverse Jacobian of g is ``-I + U V^T`` with at most ``memory`` rank-one terms; when they
+    are all used the approximation restarts from ``-I``, so an iteration costs O(n * memory)
+    whatever the iteration count, and it stores ``2 * memory`` vectors per sample.
+    An update whose denominator vanishes is skipped and a non-finite step replaced by the plain
+    step ``x + g`` (both counted in ``info.solver_fallbacks``).
+    """
+
+    memory: int = 50
+
+    def __post_init__(self) -> None:
+        _count("Broyden(memory=...)", self.memory)
+
+    @property
+    def name(self) -> str:
+        return "broyden"
+
+
+Solver = Iterate | Anderson | Broyden
+SOLVERS: dict[str, type] = {"iterate": Iterate, "anderson": Anderson, "broyden": Broyden}
+
+
+def as_solver(value: Any) -> Solver:
+    """The solver value for a shortcut (``"iterate"``, ``"anderson"``, ``"broyden"``) or a value."""
+    if isinstance(value, (Iterate, Anderson, Broyden)):
+        return value
+    if isinstance(value, str) and value in SOLVERS:
+        return SOLVERS[value]()
+    raise ValueError(
+        f"unknown solver {value!r}; use one of {', '.join(map(repr, SOLVERS))} or a value "
+        "rbp.Iterate(damping=...), rbp.Anderson(m=..., beta=..., ridge=...) or "
+        "rbp.Broyden(memory=...)"
+    )
+
+
+# --------------------------------------------------------------------------- the row solve
+
+
+@dataclass
+class RowSolve:
+    """Result of :func:`solve`: per row, the stopping iterate ``x``, ``F(x)`` and statistics."""
+
+    x: Tensor  # (b, n) where each row stopped (or its best iterate)
+    fx: Tensor  # (b, n) F(x), computed without a graph
+    evaluations: list[int]  # evaluations of F spent on each row
+    residual: list[float]  # ||F(x) - x|| per row
+    scale: list[float]  # ||F(x)|| per row
+    reached: list[bool]  # the tolerance held at x
+    best: list[bool]  # x is an earlier, lower-residual iterate than the last one
+    fallbacks: int  # row-iterations where the accelerated step was replaced by a plain step
+    row_updates: int  # sum over iterations of the number of live rows
+    trace: list[float]  # ||F(x_k) - x_k|| over the live rows, per iteration (if asked)
+
+
+def _row_norm(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=1)
+
+
+class _AndersonState:
+    def __init__(self, cfg: Anderson, x: Tensor) -> None:
+        b, n = x.shape
+        self.m, self.beta = cfg.m, cfg.beta
+        eps = torch.finfo(x.dtype).eps
+        self.ridge = math.sqrt(eps) if cfg.ridge is None else cfg.ridge
+        self.max_cond = 1.0 / (100.0 * eps)
+        self.xs = x.new_zeros(b, self.m, n)
+        self.gs = x.new_zeros(b, self.m, n)
+        self.k = 0
+
+    def keep(self, rows: Tensor) -> None:
+        self.xs, self.gs = self.xs[rows], self.gs[rows]
+
+    def step(self, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor]:
+        g = fx - x
+        slot = self.k % self.m
+        self.xs[:, slot], self.gs[:, slot] = x, g
+        self.k += 1
+        mk = min(self.k, self.m)
+        plain = x + self.beta * g
+        if mk == 1:
+            return plain, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        gs, xs = self.gs[:, :mk], self.xs[:, :mk]
+        low = x.dtype in (torch.float16, torch.bfloat16)  # no LAPACK kernels: small solve in fp32
+        g32 = gs.float() if low else gs
+        gram = g32 @ g32.transpose(1, 2)  # (b, mk, mk)
+        diag = gram.diagonal(dim1=1, dim2=2)
+        lam = self.ridge * diag.mean(dim=1, keepdim=True)
+        gram = gram + torch.diag_embed(lam.expand(-1, mk))
+        chol, status = torch.linalg.cholesky_ex(gram)
+        d = chol.diagonal(dim1=1, dim2=2).abs()
+        cond = (d.amax(1) / d.amin(1).clamp_min(torch.finfo(x.dtype).tiny)) ** 2
+        bad = (status != 0) | ~(cond <= self.max_cond)
+        ones = gram.new_ones(x.shape[0], mk, 1)
+        eye = torch.eye(mk, dtype=gram.dtype, device=x.device)
+        safe = torch.where(bad[:, None, None], eye, chol)
+        w = torch.cholesky_solve(ones, safe)[..., 0]  # H^{-1} 1
+        alpha = (w / w.sum(1, keepdim=True)).to(x.dtype)
+        cand = (alpha[:, :, None] * (xs + self.beta * gs)).sum(1)
+        bad = bad | ~torch.isfinite(cand).all(1)
+        return torch.where(bad[:, None], plain, cand), bad
+
+
+class _BroydenState:
+    def __init__(self, cfg: Broyden, x: Tensor) -> None:
+        b, n = x.shape
+        self.memory = cfg.memory
+        self.us = x.new_zeros(b, self.memory, n)
+        self.vs = x.new_zeros(b, self.memory, n)
+        self.k = 0
+        self.prev: tuple[Tensor, Tensor] | None = None  # (dx, g) of the last step
+
+    def keep(self, rows: Tensor) -> None:
+        self.us, self.vs = self.us[rows], self.vs[rows]
+        if self.prev is not None:
+            self.prev = (self.prev[0][rows], self.prev[1][rows])
+
+    def _h(self, y: Tensor) -> Tensor:
+        """``H y`` with ``H = -I + U^T V`` (rows of ``us``/``vs`` are the rank-one factors)."""
+        us, vs = self.us[:, : self.k], self.vs[:, : self.k]  # the terms in use
+        return -y + torch.einsum("bm,bmn->bn", torch.einsum("bmn,bn->bm", vs, y), us)
+
+    def step(self, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor]:
+        g = fx - x
+        skipped = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        if self.prev is not None:
+            dx, g_old = self.prev
+            dg = g - g_old
+            h_dg = self._h(dg)
+            # v^T = dx^T H  ->  v = -dx + V^T (U dx)
+            us, vs = self.us[:, : self.k], self.vs[:, : self.k]
+            v = -dx + torch.einsum("bm,bmn->bn", torch.einsum("bmn,bn->bm", us, dx), vs)
+            denom = (v * dg).sum(1, keepdim=True)
+            size = _row_norm(v)[:, None] * _row_norm(dg)[:, None]
+            ok = (denom.abs() > 1e3 * torch.finfo(x.dtype).eps * size) & torch.isfinite(denom)
+            u = torch.where(ok, (dx - h_dg) / torch.where(ok, denom, 1.0), 0.0)
+            v = torch.where(ok, v, 0.0)
+            if self.k == self.memory:  # full: restart from H = -I (dropping the oldest term
+                self.us.zero_()  # alone leaves an inconsistent H that can diverge)
+                self.vs.zero_()
+                self.k = 0
+                h_dg = -dg
+                v = -dx
+                denom = (v * dg).sum(1, keepdim=True)
+                ok = (denom.abs() > 1e3 * torch.finfo(x.dtype).eps * size) & torch.isfinite(denom)
+                u = torch.where(ok, (dx - h_dg) / torch.where(ok, denom, 1.0), 0.0)
+                v = torch.where(ok, v, 0.0)
+            self.us[:, self.k], self.vs[:, self.k] = u, v
+            self.k += 1
+            skipped = ~ok[:, 0]
+        dx = -self._h(g)
+        bad = ~torch.isfinite(dx).all(1)
+        dx = torch.where(bad[:, None], g, dx)
+        self.prev = (dx, g)
+        return x + dx, skipped | bad
+
+
+class _IterateState:
+    def __init__(self, cfg: Iterate, x: Tensor) -> None:
+        self.damping = cfg.damping
+
+    def keep(self, rows: Tensor) -> None:
+        pass
+
+    def step(self, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor]:
+        out = fx if self.damping == 0.0 else torch.lerp(fx, x, self.damping)
+        return out, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+
+def _solver_state(cfg: Solver, x: Tensor) -> _IterateState | _AndersonState | _BroydenState:
+    if isinstance(cfg, Anderson):
+        return _AndersonState(cfg, x)
+    if isinstance(cfg, Broyden):
+        return _BroydenState(cfg, x)
+    return _IterateState(cfg, x)
+
+
+def solve(
+    fmap: RowMap,
+    x0: Tensor,
+    solver: Solver,
+    *,
+    max_evals: int,
+    tol: float | None,
+    tol_mode: str = "relative",
+    check_every: int = 1,
+    best_iterate: bool = False,
+    trace: bool = False,
+    fx0: Tensor | None = None,
+    what: str = "forward",
+) -> RowSolve:
+    """Run ``solver`` on the rows of ``x0`` until each row's residual meets ``tol`` or
+    ``max_evals`` evaluations of F are spent.
+
+    ``fmap(x, rows)`` evaluates F on the live rows ``rows`` (``None``: all rows, in order). The
+    stopping rule is tested (one host synchronisation) every ``check_every`` iterations and at
+    the last; a row that meets it is written out and removed. Non-finite residuals raise
+    :class:`DivergenceError`. Runs without a graph.
+    """
+    with torch.no_grad():
+        return _solve(fmap, x0, solver, max_evals, tol, tol_mode, check_every, best_iterate,
+                      trace, fx0, what)
+
+
+def _solve(
+    fmap: RowMap,
+    x0: Tensor,
+    cfg: Solver,
+    max_evals: int,
+    tol: float | None,
+    tol_mode: str,
+    check_every: int,
+    best_iterate: bool,
+    trace: bool,
+    fx0: Tensor | None,
+    what: str,
+) -> RowSolve:
+    b = x0.shape[0]
+    device = x0.device
+    out_x, out_fx = torch.empty_like(x0), torch.empty_like(x0)
+    out_res = x0.new_zeros(b)
+    out_scale = x0.new_zeros(b)
+    out_evals = torch.zeros(b, dtype=torch.long, device=device)
+    out_best = torch.zeros(b, dtype=torch.bool, device=device)
+    reached = torch.zeros(b, dtype=torch.bool, device=device)
+    live: Tensor | None = None  # None: all rows, in order
+    x = x0
+    fx = fmap(x, None) if fx0 is None else fx0
+    state = _solver_state(cfg, x)
+    if best_iterate:
+        best = (x.clone(), fx.clone(), _row_norm(fx - x), torch.zeros(b, dtype=torch.long,
+                                                                     device=device))
+    fallbacks = x0.new_zeros((), dtype=torch.long)
+    row_updates, n_live = b, b
+    norms: list[Tensor] = []
+    k = 0  # x is the k-th iterate; k + 1 evaluations spent on each live row
+    while True:
+        res = _row_norm(fx - x)
+        if trace:
+            norms.append(torch.linalg.vector_norm(res))
+        if best_iterate:
+            bx, bfx, bres, bk = best
+            better = res < bres
+            best = (
+                torch.where(better[:, None], x, bx),
+                torch.where(better[:, None], fx, bfx),
+                torch.where(better, res, bres),
+                torch.where(better, k, bk),
+            )
+        last = k + 1 >= max_evals
+        if last or (tol is not None and (k + 1) % check_every == 0):
+            if not bool(torch.isfinite(res).all()):
+                raise DivergenceError(
+                    f"{what}: the forward state is not finite after {k + 1} steps: the map "
+                    "diverges. Check that f is a contraction (e.g. smaller weights or a damped "
+                    "update), or use a safer solver."
+                )
+            scale = _row_norm(fx)
+            if tol is None:
+                met = torch.zeros_like(res, dtype=torch.bool)
+            else:
+                met = res <= (tol * scale if tol_mode == "relative" else res.new_tensor(tol))
+            done = torch.ones_like(met) if last else met
+            if bool(done.any()):
+                if best_iterate:
+                    bx, bfx, bres, bk = best
+                    x_, fx_, res_, flag = bx, bfx, bres, bk != k
+                    scale_ = _row_norm(bfx)
+                    if tol is not None:
+                        met = res_ <= (tol * scale_ if tol_mode == "relative" else tol)
+                else:
+                    x_, fx_, res_, flag, scale_ = x, fx, res, torch.zeros_like(met), scale
+                idx = done.nonzero()[:, 0]
+                rows = idx if live is None else live[idx]
+                out_x[rows], out_fx[rows] = x_[idx], fx_[idx]
+                out_res[rows], out_scale[rows] = res_[idx], scale_[idx]
+                out_evals[rows] = k + 1
+                out_best[rows] = flag[idx]
+                reached[rows] = met[idx]
+                keep = (~done).nonzero()[:, 0]
+                n_live = int(keep.numel())
+                if n_live == 0:
+                    break
+                live = keep if live is None else live[keep]
+                x, fx = x[keep], fx[keep]
+                state.keep(keep)
+                if best_iterate:
+                    best = tuple(t[keep] for t in best)  # type: ignore[assignment]
+        x, bad = state.step(x, fx)
+        fallbacks = fallbacks + bad.sum()
+        k += 1
+        fx = fmap(x, live)
+        row_updates += n_live
+    return RowSolve(
+        x=out_x,
+        fx=out_fx,
+        evaluations=out_evals.tolist(),
+        residual=out_res.double().tolist(),
+        scale=out_scale.double().tolist(),
+        reached=reached.tolist(),
+        best=out_best.tolist(),
+        fallbacks=int(fallbacks),
+        row_updates=row_updates,
+        trace=torch.stack(norms).double().tolist() if norms else [],
+    )
+
+
+# ---------------------------------------------------------------------- states as row matrices
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the leaves of a state map to the rows of a ``(b, n)`` matrix and back."""
+
+    spec: Any
+    shapes: tuple[tuple[int, ...], ...]  # full shape of each leaf
+    dims: tuple[int, ...] | None  # batch dim of each leaf (None: one row, the whole state)
+    sizes: tuple[int, ...]  # numel of one row of each leaf
+    batch: int
+
+
+def layout(leaves: Sequence[Tensor], spec: Any, batch_dim: int | None) -> Layout:
+    """Check the leaves for a row solve (one dtype and device; one batch size) and describe them."""
+    first = leaves[0]
+    for i, leaf in enumerate(leaves):
+        if leaf.dtype != first.dtype or leaf.device != first.device:
+            raise TypeError(
+                f"a forward solve needs every state leaf of one dtype and device; leaf {i} is "
+                f"{leaf.dtype} on {leaf.device}, leaf 0 {first.dtype} on {first.device}"
+            )
+    shapes = tuple(tuple(leaf.shape) for leaf in leaves)
+    if batch_dim is None:
+        return Layout(spec, shapes, None, tuple(leaf.numel() for leaf in leaves), 1)
+    dims, batch = [], None
+    for i, leaf in enumerate(leaves):
+        if not -leaf.dim() <= batch_dim < leaf.dim():
+            raise ValueError(
+                f"batch_dim={batch_dim} is out of range for state leaf {i} of shape "
+                f"{tuple(leaf.shape)}; every leaf needs the batch along batch_dim"
+            )
+        d = batch_dim % leaf.dim()
+        if batch is None:
+            batch = leaf.shape[d]
+        elif leaf.shape[d] != batch:
+            raise ValueError(
+                f"batch_dim={batch_dim}: state leaf {i} has {leaf.shape[d]} samples, leaf 0 "
+                f"{batch}; every leaf must hold the same batch"
+            )
+        dims.append(d)
+    assert batch is not None
+    if batch == 0:
+        raise ValueError(f"batch_dim={batch_dim}: the state holds no samples (batch size 0)")
+    sizes = tuple(leaf.numel() // batch for leaf in leaves)
+    return Layout(spec, shapes, tuple(dims), sizes, batch)
+
+
+def to_rows(leaves: Sequence[Tensor], lay: Layout) -> Tensor:
+    """``(b, n)`` matrix of the leaves: one row per sample (or one row in all)."""
+    if lay.dims is None:
+        parts = [leaf.reshape(1, -1) for leaf in leaves]
+    else:
+        parts = [
+            leaf.movedim(d, 0).reshape(leaf.shape[d], -1)
+            for leaf, d in zip(leaves, lay.dims, strict=True)
+        ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def from_rows(x: Tensor, lay: Layout) -> list[Tensor]:
+    """Leaves of the rows ``x`` (any number of rows when there is a batch dim)."""
+    parts = [x] if len(lay.sizes) == 1 else list(x.split(lay.sizes, dim=1))
+    if lay.dims is None:
+        return [p.reshape(s) for p, s in zip(parts, lay.shapes, strict=True)]
+    out = []
+    for p, s, d in zip(parts, lay.shapes, lay.dims, strict=True):
+        rest = s[:d] + s[d + 1 :]
+        out.append(p.reshape(x.shape[0], *rest).movedim(0, d))
+    return out
+
+
+# --------------------------------------------------------------------------- calling f safely
+
+
+def _leaves_of(state: State) -> list[Tensor]:
+    from torch.utils import _pytree as pytree
+
+    return [leaf for leaf in pytree.tree_leaves(state) if isinstance(leaf, Tensor)]
+
+
+def call_map(fn: Callable[..., State], h: State, *args: Any) -> State:
+    """``fn(h, *args)``, refusing an ``fn`` that modifies its input state in place."""
+    if isinstance(h, Tensor):  # the common case, kept cheap: it runs once per step
+        version = h._version
+        out = fn(h, *args)
+        if h._version != version:
+            _raise_in_place(0)
+        return out
+    leaves = _leaves_of(h)
+    versions = [leaf._version for leaf in leaves]
+    out = fn(h, *args)
+    for i, (leaf, v) in enumerate(zip(leaves, versions, strict=True)):
+        if leaf._version != v:
+            _raise_in_place(i)
+    return out
+
+
+def _raise_in_place(i: int) -> None:
+    raise ValueError(
+        f"f modified its input state in place (leaf {i}); fixed_point keeps earlier states, so "
+        "f must return new tensors: write h = h + x, not h += x or h.add_(x)"
+    )
+
+
+def _slice_inputs(inputs: Sequence[Tensor], dims: Sequence[int], rows: Tensor | None) -> list:
+    if rows is None:
+        return list(inputs)
+    return [x.index_select(d, rows) for x, d in zip(inputs, dims, strict=True)]
+
+
+def check_inputs(inputs: Any, batch_dim: int | None, batch: int | None) -> tuple[list, list[int]]:
+    """Validate ``inputs=``: a tuple/list of tensors, each with the batch along ``batch_dim``."""
+    if not isinstance(inputs, (tuple, list)):
+        raise TypeError(
+            f"inputs must be a tuple or list of tensors passed to f(h, *inputs), got "
+            f"{type(inputs).__name__}"
+        )
+    dims = []
+    for i, x in enumerate(inputs):
+        if batch_dim is None:
+            dims.append(0)
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"inputs[{i}] is a {type(x).__name__}; with batch_dim every input must be a "
+                "tensor holding the batch along batch_dim (close over anything else in f)"
+            )
+        if not -x.dim() <= batch_dim < x.dim() or x.shape[batch_dim % x.dim()] != batch:
+            raise ValueError(
+                f"inputs[{i}] of shape {tuple(x.shape)} does not hold the {batch} samples of the "
+                f"state along batch_dim={batch_dim}"
+            )
+        dims.append(batch_dim % x.dim())
+    return list(inputs), dims
+
+
+def check_rows_independent(fmap: RowMap, x0: Tensor, fx0: Tensor, batch_dim: int) -> None:
+    """Refuse an f that mixes samples: F on two rows must equal those rows of F on the batch."""
+    b = x0.shape[0]
+    if b < 2:
+        return
+    rows = torch.tensor([b - 1, 0], device=x0.device)
+    try:
+        with torch.no_grad():
+            sub = fmap(x0[rows], rows)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the reason attached
+        raise ValueError(
+            f"batch_dim={batch_dim}: f failed on a sub-batch of 2 samples ({exc}); per-sample "
+            "stopping calls f on the live samples only, so f must treat samples independently "
+            "and take per-sample inputs through inputs=(...). Use batch_dim=None to stop on "
+            "the whole batch."
+        ) from exc
+    want = fx0[rows]
+    eps = torch.finfo(x0.dtype).eps
+    scale = want.abs().amax().clamp_min(1.0)
+    err = (sub - want).abs().amax()
+    if not bool(err <= math.sqrt(eps) * scale):
+        raise ValueError(
+            f"batch_dim={batch_dim}: f mixes samples (f on samples [{b - 1}, 0] differs from "
+            f"those rows of f on the whole batch by {err.item():.3g}). Per-sample stopping "
+            "needs an f whose samples are independent (no batch norm over the batch, no "
+            "closed-over per-sample tensors: pass them as inputs=(...), which fixed_point "
+            "slices). Use batch_dim=None to stop on the whole batch."
+        )
+
+
+# ------------------------------------------------------------------ the forward of fixed_point
+
+
+@dataclass
+class Forward:
+    """What the forward hands to :func:`rbp.fixed_point`'s backward wiring."""
+
+    h: State  # the returned state h_out (with the graph its method needs)
+    h_in: list[Tensor]  # leaves at which the map was last applied (requires_grad if implicit)
+    h_out: list[Tensor]  # leaves of h_out = F(h_in)
+    spec: Any
+
+
+def _diff_norm(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    total = sum((x.detach() - y.detach()).pow(2).sum() for x, y in zip(a, b, strict=True))
+    return torch.as_tensor(total).sqrt().to("cpu", torch.float64)
+
+
+def _norm(a: Sequence[Tensor]) -> float:
+    return math.sqrt(sum(leaf.detach().double().pow(2).sum().item() for leaf in a))
+
+
+def check_finite(leaves: Sequence[Tensor], method: str, steps: int) -> None:
+    if not all(bool(torch.isfinite(leaf.detach()).all()) for leaf in leaves):
+        raise DivergenceError(
+            f"{method}: the forward state is not finite after {steps} steps: the map diverges. "
+            "Check that f is a contraction (e.g. smaller weights or a damped update)."
+        )
+
+
+def is_plain(solver: Solver) -> bool:
+    return isinstance(solver, Iterate) and solver.damping == 0.0
+
+
+def unroll(
+    step: Callable[[State, int], State],
+    h0: State,
+    steps: int,
+    graph_steps: int,
+    *,
+    detach: bool,
+    require_grad_input: bool,
+    trace: bool,
+    method: str,
+) -> tuple[Forward, list[float]]:
+    """The paper's forward: ``steps`` updates, the last ``graph_steps`` of them with a graph.
+
+    Returns the forward and the differences ``||h_t - h_{t-1}||`` (all with ``trace``, else the
+    last). ``detach`` cuts the graph to earlier steps; ``require_grad_input`` makes the input of
+    the graph steps a leaf with ``requires_grad`` (what the implicit methods differentiate).
+    """
+    h0_leaves, spec = tree.flatten(h0, "h0")
+    free_steps = steps - graph_steps
+    norms: list[Tensor] = []
+    h, prev = h0, h0
+    with torch.no_grad():
+        for t in range(free_steps):
+            prev, h = h, step(h, t)
+            if t == 0:
+                tree.check_same_structure(spec, h0_leaves, h, t)
+            if trace:
+                norms.append(_diff_norm(tree.flatten(h)[0], tree.flatten(prev)[0]))
+    if detach:
+        h = tree.unflatten(spec, [leaf.detach() for leaf in tree.flatten(h)[0]])
+    h_in: list[Tensor] = []
+    if require_grad_input:
+        h_in = [leaf.detach().requires_grad_() for leaf in tree.flatten(h)[0]]
+        h = tree.unflatten(spec, h_in)
+    for t in range(free_steps, steps):
+        prev, h = h, step(h, t)
+        if t in (0, steps - 1):
+            tree.check_same_structure(spec, h0_leaves, h, t)
+        if trace or t == steps - 1:
+            norms.append(_diff_norm(tree.flatten(h)[0], tree.flatten(prev)[0]))
+    out = tree.flatten(h)[0]
+    check_finite(out, method, steps)
+    return Forward(h, h_in, out, spec), torch.stack(norms).tolist()
+
+
+def run(
+    f: Callable[..., State],
+    h0: State,
+    steps: int,
+    *,
+    method: str,
+    truncate: int,
+    implicit: bool,
+    time_varying: bool,
+    last_step: Callable[..., State] | None,
+    tol: float | None,
+    tol_mode: str,
+    solver: Solver,
+    batch_dim: int | None,
+    inputs: Sequence[Any],
+    best_iterate: bool,
+    check_every: int,
+    trace: bool,
+    info: Any,
+) -> Forward:
+    """The forward of :func:`rbp.fixed_point`; fills the forward fields of ``info``.
+
+    ``implicit``: the gradient method differentiates the fixed point (an adjoint is attached
+    by the caller at ``(h_in, h_out)``); otherwise, with grad enabled, the method back-propagates
+    through the updates (bptt, tbptt).
+    """
+    grad_on = torch.is_grad_enabled()
+    h0_leaves, spec = tree.flatten(h0, "h0")
+    batch = layout(h0_leaves, spec, batch_dim).batch if batch_dim is not None else None
+    inputs, in_dims = check_inputs(inputs, batch_dim, batch)
+    info.solver = solver.name
+
+    def step(h: State, t: int) -> State:
+        if t == steps - 1 and last_step is not None:
+            return call_map(last_step, h, *inputs)
+        if time_varying:
+            return call_map(f, h, t, *inputs)
+        return call_map(f, h, *inputs)
+
+    if grad_on and not implicit and method not in ("bptt", "tbptt"):
+        raise ValueError(
+            f"method {method!r} is neither implicit nor 'bptt'/'tbptt': the forward does not "
+            "know which updates to keep a graph for"
+        )
+    if tol is None and is_plain(solver) and batch_dim is None and not best_iterate:
+        if not grad_on or method == "bptt":
+            graph_steps = steps
+        elif method == "tbptt":
+            graph_steps = truncate
+        else:
+            graph_steps = 1
+        fwd, diffs = unroll(
+            step, h0, steps, graph_steps, detach=grad_on and method != "bptt",
+            require_grad_input=grad_on and implicit, trace=trace, method=method,
+        )
+        _fill(info, diffs[-1], _norm(fwd.h_out), diffs if trace else [])
+        info.forward_steps, info.forward_residual = steps, diffs[-1]
+        info.row_updates = steps
+        return _constant_if_nothing_to_differentiate(fwd)
+
+    _refuse_combinations(method, grad_on, implicit, solver, time_varying, batch_dim,
+                         best_iterate)
+    if grad_on and not implicit:
+        return _unroll_to_tol(step, h0, steps, method, truncate, tol, tol_mode, solver,
+                              check_every, trace, info)
+    fwd = _solve_then_step(step, f, h0, steps, method, implicit and grad_on, time_varying,
+                           last_step, tol, tol_mode, solver, batch_dim, inputs, in_dims,
+                           best_iterate, check_every, trace, info)
+    return _constant_if_nothing_to_differentiate(fwd)
+
+
+def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
+    """Detach ``h_out`` when its graph reaches no leaf but ``h_in`` (f uses no parameter).
+
+    Then, as for any function of constants, the returned state does not require grad, instead
+    of carrying an adjoint that would deliver gradients to nobody.
+    """
+    if not fwd.h_in or not any(o.requires_grad for o in fwd.h_out):
+        return fwd
+    own = {id(leaf) for leaf in fwd.h_in}
+    seen: set[int] = set()
+    todo = [o.grad_fn for o in fwd.h_out if o.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) not in own:
+            return fwd  # reaches a parameter or an input: keep the graph
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    out = [o.detach() for o in fwd.h_out]
+    return Forward(tree.unflatten(fwd.spec, out), [], out, fwd.spec)
+
+
+def _refuse_combinations(
+    method: str,
+    grad_on: bool,
+    implicit: bool,
+    solver: Solver,
+    time_varying: bool,
+    batch_dim: int | None,
+    best_iterate: bool,
+) -> None:
+    if grad_on and not implicit:
+        if not isinstance(solver, Iterate):
+            raise ValueError(
+                f"method={method!r} back-propagates through the forward updates, which it can "
+                f"do for solver='iterate' (plain or damped) only, not {solver.name!r}; use an "
+                "implicit method (e.g. 'neumann', 'gmres') with an accelerated solver"
+            )
+        for name, value in (("batch_dim", batch_dim), ("best_iterate", best_iterate or None)):
+            if value is not None:
+                raise ValueError(
+                    f"method={method!r} with {name}={value!r} is not supported: it would "
+                    "remove samples or iterates from a graph being back-propagated; use an "
+                    f"implicit method, or {name}={'None' if name == 'batch_dim' else 'False'}"
+                )
+    if time_varying and (not isinstance(solver, Iterate) or batch_dim is not None):
+        raise ValueError(
+            "time_varying=True changes the map every step, so it runs with solver='iterate' "
+            f"and batch_dim=None only (got solver={solver.name!r}, batch_dim={batch_dim!r})"
+        )
+
+
+def _fill(info: Any, diff: float, scale: float, trace: list[float]) -> None:
+    info.final_difference = diff
+    info.relative_final_difference = diff / max(scale, 1e-30)
+    info.forward_trace = trace
+
+
+def _unroll_to_tol(
+    step: Callable[[State, int], State],
+    h0: State,
+    steps: int,
+    method: str,
+    truncate: int,
+    tol: float | None,
+    tol_mode: str,
+    solver: Solver,
+    check_every: int,
+    trace: bool,
+    info: Any,
+) -> Forward:
+    """bptt / tbptt with a tolerance or damping: stop at tol, back-propagate through the updates.
+
+    tbptt keeps the last ``truncate`` inputs (no graph) and recomputes those updates with a graph
+    once it stops: memory O(K), the same gradient as keeping their graph all along.
+    """
+    assert isinstance(solver, Iterate)
+    damping = solver.damping
+    h0_leaves, spec = tree.flatten(h0, "h0")
+    bptt = method == "bptt"
+    window: deque[tuple[int, list[Tensor]]] = deque(maxlen=truncate)
+    leaves = list(h0_leaves)
+    norms: list[float] = []
+    reached = False
+    k = 0
+    for k in range(steps):
+        if not bptt:
+            window.append((k, [leaf.detach() for leaf in leaves]))
+        with torch.set_grad_enabled(bptt):
+            out = step(tree.unflatten(spec, leaves), k)
+            out_leaves = tree.check_same_structure(spec, h0_leaves, out, k)
+        last = k + 1 == steps
+        check = tol is not None and (last or (k + 1) % check_every == 0)
+        if trace or check or last:
+            diff = _diff_norm(out_leaves, leaves).item()
+            norms.append(diff)
+            if not math.isfinite(diff):
+                check_finite(out_leaves, method, k + 1)
+            if check:
+                reached = diff <= (tol * _norm(out_leaves) if tol_mode == "relative" else tol)
+            if last or reached:
+                break
+        with torch.set_grad_enabled(bptt):
+            leaves = [o if damping == 0.0 else torch.lerp(o, h, damping)
+                      for o, h in zip(out_leaves, leaves, strict=True)]
+    h_in = leaves
+    if not bptt:
+        start, leaves = window[0]
+        for j in range(start, k + 1):
+            out = step(tree.unflatten(spec, leaves), j)
+            out_leaves = tree.flatten(out)[0]
+            if j < k:
+                leaves = [o if damping == 0.0 else torch.lerp(o, h, damping)
+                          for o, h in zip(out_leaves, leaves, strict=True)]
+        h_in = leaves
+    check_finite(out_leaves, method, k + 1)
+    diff = _diff_norm(out_leaves, h_in).item()
+    _fill(info, diff, _norm(out_leaves), norms if trace else [])
+    info.forward_steps, info.forward_residual = k + 1, diff
+    info.tol_reached = reached if tol is not None else None
+    info.row_updates = k + 1
+    return Forward(tree.unflatten(spec, out_leaves), [], out_leaves, spec)
+
+
+def _solve_then_step(
+    step: Callable[[State, int], State],
+    f: Callable[..., State],
+    h0: State,
+    steps: int,
+    method: str,
+    attach: bool,
+    time_varying: bool,
+    last_step: Callable[..., State] | None,
+    tol: float | None,
+    tol_mode: str,
+    solver: Solver,
+    batch_dim: int | None,
+    inputs: Sequence[Any],
+    in_dims: Sequence[int],
+    best_iterate: bool,
+    check_every: int,
+    trace: bool,
+    info: Any,
+) -> Forward:
+    """Solve without a graph, then apply the map once more at the returned iterate ``h_in``."""
+    h0_leaves, spec = tree.flatten(h0, "h0")
+    lay = layout(h0_leaves, spec, batch_dim)
+    calls = [0]
+    expected: dict[int, list[Tensor]] = {}
+
+    def fmap(x: Tensor, rows: Tensor | None) -> Tensor:
+        leaves = from_rows(x, lay)
+        h = tree.unflatten(spec, leaves)
+        args = _slice_inputs(inputs, in_dims, rows)
+        out = call_map(f, h, calls[0], *args) if time_varying else call_map(f, h, *args)
+        calls[0] += 1
+        if x.shape[0] not in expected:  # first call at this batch size: check fully
+            tree.check_same_structure(spec, leaves, out, calls[0] - 1)
+            expected[x.shape[0]] = leaves
+        return to_rows(tree.flatten(out)[0], lay)
+
+    x0 = to_rows([leaf.detach() for leaf in h0_leaves], lay)
+    with torch.no_grad():
+        fx0 = fmap(x0, None)
+    if batch_dim is not None:
+        check_rows_independent(fmap, x0, fx0, batch_dim)
+    rs = solve(fmap, x0, solver, max_evals=steps, tol=tol, tol_mode=tol_mode,
+               check_every=check_every, best_iterate=best_iterate, trace=trace, fx0=fx0,
+               what=method)
+    h_in = [leaf.detach() for leaf in from_rows(rs.x, lay)]
+    if attach:
+        h_in = [leaf.requires_grad_() for leaf in h_in]
+    if attach or last_step is not None:
+        t = steps - 1
+        with torch.set_grad_enabled(attach):
+            out = step(tree.unflatten(spec, h_in), t)
+        out_leaves = tree.check_same_structure(spec, h0_leaves, out, t)
+    else:
+        out_leaves = from_rows(rs.fx, lay)
+    check_finite(out_leaves, method, max(rs.evaluations))
+    diff = _diff_norm(out_leaves, h_in).item()
+    _fill(info, diff, _norm(out_leaves), rs.trace)
+    per_sample = batch_dim is not None
+    info.forward_steps = rs.evaluations if per_sample else rs.evaluations[0]
+    info.forward_residual = rs.residual if per_sample else rs.residual[0]
+    if tol is not None:
+        info.tol_reached = rs.reached if per_sample else rs.reached[0]
+    info.best_iterate = rs.best if per_sample else rs.best[0]
+    info.solver_fallbacks = rs.fallbacks
+    info.row_updates = rs.row_updates
+    return Forward(tree.unflatten(spec, out_leaves), h_in if attach else [], out_leaves, spec)
+
+
+def steps_taken(info: Any) -> int:
+    """Evaluations of F the forward spent (the slowest sample's, with ``batch_dim``)."""
+    steps = info.forward_steps
+    return max(steps) if isinstance(steps, list) else steps
+
+
+def unreached_message(info: Any, tol: float, tol_mode: str, steps: int) -> str | None:
+    """The on_failure message when ``tol`` was not reached (``None`` when it was)."""
+    reached = info.tol_reached
+    if reached is None:
+        return None
+    flags = reached if isinstance(reached, list) else [reached]
+    missed = [i for i, ok in enumerate(flags) if not ok]
+    if not missed:
+        return None
+    res = info.forward_residual if isinstance(info.forward_residual, list) else [
+        info.forward_residual]
+    worst = max(res[i] for i in missed)
+    where = f" for {len(missed)} of {len(flags)} samples" if isinstance(reached, list) else ""
+    hint = "try solver='anderson', " if info.solver == "iterate" else ""
+    return (
+        f"{info.method}: the forward did not reach tol={tol:g} ({tol_mode}) within steps={steps} "
+        f"evaluations{where} (largest residual ||F(h) - h|| = {worst:.3g}, solver "
+        f"{info.solver!r}). Raise steps, {hint}or loosen tol; best_iterate=True returns the "
+        "lowest-residual iterate."
+    )

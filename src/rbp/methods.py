@@ -1,0 +1,256 @@
+"""How :func:`rbp.fixed_point` differentiates, as values.
+
+Two families. *Unrolled*: back-propagate through the forward steps themselves
+(:class:`BPTT`, :class:`TBPTT`). *Implicit*: keep a graph of one application of F at the last
+state ``h_T ~ h*`` and return ``z^T dF/dw``; :class:`Implicit` gets ``z`` from a linear solver of
+``(I - J^T) z = g`` (:mod:`rbp.solvers`, or any value with ``solve(matvec, b)``), while
+:class:`JFB` and :class:`Phantom` use a fixed cheap ``z`` and are inexact by design.
+
+The string names remain shortcuts: ``"neumann"`` is ``Implicit(Neumann(max_iter=truncate))``
+and so on (:func:`resolve`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rbp import solvers
+from rbp.diagnostics import Status
+
+Tensor = torch.Tensor
+
+
+class Method:
+    """Base of the method values."""
+
+    name: str = "method"
+    implicit: bool = False
+
+    def graph_steps(self, steps: int) -> int:
+        """How many of the ``steps`` forward updates keep an autograd graph."""
+        return 1
+
+
+@dataclass(frozen=True)
+class BPTT(Method):
+    """Back-propagation through all forward steps: exact for the unroll, O(T) memory."""
+
+    name = "bptt"
+
+    def graph_steps(self, steps: int) -> int:
+        return steps
+
+
+@dataclass(frozen=True)
+class TBPTT(Method):
+    """Back-propagation through the last ``k`` forward steps: O(k) memory."""
+
+    k: int
+    name = "tbptt"
+
+    def __post_init__(self) -> None:
+        solvers._check_int("TBPTT k", self.k)
+
+    def graph_steps(self, steps: int) -> int:
+        if self.k > steps:
+            raise ValueError(
+                f"tbptt cannot back-propagate through truncate={self.k} steps of a {steps}-step "
+                "run; use truncate <= steps (truncate == steps is bptt)"
+            )
+        return self.k
+
+
+@dataclass(frozen=True)
+class Implicit(Method):
+    """``z^T dF/dw`` with ``z`` from ``solver`` on ``(I - J^T) z = g`` at ``h_T``; O(1) memory.
+
+    ``solver``: a :mod:`rbp.solvers` value (``Neumann``, ``RBP``, ``CGNormal``, ``GMRES``) or any
+    object with ``solve(matvec, b)`` / callable ``solver(matvec, b)`` (protocol in
+    :mod:`rbp.solvers`).
+    """
+
+    solver: Any
+    implicit = True
+    accurate = True  # its error estimate is checked against max_backward_error
+
+    def __post_init__(self) -> None:
+        if not (solvers.is_solver(self.solver) or callable(self.solver)):
+            raise TypeError(
+                "Implicit(solver): solver must have a solve(matvec, b) method or be callable "
+                f"as solver(matvec, b), got {type(self.solver).__name__}"
+            )
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return str(getattr(self.solver, "name", type(self.solver).__name__))
+
+    @property
+    def needs_jvp(self) -> bool:
+        return bool(getattr(self.solver, "needs_jvp", False))
+
+
+@dataclass(frozen=True)
+class _Identity:
+    name = "jfb"
+
+    def solve(self, matvec: solvers.Matvec, b: Tensor) -> solvers.Solution:
+        return solvers.Solution(b, 0, [], Status.CONVERGED)
+
+
+@dataclass(frozen=True)
+class _Damped:
+    k: int
+    damping: float
+    name = "phantom"
+
+    def solve(self, matvec: solvers.Matvec, b: Tensor) -> solvers.Solution:
+        vjp = solvers._vjp_of(matvec)
+        lam = self.damping
+        u, z = b, b.clone()
+        for _ in range(self.k - 1):
+            u = lam * vjp(u) + (1 - lam) * u
+            z.add_(u)
+        return solvers.Solution(lam * z, self.k - 1, [], Status.MAX_ITER)
+
+
+class JFB(Implicit):
+    """Jacobian-free backprop (Fung et al., 2022): ``z = g``, i.e. the gradient ``g^T dF/dw``.
+
+    No Jacobian product at all; inexact (it drops ``(I - J^T)^{-1}``; a descent direction when F
+    is contractive enough). Memory: one step's graph, like the implicit methods.
+    """
+
+    accurate = False
+
+    def __init__(self) -> None:
+        super().__init__(_Identity())
+
+    def __repr__(self) -> str:
+        return "JFB()"
+
+
+class Phantom(Implicit):
+    """Phantom gradient (Geng et al., 2021) of ``k`` damped steps ``h <- lam F(h) + (1-lam) h``.
+
+    At a fixed point, back-propagating through those ``k`` steps gives
+    ``z = lam sum_{i<k} (lam J^T + (1 - lam) I)^i g`` (``k - 1`` Jacobian products), which is what
+    this computes on the graph of the one step at ``h_T``: memory O(1), not O(k). Inexact by
+    design (a truncated, damped series); ``damping=1`` gives TBPTT(k).
+    """
+
+    accurate = False
+
+    def __init__(self, k: int, damping: float = 0.5) -> None:
+        solvers._check_int("Phantom k", k)
+        ok = isinstance(damping, (int, float)) and not isinstance(damping, bool)
+        if not ok or not math.isfinite(damping) or not 0 < damping <= 1:
+            raise ValueError(f"Phantom damping must be a number in (0, 1], got {damping!r}")
+        super().__init__(_Damped(k, float(damping)))
+
+    def __repr__(self) -> str:
+        return f"Phantom(k={self.solver.k}, damping={self.solver.damping})"
+
+
+STRING_METHODS: tuple[str, ...] = ("bptt", "tbptt", "rbp", "cg", "neumann", "gmres")
+
+
+def solver_from_name(
+    name: str, *, truncate: int, tol: float | None, rbp_init: str, restart: int
+) -> Any:
+    """The solver value a string shortcut stands for."""
+    if name == "neumann":
+        return solvers.Neumann(max_iter=truncate, tol=tol)
+    if name == "rbp":
+        return solvers.RBP(max_iter=truncate, tol=tol, init=rbp_init)
+    if name == "cg":
+        return solvers.CGNormal(max_iter=truncate, tol=tol)
+    if name == "gmres":
+        return solvers.GMRES(max_iter=truncate, tol=tol, restart=min(restart, truncate))
+    raise ValueError(
+        f"unknown backward solver {name!r}; choose one of rbp, cg, neumann, gmres or pass a solver"
+    )
+
+
+def resolve(
+    method: Any,
+    *,
+    truncate: int,
+    tol: float | None = None,
+    rbp_init: str = "zeros",
+    restart: int = 30,
+) -> Method:
+    """A method value from a string shortcut, a method value, or a bare solver value.
+
+    String options (``truncate``, ``tol``, ``rbp_init``, ``restart``) apply to strings only; a
+    value carries its own.
+    """
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, str):
+        if method == "bptt":
+            return BPTT()
+        if method == "tbptt":
+            return TBPTT(truncate)
+        if method in STRING_METHODS:
+            return Implicit(
+                solver_from_name(
+                    method, truncate=truncate, tol=tol, rbp_init=rbp_init, restart=restart
+                )
+            )
+        raise ValueError(
+            f"unknown method {method!r}; choose one of {', '.join(STRING_METHODS)} or a value "
+            "such as rbp.BPTT(), rbp.TBPTT(k), rbp.Implicit(rbp.solvers.GMRES()), rbp.JFB(), "
+            "rbp.Phantom(k)"
+        )
+    if solvers.is_solver(method):
+        return Implicit(method)
+    raise TypeError(
+        f"method must be a name ({', '.join(STRING_METHODS)}) or a method value "
+        f"(rbp.BPTT(), rbp.Implicit(solver), ...), got {type(method).__name__}"
+    )
+
+
+STRING_DEFAULTS = {"truncate": 20, "backward_tol": None, "rbp_init": "zeros", "restart": 30}
+
+
+def check_string_options(method: Any, **options: Any) -> None:
+    """Refuse string-method options given together with a method value (they would be ignored)."""
+    if isinstance(method, str):
+        return
+    given = [k for k, v in options.items() if k in STRING_DEFAULTS and v != STRING_DEFAULTS[k]]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} applies to the string method names only; a method value "
+            f"carries its own options (e.g. rbp.Implicit(rbp.solvers.GMRES(max_iter=40, "
+            f"tol=1e-8, restart=20)), rbp.TBPTT(k), rbp.solvers.RBP(init='uniform')); got "
+            f"method={method!r} with {', '.join(f'{k}={options[k]!r}' for k in given)}"
+        )
+
+
+def resolve_fallback(
+    fallback: Any, *, truncate: int, tol: float | None, rbp_init: str, restart: int
+) -> Any:
+    """``None``, a solver name or a solver value -> ``None`` or a solver value."""
+    if fallback is None:
+        return None
+    if isinstance(fallback, str):
+        if fallback not in ("rbp", "cg", "neumann", "gmres"):
+            raise ValueError(
+                "fallback must be one of rbp, cg, neumann, gmres (a backward solver: the "
+                f"forward graph is gone by then) or a solver value, got {fallback!r}"
+            )
+        return solver_from_name(
+            fallback, truncate=truncate, tol=tol, rbp_init=rbp_init, restart=restart
+        )
+    if isinstance(fallback, Implicit) and fallback.accurate:
+        return fallback.solver
+    if solvers.is_solver(fallback) and not isinstance(fallback, Method):
+        return fallback
+    raise ValueError(
+        "fallback must be a backward solver name (rbp, cg, neumann, gmres) or a solver value "
+        f"such as rbp.solvers.GMRES(); got {fallback!r}"
+    )

@@ -1,0 +1,540 @@
+"""One run lifecycle shared by every experiment.
+
+:func:`run_experiment` owns everything around an experiment's science: the output directory
+and its lock, "finished, pass --force", resuming only with the same settings, checkpoints
+(atomic, checksummed), the RNG seed, SIGINT/SIGTERM, accumulated wall time and the run's status
+(``running`` -> ``finished`` / ``interrupted`` / ``failed``) in ``results.json``. The
+experiment's ``run(cfg, ctx)`` gets a :class:`RunContext` and only trains and reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rbp.runner.checkpoint import (
+    load_checkpoint,
+    remove_stale_tmp,
+    save_checkpoint,
+    seed_everything,
+)
+from rbp.runner.config import config_to_dict
+from rbp.runner.progress import get_logger
+from rbp.runner.results import (
+    CHECKPOINT_DIR,
+    RESULTS_FILE,
+    RunExistsError,
+    machine_info,
+    prepare_run_dir,
+    read_json,
+    to_jsonable,
+    write_json,
+)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: runs are not locked
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "CONTROL_KEYS",
+    "LOCK_FILE",
+    "RESERVED_RESULT_KEYS",
+    "RunContext",
+    "RunLock",
+    "RunLockedError",
+    "SettingsMismatchError",
+    "interrupt_on_sigterm",
+    "run_experiment",
+    "settings_differences",
+]
+
+#: Lock file inside a run directory: held (``flock``) by the run writing there.
+LOCK_FILE = ".lock"
+
+#: Settings that control the run but not its numbers: they may differ on ``--resume``.
+CONTROL_KEYS = frozenset({"checkpoint_every", "interrupt_after"})
+
+#: Keys the runner adds to ``results.json``; an app's results must not use them.
+RESERVED_RESULT_KEYS = frozenset(
+    {"experiment", "status", "error", "wall_time_s", "started_at", "resumed", "quick",
+     "command", "rbp_version", "config", "machine"}
+)
+
+
+class RunLockedError(RunExistsError):
+    """Another live process holds the output directory's lock."""
+
+
+class SettingsMismatchError(RunExistsError):
+    """``--resume`` with settings that differ from the run's own."""
+
+
+# ---------------------------------------------------------------- signals
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM (and SIGINT, even when inherited as ignored, as under
+    ``nohup ... &``) raise KeyboardInterrupt in the main thread, so that runs and sweeps
+    record their state; the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM that arrive within the block and raise KeyboardInterrupt after it,
+    so a file write is never cut in half by a signal (exceptions raised inside still escape)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        caught.append(signum)
+
+    old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if caught:
+        raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------- lock
+
+
+def _describe_holder(info: dict[str, Any]) -> str:
+    pid, host, since = info.get("pid", "?"), info.get("host", "?"), info.get("started_at", "?")
+    return f"pid {pid} on {host}, started {since}"
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<out>/.lock``, which holds the owner's pid, host and start.
+
+    The kernel drops the lock when its process dies, so a lock file with content that nobody
+    holds is *stale*: :attr:`stale` then describes the dead owner. Release empties the file.
+    """
+
+    def __init__(self, out: Path, command: Sequence[str] = ()) -> None:
+        self.path = Path(out) / LOCK_FILE
+        self.stale: dict[str, Any] | None = None
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise RunExistsError(f"cannot write in --out {out}: {exc.strerror or exc}; choose "
+                                 "a writable directory") from None
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                get_logger("run").warning("cannot lock %s (%s); running without a lock",
+                                          self.path, exc.strerror or exc)
+                return
+            info = self._read()
+            os.close(self._fd)
+            raise RunLockedError(
+                f"another run ({_describe_holder(info)}) is writing to {out}; wait for it to "
+                "end or choose another --out") from None
+        prev = self._read()
+        if prev:
+            self.stale = prev
+        os.ftruncate(self._fd, 0)
+        doc = {"pid": os.getpid(), "host": socket.gethostname(),
+               "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+               "command": list(command)}
+        os.pwrite(self._fd, (json.dumps(doc) + "\n").encode(), 0)
+        os.fsync(self._fd)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            raw = os.pread(self._fd, 65536, 0).decode(errors="replace").strip()
+            info = json.loads(raw) if raw else {}
+        except (OSError, ValueError):
+            return {"pid": "?", "host": "?", "started_at": "?"} if raw else {}
+        return info if isinstance(info, dict) else {}
+
+    def release(self) -> None:
+        """Empty the lock file and release the lock (idempotent)."""
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        os.close(self._fd)  # closing the last descriptor releases the flock
+        self._fd = -1
+
+
+# ---------------------------------------------------------------- context
+
+
+def _safe_tag(tag: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in tag) or "_"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rbp")
+    except PackageNotFoundError:
+        import rbp
+
+        return str(getattr(rbp, "__version__", "unknown"))
+
+
+@dataclass
+class RunContext:
+    """What an experiment's ``run(cfg, ctx)`` gets besides its settings.
+
+    Units of work are saved under a tag: :meth:`save` mid-way (when :meth:`should_checkpoint`),
+    :meth:`finish` once done; :meth:`load` / :meth:`finished` read them back on ``--resume``.
+    Call :meth:`tick` after each training step (the ``interrupt_after`` test hook).
+    """
+
+    out_dir: Path
+    resume: bool = False
+    progress: bool = True
+    log: logging.Logger = field(default_factory=lambda: get_logger("run"))
+    checkpoint_every: int = 0
+    name: str = "run"
+    config: Any = None
+    quick: bool = False
+    command: list[str] = field(default_factory=list)
+    interrupt_after: int | None = None
+    prior_wall_time_s: float = 0.0
+    _start: float = field(default_factory=time.monotonic, init=False, repr=False)
+    _started_at: str = field(
+        default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"),
+        init=False, repr=False,
+    )
+    _last: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _machine: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    _ticks: int = field(default=0, init=False, repr=False)
+    _announced: set[str] = field(default_factory=set, init=False, repr=False)
+
+    @property
+    def results_path(self) -> Path:
+        """``<out_dir>/results.json``."""
+        return self.out_dir / RESULTS_FILE
+
+    @property
+    def wall_time_s(self) -> float:
+        """Seconds spent on this run, over all its sessions (resumes add up)."""
+        return self.prior_wall_time_s + time.monotonic() - self._start
+
+    def checkpoint_path(self, tag: str) -> Path:
+        """``<out_dir>/checkpoints/<tag>.pt`` (unsafe characters in ``tag`` become ``_``)."""
+        return self.out_dir / CHECKPOINT_DIR / f"{_safe_tag(tag)}.pt"
+
+    def should_checkpoint(self, step: int) -> bool:
+        """True when ``checkpoint_every > 0`` and ``step`` (1-based, steps done) is a multiple."""
+        return self.checkpoint_every > 0 and step > 0 and step % self.checkpoint_every == 0
+
+    def tick(self) -> None:
+        """Count one training step; raise KeyboardInterrupt once ``interrupt_after`` are done
+        in this process (a test hook that interrupts as Ctrl-C would)."""
+        self._ticks += 1
+        if self.interrupt_after is not None and self._ticks >= self.interrupt_after:
+            raise KeyboardInterrupt(f"interrupt_after={self.interrupt_after} reached")
+
+    def save(self, tag: str, state: dict[str, Any]) -> Path:
+        """Atomically save checkpoint ``tag`` (a signal during the write waits for its end)."""
+        path = self.checkpoint_path(tag)
+        with deferred_interrupts():
+            save_checkpoint(path, state)
+        self.log.debug("checkpoint %s saved", path)
+        return path
+
+    def load(self, tag: str) -> dict[str, Any] | None:
+        """Checkpoint ``tag`` when resuming and it exists, else ``None``.
+
+        Raises :class:`~rbp.runner.checkpoint.CheckpointError` for a damaged file.
+        """
+        if not self.resume:
+            return None
+        state = load_checkpoint(self.checkpoint_path(tag))
+        if state is not None and tag not in self._announced:
+            self._announced.add(tag)
+            if state.get("done"):
+                self.log.info("%s: finished earlier; reusing its result", tag)
+            else:
+                self.log.info("%s: resuming from its checkpoint", tag)
+        return state
+
+    def finish(self, tag: str, result: dict[str, Any]) -> None:
+        """Record unit ``tag`` as done with ``result`` (replaces its mid-way checkpoint)."""
+        self.save(tag, {"done": True, "result": result})
+
+    def finished(self, tag: str) -> dict[str, Any] | None:
+        """The result of unit ``tag`` if it finished in an earlier session, else ``None``."""
+        state = self.load(tag)
+        return state["result"] if state is not None and state.get("done") else None
+
+    def write_results(
+        self, results: dict[str, Any], status: str = "running", error: str | None = None
+    ) -> Path:
+        """Atomically write ``results`` plus run metadata to ``results.json``."""
+        clash = RESERVED_RESULT_KEYS.intersection(results)
+        if clash:
+            raise ValueError(f"results use reserved key(s): {', '.join(sorted(clash))}")
+        self._last = dict(results)
+        if self._machine is None:
+            self._machine = machine_info()
+        cfg = self.config
+        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+            cfg = config_to_dict(cfg)
+        doc: dict[str, Any] = {
+            "experiment": self.name,
+            "status": status,
+            "wall_time_s": round(self.wall_time_s, 3),
+            "started_at": self._started_at,
+            "resumed": self.resume,
+            "quick": self.quick,
+        }
+        if error is not None:
+            doc["error"] = error
+        doc.update(results)
+        doc.update({"config": cfg, "command": self.command, "rbp_version": _version(),
+                    "machine": self._machine})
+        with deferred_interrupts():
+            write_json(self.results_path, doc)
+        return self.results_path
+
+
+# ---------------------------------------------------------------- resume checks
+
+
+def settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two settings dicts (``CONTROL_KEYS`` ignored)."""
+    old_j, new_j = to_jsonable(old), to_jsonable(new)
+    keys = sorted((set(old_j) | set(new_j)) - CONTROL_KEYS)
+    return [k for k in keys if old_j.get(k, "<unset>") != new_j.get(k, "<unset>")]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _previous_results(out: Path) -> dict[str, Any] | None:
+    path = out / RESULTS_FILE
+    if not path.is_file():
+        if any((out / CHECKPOINT_DIR).glob("*.pt")):
+            raise RunExistsError(f"{out} has checkpoints but no {RESULTS_FILE}, so the "
+                                 "settings of the run to resume are unknown; pass --force to "
+                                 "start it over")
+        return None
+    try:
+        prev = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise RunExistsError(f"cannot read {path} ({exc}), so the settings of the run to "
+                             "resume are unknown; pass --force to start it over") from None
+    if not isinstance(prev, dict):
+        raise RunExistsError(f"{path} does not hold a run's results; pass --force to start "
+                             "over or choose another --out")
+    return prev
+
+
+def _check_resume(out: Path, prev: dict[str, Any] | None, cfg: Any, name: str) -> None:
+    if prev is None:
+        return
+    if prev.get("experiment") not in (None, name):
+        raise SettingsMismatchError(
+            f"{out} holds a '{prev.get('experiment')}' run, not '{name}'; choose another --out")
+    old = prev.get("config")
+    if not isinstance(old, dict):
+        return
+    new = config_to_dict(cfg)
+    diff = settings_differences(old, new)
+    if diff:
+        old_j, new_j = to_jsonable(old), to_jsonable(new)
+        shown = "; ".join(f"{k}: {_short(old_j.get(k))} -> {_short(new_j.get(k))}"
+                          for k in diff[:6])
+        more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
+        raise SettingsMismatchError(
+            f"cannot --resume {out} with other settings ({shown}{more}); resume with the "
+            "run's own settings, choose another --out, or pass --force to start a new run there")
+
+
+# ---------------------------------------------------------------- the lifecycle
+
+
+def _error(prog: str, message: object) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+def _finish_quietly(ctx: RunContext, status: str, error: str | None = None) -> None:
+    try:
+        ctx.write_results(ctx._last, status=status, error=error)
+    except (Exception, KeyboardInterrupt) as exc:  # never mask the original problem (nor
+        ctx.log.debug("could not record status %s: %r", status, exc)  # a 2nd Ctrl-C)
+
+
+def _prepare(out: Path, resume: bool, force: bool, command: list[str],
+             log: logging.Logger) -> tuple[RunLock, Path]:
+    """Create ``out``, take its lock, then protect an existing run in it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunExistsError(f"--out {out} exists and is not a directory; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunExistsError(f"cannot create --out {out}: {exc.strerror or exc}; choose a "
+                             "writable directory") from None
+    lock = RunLock(out, command)
+    try:
+        if lock.stale:
+            log.warning("%s was locked by a run that ended without releasing it (%s); taking "
+                        "it over", out, _describe_holder(lock.stale))
+        stale = remove_stale_tmp(out / CHECKPOINT_DIR) + remove_stale_tmp(out)
+        if stale:
+            log.info("removed %d unfinished temporary file(s) of an earlier run", len(stale))
+        prepare_run_dir(out, resume, force)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, out
+
+
+def run_experiment(
+    name: str,
+    run: Callable[[Any, RunContext], dict[str, Any] | None],
+    cfg: Any,
+    out: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    quick: bool = False,
+    show_progress: bool = True,
+    verbose: bool = False,
+    command: Sequence[str] = (),
+    log: logging.Logger | None = None,
+) -> int:
+    """Run ``run(cfg, ctx)`` in ``out`` with the whole lifecycle; return the exit status.
+
+    0: finished (or already finished with these settings on ``--resume``); 2: a problem with
+    the settings, the directory, the data or a file (ValueError, OSError: a damaged checkpoint,
+    a full disk), reported as one line; 130: interrupted (SIGINT or SIGTERM), with the command
+    that resumes it. Other exceptions mark the run failed and propagate.
+    """
+    log = log or get_logger(name)
+    prog = f"rbp {name}"
+    command = list(command)
+    argv = command[1:] if command[:1] == ["rbp"] else command
+    try:
+        lock, out = _prepare(out, resume, force, command, log)
+    except (ValueError, OSError) as exc:
+        _error(prog, exc)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    try:
+        return _run_locked(name, run, cfg, out, lock, resume=resume, quick=quick,
+                           show_progress=show_progress, verbose=verbose, command=command,
+                           argv=argv, log=log, prog=prog)
+    finally:
+        lock.release()
+
+
+def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | None], cfg: Any,
+                out: Path, lock: RunLock, *, resume: bool, quick: bool, show_progress: bool,
+                verbose: bool, command: list[str], argv: list[str], log: logging.Logger,
+                prog: str) -> int:
+    prior_wall = 0.0
+    last: dict[str, Any] = {}
+    if resume:
+        try:
+            prev = _previous_results(out)
+            _check_resume(out, prev, cfg, name)
+        except ValueError as exc:
+            _error(prog, exc)
+            return 2
+        if prev is not None:
+            if prev.get("status") == "finished":
+                log.info("%s holds a finished run with these settings; nothing to do "
+                         "(pass --force to run it again)", out)
+                return 0
+            if prev.get("status") == "running" and lock.stale is None:
+                log.warning("the previous run in %s stopped without recording why (killed?)",
+                            out)
+            wall = prev.get("wall_time_s")
+            prior_wall = float(wall) if isinstance(wall, (int, float)) else 0.0
+            last = {k: v for k, v in prev.items() if k not in RESERVED_RESULT_KEYS}
+        if not any((out / CHECKPOINT_DIR).glob("*.pt")):
+            log.info("no checkpoints in %s; starting from the beginning", out)
+    interrupt_after = getattr(cfg, "interrupt_after", None)
+    ctx = RunContext(
+        out_dir=out, resume=resume, progress=show_progress, log=log,
+        checkpoint_every=int(getattr(cfg, "checkpoint_every", 0) or 0), name=name,
+        config=cfg, quick=quick, command=command,
+        interrupt_after=interrupt_after if isinstance(interrupt_after, int) else None,
+        prior_wall_time_s=prior_wall,
+    )
+    ctx._last = last
+    try:
+        ctx.write_results(last, status="running")
+    except OSError as exc:
+        _error(prog, f"cannot write {ctx.results_path}: {exc.strerror or exc}")
+        return 2
+    log.debug("settings: %s", config_to_dict(cfg))
+    seed = getattr(cfg, "seed", None)
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        seed_everything(seed)
+
+    try:
+        with interrupt_on_sigterm():  # `kill` (e.g. by a job scheduler) saves like Ctrl-C
+            results = run(cfg, ctx)
+            path = ctx.write_results(ctx._last if results is None else results,
+                                     status="finished")
+    except KeyboardInterrupt:
+        _finish_quietly(ctx, "interrupted")
+        again = [a for a in argv if a != "--force"]
+        again = again if "--resume" in again else [*again, "--resume"]
+        print(f"\n{prog}: interrupted; continue the run with: rbp {shlex.join(again)}",
+              file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # bad settings or data, damaged files, disk full...
+        _finish_quietly(ctx, "failed", error=str(exc))
+        if verbose:
+            traceback.print_exc()
+        _error(prog, exc if verbose else f"{exc} (run with -v for the traceback)")
+        return 2
+    except BaseException as exc:
+        _finish_quietly(ctx, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    log.info("results written to %s (%.1f s)", path, ctx.wall_time_s)
+    return 0

@@ -1,0 +1,212 @@
+"""What a sweep runs: the spec (YAML or flags) and its points, as ``key=value`` settings.
+
+A point's values become settings overrides of one ordinary run: ``method: [a, b]`` is the
+setting ``methods=[a, b]``, every other key ``key=VALUE`` (VALUE written back as YAML). A key
+spelled as a flag, ``--some-flag``, is the setting ``some_flag`` when the experiment has one,
+else a flag passed to the run as it is (``true``: the bare flag; ``false``/``null``: left out).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rbp.runner.aggregate import name_part
+from rbp.runner.config import ConfigError, parse_override
+
+__all__ = ["Point", "SweepSpec", "check_spec", "expand_grid", "load_spec", "parse_grid_option",
+           "point_name"]
+
+_SPEC_KEYS = {"experiment", "grid", "points", "fixed", "out", "quick", "args", "workers",
+              "backend", "address", "cpus_per_run", "imports"}
+
+
+@dataclass
+class SweepSpec:
+    """What to run: ``experiment`` over the product of ``grid`` (times the explicit value sets
+    in ``points``, for grids that are not a full product) with ``fixed`` settings."""
+
+    experiment: str
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    points: list[dict[str, Any]] = field(default_factory=list)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+    quick: bool = False
+    args: list[str] = field(default_factory=list)  # extra flags passed verbatim to every run
+    workers: int = 1
+    backend: str = "local"
+    address: str | None = None
+    cpus_per_run: float = 1.0
+    imports: list[str] = field(default_factory=list)  # modules that register extra experiments
+
+    @property
+    def out_dir(self) -> Path:
+        """The sweep directory (default ``runs/sweeps/<experiment>``)."""
+        return Path(self.out) if self.out is not None else Path("runs/sweeps") / self.experiment
+
+
+@dataclass
+class Point:
+    """One grid point: its ``values``, directory ``name``, the run's settings ``overrides``
+    (``key=value`` texts) and the other ``flags`` passed to it verbatim."""
+
+    name: str
+    values: dict[str, Any]
+    overrides: list[str]
+    flags: list[str]
+
+    @property
+    def argv(self) -> list[str]:
+        """The run's arguments after ``rbp <experiment>`` (without ``--out``)."""
+        return [*self.flags, *(a for o in self.overrides for a in ("--set", o))]
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def load_spec(path: Path) -> SweepSpec:
+    """Read a sweep spec YAML file (keys: experiment, grid, points, fixed, out, quick, args,
+    workers, backend, address, cpus_per_run, imports). A relative ``out`` is taken from the
+    current directory, like ``--out`` of any run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep spec not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse sweep spec {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep spec {path} must be a mapping")
+    unknown = sorted(set(data) - _SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in sweep spec {path} "
+                          f"(valid: {', '.join(sorted(_SPEC_KEYS))})")
+    if "experiment" not in data:
+        raise ConfigError(f"sweep spec {path} needs 'experiment:'")
+    grid, fixed = data.get("grid") or {}, data.get("fixed") or {}
+    extra, args = data.get("points") or [], data.get("args") or []
+    imports = data.get("imports") or []
+    if not isinstance(grid, dict) or not isinstance(fixed, dict):
+        raise ConfigError(f"'grid:' and 'fixed:' in {path} must be mappings")
+    if not isinstance(extra, list) or not all(isinstance(e, dict) for e in extra):
+        raise ConfigError(f"'points:' in {path} must be a list of mappings")
+    if not isinstance(args, list) or not isinstance(imports, list):
+        raise ConfigError(f"'args:' and 'imports:' in {path} must be lists")
+    try:
+        spec = SweepSpec(
+            experiment=str(data["experiment"]),
+            grid={str(k): _as_list(v) for k, v in grid.items()},
+            points=[{str(k): v for k, v in e.items()} for e in extra],
+            fixed={str(k): v for k, v in fixed.items()},
+            out=Path(data["out"]) if data.get("out") is not None else None,
+            quick=bool(data.get("quick", False)), args=[str(a) for a in args],
+            workers=int(data.get("workers", 1)), backend=str(data.get("backend", "local")),
+            address=data.get("address"), cpus_per_run=float(data.get("cpus_per_run", 1.0)),
+            imports=[str(m) for m in imports])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"sweep spec {path}: {exc} (workers and cpus_per_run are numbers)"
+                          ) from exc
+    check_spec(spec)
+    return spec
+
+
+def check_spec(spec: SweepSpec) -> None:
+    """Raise :class:`ConfigError` for an empty grid axis, a key given twice or a bad backend."""
+    for key, values in spec.grid.items():
+        if not values:
+            raise ConfigError(f"grid key '{key}' has no values")
+    point_keys = {k for e in spec.points for k in e}
+    both = sorted((set(spec.grid) | point_keys) & set(spec.fixed))
+    if both:
+        raise ConfigError(f"key(s) {both} are both in the grid and fixed")
+    both = sorted(set(spec.grid) & point_keys)
+    if both:
+        raise ConfigError(f"key(s) {both} are both in the grid and in points")
+    if spec.workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {spec.workers}")
+    if spec.cpus_per_run <= 0:
+        raise ConfigError(f"cpus_per_run must be positive, got {spec.cpus_per_run}")
+    if spec.backend not in ("local", "ray"):
+        raise ConfigError(f"backend must be 'local' or 'ray', got '{spec.backend}'")
+
+
+def parse_grid_option(text: str) -> tuple[str, list[Any]]:
+    """``--grid key=a,b,c`` -> ``(key, [a, b, c])`` with each value parsed as YAML
+    (``--grid lr=[0.1,0.01]`` is a YAML list as well)."""
+    key, value = parse_override(text)
+    if isinstance(value, list):
+        return key, value
+    raw = text.partition("=")[2]
+    return key, [yaml.safe_load(p) for p in raw.split(",") if p.strip()]
+
+
+def _yaml_scalar(value: Any) -> str:
+    """``value`` written so that YAML reads it back unchanged (JSON is valid YAML)."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value and "," not in value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
+
+
+def _translate(key: str, value: Any, settings: Collection[str] | None) -> tuple[list[str],
+                                                                               list[str]]:
+    """``(overrides, flags)`` of one spec entry."""
+    if key.startswith("--"):
+        name = key[2:].replace("-", "_")
+        if settings is None or name not in settings:
+            if value is True:
+                return [], [key]
+            return ([], []) if value is False or value is None else ([], [key, str(value)])
+        key = name
+    if key in ("method", "methods"):
+        return ["methods=" + ",".join(str(v) for v in _as_list(value))], []
+    if key == "quick":
+        return [], ["--quick"] if value else []
+    return [f"{key}={_yaml_scalar(value)}"], []
+
+
+def point_name(values: Mapping[str, Any]) -> str:
+    """Directory name of a grid point, e.g. ``method-rbp__seed-0``."""
+    if not values:
+        return "run"
+    return "__".join(f"{name_part(k.lstrip('-'))}-{name_part(v)}" for k, v in values.items())
+
+
+def expand_grid(spec: SweepSpec, settings: Collection[str] | None = None) -> list[Point]:
+    """The points of ``spec``: the product of the grid values (last key varying fastest), each
+    combined with every entry of ``spec.points`` (when there are any). ``settings``: the
+    experiment's setting names, so that ``--data-dir`` becomes the setting ``data_dir``."""
+    base_o: list[str] = []
+    base_f: list[str] = ["--quick"] if spec.quick else []
+    for key, value in spec.fixed.items():
+        o, f = _translate(key, value, settings)
+        base_o, base_f = base_o + o, base_f + f
+    base_f += spec.args
+    keys = list(spec.grid)
+    points: list[Point] = []
+    seen: dict[str, int] = {}
+    for combo, extra in itertools.product(itertools.product(*(spec.grid[k] for k in keys)),
+                                          spec.points or [{}]):
+        values = {**dict(zip(keys, combo, strict=True)), **extra}
+        overrides, flags = list(base_o), list(base_f)
+        for key, value in values.items():
+            o, f = _translate(key, value, settings)
+            overrides, flags = overrides + o, flags + f
+        name = point_name(values)
+        if name in seen:  # two values that print alike: keep both runs apart
+            seen[name] += 1
+            name = f"{name}__{seen[name]}"
+        else:
+            seen[name] = 0
+        points.append(Point(name=name, values=values, overrides=overrides, flags=flags))
+    return points

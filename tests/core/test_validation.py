@@ -1,0 +1,107 @@
+"""Every option of rbp.fixed_point is type- and range-checked with a message naming it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from dynamics import DT, tanh_rnn
+
+import rbp
+
+BAD_OPTIONS = [
+    # (options, error type, message that must appear)
+    ({"steps": 0}, ValueError, "steps must be an integer >= 1, got 0"),
+    ({"steps": 2.0}, ValueError, "steps must be an integer >= 1, got 2.0"),
+    ({"steps": True}, ValueError, "steps must be an integer >= 1, got True"),
+    ({"steps": "10"}, ValueError, "steps must be an integer >= 1, got '10'"),
+    ({"truncate": 0}, ValueError, "truncate must be an integer >= 1"),
+    ({"truncate": 1.5}, ValueError, "truncate must be an integer >= 1"),
+    ({"restart": 2.5}, ValueError, "restart must be an integer >= 1, got 2.5"),
+    ({"restart": 0}, ValueError, "restart must be an integer >= 1"),
+    ({"check_every": 0}, ValueError, "check_every must be an integer >= 1"),
+    ({"check_every": None}, ValueError, "check_every must be an integer >= 1"),
+    ({"method": "adjoint"}, ValueError, "unknown method 'adjoint'"),
+    ({"method": "tbptt", "truncate": 11}, ValueError, "truncate <= steps"),
+    ({"tol": True}, TypeError, "tol must be positive (a number) or None, got True"),
+    ({"tol": "1e-6"}, TypeError, "tol must be positive"),
+    ({"tol": -1.0}, ValueError, "tol must be positive and finite"),
+    ({"tol": 0.0}, ValueError, "tol must be positive and finite"),
+    ({"tol": math.inf}, ValueError, "tol must be positive and finite, or None (no test), got inf"),
+    ({"tol": math.nan}, ValueError, "tol must be positive and finite"),
+    ({"backward_tol": math.nan}, ValueError, "backward_tol must be positive and finite"),
+    ({"settle_tol": math.nan}, ValueError, "settle_tol must be positive and finite"),
+    ({"settle_tol": -1e-3}, ValueError, "settle_tol must be positive"),
+    ({"settle_tol": False}, TypeError, "settle_tol must be positive (a number) or None"),
+    ({"tol_mode": "rel"}, ValueError, "tol_mode must be one of 'relative', 'absolute'"),
+    ({"tol_mode": None}, ValueError, "tol_mode must be one of"),
+    ({"on_failure": "explode"}, ValueError, "on_failure must be one of 'raise', 'warn'"),
+    ({"rbp_init": "random"}, ValueError, "rbp_init must be one of"),
+    ({"jvp": "forward"}, ValueError, "jvp must be one of 'double_vjp', 'func'"),
+    ({"fallback": "bptt"}, ValueError, "fallback must be one of"),
+    ({"time_varying": 1}, TypeError, "time_varying must be True or False, got 1"),
+    ({"trace": "yes"}, TypeError, "trace must be True or False"),
+    ({"best_iterate": None}, TypeError, "best_iterate must be True or False"),
+    ({"estimate_error": 0}, TypeError, "estimate_error must be True or False"),
+    ({"return_info": "no"}, TypeError, "return_info must be True or False"),
+    ({"last_step": 3}, TypeError, "last_step must be callable or None"),
+    ({"batch_dim": 0.0}, TypeError, "batch_dim must be an integer dim or None"),
+    ({"batch_dim": True}, TypeError, "batch_dim must be an integer dim or None"),
+    ({"batch_dim": 1}, ValueError, "batch_dim=1 is out of range for state leaf 0 of shape (8,)"),
+    ({"inputs": torch.zeros(3)}, TypeError, "inputs must be a tuple or list"),
+    ({"solver": "newton"}, ValueError, "unknown solver 'newton'"),
+    ({"solver": rbp.Anderson}, ValueError, "unknown solver"),
+    ({"solver": 3}, ValueError, "unknown solver 3"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "match"), BAD_OPTIONS, ids=lambda v: repr(v)[:40])
+def test_bad_option_gives_a_clear_message(options, error, match):
+    p = tanh_rnn()
+    args = {"steps": 10, **options}
+    with pytest.raises(error) as caught:
+        rbp.fixed_point(p.f, p.h0, **args)
+    assert match in str(caught.value)
+
+
+def test_unknown_option_is_a_type_error_naming_it():
+    p = tanh_rnn()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tolerance'"):
+        rbp.fixed_point(p.f, p.h0, 10, tolerance=1e-6)
+
+
+def test_good_edge_values_are_accepted():
+    p = tanh_rnn()
+    for options in (
+        {"tol": 1, "steps": 1},  # an int tolerance is a number
+        {"settle_tol": None, "steps": 1},
+        {"method": "tbptt", "truncate": 10},
+        {"tol": 1e-300, "tol_mode": "absolute", "on_failure": "ignore"},
+        {"inputs": []},
+    ):
+        rbp.fixed_point(p.f, p.h0, **{"steps": 10, "on_failure": "ignore", **options})
+
+
+def test_bad_states_name_the_leaf():
+    p = tanh_rnn()
+    with pytest.raises(TypeError, match=r"h0\['b'\] is a str"):
+        rbp.fixed_point(lambda s: s, {"a": p.h0, "b": "x"}, 5)
+    with pytest.raises(TypeError, match="h0 holds no tensors"):
+        rbp.fixed_point(lambda s: s, (), 5)
+    mixed = (p.h0, p.h0.float())
+    with pytest.raises(TypeError, match="one dtype and device; leaf 1 is torch.float32"):
+        rbp.fixed_point(lambda s: s, mixed, 5, tol=1e-6)
+    rbp.fixed_point(lambda s: (s[0] * 0.5, s[1] * 0.5), mixed, 5, settle_tol=None)  # unroll: ok
+    with pytest.raises(ValueError, match="holds no samples"):
+        rbp.fixed_point(lambda s: s, torch.zeros(0, 3, dtype=DT), 5, tol=1e-6, batch_dim=0)
+
+
+def test_f_returning_wrong_things_on_a_sub_batch_is_caught():
+    w = torch.eye(3, dtype=DT) * 0.5
+
+    def f(h):  # correct on the full batch only
+        return h @ w if h.shape[0] == 4 else (h @ w)[:, :2]
+
+    with pytest.raises(ValueError, match="failed on a sub-batch"):
+        rbp.fixed_point(f, torch.ones(4, 3, dtype=DT), 50, tol=1e-8, batch_dim=0)

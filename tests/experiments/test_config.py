@@ -1,0 +1,132 @@
+"""Settings that are wrong end as one clear line naming the setting, before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from rbp.runner import cli
+from rbp.runner.config import DATA_DIR_ENV, ConfigError, build_config, load_config
+from rbp.runner.registry import Experiment
+
+
+@dataclass
+class Cfg:
+    methods: list[str] = field(default_factory=lambda: ["rbp"])
+    seed: int = 0
+    seeds: list[int] | None = None
+    corrupt_seed: int | None = None
+    num_seeds: int = 3
+    dataset_seeds: dict[str, list[int]] = field(default_factory=dict)
+    lr: float = 0.1
+    data_dir: str | None = None
+    sizes: list[int] = field(default_factory=lambda: [4, 4])
+
+
+EXP = Experiment(name="cfgtoy", help="x", config_cls=Cfg, run=lambda c, x: {},
+                 methods=("rbp", "cg", "neumann"))
+
+
+def _build(*overrides: str, **kw: object) -> Cfg:
+    return build_config(EXP, list(overrides), **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lr=.nan", "setting 'lr' in --set must be finite"),
+        ("lr=.inf", "setting 'lr' in --set must be finite"),
+        ("lr=-.inf", "must be finite"),
+        ("seed=4294967296", "seed 4294967296 is outside 0..4294967295"),
+        ("seed=-1", "seed -1 is outside"),
+        ("corrupt_seed=99999999999", "setting 'corrupt_seed'"),
+        ("seeds=[0, 5000000000]", "setting 'seeds' in --set: seed 5000000000"),
+        ("dataset_seeds={cora: [-3]}", "setting 'dataset_seeds' in --set: seed -3"),
+        ("methods=[]", "setting 'methods' in --set is empty"),
+        ("seeds=[1, 2, 1]", "setting 'seeds' in --set repeats 1"),
+        ("methods=rbp,cg,rbp", "setting 'methods' in --set repeats rbp"),
+        ("methods=all,foo", "unknown method 'foo' in setting 'methods'"),
+        ("methods=cgg", "did you mean 'cg'"),
+    ],
+)
+def test_bad_values_are_named(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        _build(override)
+
+
+def test_good_values_pass() -> None:
+    cfg = _build("seed=4294967295", "seeds=[0, 1]", "num_seeds=1000000000000",
+                 "sizes=[4, 4, 4]", "methods=all")
+    assert cfg.seed == 2**32 - 1 and cfg.methods == ["rbp", "cg", "neumann"]
+    assert cfg.sizes == [4, 4, 4]  # repeats are fine in other lists
+
+
+def test_unknown_key_under_quick_is_an_error_even_without_quick(tmp_path: Path) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text("lr: 0.2\nquick:\n  lrr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'lrr' in 'quick:' section.*"
+                                          r"did you mean 'lr'"):
+        load_config(Cfg, path)
+    with pytest.raises(ConfigError, match="lrr"):
+        load_config(Cfg, path, quick=True)
+
+
+def test_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    user = tmp_path / "user.yaml"
+    user.write_text("data_dir: from-file\n")
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    assert _build().data_dir is None
+    assert _build(config_file=user).data_dir == "from-file"
+    monkeypatch.setenv(DATA_DIR_ENV, "from-env")
+    assert _build().data_dir == "from-env"
+    assert _build(config_file=user).data_dir == "from-env"       # env above files
+    assert _build("data_dir=from-set", config_file=user).data_dir == "from-set"
+    assert _build("data_dir=from-set", values={"data_dir": "flag"}).data_dir == "flag"
+    monkeypatch.setenv(DATA_DIR_ENV, "")
+    assert _build().data_dir is None  # empty means unset
+
+
+def test_env_data_dir_is_not_forced_on_experiments_without_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    @dataclass
+    class NoData:
+        seed: int = 0
+
+    monkeypatch.setenv(DATA_DIR_ENV, "/somewhere")
+    exp = Experiment(name="nodata", help="x", config_cls=NoData, run=lambda c, x: {})
+    assert build_config(exp, []).seed == 0
+
+
+def test_citation_settings_lists_and_maps(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("scipy")
+    cases = [
+        (("--set", "dataset=[]"), "setting 'dataset' is empty"),
+        (("--dataset", "cora,cora"), "setting 'dataset' repeats cora"),
+        (("--seeds", "0,0"), "setting 'seeds' in command-line flags repeats 0"),
+        (("--set", "hidden={cora: 64, pubmed: 16, coraa: 8}"),
+         "setting 'hidden' names unknown dataset(s) coraa"),
+        (("--set", "dataset_seeds={corra: [0]}"), "setting 'dataset_seeds' names unknown"),
+        (("--set", "lr=.nan"), "setting 'lr' in --set must be finite"),
+        (("--method", "all,foo"), "unknown method 'foo' in --method"),
+    ]
+    for extra, message in cases:
+        code = cli.main(["citation", "--out", str(tmp_path / "x"), "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert code == 2, extra
+        assert message in err and "Traceback" not in err, (extra, err)
+        assert err.strip().splitlines()[-1].startswith("rbp citation: error:")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("app", ["hopfield", "hyperopt"])
+def test_mnist_apps_reject_nan_lr_and_big_seeds(app: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    key = "lr" if app == "hopfield" else "meta_lr"
+    for extra in (("--set", f"{key}=.nan"), ("--seed", str(2**40)), ("--set", "methods=[]")):
+        assert cli.main([app, "--out", str(tmp_path / "x"), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "error: setting '" in err and "Traceback" not in err, err
