@@ -204,6 +204,17 @@ def test_dry_run_checks_settings(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "unknown experiment" in capsys.readouterr().err
 
 
+def test_dry_run_checks_each_points_data(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-data"
+    argv = ["sweep", "citation", "--grid", "dataset=cora", "--set", f"data_dir={missing}",
+            "--out", str(tmp_path / "s"), "--dry-run"]
+    assert cli.main(argv) == 2
+    out = capsys.readouterr().out
+    assert "error: data:" in out and str(missing) in out
+    assert not (tmp_path / "s").exists()
+
+
 def test_summarize_over_seeds() -> None:
     group = {
         "dataset=cora,seed=0": {"values": {"dataset": "cora", "seed": 0},

@@ -386,10 +386,6 @@ def attach_implicit_backward(
     return list(_ImplicitGradient.apply(backward_fn, *h_out))
 
 
-# The names fixed_point.py used before the move.
-_attach_implicit_backward = attach_implicit_backward
-
-
 def build_adjoint(
     method: Any,
     *,
@@ -428,6 +424,3 @@ def build_adjoint(
         map_at_fixed_point=map_at_fixed_point,
         spec=spec,
     )
-
-
-_Adjoint = build_adjoint

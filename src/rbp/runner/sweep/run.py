@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rbp.runner.aggregate import SWEEP_FILE, aggregate, read_results
-from rbp.runner.config import ConfigError, parse_override
+from rbp.runner.config import ConfigError, build_config, parse_override
 from rbp.runner.lifecycle import RunLock, interrupt_on_sigterm
 from rbp.runner.progress import get_logger, progress, setup_logging
 from rbp.runner.registry import IMPORTS_ENV, Experiment, experiments, import_app, summary_of
@@ -70,6 +70,19 @@ def plan(spec: SweepSpec, force: bool = False) -> list[tuple[Point, dict[str, An
                 rec.update(status="failed", error=why)
         planned.append((point, rec))
     return planned
+
+
+def _data_problem(spec: SweepSpec, point: Point) -> str | None:
+    """Why the data ``point`` would read is not in place (``--dry-run``), or None."""
+    exp = _experiment(spec)
+    if exp.check_data is None:
+        return None
+    quick = spec.quick or "--quick" in point.flags
+    try:
+        exp.check_data(build_config(exp, point.overrides, quick=quick))
+    except (ValueError, FileNotFoundError) as exc:
+        return f"data: {exc}"
+    return None
 
 
 def launcher_for(spec: SweepSpec) -> Launcher:
@@ -282,6 +295,8 @@ def run_command(args: argparse.Namespace) -> int:
             bad = 0
             for point, rec in plan(spec, force=args.force):
                 error = rec["error"] if rec["action"] in ("invalid", "conflict") else None
+                if error is None and rec["action"] != "skip":
+                    error = _data_problem(spec, point)
                 print(f"{point.name}: {rec['action']}: rbp {spec.experiment} "
                       f"{shlex.join(point.argv)}" + (f"\n    error: {error}" if error else ""))
                 bad += error is not None
