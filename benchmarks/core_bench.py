@@ -727,7 +727,7 @@ def format_table(result: dict[str, Any]) -> str:
     """Markdown table of all rows."""
     head = ("| problem | dtype | method | K | rel. err dW | rel. err dx | time ms | cpu ms "
             "| saved KiB | bwd KiB | F / vjp | ratio vs hand (wall / cpu) |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 12] if result["rows"] else []  # none with --overhead-only
     for r in result["rows"]:
         calls = f"{r['n_f']} / {r['n_vjp']}" if "n_f" in r else "-"
         ratio = (f"{r['ratio_vs_hand']:.2f} / {r['cpu_ratio_vs_hand']:.2f}"
@@ -777,8 +777,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-counts", action="store_true", help="skip the F / vjp count run")
     parser.add_argument("--pairs", type=int, default=None,
                         help="alternating rbp/hand calls in the overhead study (0: skip)")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the issue's small problem (tanh RNN 128 x 16, T=50, K=20, "
+                             "float32): rbp.neumann against the hand-written loop (~1 min)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.overhead_only:
+        pairs = args.pairs or 300
+        small = make_rnn(128, 16, 32, 0).cast(torch.float32)
+        small.name = "rnn-128x16"
+        start = time.perf_counter()
+        target = [paired_overhead(small, 50, 20, pairs, **kw)
+                  for kw in ({}, {"max_backward_error": None})]
+        only: dict[str, Any] = {
+            "settings": {"threads": torch.get_num_threads(), "pairs": pairs},
+            "versions": _versions(), "machine": _machine(), "overhead_target": target,
+            "wall_time_s": time.perf_counter() - start,
+            "command": " ".join(["python", "benchmarks/core_bench.py",
+                                 *(argv or sys.argv[1:])]),
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "overhead.json").write_text(json.dumps(only, indent=1))
+        print(format_table({"rows": [], "skipped": [], **only}))
+        print(f"\nwrote {args.out / 'overhead.json'} ({only['wall_time_s']:.0f} s)")
+        return only
     result = run(quick=args.quick, repeats=args.repeats, steps=args.steps, ks=args.k,
                  problems=args.problems, dtypes=args.dtypes, counts=not args.no_counts,
                  pairs=args.pairs)

@@ -138,3 +138,20 @@ def test_missing_peers_are_skipped_with_a_note(
     assert {m.name for m in bench.METHODS if m.requires} == set(skipped)
     assert all("not installed" in reason for reason in skipped.values())
     assert "skipped torchdeq.anderson" in bench.format_table(result)
+
+
+def test_overhead_only_runs_the_small_problem_and_writes_json(bench: Any, tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--overhead-only", "--pairs", "2", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "overhead.json").read_text())
+    assert not (tmp_path / "bench.json").exists()
+    plain, unchecked = result["overhead_target"]
+    assert plain["problem"] == "rnn-128x16" and (plain["T"], plain["K"]) == (50, 20)
+    assert plain["dtype"] == "float32" and plain["pairs"] == 2
+    assert unchecked["rbp_kwargs"] == {"max_backward_error": "None"}
+    for o in (plain, unchecked):
+        assert o["paired_cpu_ratio"] > 0 and math.isfinite(o["paired_cpu_ratio"])
+        assert o["hand_cpu_fwd_ms"] > 0 and o["rbp_cpu_bwd_ms"] > 0

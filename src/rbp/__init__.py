@@ -2,21 +2,32 @@
 
 >>> h = rbp.fixed_point(f, h0, steps=50, method="neumann", truncate=20)
 >>> loss(h).backward()
+
+The public names load on first use (PEP 562), so ``import rbp.runner.cli`` (``rbp --help``)
+does not import torch.
 """
 
-from rbp import diagnostics, forward, methods, solvers
-from rbp.diagnostics import (
-    BackwardInfo,
-    ConvergenceWarning,
-    DivergenceError,
-    FixedPointInfo,
-    Status,
-)
-from rbp.fixed_point import IMPLICIT_METHODS, METHODS, fixed_point
-from rbp.forward import Anderson, Broyden, Iterate
-from rbp.methods import BPTT, JFB, TBPTT, Implicit, Phantom
-from rbp.module import FixedPoint
-from rbp.regularisers import jacobian_penalty
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rbp import diagnostics, forward, methods, solvers
+    from rbp.diagnostics import (
+        BackwardInfo,
+        ConvergenceWarning,
+        DivergenceError,
+        FixedPointInfo,
+        Status,
+    )
+    from rbp.fixed_point import IMPLICIT_METHODS, METHODS, fixed_point
+    from rbp.forward import Anderson, Broyden, Iterate
+    from rbp.methods import BPTT, JFB, TBPTT, Implicit, Phantom
+    from rbp.module import FixedPoint
+    from rbp.regularisers import jacobian_penalty
 
 __version__ = "0.1.0"
 
@@ -44,3 +55,55 @@ __all__ = [
     "methods",
     "solvers",
 ]
+
+# public name -> the module that defines it (a submodule itself when the name is one)
+_WHERE: dict[str, str] = {
+    **dict.fromkeys(("diagnostics", "forward", "methods", "solvers"), ""),
+    **dict.fromkeys(
+        ("BackwardInfo", "ConvergenceWarning", "DivergenceError", "FixedPointInfo", "Status"),
+        "rbp.diagnostics",
+    ),
+    **dict.fromkeys(("IMPLICIT_METHODS", "METHODS", "fixed_point"), "rbp.fixed_point"),
+    **dict.fromkeys(("Anderson", "Broyden", "Iterate"), "rbp.forward"),
+    **dict.fromkeys(("BPTT", "JFB", "TBPTT", "Implicit", "Phantom"), "rbp.methods"),
+    "FixedPoint": "rbp.module",
+    "jacobian_penalty": "rbp.regularisers",
+}
+
+
+# core submodules that ``import rbp`` used to bind as attributes (reachable as rbp.tree, ...)
+_SUBMODULES = ("adjoint", "module", "regularisers", "tree")
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None and name in _SUBMODULES:
+        where = ""
+    if where is None:
+        raise AttributeError(f"module 'rbp' has no attribute {name!r}")
+    if where == "":
+        value = importlib.import_module(f"rbp.{name}")
+    else:
+        value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """Keeps ``rbp.fixed_point`` the function when the submodule of that name is imported.
+
+    Importing a submodule binds it on its package; with the names loaded lazily that would
+    otherwise replace the function ``rbp.fixed_point`` by the module ``rbp.fixed_point``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "fixed_point" and isinstance(value, types.ModuleType):
+            value = value.fixed_point
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

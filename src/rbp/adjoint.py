@@ -38,6 +38,11 @@ Tensor = torch.Tensor
 
 DOUBLE_BACKWARD_METHODS = ("bptt", "tbptt")
 
+# What torch.autograd.grad calls once it has checked its arguments (None: not in this torch).
+_ENGINE_RUN_BACKWARD: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None
+)
+
 
 def report(on_failure: str, message: str, stacklevel: int = 4) -> None:
     """Raise :class:`DivergenceError`, warn :class:`ConvergenceWarning`, or do nothing."""
@@ -61,25 +66,8 @@ class Rows:
         shapes = tuple(leaf.shape for leaf in leaves)
         if batch_dim is None:
             return Rows(shapes, None, tuple(leaf.numel() for leaf in leaves), 1)
-        dims, batch = [], None
-        for i, leaf in enumerate(leaves):
-            if not -leaf.dim() <= batch_dim < leaf.dim():
-                raise ValueError(
-                    f"batch_dim={batch_dim} is out of range for state leaf {i} of shape "
-                    f"{tuple(leaf.shape)}; every leaf needs the batch along batch_dim"
-                )
-            d = batch_dim % leaf.dim()
-            if batch is None:
-                batch = leaf.shape[d]
-            elif leaf.shape[d] != batch:
-                raise ValueError(
-                    f"batch_dim={batch_dim}: state leaf {i} has {leaf.shape[d]} samples, leaf 0 "
-                    f"{batch}; every leaf must hold the same batch"
-                )
-            dims.append(d)
-        if not batch:
-            raise ValueError(f"batch_dim={batch_dim}: the state holds no samples (batch size 0)")
-        return Rows(shapes, tuple(dims), tuple(leaf.numel() // batch for leaf in leaves), batch)
+        dims, batch = tree.batch_axes(leaves, batch_dim)
+        return Rows(shapes, dims, tuple(leaf.numel() // batch for leaf in leaves), batch)
 
     def to_rows(self, leaves: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         if self.dims is None:
@@ -154,12 +142,29 @@ class Adjoint:
         single = len(h_out) == 1 and len(h_in) == 1 and rows.dims is None and bool(live)
         out0, in0 = h_out[0], h_in[0]
         out_dtype, cast = out0.dtype, out0.dtype != work
+        row_shape = b.shape
+        # The K products reuse one graph with arguments checked here, so they call the engine
+        # the way torch.autograd.grad does, without its per-call Python re-validation (~10 us
+        # a product); a tensor subclass, or a v of another shape, takes the public path.
+        engine = _ENGINE_RUN_BACKWARD if single else None
+        if engine is not None and torch.overrides.has_torch_function((out0, in0)):
+            engine = None
+        if engine is not None:
+            with torch.enable_grad():
+                out_row = out0.reshape(row_shape)  # grads arrive as rows: no reshape per product
 
         def vjp_single(v: Tensor) -> Tensor:  # the common case, without list bookkeeping
-            u = v.reshape(out0.shape)
-            (gi,) = torch.autograd.grad(
-                out0, in0, u.to(out_dtype) if cast else u, retain_graph=True, allow_unused=True
-            )
+            if engine is not None and v.shape == row_shape and v.dtype == work:
+                (gi,) = engine(
+                    (out_row,), (v.to(out_dtype) if cast else v,), True, False, (in0,), True,
+                    accumulate_grad=False,
+                )
+            else:
+                u = v.reshape(out0.shape)
+                (gi,) = torch.autograd.grad(
+                    out0, in0, u.to(out_dtype) if cast else u, retain_graph=True,
+                    allow_unused=True,
+                )
             if gi is None:
                 return torch.zeros_like(v)
             return gi.reshape(1, -1).to(work) if cast else gi.reshape(1, -1)

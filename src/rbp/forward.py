@@ -121,6 +121,7 @@ class Broyden:
 
 Solver = Iterate | Anderson | Broyden
 SOLVERS: dict[str, type] = {"iterate": Iterate, "anderson": Anderson, "broyden": Broyden}
+_DEFAULT_SOLVERS: dict[str, Solver] = {name: cls() for name, cls in SOLVERS.items()}  # frozen
 
 
 def as_solver(value: Any) -> Solver:
@@ -128,7 +129,7 @@ def as_solver(value: Any) -> Solver:
     if isinstance(value, (Iterate, Anderson, Broyden)):
         return value
     if isinstance(value, str) and value in SOLVERS:
-        return SOLVERS[value]()
+        return _DEFAULT_SOLVERS[value]
     raise ValueError(
         f"unknown solver {value!r}; use one of {', '.join(map(repr, SOLVERS))} or a value "
         "rbp.Iterate(damping=...), rbp.Anderson(m=..., beta=..., ridge=...) or "
@@ -433,27 +434,9 @@ def layout(leaves: Sequence[Tensor], spec: Any, batch_dim: int | None) -> Layout
     shapes = tuple(tuple(leaf.shape) for leaf in leaves)
     if batch_dim is None:
         return Layout(spec, shapes, None, tuple(leaf.numel() for leaf in leaves), 1)
-    dims, batch = [], None
-    for i, leaf in enumerate(leaves):
-        if not -leaf.dim() <= batch_dim < leaf.dim():
-            raise ValueError(
-                f"batch_dim={batch_dim} is out of range for state leaf {i} of shape "
-                f"{tuple(leaf.shape)}; every leaf needs the batch along batch_dim"
-            )
-        d = batch_dim % leaf.dim()
-        if batch is None:
-            batch = leaf.shape[d]
-        elif leaf.shape[d] != batch:
-            raise ValueError(
-                f"batch_dim={batch_dim}: state leaf {i} has {leaf.shape[d]} samples, leaf 0 "
-                f"{batch}; every leaf must hold the same batch"
-            )
-        dims.append(d)
-    assert batch is not None
-    if batch == 0:
-        raise ValueError(f"batch_dim={batch_dim}: the state holds no samples (batch size 0)")
+    dims, batch = tree.batch_axes(leaves, batch_dim)
     sizes = tuple(leaf.numel() // batch for leaf in leaves)
-    return Layout(spec, shapes, tuple(dims), sizes, batch)
+    return Layout(spec, shapes, dims, sizes, batch)
 
 
 def to_rows(leaves: Sequence[Tensor], lay: Layout) -> Tensor:
@@ -619,39 +602,71 @@ def unroll(
     require_grad_input: bool,
     trace: bool,
     method: str,
-) -> tuple[Forward, list[float]]:
+    fast: Callable[[State], State] | None = None,
+) -> tuple[Forward, list[float], float]:
     """The paper's forward: ``steps`` updates, the last ``graph_steps`` of them with a graph.
 
-    Returns the forward and the differences ``||h_t - h_{t-1}||`` (all with ``trace``, else the
-    last). ``detach`` cuts the graph to earlier steps; ``require_grad_input`` makes the input of
-    the graph steps a leaf with ``requires_grad`` (what the implicit methods differentiate).
+    Returns the forward, the differences ``||h_t - h_{t-1}||`` (all with ``trace``, else the
+    last) and ``||h_T||``. ``detach`` cuts the graph to earlier steps; ``require_grad_input``
+    makes the input of the graph steps a leaf with ``requires_grad`` (what the implicit methods
+    differentiate). ``fast(h)``, if given, is the same update as ``step(h, t)`` without checks:
+    it runs the steps between the first, the first graph step and the last, which ``step`` runs
+    with the structure and in-place checks (f is one map, so checking each step again would
+    only cost time).
     """
     h0_leaves, spec = tree.flatten(h0, "h0")
     free_steps = steps - graph_steps
+    checked = {0, free_steps, steps - 1}
     norms: list[Tensor] = []
-    h, prev = h0, h0
+
+    def advance(h: State, lo: int, hi: int) -> tuple[State, State]:
+        prev = h
+        for t in range(lo, hi):
+            if fast is None or trace or t in checked:
+                prev, h = h, step(h, t)
+                if t in checked:
+                    tree.check_same_structure(spec, h0_leaves, h, t)
+                if trace:
+                    norms.append(_diff_norm(tree.flatten(h)[0], tree.flatten(prev)[0]))
+            else:  # not kept as prev: only the last step's input is (it is a checked step)
+                h = fast(h)
+        return h, prev
+
     with torch.no_grad():
-        for t in range(free_steps):
-            prev, h = h, step(h, t)
-            if t == 0:
-                tree.check_same_structure(spec, h0_leaves, h, t)
-            if trace:
-                norms.append(_diff_norm(tree.flatten(h)[0], tree.flatten(prev)[0]))
+        h, _ = advance(h0, 0, free_steps)
     if detach:
         h = tree.unflatten(spec, [leaf.detach() for leaf in tree.flatten(h)[0]])
     h_in: list[Tensor] = []
     if require_grad_input:
         h_in = [leaf.detach().requires_grad_() for leaf in tree.flatten(h)[0]]
         h = tree.unflatten(spec, h_in)
-    for t in range(free_steps, steps):
-        prev, h = h, step(h, t)
-        if t in (0, steps - 1):
-            tree.check_same_structure(spec, h0_leaves, h, t)
-        if trace or t == steps - 1:
-            norms.append(_diff_norm(tree.flatten(h)[0], tree.flatten(prev)[0]))
+    h, prev = advance(h, free_steps, steps)
     out = tree.flatten(h)[0]
-    check_finite(out, method, steps)
-    return Forward(h, h_in, out, spec), torch.stack(norms).tolist()
+    # one host read for the last difference, ||h_T|| and (through them) finiteness
+    with torch.no_grad():
+        if len(out) == 1 and not trace:  # as _diff_norm and _norm compute them, fewer calls
+            o = out[0]
+            d = o - tree.flatten(prev)[0][0]
+            diff = d.mul_(d).sum().sqrt()  # = pow(2) bit for bit, one temporary fewer
+            # ||h_T|| in the state's dtype (no float64 copy of the state), unless it overflows
+            norm = torch.linalg.vector_norm(o)
+            if o.device.type == "cpu":  # two reads cost less than stacking them
+                values = [diff.item(), norm.item()]
+            else:
+                values = torch.stack([diff.double(), norm.double()]).tolist()
+            if not math.isfinite(values[1]):
+                values[1] = torch.linalg.vector_norm(o, dtype=torch.float64).item()
+            values[1] = values[1] ** 2
+        else:
+            if not trace:
+                norms.append(_diff_norm(out, tree.flatten(prev)[0]))
+            squares = [leaf.double().pow(2).sum().to(norms[-1].device) for leaf in out]
+            values = torch.stack([*norms, *squares]).tolist()
+    diffs, squares = values[: len(values) - len(out)], values[len(values) - len(out) :]
+    scale = math.sqrt(sum(squares))
+    if not (math.isfinite(diffs[-1]) and math.isfinite(scale)):
+        check_finite(out, method, steps)
+    return Forward(h, h_in, out, spec), diffs, scale
 
 
 def run(
@@ -705,11 +720,14 @@ def run(
             graph_steps = truncate
         else:
             graph_steps = 1
-        fwd, diffs = unroll(
+        fast = None
+        if not time_varying:
+            fast = (lambda h: f(h, *inputs)) if inputs else f
+        fwd, diffs, scale = unroll(
             step, h0, steps, graph_steps, detach=grad_on and method != "bptt",
-            require_grad_input=grad_on and implicit, trace=trace, method=method,
+            require_grad_input=grad_on and implicit, trace=trace, method=method, fast=fast,
         )
-        _fill(info, diffs[-1], _norm(fwd.h_out), diffs if trace else [])
+        _fill(info, diffs[-1], scale, diffs if trace else [])
         info.forward_steps, info.forward_residual = steps, diffs[-1]
         info.row_updates = steps
         return _constant_if_nothing_to_differentiate(fwd)

@@ -12,6 +12,7 @@ and so on (:func:`resolve`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -191,16 +192,13 @@ def resolve(
     if isinstance(method, Method):
         return method
     if isinstance(method, str):
-        if method == "bptt":
-            return BPTT()
-        if method == "tbptt":
-            return TBPTT(truncate)
         if method in STRING_METHODS:
-            return Implicit(
-                solver_from_name(
-                    method, truncate=truncate, tol=tol, rbp_init=rbp_init, restart=restart
-                )
-            )
+            try:  # the values are frozen: built once per distinct set of options
+                return _from_string(method, truncate, tol, rbp_init, restart)
+            except TypeError as exc:
+                if "unhashable" not in str(exc):
+                    raise
+            return _from_string.__wrapped__(method, truncate, tol, rbp_init, restart)
         raise ValueError(
             f"unknown method {method!r}; choose one of {', '.join(STRING_METHODS)} or a value "
             "such as rbp.BPTT(), rbp.TBPTT(k), rbp.Implicit(rbp.solvers.GMRES()), rbp.JFB(), "
@@ -211,6 +209,19 @@ def resolve(
     raise TypeError(
         f"method must be a name ({', '.join(STRING_METHODS)}) or a method value "
         f"(rbp.BPTT(), rbp.Implicit(solver), ...), got {type(method).__name__}"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _from_string(
+    method: str, truncate: int, tol: float | None, rbp_init: str, restart: int
+) -> Method:
+    if method == "bptt":
+        return BPTT()
+    if method == "tbptt":
+        return TBPTT(truncate)
+    return Implicit(
+        solver_from_name(method, truncate=truncate, tol=tol, rbp_init=rbp_init, restart=restart)
     )
 
 

@@ -10,9 +10,14 @@ from torch.utils import _pytree as pytree
 
 State = Any  # a tensor or a (nested) tuple / list / dict of tensors
 
+# The structure of a bare-tensor state: flatten/unflatten skip pytree for it (once per step).
+LEAF: pytree.TreeSpec = pytree.tree_flatten(torch.zeros(()))[1]
+
 
 def flatten(state: State, what: str = "state") -> tuple[list[torch.Tensor], pytree.TreeSpec]:
     """Leaves and structure of ``state``; every leaf must be a floating-point tensor."""
+    if isinstance(state, torch.Tensor) and state.is_floating_point():
+        return [state], LEAF
     leaves, spec = pytree.tree_flatten(state)
     if not leaves:
         raise TypeError(f"{what} holds no tensors: pass a tensor or a tuple/list/dict of tensors")
@@ -34,6 +39,8 @@ def flatten(state: State, what: str = "state") -> tuple[list[torch.Tensor], pytr
 
 def unflatten(spec: pytree.TreeSpec, leaves: Sequence[torch.Tensor]) -> State:
     """Inverse of :func:`flatten`."""
+    if spec is LEAF:
+        return leaves[0]
     return pytree.tree_unflatten(list(leaves), spec)
 
 
@@ -41,6 +48,10 @@ def check_same_structure(
     spec: pytree.TreeSpec, leaves: Sequence[torch.Tensor], out: State, step: int
 ) -> list[torch.Tensor]:
     """Leaves of ``out`` after checking it matches the structure, shapes and dtypes of the state."""
+    if spec is LEAF and isinstance(out, torch.Tensor):
+        a = leaves[0]
+        if a.shape == out.shape and a.dtype == out.dtype:
+            return [out]
     out_leaves, out_spec = pytree.tree_flatten(out)
     if out_spec != spec:
         raise TypeError(
@@ -89,3 +100,31 @@ def _paths(spec: pytree.TreeSpec) -> list[str]:
         "".join(f"[{k.idx}]" if hasattr(k, "idx") else f"[{k.key!r}]" for k in keypath)
         for keypath, _ in pytree.tree_flatten_with_path(dummy)[0]
     ]
+
+
+def batch_axes(leaves: Sequence[torch.Tensor], batch_dim: int) -> tuple[tuple[int, ...], int]:
+    """The batch axis of every leaf (``batch_dim`` made non-negative) and the one batch size.
+
+    Raises a clear ``ValueError`` when a leaf lacks that axis, the leaves disagree on the batch
+    size, or the batch is empty.
+    """
+    dims: list[int] = []
+    batch: int | None = None
+    for i, leaf in enumerate(leaves):
+        if not -leaf.dim() <= batch_dim < leaf.dim():
+            raise ValueError(
+                f"batch_dim={batch_dim} is out of range for state leaf {i} of shape "
+                f"{tuple(leaf.shape)}; every leaf needs the batch along batch_dim"
+            )
+        d = batch_dim % leaf.dim()
+        if batch is None:
+            batch = leaf.shape[d]
+        elif leaf.shape[d] != batch:
+            raise ValueError(
+                f"batch_dim={batch_dim}: state leaf {i} has {leaf.shape[d]} samples, leaf 0 "
+                f"{batch}; every leaf must hold the same batch"
+            )
+        dims.append(d)
+    if not batch:
+        raise ValueError(f"batch_dim={batch_dim}: the state holds no samples (batch size 0)")
+    return tuple(dims), batch

@@ -544,3 +544,36 @@ def test_forward_bench_quick_writes_its_table(tmp_path, monkeypatch):
     assert slow["rbp broyden"] * 4 < slow["rbp iterate"]
     per_sample = [r for r in saved["per_sample"] if r["solver"] == "rbp iterate, batch_dim=0"]
     assert all(r["row_updates"] < r["iters"] * 8 for r in per_sample)
+
+
+@pytest.mark.parametrize("when", ["first", "graph", "last"])
+def test_checked_steps_catch_in_place_and_shape_changes(when):
+    """The unroll checks the first step, the first graph step and the last one."""
+    p = tanh_rnn()
+    steps = 12
+    calls = []
+    at = {"first": 0, "graph": steps - 3, "last": steps - 1}[when]  # tbptt, K=3
+
+    def f(h):
+        calls.append(1)
+        if len(calls) - 1 == at:
+            if when == "last":
+                return p.f(h)[:-1]
+            h.mul_(0.5)
+        return p.f(h)
+
+    kind = ValueError
+    match = "changed the shape" if when == "last" else "modified its input state in place"
+    with pytest.raises(kind, match=match):
+        rbp.fixed_point(f, p.h0.clone(), steps, "tbptt", 3)
+
+
+def test_time_varying_and_inputs_take_the_same_path_as_closures():
+    p = tanh_rnn()
+    c = torch.randn(8, dtype=DT)
+    want = rbp.fixed_point(lambda h: p.f(h) + 0.1 * c, p.h0, 30, "neumann", settle_tol=None)
+    got = rbp.fixed_point(lambda h, x: p.f(h) + 0.1 * x, p.h0, 30, "neumann", inputs=(c,),
+                          settle_tol=None)
+    tv = rbp.fixed_point(lambda h, t: p.f(h) + 0.1 * c, p.h0, 30, "neumann",
+                         time_varying=True, settle_tol=None)
+    assert torch.equal(want.detach(), got.detach()) and torch.equal(want.detach(), tv.detach())

@@ -254,3 +254,12 @@ def test_user_solution_without_errors_gets_the_true_residual_and_bad_status_is_r
     h = rbp.fixed_point(p.f, p.h0, 200, rbp.Implicit(odd))
     with pytest.raises(TypeError, match="returned status 'fine'"):
         p.loss(h).backward()
+
+
+def test_string_methods_resolve_once_per_option_set():
+    a = methods.resolve("neumann", truncate=7)
+    assert a is methods.resolve("neumann", truncate=7)  # frozen value, cached
+    assert a != methods.resolve("neumann", truncate=8)
+    assert methods.resolve("gmres", truncate=7, restart=3).solver.restart == 3
+    with pytest.raises(ValueError, match="tol must be a finite number"):
+        methods.resolve("rbp", truncate=3, tol=[1e-3])  # unhashable: still a clear message

@@ -65,3 +65,31 @@ def test_row_of_one_sample_matches_the_sample():
     x = torch.randn(5, 7)
     lay = forward.layout([x], tree.flatten(x)[1], 0)
     assert torch.equal(forward.to_rows([x], lay)[3], x[3])
+
+
+def test_bare_tensor_fast_path_matches_pytree():
+    x = torch.randn(3, 2)
+    leaves, spec = tree.flatten(x)
+    assert leaves == [x] and spec is tree.LEAF and spec == tree.flatten((x,))[1].children_specs[0]
+    assert tree.unflatten(spec, leaves) is x
+    assert tree.check_same_structure(spec, leaves, x * 2, 0)[0].shape == (3, 2)
+    with pytest.raises(ValueError, match=r"shape of state at step 4: \(3, 2\) -> \(6,\)"):
+        tree.check_same_structure(spec, leaves, x.reshape(-1), 4)
+    with pytest.raises(TypeError, match="changed the dtype"):
+        tree.check_same_structure(spec, leaves, x.double(), 1)
+    with pytest.raises(TypeError, match="different structure"):
+        tree.check_same_structure(spec, leaves, (x,), 1)
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        tree.flatten(torch.ones(2, dtype=torch.long), "h0")
+
+
+def test_batch_axes_normalises_and_checks_the_batch() -> None:
+    a, b = torch.zeros(4, 3), torch.zeros(2, 4)
+    assert tree.batch_axes([a], -2) == ((0,), 4)
+    assert tree.batch_axes([a, b.T], 0) == ((0, 0), 4)
+    with pytest.raises(ValueError, match="out of range"):
+        tree.batch_axes([torch.zeros(3)], 1)
+    with pytest.raises(ValueError, match="same batch"):
+        tree.batch_axes([a, b], 0)
+    with pytest.raises(ValueError, match="no samples"):
+        tree.batch_axes([torch.zeros(0, 3)], 0)

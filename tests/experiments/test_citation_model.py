@@ -219,3 +219,19 @@ def test_figures_module_only_draws() -> None:
     mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {m for m in mods if m and ("experiment" in m or "tables" in m)}
+
+
+@needs_data
+def test_cost_rows_show_constant_memory_for_implicit_methods(tmp_path: Path) -> None:
+    from rbp.apps.citation.cost import main, measure
+
+    rows = measure("cora", str(DATA), rate=0.8, hidden=8, repeats=1)
+    by = {(r["model"], r["method"]): r for r in rows}
+    k = by[("ignn", "bptt")]["K"]
+    # ignn's relu saves one state per step under BPTT; the implicit methods keep one step
+    for method in ("rbp", "cg", "neumann", "gmres"):
+        assert by[("ignn", method)]["memory_vs_bptt"] < 3.0 / k
+        assert by[("ignn", method)]["backward_status"] == ["converged"], method
+    assert by[("ppr", "neumann")]["backward_status"] == ["converged"]
+    with pytest.raises(SystemExit):
+        main(["--rate", "1.5", "--out", str(tmp_path / "x.json")])

@@ -45,12 +45,13 @@ except SystemExit as exc:
     code = exc.code
 new = sorted(set(sys.modules) - before)
 heavy = [m for m in new if m.startswith({HEAVY!r}) or (not core and m == 'torch')]
-print('CODE', code, 'HEAVY', heavy)
+print('CODE', code, 'TORCH_AFTER_IMPORT_RBP', core, 'HEAVY', heavy)
 """
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last.endswith("HEAVY []"), last
+    assert "TORCH_AFTER_IMPORT_RBP False" in last, "import rbp must not import torch (lazy names)"
     text = proc.stdout + proc.stderr
     names = ("hopfield", "citation", "hyperopt") + (("sweep", "report") if argv != ["list"]
                                                     else ())

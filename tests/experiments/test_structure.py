@@ -25,8 +25,9 @@ DOC = ROOT / "docs" / "architecture.md"
 #: Groups of the drawing, in layer order (a group may import only groups above it).
 #: storage -> config -> run lifecycle -> {sweep, report} -> CLI.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("storage", ("rbp.runner.results", "rbp.runner.checkpoint", "rbp.runner.progress",
-                 "rbp.runner.stats", "rbp.runner.tables", "rbp.runner.aggregate",
+    ("storage", ("rbp.runner.signals", "rbp.runner.results", "rbp.runner.checkpoint",
+                 "rbp.runner.progress", "rbp.runner.stats", "rbp.runner.tables",
+                 "rbp.runner.aggregate",
                  "rbp.runner.plots")),
     ("config", ("rbp.runner.config", "rbp.runner.registry")),
     ("lifecycle", ("rbp.runner.lifecycle",)),

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from rbp.runner.cli import main as cli_main
-    from rbp.runner.lifecycle import interrupt_on_sigterm
+    from rbp.runner.signals import interrupt_on_sigterm
 
     try:
         with interrupt_on_sigterm():  # a sweep stops its points with SIGINT, even under nohup

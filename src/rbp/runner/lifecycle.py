@@ -16,13 +16,11 @@ import json
 import logging
 import os
 import shlex
-import signal
 import socket
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +44,7 @@ from rbp.runner.results import (
     to_jsonable,
     write_json,
 )
+from rbp.runner.signals import deferred_interrupts, interrupt_on_sigterm
 
 try:
     import fcntl
@@ -87,49 +86,6 @@ class SettingsMismatchError(RunExistsError):
 
 
 # ---------------------------------------------------------------- signals
-
-
-@contextlib.contextmanager
-def interrupt_on_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM (and SIGINT, even when inherited as ignored, as under
-    ``nohup ... &``) raise KeyboardInterrupt in the main thread, so that runs and sweeps
-    record their state; the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler), signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old[0])
-        signal.signal(signal.SIGINT, old[1])
-
-
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM that arrive within the block and raise KeyboardInterrupt after it,
-    so a file write is never cut in half by a signal (exceptions raised inside still escape)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-
-    def hold(signum: int, frame: Any) -> None:
-        caught.append(signum)
-
-    old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    if caught:
-        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- lock

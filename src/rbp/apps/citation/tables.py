@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from rbp import METHODS
 from rbp.runner.stats import mean_std
 
 from .figures import LABELS, write_figures
@@ -77,9 +78,10 @@ def _fmt(summary: dict[str, Any] | None) -> str:
 
 def _methods_of(results: dict[str, Any], model: str) -> list[str]:
     """Methods of ``model`` in order of appearance over the datasets."""
-    names = [m for e in results.get("datasets", {}).values()
-             for m in e.get("models", {}).get(model, {})]
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(m for e in results.get("datasets", {}).values()
+                               for m in e.get("models", {}).get(model, {})))
+    order = {m: i for i, m in enumerate(METHODS)}   # the core's order, others after
+    return sorted(names, key=lambda m: order.get(m, len(order)))
 
 
 def write_table1(path: Path | str, results: dict[str, Any]) -> Path:
@@ -152,7 +154,8 @@ def fp_table(results: dict[str, Any]) -> str:
             lines.append("| method | test acc. (%) | s / epoch | × BPTT time | graph MB | "
                          "× BPTT memory | max rel. ‖h_T − h_T−1‖ | backward solves |")
             lines.append("|---|---|---|---|---|---|---|---|")
-            for m, summ in methods.items():
+            for m in _methods_of({"datasets": {ds: entry}}, model):
+                summ = methods[m]
                 t, mb = summ.get("sec_per_epoch"), summ.get("saved_mb")
                 t_ref, mb_ref = ref.get("sec_per_epoch"), ref.get("saved_mb")
                 rel = summ.get("max_final_rel_diff")
