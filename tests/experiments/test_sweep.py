@@ -183,7 +183,7 @@ def test_load_spec(tmp_path: Path) -> None:
 
 
 def test_packaged_sweep_specs_parse() -> None:
-    folder = Path(__file__).resolve().parents[1] / "configs" / "sweeps"
+    folder = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
     specs = sorted(folder.glob("*.yaml"))
     assert specs, "no example sweep specs"
     for path in specs:

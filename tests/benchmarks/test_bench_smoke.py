@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "core_bench.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "core_bench.py"
 ROW_KEYS = {"problem", "dtype", "method", "family", "K", "T", "rel_err_W", "rel_err_x",
             "time_ms", "times_ms", "cpu_ms", "cpu_ratio_vs_hand", "saved_kib",
             "saved_total_kib", "bwd_saved_kib", "n_f", "n_vjp", "ratio_vs_hand", "note"}

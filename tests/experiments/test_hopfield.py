@@ -12,7 +12,7 @@ from rbp.apps.hopfield.experiment import load_digits
 from rbp.apps.hopfield.model import Hopfield, corrupt, full_update, hopfield_jacobian
 from rbp.runner import cli, read_json
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
 needs_data = pytest.mark.skipif(not (DATA / "t10k-images-idx3-ubyte.gz").exists(),
                                 reason="shared MNIST data not present")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 
 
 @pytest.mark.parametrize("method", ["neumann", "cg", "bptt"])
@@ -20,7 +20,7 @@ def test_quickstart_learns_mnist(method):
 
 
 def test_readme_api_example_runs_and_fills_gradients():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     code = readme.split("## The API in ten lines", 1)[1].split("```python", 1)[1].split("```")[0]
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
@@ -33,7 +33,7 @@ def test_readme_module_example_trains_with_every_method() -> None:
 
     import rbp
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     code = readme.split("## Using it in a model", 1)[1].split("```python", 1)[1].split("```")[0]
     namespace: dict = {"torch": torch, "rbp": rbp}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
@@ -65,7 +65,7 @@ def test_readme_links_and_paths_exist():
     ``examples/`` or ``benchmarks/`` path in the README names a file or folder of the repo."""
     import re
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     readme = (root / "README.md").read_text()
     targets = set(re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme))
     targets |= set(re.findall(
@@ -79,7 +79,7 @@ def test_readme_links_and_paths_exist():
 def test_readme_quick_start_is_what_ci_runs():
     """The quick start's three commands: the CPU PyTorch wheel then the project, the demo,
     and the test command, which is the one CI runs."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     readme = (root / "README.md").read_text()
     block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     lines = [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]

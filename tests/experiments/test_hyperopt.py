@@ -13,7 +13,7 @@ from rbp.apps.hyperopt import model
 from rbp.apps.hyperopt.experiment import HyperoptConfig, Problem, initial_state, meta_step
 from rbp.runner import ConfigError, cli
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 MNIST = DATA / "mnist"
 
 

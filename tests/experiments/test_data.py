@@ -33,7 +33,7 @@ from rbp.data import (
 
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+SHARED_DATA = Path(__file__).parents[2] / ".." / "shared" / "data"
 MNIST_DIR = SHARED_DATA / "mnist"
 PLANETOID_DIR = SHARED_DATA / "planetoid"
 
@@ -549,7 +549,7 @@ def test_package_data_glob_ships_every_packaged_file() -> None:
     import fnmatch
     import tomllib
 
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]["rbp"]
     package = root / "src" / "rbp"
