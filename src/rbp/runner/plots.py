@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -139,7 +140,7 @@ def style_axes(ax: Any, ys: Iterable[Sequence[float]] = (), logy: bool = False,
         formatter.set_scientific(False)
         ax.yaxis.set_major_formatter(formatter)
     if integer_x:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
 
 
 def coinciding(series: Series, rel_tol: float = 5e-3, log: bool = False) -> list[list[str]]:
@@ -193,7 +194,9 @@ def note_coinciding(ax: Any, series: Series, lines: dict[str, Any] | None = None
             if lines and name in lines:
                 lines[name].set_linestyle((0, (4, 2 + 2 * k)))
     if notes:
-        ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize="small",
+        # wrapped so a long note stays inside its own axes
+        text = "\n".join(textwrap.fill(note, width=40) for note in notes)
+        ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize="small",
                 va="bottom", ha="left", style="italic",
                 bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8,
                       "edgecolor": "0.8"})

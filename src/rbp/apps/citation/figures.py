@@ -10,8 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from rbp.runner import method_colors
-
 __all__ = ["LABELS", "write_figures"]
 
 LABELS = {"bptt": "BPTT", "tbptt": "TBPTT", "rbp": "RBP", "cg": "CG-RBP",
@@ -27,11 +25,11 @@ def write_figures(out_dir: Path | str, results: dict[str, Any]) -> list[Path]:
 
     Panels: training loss per epoch; validation accuracy per evaluation; the forward
     difference norm ``||h_t - h_{t-1}||`` over the propagation steps at the last evaluation.
+    Colours, axes and the "X and Y coincide" notes come from :mod:`rbp.runner.plots`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from rbp.runner import plots
 
     paths = []
     for ds, entry in results.get("datasets", {}).items():
@@ -41,33 +39,36 @@ def write_figures(out_dir: Path | str, results: dict[str, Any]) -> list[Path]:
         fig, axes = plt.subplots(len(models), 3, figsize=(15, 4 * len(models)), squeeze=False)
         for row, model in zip(axes, models, strict=True):
             methods = entry["models"][model]
-            colors = method_colors(methods)
+            panels: list[dict[str, tuple[Any, Any]]] = [{}, {}, {}]
             for method, summary in methods.items():
                 u = _first_seed(summary)
                 if u is None:
                     continue
-                c, lab = colors[method], LABELS.get(method, method)
+                lab = LABELS.get(method, method)
                 loss = u["curves"]["train_loss"]
-                row[0].plot(np.arange(1, len(loss) + 1), loss, color=c, label=lab, lw=1)
-                row[1].plot(u["curves"]["eval_epochs"], np.asarray(u["curves"]["val_acc"]) * 100,
-                            color=c, label=lab, lw=1)
+                panels[0][lab] = (np.arange(1, len(loss) + 1), loss)
+                panels[1][lab] = (u["curves"]["eval_epochs"],
+                                  np.asarray(u["curves"]["val_acc"]) * 100)
                 if u["traces"]:
                     tr = u["traces"][-1]
-                    row[2].semilogy(np.arange(1, len(tr["diff_norm"]) + 1), tr["diff_norm"],
-                                    color=c, label=f"{lab} (epoch {tr['epoch']})", lw=1)
+                    panels[2][f"{lab} (epoch {tr['epoch']})"] = (
+                        np.arange(1, len(tr["diff_norm"]) + 1), tr["diff_norm"])
+            for ax, series, logy in zip(row, panels, (False, False, True), strict=True):
+                lines = {name: ax.plot(xs, ys, color=plots.method_color(name), label=name,
+                                       lw=1)[0] for name, (xs, ys) in series.items()}
+                plots.style_axes(ax, [ys for _, ys in series.values()], logy=logy,
+                                 integer_x=True)
+                plots.note_coinciding(ax, series, lines)
             seed = _first_seed(next(iter(methods.values())))["seed"]  # type: ignore[index]
             row[0].set(xlabel="epoch", ylabel="training loss",
                        title=f"{ds} / {model} model: training loss (seed {seed})")
             row[1].set(xlabel="epoch", ylabel="validation accuracy (%)",
                        title="validation accuracy")
-            row[2].set(xlabel="propagation step t", ylabel="||h_t - h_{t-1}||",
+            row[2].set(xlabel="propagation step $t$", ylabel=r"$\|h_t - h_{t-1}\|$",
                        title="difference norm (last evaluation)")
             for ax in row:
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
         fig.tight_layout()
-        path = Path(out_dir) / f"fig3_{ds}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(plots.save_figure(fig, Path(out_dir) / f"fig3_{ds}.png"))
     return paths

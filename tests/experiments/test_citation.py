@@ -21,7 +21,7 @@ from rbp.apps.citation.model import (
 from rbp.data import split_labelled
 from rbp.runner import cli
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "planetoid"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "planetoid"
 needs_data = pytest.mark.skipif(not (DATA / "ind.cora.x").is_file(), reason="no Planetoid data")
 
 
