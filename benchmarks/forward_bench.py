@@ -1,11 +1,15 @@
 """Forward solves to a tolerance: rbp's solvers against TorchDEQ 0.1.0's, and per-sample stopping.
 
 For each problem (the core benchmark's tanh RNN, GRU and non-normal RNN, a slow affine map with
-spectral radius 0.98, and a convolutional DEQ cell whose evaluations dominate), in float32 and
-float64, and each relative tolerance (1e-4, 1e-6), every solver runs the forward (no graph) until
-each sample's residual ``||F(h) - h|| / ||F(h)||`` is below the tolerance, and reports:
+spectral radius 0.98, and a convolutional DEQ cell ``tanh(conv(tanh(conv(h))) + inject(x))``
+with 64 channels on 16x16 images whose evaluations dominate and which contracts at ~0.95 per
+step), in float32 and float64, and each relative tolerance (1e-4, 1e-6), every solver runs
+the forward (no graph) until each sample's residual ``||F(h) - h|| / ||F(h)||`` is below the
+tolerance, and reports:
 
-* ``iters``: iterations (batch calls of F; rbp's also counts its 2-sample independence check);
+* ``evals``: evaluations of F in the solve, counted alike on both sides: the initial ``F(h0)``
+  and one per iteration up to the one that met the tolerance (rbp: its slowest sample's);
+* ``calls``: all batch calls of F (rbp's also include its 2-sample independence check);
 * ``row_updates``: samples pushed through F in all (rbp drops converged samples; TorchDEQ
   evaluates the whole batch until the slowest sample has converged);
 * ``time_ms``: median wall time of ``--repeats`` forwards, solvers timed round-robin;
@@ -81,8 +85,17 @@ def slow_affine(batch: int, n: int, dtype: torch.dtype, seed: int = 3) -> Proble
     return Problem("slow", lambda h, x: h @ w.T + x, torch.zeros(batch, n, dtype=dtype), (x,))
 
 
-def conv_deq(batch: int, channels: int, size: int, dtype: torch.dtype, seed: int = 5) -> Problem:
-    """``tanh(conv2(tanh(conv1(h))) + inject(x))`` with both 3x3 convs scaled (slow contraction)."""
+CONV_SCALE = 1.8  # with 64 channels plain iteration then contracts at ~0.95 per step (measured)
+
+
+def conv_deq(batch: int, channels: int, size: int, dtype: torch.dtype, seed: int = 5,
+             scale: float = CONV_SCALE) -> Problem:
+    """``tanh(conv2(tanh(conv1(h))) + inject(x))``, two 3x3 convs over ``channels`` channels.
+
+    Each conv's weight, reshaped to ``(channels, 9 channels)``, is scaled to spectral norm
+    ``scale``; at 1.8 (64 channels) plain iteration contracts at ~0.95 per step, the slow regime
+    of DEQ cells (0.9-0.97); the rate is measured and reported (``plain_rate``).
+    """
     torch.manual_seed(seed)
     c1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(dtype)
     c2 = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype)
@@ -90,7 +103,7 @@ def conv_deq(batch: int, channels: int, size: int, dtype: torch.dtype, seed: int
     with torch.no_grad():
         for conv in (c1, c2):
             w = conv.weight
-            w.mul_(0.95 / torch.linalg.matrix_norm(w.reshape(channels, -1), 2) / 1.2)
+            w.mul_(scale / torch.linalg.matrix_norm(w.reshape(channels, -1), 2))
     for m in (c1, c2, inject):
         m.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
@@ -111,7 +124,7 @@ def problems(dtype: torch.dtype, quick: bool) -> list[Problem]:
         _from_core(core_bench.make_gru(hidden, b, 16, 1), dtype),
         _from_core(core_bench.make_rnn(hidden, b, 16, 2, nonnormal=True), dtype),
         slow_affine(b, hidden, dtype),
-        conv_deq(4 if quick else 8, 8 if quick else 16, 8 if quick else 16, dtype),
+        conv_deq(4 if quick else 8, 64, 8 if quick else 16, dtype),
     ]
     return out
 
@@ -131,29 +144,40 @@ class Counter:
         return self.f(h, *args)
 
 
-def run_rbp(solver: Any, batch_dim: int | None) -> Callable[[Problem, float, Counter], Tensor]:
-    def run(p: Problem, tol: float, counter: Counter) -> Tensor:
-        return rbp.fixed_point(
+Runner = Callable[[Problem, float, Counter], tuple[Tensor, int]]
+
+
+def run_rbp(solver: Any, batch_dim: int | None) -> Runner:
+    """rbp's forward; also returns the slowest sample's evaluations of F in the solve (the
+    initial ``F(h0)`` included, the 2-sample independence check not)."""
+
+    def run(p: Problem, tol: float, counter: Counter) -> tuple[Tensor, int]:
+        h, info = rbp.fixed_point(
             counter, p.h0, MAX_ITERS, tol=tol, solver=solver, batch_dim=batch_dim,
-            inputs=p.inputs, on_failure="ignore", settle_tol=None,
+            inputs=p.inputs, on_failure="ignore", settle_tol=None, return_info=True,
         )
+        steps = info.forward_steps
+        return h, max(steps) if isinstance(steps, list) else steps
 
     return run
 
 
-def run_torchdeq(name: str) -> Callable[[Problem, float, Counter], Tensor]:
-    def run(p: Problem, tol: float, counter: Counter) -> Tensor:
+def run_torchdeq(name: str) -> Runner:
+    """TorchDEQ's solver; every call of F is a solve evaluation (the initial ``F(h0)`` too)."""
+
+    def run(p: Problem, tol: float, counter: Counter) -> tuple[Tensor, int]:
         from torchdeq.solver import get_solver
 
         solve = get_solver(name)
+        start = counter.calls
         out, _, _ = solve(lambda h: counter(h, *p.inputs), p.h0, max_iter=MAX_ITERS, tol=tol,
                           stop_mode="rel")
-        return out
+        return out, counter.calls - start
 
     return run
 
 
-SOLVERS: dict[str, Callable[[Problem, float, Counter], Tensor]] = {
+SOLVERS: dict[str, Runner] = {
     "rbp iterate": run_rbp("iterate", 0),
     "rbp anderson": run_rbp("anderson", 0),
     "rbp broyden": run_rbp("broyden", 0),
@@ -175,10 +199,10 @@ def bench(p: Problem, tol: float, names: list[str], repeats: int) -> list[dict[s
     for name in names:
         counter = Counter(p.f)
         with torch.no_grad():
-            h = SOLVERS[name](p, tol, counter)
+            h, evals = SOLVERS[name](p, tol, counter)
         res = max_relative_residual(p, h)
         rows.append({"problem": p.name, "dtype": str(p.h0.dtype).replace("torch.", ""),
-                     "tol": tol, "solver": name, "iters": counter.calls,
+                     "tol": tol, "solver": name, "evals": evals, "calls": counter.calls,
                      "row_updates": counter.rows, "max_rel_res": res, "ok": res <= tol,
                      "times": []})
     for _ in range(repeats):  # round-robin so that load falls on every solver alike
@@ -192,9 +216,46 @@ def bench(p: Problem, tol: float, names: list[str], repeats: int) -> list[dict[s
         row["time_ms"] = 1e3 * statistics.median(row.pop("times"))
     base = next(r for r in rows if r["solver"] == "rbp iterate")
     for row in rows:
-        row["iters_ratio"] = row["iters"] / base["iters"]
+        row["evals_ratio"] = row["evals"] / base["evals"]
         row["time_ratio"] = row["time_ms"] / base["time_ms"]
     return rows
+
+
+def plain_rate(p: Problem, window: int = 20, stop: float = 1e-8) -> float:
+    """Plain iteration's contraction per step, ``(r_k / r_{k-window})^(1/window)`` where the
+    batch-maximum relative residual ``r_k`` first falls below ``stop`` (or at ``MAX_ITERS``)."""
+    h, res = p.h0, []
+    with torch.no_grad():
+        for _ in range(MAX_ITERS):
+            fh = p.f(h, *p.inputs)
+            diff = (fh - h).reshape(h.shape[0], -1).norm(dim=1)
+            res.append((diff / fh.reshape(h.shape[0], -1).norm(dim=1).clamp_min(1e-30)).max()
+                       .item())
+            h = fh
+            if res[-1] < stop and len(res) > window:
+                break
+    if len(res) <= window or res[-1 - window] == 0.0:
+        return float("nan")
+    return (res[-1] / res[-1 - window]) ** (1.0 / window)
+
+
+def broyden_memory_rows(rows: list[dict[str, Any]], probs: dict[tuple[str, str], Problem],
+                        ) -> list[dict[str, Any]]:
+    """Where rbp's Broyden needed more evaluations than its memory (so it restarted), the same
+    solve with a memory that never fills, to show what the restart costs."""
+    out = []
+    default = rbp.Broyden().memory
+    for r in rows:
+        if r["solver"] != "rbp broyden" or r["evals"] <= default:
+            continue
+        p = probs[(r["problem"], r["dtype"])]
+        counter = Counter(p.f)
+        with torch.no_grad():
+            _, evals = run_rbp(rbp.Broyden(memory=r["evals"] + 1), 0)(p, r["tol"], counter)
+        out.append({"problem": r["problem"], "dtype": r["dtype"], "tol": r["tol"],
+                    "memory": default,
+                    "evals": r["evals"], "evals_no_restart": evals})
+    return out
 
 
 def per_sample_table(dtype: torch.dtype, quick: bool) -> list[dict[str, Any]]:
@@ -220,9 +281,9 @@ def per_sample_table(dtype: torch.dtype, quick: bool) -> list[dict[str, Any]]:
                 continue
             counter = Counter(p.f)
             with torch.no_grad():
-                h = runner(p, tol, counter)
+                h, evals = runner(p, tol, counter)
             out.append({"dtype": str(dtype).replace("torch.", ""), "tol": tol, "solver": label,
-                        "iters": counter.calls, "row_updates": counter.rows,
+                        "evals": evals, "calls": counter.calls, "row_updates": counter.rows,
                         "max_rel_res": max_relative_residual(p, h)})
     return out
 
@@ -233,13 +294,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="results/forward_bench")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1 (got {args.repeats})")
     repeats = 1 if args.quick else args.repeats
     torch.set_num_threads(1)
     have_deq = importlib.util.find_spec("torchdeq") is not None
     names = [n for n in SOLVERS if have_deq or not n.startswith("torchdeq")]
     rows: list[dict[str, Any]] = []
+    probs: dict[tuple[str, str], Problem] = {}
+    rates: dict[str, float] = {}
     for dtype in (torch.float32, torch.float64):
         for p in problems(dtype, args.quick):
+            probs[(p.name, str(dtype).replace("torch.", ""))] = p
+            if dtype == torch.float64:
+                rates[p.name] = plain_rate(p)
             for tol in (1e-4, 1e-6):
                 if dtype == torch.float32 and tol < 1e-6:
                     continue
@@ -247,14 +315,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_sample = [r for d in (torch.float32, torch.float64) for r in per_sample_table(d,
                                                                                   args.quick)]
     result = {
-        "command": "python benchmarks/forward_bench.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/forward_bench.py"
+                   + (" --quick" if args.quick else f" --repeats {repeats}"),
         "torch": torch.__version__,
         "torchdeq": _version("torchdeq") if have_deq else None,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "max_iters": MAX_ITERS,
+        "plain_rate": rates,
         "rows": rows,
+        "broyden_memory": broyden_memory_rows(rows, probs),
         "per_sample": per_sample,
     }
     out = Path(args.out)
@@ -285,26 +356,35 @@ def format_summary(result: dict[str, Any]) -> str:
         for name in solvers:
             r = next(r for r in result["rows"]
                      if (r["problem"], r["dtype"], r["tol"]) == key and r["solver"] == name)
-            cells.append(f"{r['iters']} / {r['time_ms']:.1f}" + ("" if r["ok"] else " *"))
+            cells.append(f"{r['evals']} / {r['time_ms']:.1f}" + ("" if r["ok"] else " *"))
         lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def format_tables(result: dict[str, Any]) -> str:
-    lines = ["| problem | dtype | tol | solver | iters | row updates | time ms | iters / plain "
-             "| time / plain | max rel res |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| problem | dtype | tol | solver | evals | calls | row updates | time ms "
+             "| evals / plain | time / plain | max rel res |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         flag = "" if r["ok"] else " (not reached)"
         lines.append(
-            f"| {r['problem']} | {r['dtype']} | {r['tol']:g} | {r['solver']} | {r['iters']} | "
-            f"{r['row_updates']} | {r['time_ms']:.1f} | {r['iters_ratio']:.2f} | "
+            f"| {r['problem']} | {r['dtype']} | {r['tol']:g} | {r['solver']} | {r['evals']} | "
+            f"{r['calls']} | {r['row_updates']} | {r['time_ms']:.1f} | {r['evals_ratio']:.2f} | "
             f"{r['time_ratio']:.2f} | {r['max_rel_res']:.1e}{flag} |"
         )
-    lines += ["", "| batch (rates 0.1..0.95) | tol | solver | iters | row updates | max rel res |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "plain iteration's contraction per step (float64): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in result["plain_rate"].items())]
+    if result["broyden_memory"]:
+        lines += ["", "| rbp broyden restarted | dtype | tol | memory | evals "
+                  "| evals (no restart) |", "|---|---|---|---|---|---|"]
+        for r in result["broyden_memory"]:
+            lines.append(f"| {r['problem']} | {r['dtype']} | {r['tol']:g} | {r['memory']} | "
+                         f"{r['evals']} | {r['evals_no_restart']} |")
+    lines += ["", "| batch (rates 0.1..0.95) | tol | solver | evals | calls | row updates "
+              "| max rel res |", "|---|---|---|---|---|---|---|"]
     for r in result["per_sample"]:
-        lines.append(f"| {r['dtype']} | {r['tol']:g} | {r['solver']} | {r['iters']} | "
-                     f"{r['row_updates']} | {r['max_rel_res']:.1e} |")
+        lines.append(f"| {r['dtype']} | {r['tol']:g} | {r['solver']} | {r['evals']} | "
+                     f"{r['calls']} | {r['row_updates']} | {r['max_rel_res']:.1e} |")
     return "\n".join(lines)
 
 

@@ -539,11 +539,17 @@ def test_forward_bench_quick_writes_its_table(tmp_path, monkeypatch):
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     rbp_rows = [r for r in saved["rows"] if r["solver"] in ("rbp anderson", "rbp broyden")]
     assert len(rbp_rows) == 2 * 5 * 2 * 2 and all(r["ok"] for r in rbp_rows)
-    slow = {r["solver"]: r["iters"] for r in saved["rows"]
+    slow = {r["solver"]: r["evals"] for r in saved["rows"]
             if r["problem"] == "slow" and r["dtype"] == "float64" and r["tol"] == 1e-6}
     assert slow["rbp broyden"] * 4 < slow["rbp iterate"]
+    # evaluations are counted alike: rbp's calls add only its 2-sample independence check
+    for r in saved["rows"]:
+        assert r["evals"] == r["calls"] - (1 if r["solver"].startswith("rbp") else 0)
+    assert 0.85 < saved["plain_rate"]["conv-deq"] < 0.99  # the slowly contracting conv cell
+    for r in saved["broyden_memory"]:
+        assert r["evals"] > r["memory"]
     per_sample = [r for r in saved["per_sample"] if r["solver"] == "rbp iterate, batch_dim=0"]
-    assert all(r["row_updates"] < r["iters"] * 8 for r in per_sample)
+    assert all(r["row_updates"] < r["evals"] * 8 for r in per_sample)
 
 
 @pytest.mark.parametrize("when", ["first", "graph", "last"])
