@@ -381,7 +381,6 @@ def attach_implicit_backward(
     autograd then carries ``z`` on through the graph of the last step, giving ``z^T dF/dw`` to
     every parameter and input F used.
     """
-    refuse_functorch(str(getattr(getattr(adjoint, "method", None), "name", "implicit")))
     if not any(o.requires_grad for o in h_out):
         return h_out
 
@@ -390,42 +389,3 @@ def attach_implicit_backward(
 
     return list(_ImplicitGradient.apply(backward_fn, *h_out))
 
-
-def build_adjoint(
-    method: Any,
-    *,
-    truncate: int,
-    tol: float | None,
-    on_failure: str,
-    fallback: Any,
-    rbp_init: str,
-    jvp_mode: str,
-    restart: int,
-    estimate_error: bool,
-    info: FixedPointInfo,
-    map_at_fixed_point: Callable[[State], State],
-    spec: Any,
-    max_backward_error: float | None = 1e-2,
-    batch_dim: int | None = None,
-) -> Adjoint:
-    """An :class:`Adjoint` from :func:`rbp.fixed_point`'s options (``method``: name or value)."""
-    from rbp import methods
-
-    value = methods.resolve(method, truncate=truncate, tol=tol, rbp_init=rbp_init, restart=restart)
-    if not isinstance(value, Implicit):
-        raise ValueError(f"{value.name} is not an implicit method: it has no adjoint")
-    fb = methods.resolve_fallback(
-        fallback, truncate=truncate, tol=tol, rbp_init=rbp_init, restart=restart
-    )
-    return Adjoint(
-        method=value,
-        fallback=fb,
-        on_failure=on_failure,
-        jvp_mode=jvp_mode,
-        estimate_error=estimate_error,
-        max_backward_error=max_backward_error,
-        batch_dim=batch_dim,
-        info=info,
-        map_at_fixed_point=map_at_fixed_point,
-        spec=spec,
-    )

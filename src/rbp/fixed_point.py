@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from rbp import forward, methods, tree
-from rbp.adjoint import attach_implicit_backward, build_adjoint, refuse_functorch
+from rbp.adjoint import Adjoint, attach_implicit_backward, refuse_functorch
 from rbp.diagnostics import ConvergenceWarning, DivergenceError, FixedPointInfo
 from rbp.tree import State
 
@@ -159,7 +159,7 @@ def fixed_point(
     how = methods.resolve(
         method, truncate=truncate, tol=backward_tol, rbp_init=rbp_init, restart=restart
     )
-    methods.resolve_fallback(
+    fallback_solver = methods.resolve_fallback(
         fallback, truncate=truncate, tol=backward_tol, rbp_init=rbp_init, restart=restart
     )
     if how.implicit and torch.is_grad_enabled():
@@ -204,15 +204,11 @@ def fixed_point(
         out_leaves = attach_implicit_backward(
             h_in_leaves,
             out_leaves,
-            build_adjoint(
-                how,
-                truncate=truncate,
-                tol=backward_tol,
+            Adjoint(
+                method=how,
+                fallback=fallback_solver,
                 on_failure=on_failure,
-                fallback=fallback,
-                rbp_init=rbp_init,
                 jvp_mode=jvp,
-                restart=restart,
                 estimate_error=estimate_error,
                 info=info,
                 map_at_fixed_point=lambda state: step(state, steps - 1),
