@@ -18,8 +18,12 @@ tolerance, and reports:
 
 rbp runs with ``batch_dim=0`` (per-sample stopping); TorchDEQ stops on the batch maximum of the
 same relative residual. ``ratio`` columns divide by rbp's plain iteration in the same run.
-A second table takes a batch whose samples contract at rates 0.1 ... 0.95 and reports row
-updates with per-sample stopping against batch-maximum stopping.
+A second table runs Broyden at rbp's default memory of 50 rank-one terms on every problem:
+rbp's default (good Broyden over the last 25 secant pairs when the memory fills), rbp restarting
+from ``-I``, rbp with a memory that never fills, and TorchDEQ with ``LBFGS_thres=50`` (within
+``MEMORY_BUDGET`` iterations), evaluations only. A third takes a batch whose samples contract at
+rates 0.1 ... 0.95 and reports row updates with per-sample stopping against batch-maximum
+stopping.
 
 Run ``python benchmarks/forward_bench.py [--quick] [--repeats N] [--out DIR]``; writes
 ``DIR/bench.json`` (default ``results/forward_bench``) and prints the tables.
@@ -162,7 +166,7 @@ def run_rbp(solver: Any, batch_dim: int | None) -> Runner:
     return run
 
 
-def run_torchdeq(name: str) -> Runner:
+def run_torchdeq(name: str, max_iter: int = MAX_ITERS, **options: Any) -> Runner:
     """TorchDEQ's solver; every call of F is a solve evaluation (the initial ``F(h0)`` too)."""
 
     def run(p: Problem, tol: float, counter: Counter) -> tuple[Tensor, int]:
@@ -170,8 +174,8 @@ def run_torchdeq(name: str) -> Runner:
 
         solve = get_solver(name)
         start = counter.calls
-        out, _, _ = solve(lambda h: counter(h, *p.inputs), p.h0, max_iter=MAX_ITERS, tol=tol,
-                          stop_mode="rel")
+        out, _, _ = solve(lambda h: counter(h, *p.inputs), p.h0, max_iter=max_iter, tol=tol,
+                          stop_mode="rel", **options)
         return out, counter.calls - start
 
     return run
@@ -239,22 +243,44 @@ def plain_rate(p: Problem, window: int = 20, stop: float = 1e-8) -> float:
     return (res[-1] / res[-1 - window]) ** (1.0 / window)
 
 
+MEMORY_BUDGET = 500  # iterations for the fixed-memory comparison (TorchDEQ's can diverge)
+
+
 def broyden_memory_rows(rows: list[dict[str, Any]], probs: dict[tuple[str, str], Problem],
                         ) -> list[dict[str, Any]]:
-    """Where rbp's Broyden needed more evaluations than its memory (so it restarted), the same
-    solve with a memory that never fills, to show what the restart costs."""
+    """Broyden at rbp's default memory (50 rank-one terms) side by side, one untimed run each:
+
+    * ``evals``: rbp's default (at a full memory, good Broyden over the last 25 pairs);
+    * ``evals_restart``: ``rbp.Broyden(replay=1)``, the restart from ``-I`` (the newest pair only);
+    * ``evals_no_restart``: rbp with a memory that never fills (the unbounded reference);
+    * ``torchdeq_50``: TorchDEQ's Broyden with ``LBFGS_thres=50`` (at a full memory it overwrites
+      the oldest term), within ``MEMORY_BUDGET`` iterations; ``torchdeq_50_ok`` whether its
+      returned state meets the tolerance.
+    """
+    have_deq = importlib.util.find_spec("torchdeq") is not None
     out = []
     default = rbp.Broyden().memory
     for r in rows:
-        if r["solver"] != "rbp broyden" or r["evals"] <= default:
+        if r["solver"] != "rbp broyden":
             continue
         p = probs[(r["problem"], r["dtype"])]
-        counter = Counter(p.f)
-        with torch.no_grad():
-            _, evals = run_rbp(rbp.Broyden(memory=r["evals"] + 1), 0)(p, r["tol"], counter)
-        out.append({"problem": r["problem"], "dtype": r["dtype"], "tol": r["tol"],
-                    "memory": default,
-                    "evals": r["evals"], "evals_no_restart": evals})
+        row = {"problem": r["problem"], "dtype": r["dtype"], "tol": r["tol"], "memory": default,
+               "evals": r["evals"], "ok": r["ok"]}
+        for key, solver in (("evals_restart", rbp.Broyden(replay=1)),
+                            ("evals_no_restart", rbp.Broyden(memory=max(default, r["evals"] + 1)))):
+            if r["evals"] <= default:  # the memory never filled: the same solve
+                row[key] = r["evals"]
+                continue
+            with torch.no_grad():
+                _, row[key] = run_rbp(solver, 0)(p, r["tol"], Counter(p.f))
+        if have_deq:
+            counter = Counter(p.f)
+            with torch.no_grad():
+                h, evals = run_torchdeq("broyden", LBFGS_thres=default,
+                                        max_iter=MEMORY_BUDGET)(p, r["tol"], counter)
+            res = max_relative_residual(p, h)
+            row["torchdeq_50"], row["torchdeq_50_ok"] = evals, bool(res <= r["tol"])
+        out.append(row)
     return out
 
 
@@ -361,6 +387,20 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_memory(result: dict[str, Any]) -> str:
+    """Broyden with 50 terms: rbp (replay), rbp (restart from -I), unbounded, TorchDEQ (ring)."""
+    lines = ["| Broyden, memory 50 | dtype | tol | rbp (replay 25) | rbp (restart from -I) "
+             "| rbp (memory never fills) | TorchDEQ LBFGS_thres=50 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["broyden_memory"]:
+        deq = r.get("torchdeq_50")
+        cell = "-" if deq is None else f"{deq}" + ("" if r["torchdeq_50_ok"] else " (not reached)")
+        lines.append(f"| {r['problem']} | {r['dtype']} | {r['tol']:g} | {r['evals']}"
+                     f"{'' if r['ok'] else ' *'} | {r['evals_restart']} | "
+                     f"{r['evals_no_restart']} | {cell} |")
+    return "\n".join(lines)
+
+
 def format_tables(result: dict[str, Any]) -> str:
     lines = ["| problem | dtype | tol | solver | evals | calls | row updates | time ms "
              "| evals / plain | time / plain | max rel res |",
@@ -375,11 +415,7 @@ def format_tables(result: dict[str, Any]) -> str:
     lines += ["", "plain iteration's contraction per step (float64): " + ", ".join(
         f"{k} {v:.3f}" for k, v in result["plain_rate"].items())]
     if result["broyden_memory"]:
-        lines += ["", "| rbp broyden restarted | dtype | tol | memory | evals "
-                  "| evals (no restart) |", "|---|---|---|---|---|---|"]
-        for r in result["broyden_memory"]:
-            lines.append(f"| {r['problem']} | {r['dtype']} | {r['tol']:g} | {r['memory']} | "
-                         f"{r['evals']} | {r['evals_no_restart']} |")
+        lines += ["", format_memory(result)]
     lines += ["", "| batch (rates 0.1..0.95) | tol | solver | evals | calls | row updates "
               "| max rel res |", "|---|---|---|---|---|---|---|"]
     for r in result["per_sample"]:

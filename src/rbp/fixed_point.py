@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from rbp import forward, methods, tree
-from rbp.adjoint import Adjoint, attach_implicit_backward, refuse_functorch
+from rbp.adjoint import Adjoint, attach_implicit_backward, functorch_active, refuse_functorch
 from rbp.diagnostics import ConvergenceWarning, DivergenceError, FixedPointInfo
 from rbp.tree import State
 
@@ -162,20 +162,17 @@ def fixed_point(
     fallback_solver = methods.resolve_fallback(
         fallback, truncate=truncate, tol=backward_tol, rbp_init=rbp_init, restart=restart
     )
-    if how.implicit and torch.is_grad_enabled():
+    transformed = functorch_active()  # one cheap test; the messages only under a transform
+    if transformed and how.implicit and torch.is_grad_enabled():
         refuse_functorch(how.name)
     method = how.name  # what the forward and the messages see
     if isinstance(how, methods.TBPTT):
         truncate = how.k
         how.graph_steps(steps)  # k <= steps
     solver = forward.as_solver(solver)
-    _refuse_functorch()
+    if transformed:
+        _refuse_functorch()
     info = FixedPointInfo(method=method, steps=steps, truncate=truncate)
-
-    def step(h: State, t: int) -> State:
-        if t == steps - 1 and last_step is not None:
-            return last_step(h, *inputs)
-        return f(h, t, *inputs) if time_varying else f(h, *inputs)
 
     grad_on = torch.is_grad_enabled()
     implicit = grad_on and how.implicit
@@ -192,6 +189,7 @@ def fixed_point(
             _report(on_failure, message)
 
     if implicit:
+        update = forward.step_map(f, steps, time_varying, last_step, inputs)
         if settle_tol is not None and info.relative_final_difference > settle_tol:
             _report(
                 on_failure,
@@ -211,7 +209,7 @@ def fixed_point(
                 jvp_mode=jvp,
                 estimate_error=estimate_error,
                 info=info,
-                map_at_fixed_point=lambda state: step(state, steps - 1),
+                map_at_fixed_point=lambda state: update(state, steps - 1),
                 spec=spec,
                 max_backward_error=max_backward_error,
                 batch_dim=batch_dim,

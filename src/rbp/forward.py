@@ -76,9 +76,11 @@ class Anderson:
 
     ``x_{k+1} = sum_i a_i x_i + beta sum_i a_i g_i`` with ``g_i = F(x_i) - x_i`` and
     ``a = argmin ||sum_i a_i g_i||`` subject to ``sum_i a_i = 1``, solved from the Gram matrix
-    ``G^T G + ridge * mean(diag) I`` (``ridge=None``: ``sqrt(eps)`` of the dtype). A row whose
-    system is singular, ill-conditioned or non-finite takes the plain step ``x + beta g`` for that
-    iteration instead (counted in ``info.solver_fallbacks``).
+    ``G^T G + ridge * mean(diag) I`` (``ridge=None``: ``sqrt(eps)`` of the dtype). The Gram
+    matrix is kept and updated by the new residual's row and column only, and the mix is one
+    batched product with the stored ``x_i + beta g_i``: a step costs O(m n) per sample. A row
+    whose system is singular, ill-conditioned or non-finite takes the plain step ``x + beta g``
+    for that iteration instead (counted in ``info.solver_fallbacks``).
     """
 
     m: int = 5
@@ -102,21 +104,39 @@ class Anderson:
 class Broyden:
     """Limited-memory ("good") Broyden on ``g(x) = F(x) - x``, per sample.
 
-    The inverse Jacobian of g is ``-I + U V^T`` with at most ``memory`` rank-one terms; when they
-    are all used the approximation restarts from ``-I``, so an iteration costs O(n * memory)
-    whatever the iteration count, and it stores ``2 * memory`` vectors per sample.
-    An update whose denominator vanishes is skipped and a non-finite step replaced by the plain
-    step ``x + g`` (both counted in ``info.solver_fallbacks``).
+    The inverse Jacobian of g is ``H = -I + sum_j u_j v_j^T`` with at most ``memory`` rank-one
+    terms, each making ``H dg_j = dx_j`` hold for the secant pair ``(dx_j, dg_j)`` of step j.
+    When they are all used, H is rebuilt from ``-I`` as good Broyden over the last ``replay``
+    pairs (``None``: ``memory // 2``; computed at once in compact form) instead of losing all
+    curvature. An iteration costs O(n * memory) whatever the iteration count (one product with
+    H and one with H^T: ``H g`` of the last step is carried over), a restart O(n * replay^2),
+    and it stores ``2 * (memory + replay)`` vectors per sample. An update whose denominator
+    vanishes is skipped, a rebuild whose small system is ill-conditioned keeps the newest pair
+    only, and a non-finite step is replaced by the plain step ``x + g`` (all counted in
+    ``info.solver_fallbacks``).
     """
 
     memory: int = 50
+    replay: int | None = None
 
     def __post_init__(self) -> None:
         _count("Broyden(memory=...)", self.memory)
+        if self.replay is not None:
+            _count("Broyden(replay=...)", self.replay)
+            if self.replay > self.memory:
+                raise ValueError(
+                    f"Broyden(replay=...) must be at most memory={self.memory}, got "
+                    f"{self.replay!r}"
+                )
 
     @property
     def name(self) -> str:
         return "broyden"
+
+    @property
+    def pairs_replayed(self) -> int:
+        """Secant pairs replayed at a restart: ``replay``, or ``memory // 2`` (at least 1)."""
+        return max(1, self.memory // 2) if self.replay is None else self.replay
 
 
 Solver = Iterate | Anderson | Broyden
@@ -133,7 +153,7 @@ def as_solver(value: Any) -> Solver:
     raise ValueError(
         f"unknown solver {value!r}; use one of {', '.join(map(repr, SOLVERS))} or a value "
         "rbp.Iterate(damping=...), rbp.Anderson(m=..., beta=..., ridge=...) or "
-        "rbp.Broyden(memory=...)"
+        "rbp.Broyden(memory=..., replay=...)"
     )
 
 
@@ -161,32 +181,43 @@ def _row_norm(x: Tensor) -> Tensor:
 
 
 class _AndersonState:
+    """Ring buffers of the last ``m`` points ``y_i = x_i + beta g_i`` and residuals ``g_i``, and
+    their Gram matrix ``gram[i, j] = g_i . g_j``, updated by one row and column per step (slot
+    order: the solution does not depend on the order of the terms)."""
+
     def __init__(self, cfg: Anderson, x: Tensor) -> None:
         b, n = x.shape
         self.m, self.beta = cfg.m, cfg.beta
         eps = torch.finfo(x.dtype).eps
         self.ridge = math.sqrt(eps) if cfg.ridge is None else cfg.ridge
         self.max_cond = 1.0 / (100.0 * eps)
-        self.xs = x.new_zeros(b, self.m, n)
+        self.low = x.dtype in (torch.float16, torch.bfloat16)  # no LAPACK: small solve in fp32
+        self.ys = x.new_zeros(b, self.m, n)
         self.gs = x.new_zeros(b, self.m, n)
+        self.gram = x.new_zeros(b, self.m, self.m, dtype=torch.float32 if self.low else x.dtype)
         self.k = 0
 
     def keep(self, rows: Tensor) -> None:
-        self.xs, self.gs = self.xs[rows], self.gs[rows]
+        self.ys, self.gs, self.gram = self.ys[rows], self.gs[rows], self.gram[rows]
 
-    def step(self, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor]:
-        g = fx - x
+    def step(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        g = fx - x if g is None else g
+        plain = fx if self.beta == 1.0 else x + self.beta * g
         slot = self.k % self.m
-        self.xs[:, slot], self.gs[:, slot] = x, g
+        self.ys[:, slot], self.gs[:, slot] = plain, g
         self.k += 1
         mk = min(self.k, self.m)
-        plain = x + self.beta * g
+        gs = self.gs[:, :mk]
+        # g_i . g for the slots in use as (1, n) @ (n, mk): on CPU ~10x faster than (mk, n) @ (n, 1)
+        if self.low:
+            row = torch.bmm(g.float()[:, None], gs.float().transpose(1, 2))[:, 0]
+        else:
+            row = torch.bmm(g[:, None], gs.transpose(1, 2))[:, 0]
+        self.gram[:, slot, :mk] = row
+        self.gram[:, :mk, slot] = row
         if mk == 1:
             return plain, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        gs, xs = self.gs[:, :mk], self.xs[:, :mk]
-        low = x.dtype in (torch.float16, torch.bfloat16)  # no LAPACK kernels: small solve in fp32
-        g32 = gs.float() if low else gs
-        gram = g32 @ g32.transpose(1, 2)  # (b, mk, mk)
+        gram = self.gram[:, :mk, :mk]
         diag = gram.diagonal(dim1=1, dim2=2)
         lam = self.ridge * diag.mean(dim=1, keepdim=True)
         gram = gram + torch.diag_embed(lam.expand(-1, mk))
@@ -197,64 +228,140 @@ class _AndersonState:
         ones = gram.new_ones(x.shape[0], mk, 1)
         eye = torch.eye(mk, dtype=gram.dtype, device=x.device)
         safe = torch.where(bad[:, None, None], eye, chol)
-        w = torch.cholesky_solve(ones, safe)[..., 0]  # H^{-1} 1
-        alpha = (w / w.sum(1, keepdim=True)).to(x.dtype)
-        cand = (alpha[:, :, None] * (xs + self.beta * gs)).sum(1)
-        bad = bad | ~torch.isfinite(cand).all(1)
-        return torch.where(bad[:, None], plain, cand), bad
+        w = torch.cholesky_solve(ones, safe)  # H^{-1} 1, (b, mk, 1)
+        alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)  # (b, 1, mk)
+        bad = bad | ~torch.isfinite(alpha).all(2)[:, 0]
+        # a bad row mixes with weight 1 on the newest point: the plain step, without a select
+        newest = torch.zeros_like(alpha)
+        newest[:, 0, slot] = 1.0
+        alpha = torch.where(bad[:, None, None], newest, alpha).to(x.dtype)
+        cand = torch.bmm(alpha, self.ys[:, :mk])[:, 0]  # sum_i a_i (x_i + beta g_i)
+        # a sum is non-finite if any term is (or it overflows: a harmless plain step)
+        over = ~torch.isfinite(cand.sum(1))
+        return _replace_rows(over, plain, cand), bad | over
+
+
+def _replace_rows(bad: Tensor, value: Tensor, x: Tensor) -> Tensor:
+    """``x`` with the rows flagged in ``bad`` replaced by those of ``value``.
+
+    On CPU the flag is read first (a read costs nothing there) so the copy is skipped when no
+    row is bad; on other devices it always selects, so that a step needs no host sync.
+    """
+    if x.device.type != "cpu" or bool(bad.any()):
+        return torch.where(bad[:, None], value, x)
+    return x
 
 
 class _BroydenState:
+    """``H = -I + sum_j u_j v_j^T`` (rows of ``us``/``vs``), the good-Broyden inverse Jacobian of
+    ``g``, and a ring of the last ``replay`` secant pairs ``(dx, dg)`` to rebuild it from."""
+
     def __init__(self, cfg: Broyden, x: Tensor) -> None:
         b, n = x.shape
         self.memory = cfg.memory
+        self.replay = cfg.pairs_replayed
         self.us = x.new_zeros(b, self.memory, n)
         self.vs = x.new_zeros(b, self.memory, n)
-        self.k = 0
-        self.prev: tuple[Tensor, Tensor] | None = None  # (dx, g) of the last step
+        self.dxs = x.new_zeros(b, self.replay, n)
+        self.dgs = x.new_zeros(b, self.replay, n)
+        self.k = 0  # terms in use
+        self.pairs = 0  # secant pairs seen (the ring holds the last min(pairs, replay))
+        self.tiny = 1e3 * torch.finfo(x.dtype).eps
+        self.max_cond = 1.0 / (100.0 * torch.finfo(x.dtype).eps)
+        self.prev: tuple[Tensor, Tensor, Tensor] | None = None  # (dx, g, H g) of the last step
 
     def keep(self, rows: Tensor) -> None:
         self.us, self.vs = self.us[rows], self.vs[rows]
+        self.dxs, self.dgs = self.dxs[rows], self.dgs[rows]
         if self.prev is not None:
-            self.prev = (self.prev[0][rows], self.prev[1][rows])
+            self.prev = tuple(t[rows] for t in self.prev)  # type: ignore[assignment]
 
     def _h(self, y: Tensor) -> Tensor:
-        """``H y`` with ``H = -I + U^T V`` (rows of ``us``/``vs`` are the rank-one factors)."""
-        us, vs = self.us[:, : self.k], self.vs[:, : self.k]  # the terms in use
-        return -y + torch.einsum("bm,bmn->bn", torch.einsum("bmn,bn->bm", vs, y), us)
+        """``H y = -y + U^T (V y)``, using the ``k`` terms in use."""
+        if self.k == 0:
+            return -y
+        us, vs = self.us[:, : self.k], self.vs[:, : self.k]
+        coef = torch.bmm(y[:, None], vs.transpose(1, 2))  # (b, 1, k), the fast orientation
+        return torch.baddbmm(y[:, None], coef, us, beta=-1)[:, 0]
 
-    def step(self, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor]:
-        g = fx - x
+    def _ht(self, y: Tensor) -> Tensor:
+        """``H^T y = -y + V^T (U y)``."""
+        if self.k == 0:
+            return -y
+        us, vs = self.us[:, : self.k], self.vs[:, : self.k]
+        coef = torch.bmm(y[:, None], us.transpose(1, 2))
+        return torch.baddbmm(y[:, None], coef, vs, beta=-1)[:, 0]
+
+    def _update(self, dx: Tensor, dg: Tensor, h_dg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Append the good-Broyden term making ``H dg = dx``: ``u = (dx - H dg) / (v . dg)``,
+        ``v = H^T dx``; a row whose denominator vanishes gets a zero term (skipped)."""
+        v = self._ht(dx)
+        denom = (v * dg).sum(1, keepdim=True)
+        size = _row_norm(v)[:, None] * _row_norm(dg)[:, None]
+        ok = (denom.abs() > self.tiny * size) & torch.isfinite(denom)
+        u = torch.where(ok, (dx - h_dg) / torch.where(ok, denom, 1.0), 0.0)
+        v = torch.where(ok, v, 0.0)
+        self.us[:, self.k], self.vs[:, self.k] = u, v
+        self.k += 1
+        return u, v, ~ok[:, 0]
+
+    def _rebuild(self) -> Tensor:
+        """``H`` from ``-I`` by good Broyden over the last ``r`` pairs, in compact form: with the
+        pairs as rows of ``S`` (dx) and ``Y`` (dg), ``H = -I - (S + Y)^T R^{-1} S`` where
+        ``R = -S Y^T - tril(S S^T, -1)`` (Byrd, Nocedal and Schnabel 1994), so
+        ``u = R^{-T} (S + Y)`` and ``v = -s``: three batched products instead of ``r`` sequential
+        updates. A row whose ``R`` is singular or ill-conditioned keeps only the newest pair's
+        term (a fallback)."""
+        r = min(self.pairs, self.replay)
+        first = self.pairs - r
+        if first % self.replay == 0:  # the ring is in order (memory = 2 replay: every restart)
+            sm, ym = self.dxs[:, :r], self.dgs[:, :r]
+        else:
+            idx = torch.tensor([(first + j) % self.replay for j in range(r)],
+                               device=self.us.device)
+            sm, ym = self.dxs.index_select(1, idx), self.dgs.index_select(1, idx)  # oldest first
+        low = sm.dtype in (torch.float16, torch.bfloat16)
+        s32, y32 = (sm.float(), ym.float()) if low else (sm, ym)
+        big = -torch.bmm(s32, y32.transpose(1, 2)) - torch.bmm(s32, s32.transpose(1, 2)).tril(-1)
+        inv_t, status = torch.linalg.inv_ex(big.transpose(1, 2))  # R^{-T}
+        sv = torch.linalg.svdvals(big)
+        bad = (status != 0) | ~(sv[:, -1] * self.max_cond >= sv[:, 0]) | ~torch.isfinite(
+            inv_t.sum((1, 2)))
+        newest = torch.zeros_like(inv_t)
+        newest[:, -1, -1] = 1.0 / big[:, -1, -1]  # a row of one term: R = -s . y over that pair
+        ok_one = (big[:, -1, -1].abs() > self.tiny * _row_norm(sm[:, -1]).to(big.dtype)
+                  * _row_norm(ym[:, -1]).to(big.dtype)) & torch.isfinite(big[:, -1, -1])
+        newest = torch.where(ok_one[:, None, None], newest, 0.0)
+        inv_t = torch.where(bad[:, None, None], newest, inv_t).to(sm.dtype)
+        self.us[:, :r] = torch.baddbmm(torch.bmm(inv_t, sm), inv_t, ym)
+        self.vs[:, :r] = -sm
+        self.k = r
+        return bad
+
+    def step(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        g = fx - x if g is None else g
         skipped = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        if self.prev is not None:
-            dx, g_old = self.prev
+        if self.prev is None:
+            hg = -g
+        else:
+            dx, g_old, hg_old = self.prev
             dg = g - g_old
-            h_dg = self._h(dg)
-            # v^T = dx^T H  ->  v = -dx + V^T (U dx)
-            us, vs = self.us[:, : self.k], self.vs[:, : self.k]
-            v = -dx + torch.einsum("bm,bmn->bn", torch.einsum("bmn,bn->bm", us, dx), vs)
-            denom = (v * dg).sum(1, keepdim=True)
-            size = _row_norm(v)[:, None] * _row_norm(dg)[:, None]
-            ok = (denom.abs() > 1e3 * torch.finfo(x.dtype).eps * size) & torch.isfinite(denom)
-            u = torch.where(ok, (dx - h_dg) / torch.where(ok, denom, 1.0), 0.0)
-            v = torch.where(ok, v, 0.0)
-            if self.k == self.memory:  # full: restart from H = -I (dropping the oldest term
-                self.us.zero_()  # alone leaves an inconsistent H that can diverge)
-                self.vs.zero_()
-                self.k = 0
-                h_dg = -dg
-                v = -dx
-                denom = (v * dg).sum(1, keepdim=True)
-                ok = (denom.abs() > 1e3 * torch.finfo(x.dtype).eps * size) & torch.isfinite(denom)
-                u = torch.where(ok, (dx - h_dg) / torch.where(ok, denom, 1.0), 0.0)
-                v = torch.where(ok, v, 0.0)
-            self.us[:, self.k], self.vs[:, self.k] = u, v
-            self.k += 1
-            skipped = ~ok[:, 0]
-        dx = -self._h(g)
-        bad = ~torch.isfinite(dx).all(1)
-        dx = torch.where(bad[:, None], g, dx)
-        self.prev = (dx, g)
+            slot = self.pairs % self.replay
+            self.dxs[:, slot], self.dgs[:, slot] = dx, dg
+            self.pairs += 1
+            if self.k == self.memory:  # full: good Broyden from -I over the last pairs
+                skipped = self._rebuild()
+                hg = self._h(g)
+            else:
+                # H g_old is known from the last step, so one product H g gives H dg as well,
+                # and the new term then gives H' g = H g + u (v . g) without another product
+                hg = self._h(g)
+                u, v, skipped = self._update(dx, dg, hg - hg_old)
+                hg = hg + u * (v * g).sum(1, keepdim=True)
+        dx = -hg
+        bad = ~torch.isfinite(dx.sum(1))  # non-finite if any entry is (or on overflow)
+        dx = _replace_rows(bad, g, dx)
+        self.prev = (dx, g, _replace_rows(bad, -g, hg))
         return x + dx, skipped | bad
 
 
@@ -265,7 +372,7 @@ class _IterateState:
     def keep(self, rows: Tensor) -> None:
         pass
 
-    def step(self, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor]:
+    def step(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor]:
         out = fx if self.damping == 0.0 else torch.lerp(fx, x, self.damping)
         return out, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
@@ -338,7 +445,8 @@ def _solve(
     norms: list[Tensor] = []
     k = 0  # x is the k-th iterate; k + 1 evaluations spent on each live row
     while True:
-        res = _row_norm(fx - x)
+        g = fx - x
+        res = _row_norm(g)
         if trace:
             norms.append(torch.linalg.vector_norm(res))
         if best_iterate:
@@ -385,11 +493,11 @@ def _solve(
                 if n_live == 0:
                     break
                 live = keep if live is None else live[keep]
-                x, fx = x[keep], fx[keep]
+                x, fx, g = x[keep], fx[keep], g[keep]
                 state.keep(keep)
                 if best_iterate:
                     best = tuple(t[keep] for t in best)  # type: ignore[assignment]
-        x, bad = state.step(x, fx)
+        x, bad = state.step(x, fx, g)
         fallbacks = fallbacks + bad.sum()
         k += 1
         fx = fmap(x, live)
@@ -646,8 +754,7 @@ def unroll(
     with torch.no_grad():
         if len(out) == 1 and not trace:  # as _diff_norm and _norm compute them, fewer calls
             o = out[0]
-            d = o - tree.flatten(prev)[0][0]
-            diff = d.mul_(d).sum().sqrt()  # = pow(2) bit for bit, one temporary fewer
+            diff = torch.dist(o, tree.flatten(prev)[0][0])  # one fused kernel
             # ||h_T|| in the state's dtype (no float64 copy of the state), unless it overflows
             norm = torch.linalg.vector_norm(o)
             if o.device.type == "cpu":  # two reads cost less than stacking them
@@ -667,6 +774,24 @@ def unroll(
     if not (math.isfinite(diffs[-1]) and math.isfinite(scale)):
         check_finite(out, method, steps)
     return Forward(h, h_in, out, spec), diffs, scale
+
+
+def step_map(
+    f: Callable[..., State],
+    steps: int,
+    time_varying: bool,
+    last_step: Callable[..., State] | None,
+    inputs: Sequence[Any],
+) -> Callable[[State, int], State]:
+    """The update at step t, ``F_t(h)``: ``last_step(h, *inputs)`` at ``t = steps - 1`` when
+    given, else ``f(h, t, *inputs)`` (``time_varying``) or ``f(h, *inputs)``."""
+
+    def update(h: State, t: int) -> State:
+        if t == steps - 1 and last_step is not None:
+            return last_step(h, *inputs)
+        return f(h, t, *inputs) if time_varying else f(h, *inputs)
+
+    return update
 
 
 def run(
@@ -701,12 +826,10 @@ def run(
     inputs, in_dims = check_inputs(inputs, batch_dim, batch)
     info.solver = solver.name
 
+    update = step_map(f, steps, time_varying, last_step, inputs)
+
     def step(h: State, t: int) -> State:
-        if t == steps - 1 and last_step is not None:
-            return call_map(last_step, h, *inputs)
-        if time_varying:
-            return call_map(f, h, t, *inputs)
-        return call_map(f, h, *inputs)
+        return call_map(update, h, t)
 
     if grad_on and not implicit and method not in ("bptt", "tbptt"):
         raise ValueError(

@@ -156,16 +156,20 @@ def _finish(
     true_errors: Tensor | None = None,
     lead: bool = False,
     terms: int | None = None,
+    znorm: Tensor | None = None,
 ) -> Solution:
     """One host read: per-iteration residuals, per-row errors and the status.
 
     ``norms``: per-row residuals of each iteration (a list of ``(rows,)`` tensors, or a
     ``(iterations, rows)`` tensor). Error estimates: ``true_errors`` (Krylov) or, if None, the
     geometric tail of the per-row increments ``norms`` (preceded by ``||b||`` when ``lead``:
-    Neumann's ``v_0 = b``).
+    Neumann's ``v_0 = b``); ``znorm``: ``||z||`` per row, if already known.
     """
     rows = bnorm.numel()
-    last = torch.linalg.vector_norm(z, dim=1) if true_errors is None else true_errors
+    if true_errors is not None:
+        last = true_errors
+    else:
+        last = torch.linalg.vector_norm(z, dim=1) if znorm is None else znorm
     if isinstance(norms, list):
         table = torch.stack([*norms, bnorm, last]).tolist()
     else:
@@ -242,27 +246,55 @@ def neumann(
     """
     b = _rows(b)
     vjp = _vjp_of(matvec)
+    if tol is None:
+        return _neumann_untoleranced(vjp, b, max_iter)
     bnorm = torch.linalg.vector_norm(b, dim=1)
     v, z = b, b.clone()
     norms: list[Tensor] = []  # increments' norms, read once at the end
-    limit = None if tol is None else tol * bnorm
-    tail_from = _tail_start(max_iter, tol)
+    limit = tol * bnorm
     t = 0
     for t in range(1, max_iter + 1):
         v = vjp(v)
         due = _due(t, max_iter, check_every, tol)
-        if t == 1 or t >= tail_from or due:
-            n = torch.linalg.vector_norm(v, dim=1)
-            if limit is not None:
-                keep = n > limit
-                v = v * keep.unsqueeze(1)
-                n = n * keep
-            norms.append(n)
-            if due and _nothing_left(n):
-                z.add_(v)
-                break
+        n = torch.linalg.vector_norm(v, dim=1)
+        keep = n > limit
+        v = v * keep.unsqueeze(1)
+        n = n * keep
+        norms.append(n)
+        if due and _nothing_left(n):
+            z.add_(v)
+            break
         z.add_(v)
     return _finish(z, t, norms, bnorm, tol, lead=True, terms=t + 1)
+
+
+def _neumann_untoleranced(vjp: Matvec, b: Tensor, max_iter: int) -> Solution:
+    """Neumann without ``tol``: all ``max_iter`` products, stopping early only on an exact zero
+    or NaN (tested after the first product, then every ``UNTOLERANCED_CHECK_EVERY``).
+
+    The last ``RATE_WINDOW + 1`` increments (what the status and the error estimate need) are
+    kept and reduced in one call at the end with ``||b||`` and ``||z||``, rather than one
+    reduction per product.
+    """
+    v, z = b, b.clone()
+    norms: list[Tensor | int] = []  # a norm, or the index of a kept increment
+    kept: list[Tensor] = []
+    tail_from = _tail_start(max_iter, None)
+    t = 0
+    for t in range(1, max_iter + 1):
+        v = vjp(v)
+        z.add_(v)
+        if _due(t, max_iter, UNTOLERANCED_CHECK_EVERY, None):
+            n = torch.linalg.vector_norm(v, dim=1)
+            norms.append(n)
+            if _nothing_left(n):
+                break
+        elif t == 1 or t >= tail_from:
+            norms.append(len(kept))
+            kept.append(v)
+    table = torch.linalg.vector_norm(torch.stack([*kept, b, z]), dim=2)
+    rows = [table[n] if isinstance(n, int) else n for n in norms]
+    return _finish(z, t, rows, table[-2], None, lead=True, terms=t + 1, znorm=table[-1])
 
 
 def fixed_point_iteration(
@@ -309,6 +341,30 @@ def _true_errors(matvec: Matvec, z: Tensor, b: Tensor, bnorm: Tensor) -> Tensor:
     """``||A z - b|| / ||b||`` per row (0 where ``b = 0`` and ``A z = 0``)."""
     r = (matvec(z) - b).norm(dim=1)
     return torch.where(bnorm > 0, r / bnorm.clamp_min(torch.finfo(b.dtype).tiny), r)
+
+
+def _polish(
+    matvec: Matvec, z: Tensor, b: Tensor, bnorm: Tensor, cycle: tuple[Tensor, Tensor],
+    estimate: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One free Richardson step after GMRES: ``z' = z + r = b + J^T z``, per row if it helps.
+
+    ``r = b - A z`` is already spanned by the Krylov basis, so ``z'`` costs no product, and its
+    residual is ``J^T r``: for a contractive J smaller than GMRES's own, and ``z'`` lies in a
+    Krylov space one dimension larger (what a Neumann series of the same products reaches).
+    The one product of the true residual decides per row: ``z'`` is kept where its true residual
+    is at most GMRES's estimate ``||r||``; elsewhere (J expands r) ``z`` is, at one more product.
+    Returns the solution and its true relative residuals.
+    """
+    basis, coef = cycle
+    polished = z + torch.einsum("bk,kbn->bn", coef, basis)
+    scale = torch.where(bnorm > 0, bnorm, 1.0)
+    errors = _true_errors(matvec, polished, b, bnorm)
+    keep = errors <= estimate / scale
+    if bool(keep.all()):
+        return polished, errors
+    plain = _true_errors(matvec, z, b, bnorm)
+    return torch.where(keep[:, None], polished, z), torch.where(keep, errors, plain)
 
 
 def _krylov_status(
@@ -405,10 +461,13 @@ def gmres(
     Minimises each row's residual ``||b - A z||`` over its Krylov space (Arnoldi with classical
     Gram-Schmidt twice, Givens rotations kept as one orthogonal matrix per row), so it needs no
     symmetry and does not square the condition number; works whenever ``I - J`` is invertible,
-    including ``rho(J) >= 1``. One product per iteration (plus one per restart and one for the
-    true residual at the end); memory ``restart + 1`` vectors. A row whose Krylov space stops
-    growing has found its solution, unless the true residual says otherwise (breakdown on a
-    singular system).
+    including ``rho(J) >= 1``. It ends with one Richardson step ``z + r = b + J^T z`` that costs
+    no product (``r`` lies in the basis) and is kept per row where it lowers the true residual:
+    K products then reach a Krylov space of dimension K + 1, as a K-term Neumann series does.
+    One product per iteration (plus one per restart and one for the true residual at the end,
+    two for rows whose last step is not kept); memory ``restart + 1`` vectors. A row whose
+    Krylov space stops growing has found its solution, unless the true residual says otherwise
+    (breakdown on a singular system).
     """
     b = _rows(b)
     rows, n = b.shape
@@ -418,8 +477,10 @@ def gmres(
     norms: list[Tensor] = []
     broke = torch.zeros(rows, dtype=torch.bool, device=b.device)
     done = 0
+    cycle: tuple[Tensor, Tensor] | None = None  # the last cycle's basis and residual in it
     while done < max_iter:
         r = b - matvec(z) if done else b
+        cycle = None  # z already holds the last cycle; r is its residual
         beta = r.norm(dim=1)
         if done and bool((beta <= (tol or 0.0) * bnorm).all()):
             break
@@ -473,11 +534,17 @@ def gmres(
         y = torch.linalg.solve_triangular(tri, rhs.unsqueeze(2), upper=True).squeeze(2)
         z = z + torch.einsum("bk,kbn->bn", y, basis[:j_end])
         last = norms[-1]
+        # the cycle's residual b - A z = V_{j+1} Q^T (g_{j+1} e_{j+1}), from the basis alone
+        coef = (beta * rot[:, j_end, 0]).unsqueeze(1) * rot[:, j_end, : j_end + 1]
+        cycle = (basis[: j_end + 1], coef)
         if not bool(torch.isfinite(last).all()):
             break
         if bool((~alive | (last <= (tol if tol is not None else 0.0) * bnorm)).all()):
             break
-    errors = _true_errors(matvec, z, b, bnorm)
+    if cycle is not None:
+        z, errors = _polish(matvec, z, b, bnorm, cycle, norms[-1])
+    else:
+        errors = _true_errors(matvec, z, b, bnorm)
     sol = _finish(z, done, norms, bnorm, tol, true_errors=errors)
     if sol.status == Status.GROWING:  # GMRES residuals never grow; equal means no progress
         sol.status = Status.STALLED

@@ -267,3 +267,23 @@ def test_bad_states_and_maps():
         rbp.fixed_point(lambda s: s[:7], p.h0, 5)
     with pytest.raises(TypeError, match="dtype"):
         rbp.fixed_point(lambda s: s.float(), p.h0, 5)
+
+
+def test_returned_state_can_be_modified_in_place():
+    """``h += x`` after fixed_point (a residual connection, say) gives the gradient of
+    ``h = h + x``: the returned state is a tensor of its own, not a view of the graph's."""
+    torch.manual_seed(0)
+    w = (0.5 * torch.randn(8, 8, dtype=torch.float64) / 8**0.5).requires_grad_()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    grads = []
+    for in_place in (False, True):
+        w.grad = None
+        h = rbp.fixed_point(lambda h: torch.tanh(h @ w.T + x), torch.zeros(3, 8,
+                            dtype=torch.float64), 60, "neumann", 40)
+        if in_place:
+            h += x
+        else:
+            h = h + x
+        (h**2).sum().backward()
+        grads.append(w.grad.clone())
+    assert torch.equal(grads[0], grads[1])

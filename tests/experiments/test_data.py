@@ -542,7 +542,7 @@ def test_unwritable_cache_still_loads(tmp_path: Path, monkeypatch: pytest.Monkey
     finally:
         mnist_mod._load_embedded.cache_clear()
     assert np.array_equal(images, _small_digits()[0]) and blocker.is_file()
-    assert not list(tmp_path.glob("**/*.part"))
+    assert not list(tmp_path.glob("**/.*.tmp"))  # atomic_write leaves no temporary file
 
 
 def test_package_data_glob_ships_every_packaged_file() -> None:

@@ -77,7 +77,7 @@ def test_interrupt_inside_the_write_keeps_the_old_file(
     def interrupted(fd: int) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dl.os, "fsync", interrupted)
+    monkeypatch.setattr(os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         dl.write_atomically(target, PAYLOAD)
     assert target.read_bytes() == b"old complete file"

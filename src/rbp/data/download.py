@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from rbp.runner.checkpoint import atomic_write
 
 from .errors import DataError
 
@@ -92,24 +93,15 @@ def fetch_verified(
 
 
 def write_atomically(path: Path, payload: bytes) -> Path:
-    """Write ``payload`` to ``path``: a temporary file beside it, fsync, then a rename.
+    """Write ``payload`` to ``path`` through :func:`rbp.runner.checkpoint.atomic_write`.
 
     An interrupt or a crash leaves the previous ``path`` (if any) untouched and no temporary
     file behind. Raises :class:`DataError` naming the folder when it cannot be written.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as handle:
+            handle.write(payload)
     except OSError as exc:
         raise DataError(
             f"could not save {path.name} into {path.parent}: {exc}. Pass a writable data "
