@@ -269,7 +269,9 @@ def load_config(
 
     ``default_yaml=None`` starts from the dataclass defaults alone. ``env`` holds settings
     from environment variables (above the files, below ``overrides``). ``values`` holds typed
-    values from command-line flags and takes precedence over everything else. Raises
+    values from command-line flags and takes precedence over everything else. A ``cls`` with a
+    static ``settle_layers(merged, layer_of)`` (``layer_of``: the rank of the layer each value
+    came from, higher = later) may adjust the merged settings before they are built. Raises
     :class:`ConfigError` (unknown key, wrong type, impossible value) or FileNotFoundError.
     """
     hints = config_fields(cls)
@@ -300,7 +302,8 @@ def load_config(
     layers.append(("command-line flags", dict(values or {})))
 
     merged: dict[str, Any] = {}
-    for source, data in layers:
+    layer_of: dict[str, int] = {}  # the layer each merged value came from
+    for rank, (source, data) in enumerate(layers):
         for key, value in data.items():
             if key not in hints:
                 raise _unknown_key(str(key), hints, source)
@@ -312,6 +315,10 @@ def load_config(
                 )
             _check_value(key, converted, source)
             merged[key] = converted
+            layer_of[key] = rank
+    settle = getattr(cls, "settle_layers", None)
+    if callable(settle):  # e.g. per-dataset defaults that a setting given later must beat
+        merged = settle(merged, layer_of)
 
     for f in dataclasses.fields(cls):
         no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -5,7 +5,8 @@
 * ``gcn``: a two-layer GCN (Kipf & Welling 2017), ``logits = Â relu(Â X W_1) W_2`` with
   ``Â = D^{-1/2}(A + I)D^{-1/2}``, dropout, Adam, and the test accuracy taken at the epoch of
   best validation accuracy. PyTorch Geometric's ``GCNConv`` when it is installed, else the
-  same layers in plain torch (sparse ``Â``; ``backend="torch"`` forces it).
+  same layers in plain torch (sparse ``Â``; ``backend="torch"`` forces it; sparse features
+  use a CSR product, which ``rbp citation`` does by default: ``gcn_backend``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 from torch import nn
+
+from .model import (
+    CSRPatternCache,
+    is_sparse,
+    normalised_adjacency,
+    sparse_dropout_matmul,
+    symmetric_spmm,
+)
 
 __all__ = ["BASELINES", "GCNSettings", "gcn_baseline", "have_pyg", "logreg_baseline"]
 
@@ -89,7 +98,12 @@ class _GCN(nn.Module):
 
 
 class _TorchGCN(nn.Module):
-    """The same two layers with a sparse ``Â`` (Glorot weights, zero bias, as ``GCNConv``)."""
+    """The same two layers with a sparse ``Â`` (Glorot weights, zero bias, as ``GCNConv``).
+
+    ``x`` dense or sparse (COO / CSR): sparse features take dropout on their stored values and
+    a CSR product (on Pubmed's 19717 x 500 TF-IDF matrix, 5 % dense, ~10x faster per epoch than
+    the dense layer); ``Â`` products use :func:`symmetric_spmm` (``Â`` is symmetric).
+    """
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float,
                  adj: torch.Tensor) -> None:
@@ -102,12 +116,17 @@ class _TorchGCN(nn.Module):
         nn.init.xavier_uniform_(self.lin2.weight)
         self.dropout = dropout
         self.adj = adj
+        self._pattern = CSRPatternCache()
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        if is_sparse(x):
+            x = sparse_dropout_matmul(self._pattern(x), self.lin1.weight, self.dropout,
+                                      self.training)
+        else:
+            x = self.lin1(F.dropout(x, self.dropout, self.training))
+        x = torch.relu(symmetric_spmm(self.adj, x) + self.b1)
         x = F.dropout(x, self.dropout, self.training)
-        x = torch.relu(torch.sparse.mm(self.adj, self.lin1(x)) + self.b1)
-        x = F.dropout(x, self.dropout, self.training)
-        return torch.sparse.mm(self.adj, self.lin2(x)) + self.b2
+        return symmetric_spmm(self.adj, self.lin2(x)) + self.b2
 
 
 def gcn_baseline(
@@ -118,24 +137,24 @@ def gcn_baseline(
     """Train a two-layer GCN full-batch; test accuracy at the best-validation epoch.
 
     ``backend``: ``"pyg"`` (PyTorch Geometric), ``"torch"`` (plain torch) or ``"auto"`` (PyG
-    when installed). Returns ``{"val_acc", "test_acc", "best_epoch", "backend"}``
-    (``best_epoch`` counts training steps).
+    when installed and ``features`` are dense, else plain torch). ``features`` may be sparse
+    (COO / CSR; PyG gets them densified). Returns ``{"val_acc", "test_acc", "best_epoch",
+    "backend"}`` (``best_epoch`` counts training steps).
     """
     s = settings or GCNSettings()
     if backend not in ("auto", "pyg", "torch"):
         raise ValueError(f"backend must be 'auto', 'pyg' or 'torch', got {backend!r}")
     if backend == "auto":
-        backend = "pyg" if have_pyg() else "torch"
+        backend = "pyg" if have_pyg() and not is_sparse(features) else "torch"
     elif backend == "pyg" and not have_pyg():
         raise ImportError("backend='pyg' needs PyTorch Geometric (pip install torch_geometric); "
                           "or use backend='torch'")
     torch.manual_seed(seed)
     model: nn.Module
     if backend == "pyg":
+        features = features.to_dense()
         model = _GCN(features.shape[1], s.hidden, num_classes, s.dropout)
     else:
-        from .model import normalised_adjacency
-
         adj = normalised_adjacency(edge_index, features.shape[0])
         model = _TorchGCN(features.shape[1], s.hidden, num_classes, s.dropout, adj)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)

@@ -114,8 +114,11 @@ class CitationConfig:
     gcn_lr: float = 0.01
     gcn_weight_decay: float = 5e-4
     gcn_row_normalise: bool = False
-    # per-dataset settings overriding the above, e.g. {pubmed: {fp_alpha: 0.2}}
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gcn_backend: str = "torch"            # torch: sparse features (~10x faster); pyg; auto
+    # per-dataset settings overriding the above; Pubmed's: tuned on Pubmed validation (seeds 0-4,
+    # 8 configs per model, docs/citation.md), where they differ from the Cora choice
+    overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "pubmed": {"fp_alpha": 0.2, "gcn_row_normalise": True}})
     # bookkeeping
     trace_points: int = 3                 # forward traces per unit (first, middle, last eval)
     on_failure: str = "ignore"
@@ -139,6 +142,23 @@ class CitationConfig:
         if self.fp_truncate is not None:
             return self.fp_truncate
         return truncation_for(self.fp_rate(model), self.fp_bound)
+
+    @staticmethod
+    def settle_layers(merged: dict[str, Any], layer_of: dict[str, int]) -> dict[str, Any]:
+        """A setting given in a later layer than ``overrides`` (``--set fp_alpha=0.1`` over the
+        packaged Pubmed choice) applies to every dataset: it is dropped from the overrides,
+        instead of being silently beaten by them on the datasets they name."""
+        over = merged.get("overrides")
+        if not isinstance(over, dict):
+            return merged
+        base = layer_of.get("overrides", -1)
+        later = {k for k, rank in layer_of.items() if rank > base and k != "overrides"}
+        if not later:
+            return merged
+        settled = {ds: {k: v for k, v in (o.items() if isinstance(o, dict) else ())
+                        if k not in later} if isinstance(o, dict) else o
+                   for ds, o in over.items()}
+        return {**merged, "overrides": settled}
 
     def for_dataset(self, name: str) -> CitationConfig:
         """This config with ``overrides[name]`` applied."""
@@ -234,6 +254,9 @@ class CitationConfig:
                 raise ConfigError(f"fp_steps={self.fp_steps} is below K={self.fp_K(model)} for "
                                   f"'{model}' (TBPTT back-propagates K steps): raise fp_steps "
                                   "or set fp_truncate")
+        if self.gcn_backend not in ("torch", "pyg", "auto"):
+            raise ConfigError(f"gcn_backend must be 'torch', 'pyg' or 'auto', got "
+                              f"{self.gcn_backend!r}")
         if self.on_failure not in ("raise", "warn", "ignore"):
             raise ConfigError("on_failure must be 'raise', 'warn' or 'ignore'")
 
@@ -442,10 +465,12 @@ def _baseline_unit(cfg: CitationConfig, ctx: RunContext, g: _Graph, name: str,
         res: dict[str, Any] = logreg_baseline(d.features, d.labels, train, val, test, seed)
     else:
         x = row_normalise(d.features) if cfg.gcn_row_normalise else d.features
+        if cfg.gcn_backend == "torch":
+            x = x.to_sparse()   # the plain-torch GCN's sparse feature product
         res = gcn_baseline(x, d.labels, d.edge_index, d.num_classes, train, val, test, seed,
                            GCNSettings(hidden=cfg.gcn_hidden, dropout=cfg.gcn_dropout,
                                        lr=cfg.gcn_lr, weight_decay=cfg.gcn_weight_decay,
-                                       epochs=cfg.gcn_epochs))
+                                       epochs=cfg.gcn_epochs), backend=cfg.gcn_backend)
     res.update({"seed": seed, "wall_s": time.perf_counter() - t0})
     ctx.finish(tag, res)
     return res
