@@ -29,9 +29,11 @@ from .model import (
     symmetric_spmm,
 )
 
-__all__ = ["BASELINES", "GCNSettings", "gcn_baseline", "have_pyg", "logreg_baseline"]
+__all__ = ["BASELINES", "GCN_BACKENDS", "GCNSettings", "gcn_baseline", "have_pyg",
+           "logreg_baseline"]
 
 BASELINES = ("logreg", "gcn")
+GCN_BACKENDS = ("auto", "pyg", "torch")
 
 
 def _accuracy(pred: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> float:
@@ -142,8 +144,9 @@ def gcn_baseline(
     "backend"}`` (``best_epoch`` counts training steps).
     """
     s = settings or GCNSettings()
-    if backend not in ("auto", "pyg", "torch"):
-        raise ValueError(f"backend must be 'auto', 'pyg' or 'torch', got {backend!r}")
+    if backend not in GCN_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, GCN_BACKENDS))}, got "
+                         f"{backend!r}")
     if backend == "auto":
         backend = "pyg" if have_pyg() and not is_sparse(features) else "torch"
     elif backend == "pyg" and not have_pyg():

@@ -37,7 +37,7 @@ from rbp.runner import (
 )
 from rbp.runner.config import DATA_DIR_ENV
 
-from .baselines import BASELINES, GCNSettings, gcn_baseline, logreg_baseline
+from .baselines import BASELINES, GCN_BACKENDS, GCNSettings, gcn_baseline, logreg_baseline
 from .figures import write_figures
 from .model import (
     GGNN,
@@ -155,9 +155,10 @@ class CitationConfig:
         later = {k for k, rank in layer_of.items() if rank > base and k != "overrides"}
         if not later:
             return merged
-        settled = {ds: {k: v for k, v in (o.items() if isinstance(o, dict) else ())
-                        if k not in later} if isinstance(o, dict) else o
-                   for ds, o in over.items()}
+        def drop(o: Any) -> Any:  # a malformed entry is left for validate() to name
+            return {k: v for k, v in o.items() if k not in later} if isinstance(o, dict) else o
+
+        settled = {ds: drop(o) for ds, o in over.items()}
         return {**merged, "overrides": settled}
 
     def for_dataset(self, name: str) -> CitationConfig:
@@ -254,9 +255,9 @@ class CitationConfig:
                 raise ConfigError(f"fp_steps={self.fp_steps} is below K={self.fp_K(model)} for "
                                   f"'{model}' (TBPTT back-propagates K steps): raise fp_steps "
                                   "or set fp_truncate")
-        if self.gcn_backend not in ("torch", "pyg", "auto"):
-            raise ConfigError(f"gcn_backend must be 'torch', 'pyg' or 'auto', got "
-                              f"{self.gcn_backend!r}")
+        if self.gcn_backend not in GCN_BACKENDS:
+            raise ConfigError(f"gcn_backend must be one of {', '.join(map(repr, GCN_BACKENDS))}, "
+                              f"got {self.gcn_backend!r}")
         if self.on_failure not in ("raise", "warn", "ignore"):
             raise ConfigError("on_failure must be 'raise', 'warn' or 'ignore'")
 
