@@ -189,7 +189,8 @@ def fixed_point(
             _report(on_failure, message)
 
     if implicit:
-        update = forward.step_map(f, steps, time_varying, last_step, inputs)
+        update = fwd.update
+        assert update is not None  # run() sets it on every path that returns a graph
         if settle_tol is not None and info.relative_final_difference > settle_tol:
             _report(
                 on_failure,

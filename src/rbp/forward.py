@@ -677,6 +677,8 @@ class Forward:
     h_in: list[Tensor]  # leaves at which the map was last applied (requires_grad if implicit)
     h_out: list[Tensor]  # leaves of h_out = F(h_in)
     spec: Any
+    update: Callable[[State, int], State] | None = None  # F_t(h), as run() applied it
+    reaches_parameters: bool | None = None  # True: h_out's graph reaches more than h_in
 
 
 def _diff_norm(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -711,6 +713,7 @@ def unroll(
     trace: bool,
     method: str,
     fast: Callable[[State], State] | None = None,
+    probe_parameters: bool = False,
 ) -> tuple[Forward, list[float], float]:
     """The paper's forward: ``steps`` updates, the last ``graph_steps`` of them with a graph.
 
@@ -720,7 +723,10 @@ def unroll(
     differentiate). ``fast(h)``, if given, is the same update as ``step(h, t)`` without checks:
     it runs the steps between the first, the first graph step and the last, which ``step`` runs
     with the structure and in-place checks (f is one map, so checking each step again would
-    only cost time).
+    only cost time). ``probe_parameters``: run step 0 with grad on a detached ``h0``; its
+    output requires grad iff ``f`` uses a tensor that does (``Forward.reaches_parameters``),
+    which spares walking the last step's graph (only valid when step 0 and the last step are
+    the same map).
     """
     h0_leaves, spec = tree.flatten(h0, "h0")
     free_steps = steps - graph_steps
@@ -740,8 +746,15 @@ def unroll(
                 h = fast(h)
         return h, prev
 
+    h, start, reaches = h0, 0, None
+    if probe_parameters and free_steps >= 1 and not trace:  # trace records step 0 itself
+        with torch.enable_grad():
+            h1 = step(tree.unflatten(spec, [leaf.detach() for leaf in h0_leaves]), 0)
+        out1 = tree.check_same_structure(spec, h0_leaves, h1, 0)
+        reaches = any(leaf.requires_grad for leaf in out1) or None  # None: walk to be sure
+        h, start = tree.unflatten(spec, [leaf.detach() for leaf in out1]), 1
     with torch.no_grad():
-        h, _ = advance(h0, 0, free_steps)
+        h, _ = advance(h, start, free_steps)
     if detach:
         h = tree.unflatten(spec, [leaf.detach() for leaf in tree.flatten(h)[0]])
     h_in: list[Tensor] = []
@@ -773,7 +786,7 @@ def unroll(
     scale = math.sqrt(sum(squares))
     if not (math.isfinite(diffs[-1]) and math.isfinite(scale)):
         check_finite(out, method, steps)
-    return Forward(h, h_in, out, spec), diffs, scale
+    return Forward(h, h_in, out, spec, reaches_parameters=reaches), diffs, scale
 
 
 def step_map(
@@ -849,10 +862,12 @@ def run(
         fwd, diffs, scale = unroll(
             step, h0, steps, graph_steps, detach=grad_on and method != "bptt",
             require_grad_input=grad_on and implicit, trace=trace, method=method, fast=fast,
+            probe_parameters=grad_on and implicit and not time_varying and last_step is None,
         )
         _fill(info, diffs[-1], scale, diffs if trace else [])
         info.forward_steps, info.forward_residual = steps, diffs[-1]
         info.row_updates = steps
+        fwd.update = update
         return _constant_if_nothing_to_differentiate(fwd)
 
     _refuse_combinations(method, grad_on, implicit, solver, time_varying, batch_dim,
@@ -863,6 +878,7 @@ def run(
     fwd = _solve_then_step(step, f, h0, steps, method, implicit and grad_on, time_varying,
                            last_step, tol, tol_mode, solver, batch_dim, inputs, in_dims,
                            best_iterate, check_every, trace, info)
+    fwd.update = update
     return _constant_if_nothing_to_differentiate(fwd)
 
 
@@ -872,7 +888,7 @@ def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
     Then, as for any function of constants, the returned state does not require grad, instead
     of carrying an adjoint that would deliver gradients to nobody.
     """
-    if not fwd.h_in or not any(o.requires_grad for o in fwd.h_out):
+    if fwd.reaches_parameters or not fwd.h_in or not any(o.requires_grad for o in fwd.h_out):
         return fwd
     own = {id(leaf) for leaf in fwd.h_in}
     seen: set[int] = set()
@@ -887,7 +903,7 @@ def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
             return fwd  # reaches a parameter or an input: keep the graph
         todo.extend(nxt for nxt, _ in node.next_functions)
     out = [o.detach() for o in fwd.h_out]
-    return Forward(tree.unflatten(fwd.spec, out), [], out, fwd.spec)
+    return Forward(tree.unflatten(fwd.spec, out), [], out, fwd.spec, fwd.update)
 
 
 def _refuse_combinations(

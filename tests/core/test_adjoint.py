@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -469,3 +470,55 @@ def test_user_solver_with_a_flat_vector_takes_the_public_path():
     h = rbp.fixed_point(p.f, p.h0, 200, rbp.Implicit(solve))
     p.loss(h).backward()
     assert max_rel_error([q.grad for q in p.params], exact_gradients(p)) <= 1e-9
+
+
+# ---- the adjoint holds no reference cycle: the graph is freed as soon as it is unreachable ----
+
+
+class _Marker:
+    pass
+
+
+class _Tag(torch.autograd.Function):
+    """Identity whose graph node holds a marker object: the node's lifetime is observable."""
+
+    markers: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.marker = _Marker()
+        _Tag.markers.append(weakref.ref(ctx.marker))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@pytest.mark.parametrize("pytree", [False, True], ids=["tensor", "tuple"])
+@pytest.mark.parametrize("backward", [False, True])
+def test_graph_of_the_last_step_is_freed_without_the_garbage_collector(pytree, backward):
+    import gc
+
+    w = (0.3 * torch.randn(5, 5, dtype=DT)).requires_grad_()
+    if pytree:
+        def f(h):
+            return (torch.tanh(_Tag.apply(h[0]) @ w), torch.tanh(h[1] @ w.T))
+        h0 = (torch.zeros(2, 5, dtype=DT), torch.zeros(2, 5, dtype=DT))
+    else:
+        def f(h):
+            return torch.tanh(_Tag.apply(h) @ w + 1.0)
+        h0 = torch.zeros(2, 5, dtype=DT)
+    _Tag.markers.clear()
+    gc.disable()  # a cycle would keep the graph alive until a collection
+    try:
+        h = rbp.fixed_point(f, h0, 30, "neumann", 5)
+        loss = sum(x.sum() for x in (h if pytree else (h,)))
+        if backward:
+            loss.backward(retain_graph=True)
+            assert w.grad is not None and torch.isfinite(w.grad).all()
+        assert any(r() is not None for r in _Tag.markers)  # the last step's node is alive
+        del h, loss
+        assert all(r() is None for r in _Tag.markers), "the last step's graph outlived its output"
+    finally:
+        gc.enable()

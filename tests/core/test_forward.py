@@ -592,6 +592,25 @@ def test_f_without_parameters_gives_a_constant_state(method):
     assert not h.requires_grad
 
 
+@pytest.mark.parametrize("method", rbp.IMPLICIT_METHODS)
+def test_parameter_used_only_after_step_0_still_gets_its_gradient(method):
+    # step 0 uses no parameter (h0 = 0 takes the first branch), later steps do: the cheap test
+    # at step 0 must not make the state a constant
+    w = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    c = torch.ones(3, dtype=DT)
+
+    def f(h):
+        return c if bool((h == 0).all()) else w * torch.tanh(h) + c
+
+    h = rbp.fixed_point(f, torch.zeros(3, dtype=DT), 200, method, 100)
+    assert h.requires_grad
+    h.sum().backward()
+    # h* = w tanh(h*) + 1 per entry: dh*/dw = tanh(h*) / (1 - w (1 - tanh(h*)^2))
+    hs = h.detach()[0]
+    expected = 3 * torch.tanh(hs) / (1 - 0.5 * (1 - torch.tanh(hs) ** 2))
+    assert torch.allclose(w.grad, expected, rtol=1e-8)
+
+
 def test_best_iterate_per_sample_is_each_samples_argmin():
     f, w, x, s, h0 = _batch_problem(batch=3, n=4)
     with torch.no_grad():
