@@ -678,7 +678,6 @@ class Forward:
     h_out: list[Tensor]  # leaves of h_out = F(h_in)
     spec: Any
     update: Callable[[State, int], State] | None = None  # F_t(h), as run() applied it
-    reaches_parameters: bool | None = None  # True: h_out's graph reaches more than h_in
 
 
 def _diff_norm(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -713,7 +712,6 @@ def unroll(
     trace: bool,
     method: str,
     fast: Callable[[State], State] | None = None,
-    probe_parameters: bool = False,
 ) -> tuple[Forward, list[float], float]:
     """The paper's forward: ``steps`` updates, the last ``graph_steps`` of them with a graph.
 
@@ -723,10 +721,7 @@ def unroll(
     differentiate). ``fast(h)``, if given, is the same update as ``step(h, t)`` without checks:
     it runs the steps between the first, the first graph step and the last, which ``step`` runs
     with the structure and in-place checks (f is one map, so checking each step again would
-    only cost time). ``probe_parameters``: run step 0 with grad on a detached ``h0``; its
-    output requires grad iff ``f`` uses a tensor that does (``Forward.reaches_parameters``),
-    which spares walking the last step's graph (only valid when step 0 and the last step are
-    the same map).
+    only cost time).
     """
     h0_leaves, spec = tree.flatten(h0, "h0")
     free_steps = steps - graph_steps
@@ -746,15 +741,8 @@ def unroll(
                 h = fast(h)
         return h, prev
 
-    h, start, reaches = h0, 0, None
-    if probe_parameters and free_steps >= 1 and not trace:  # trace records step 0 itself
-        with torch.enable_grad():
-            h1 = step(tree.unflatten(spec, [leaf.detach() for leaf in h0_leaves]), 0)
-        out1 = tree.check_same_structure(spec, h0_leaves, h1, 0)
-        reaches = any(leaf.requires_grad for leaf in out1) or None  # None: walk to be sure
-        h, start = tree.unflatten(spec, [leaf.detach() for leaf in out1]), 1
     with torch.no_grad():
-        h, _ = advance(h, start, free_steps)
+        h, _ = advance(h0, 0, free_steps)
     if detach:
         h = tree.unflatten(spec, [leaf.detach() for leaf in tree.flatten(h)[0]])
     h_in: list[Tensor] = []
@@ -786,7 +774,7 @@ def unroll(
     scale = math.sqrt(sum(squares))
     if not (math.isfinite(diffs[-1]) and math.isfinite(scale)):
         check_finite(out, method, steps)
-    return Forward(h, h_in, out, spec, reaches_parameters=reaches), diffs, scale
+    return Forward(h, h_in, out, spec), diffs, scale
 
 
 def step_map(
@@ -862,7 +850,6 @@ def run(
         fwd, diffs, scale = unroll(
             step, h0, steps, graph_steps, detach=grad_on and method != "bptt",
             require_grad_input=grad_on and implicit, trace=trace, method=method, fast=fast,
-            probe_parameters=grad_on and implicit and not time_varying and last_step is None,
         )
         _fill(info, diffs[-1], scale, diffs if trace else [])
         info.forward_steps, info.forward_residual = steps, diffs[-1]
@@ -888,7 +875,7 @@ def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
     Then, as for any function of constants, the returned state does not require grad, instead
     of carrying an adjoint that would deliver gradients to nobody.
     """
-    if fwd.reaches_parameters or not fwd.h_in or not any(o.requires_grad for o in fwd.h_out):
+    if not fwd.h_in or not any(o.requires_grad for o in fwd.h_out):
         return fwd
     own = {id(leaf) for leaf in fwd.h_in}
     seen: set[int] = set()

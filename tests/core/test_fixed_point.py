@@ -32,6 +32,15 @@ def test_implicit_memory_does_not_depend_on_steps(method):
     assert sizes[0] == sizes[1] > 0
 
 
+@pytest.mark.parametrize("method", rbp.IMPLICIT_METHODS)
+def test_implicit_forward_saves_exactly_one_step_of_graph(method):
+    p = tanh_rnn(n=64)
+    with torch.no_grad():
+        h = rbp.fixed_point(p.f, p.h0, 49, "bptt")
+    one_step = saved_bytes(lambda: p.f(h.clone().requires_grad_()))
+    assert saved_bytes(lambda: rbp.fixed_point(p.f, p.h0, 50, method, 10)) == one_step > 0
+
+
 def test_bptt_memory_grows_linearly_and_tbptt_with_k():
     p = tanh_rnn(n=64)
     b50, b200, b500 = (
