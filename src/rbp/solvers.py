@@ -19,8 +19,9 @@ is constructed. ``tol`` is relative to ``||b||`` per row; ``tol=None`` runs ``ma
 iterations (the paper's truncated algorithms). The stopping rule costs one host read per test:
 with a tolerance (and always for the Krylov solvers, which also test for breakdown) it is
 tested every ``check_every`` iterations; the series solvers without a tolerance test only after
-their first products (a zero residual, ``J = 0`` or ``g = 0``, stops there) and every
-``UNTOLERANCED_CHECK_EVERY`` products, then read the device once at the end.
+after their first products and every ``UNTOLERANCED_CHECK_EVERY`` (a zero increment, ``J = 0``
+or ``g = 0``, or a NaN stops there; Neumann only for a series longer than that), then read the
+device once at the end.
 """
 
 from __future__ import annotations
@@ -165,7 +166,6 @@ def _finish(
     geometric tail of the per-row increments ``norms`` (preceded by ``||b||`` when ``lead``:
     Neumann's ``v_0 = b``); ``znorm``: ``||z||`` per row, if already known.
     """
-    rows = bnorm.numel()
     if true_errors is not None:
         last = true_errors
     else:
@@ -174,6 +174,23 @@ def _finish(
         table = torch.stack([*norms, bnorm, last]).tolist()
     else:
         table = torch.cat([norms, bnorm[None], last[None]]).tolist()
+    return _classify(z, iterations, table, tol, errors_given=true_errors is not None,
+                     lead=lead, terms=terms)
+
+
+def _classify(
+    z: Tensor,
+    iterations: int,
+    table: list[list[float]],
+    tol: float | None,
+    *,
+    errors_given: bool,
+    lead: bool,
+    terms: int | None,
+) -> Solution:
+    """The status and per-row errors from the host ``table``: the per-row residuals of each
+    iteration, then ``||b||``, then the true errors (``errors_given``) or ``||z||``."""
+    rows = len(table[-1])
     k = len(table) - 2
     inc, bn, last_row = table[:k], table[k], table[k + 1]
     residuals = (
@@ -181,7 +198,7 @@ def _finish(
         if rows > 1
         else [abs(row[0]) for row in inc]
     )
-    if true_errors is not None:
+    if errors_given:
         sample_errors = last_row
     else:
         eps = torch.finfo(z.dtype).eps
@@ -209,8 +226,8 @@ def _finish(
     return Solution(z, iterations, residuals, status, sample_errors, terms)
 
 
-# Without a tolerance the only reason to stop early is an exact zero (or NaN): checked once
-# after the first products, then every this many.
+# Without a tolerance the only reason to stop early is an exact zero (or NaN): checked after the
+# first products, then every this many.
 UNTOLERANCED_CHECK_EVERY = 64
 
 
@@ -270,31 +287,29 @@ def neumann(
 
 def _neumann_untoleranced(vjp: Matvec, b: Tensor, max_iter: int) -> Solution:
     """Neumann without ``tol``: all ``max_iter`` products, stopping early only on an exact zero
-    or NaN (tested after the first product, then every ``UNTOLERANCED_CHECK_EVERY``).
+    or NaN. A series longer than ``UNTOLERANCED_CHECK_EVERY`` tests after its first product and
+    every ``UNTOLERANCED_CHECK_EVERY``; a shorter one never (the test is a host read per call,
+    and running out a zero series costs at most that many products).
 
-    The last ``RATE_WINDOW + 1`` increments (what the status and the error estimate need) are
-    kept and reduced in one call at the end with ``||b||`` and ``||z||``, rather than one
-    reduction per product.
+    The first and the last ``RATE_WINDOW + 1`` increments (what the status and the error
+    estimate need) are kept and reduced in one call at the end with ``b`` and ``z``.
     """
     v, z = b, b.clone()
-    norms: list[Tensor | int] = []  # a norm, or the index of a kept increment
     kept: list[Tensor] = []
     tail_from = _tail_start(max_iter, None)
+    long = max_iter > UNTOLERANCED_CHECK_EVERY
     t = 0
     for t in range(1, max_iter + 1):
         v = vjp(v)
         z.add_(v)
-        if _due(t, max_iter, UNTOLERANCED_CHECK_EVERY, None):
-            n = torch.linalg.vector_norm(v, dim=1)
-            norms.append(n)
-            if _nothing_left(n):
-                break
-        elif t == 1 or t >= tail_from:
-            norms.append(len(kept))
+        if t >= tail_from:
             kept.append(v)
-    table = torch.linalg.vector_norm(torch.stack([*kept, b, z]), dim=2)
-    rows = [table[n] if isinstance(n, int) else n for n in norms]
-    return _finish(z, t, rows, table[-2], None, lead=True, terms=t + 1, znorm=table[-1])
+        elif t == 1 or t % UNTOLERANCED_CHECK_EVERY == 0:
+            kept.append(v)
+            if long and _nothing_left(torch.linalg.vector_norm(v, dim=1)):
+                break
+    table = torch.linalg.vector_norm(torch.stack([*kept, b, z]), dim=2).tolist()
+    return _classify(z, t, table, None, errors_given=False, lead=True, terms=t + 1)
 
 
 def fixed_point_iteration(
