@@ -38,9 +38,11 @@ Tensor = torch.Tensor
 
 DOUBLE_BACKWARD_METHODS = ("bptt", "tbptt")
 
-# What torch.autograd.grad calls once it has checked its arguments (None: not in this torch).
+# The C++ engine that torch.autograd.grad reaches once it has checked its arguments (None: not
+# in this torch). The K products run inside a backward that torch has already set up (its
+# Python wrapper's logging test and context stash are the outer backward's business).
 _ENGINE_RUN_BACKWARD: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
-    torch.autograd.graph, "_engine_run_backward", None
+    getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None
 )
 
 
