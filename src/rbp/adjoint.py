@@ -14,7 +14,6 @@ It accumulates in float32 at least, whatever the state's dtype (e.g. under ``tor
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +23,12 @@ import torch
 from rbp import solvers, tree
 from rbp.diagnostics import (
     BackwardInfo,
-    ConvergenceWarning,
     DivergenceError,
     FixedPointInfo,
     Status,
     neumann_relative_error_estimate,
     power_iteration_norm,
+    report,
 )
 from rbp.methods import Implicit, _Damped, _Identity
 from rbp.tree import State
@@ -44,14 +43,6 @@ DOUBLE_BACKWARD_METHODS = ("bptt", "tbptt")
 _ENGINE_RUN_BACKWARD: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
     getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None
 )
-
-
-def report(on_failure: str, message: str, stacklevel: int = 4) -> None:
-    """Raise :class:`DivergenceError`, warn :class:`ConvergenceWarning`, or do nothing."""
-    if on_failure == "raise":
-        raise DivergenceError(message)
-    if on_failure == "warn":
-        warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ Nothing here changes a gradient; these are the numbers that tell whether one can
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,6 +24,30 @@ class DivergenceError(ArithmeticError):
 
 class ConvergenceWarning(RuntimeWarning):
     """A forward trace that has not settled, or a backward solve that grows or stalls."""
+
+
+# Frames in these files are rbp's core or torch's autograd machinery, not the user's call.
+_CORE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _internal(filename: str) -> bool:
+    return os.path.dirname(filename) == _CORE_DIR or filename.startswith(_TORCH_DIR)
+
+
+def report(on_failure: str, message: str) -> None:
+    """Raise :class:`DivergenceError`, warn :class:`ConvergenceWarning`, or do nothing.
+
+    The warning is attributed to the first frame outside rbp's core and torch: the user's
+    ``fixed_point(...)`` call, or the ``loss.backward()`` that ran the adjoint.
+    """
+    if on_failure == "raise":
+        raise DivergenceError(message)
+    if on_failure == "warn":
+        frame, level = sys._getframe(0), 1
+        while frame.f_back is not None and _internal(frame.f_code.co_filename):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(message, ConvergenceWarning, stacklevel=level)
 
 
 class Status(StrEnum):

@@ -27,7 +27,6 @@ and ``rbp`` with ``rbp_init="zeros"`` and ``truncate=K+1`` equals both.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -35,7 +34,7 @@ import torch
 
 from rbp import forward, methods, tree
 from rbp.adjoint import Adjoint, attach_implicit_backward, functorch_active, refuse_functorch
-from rbp.diagnostics import ConvergenceWarning, DivergenceError, FixedPointInfo
+from rbp.diagnostics import FixedPointInfo, report
 from rbp.tree import State
 
 METHODS: tuple[str, ...] = ("bptt", "tbptt", "rbp", "cg", "neumann", "gmres")
@@ -186,13 +185,13 @@ def fixed_point(
     if tol is not None:
         message = forward.unreached_message(info, tol, tol_mode, steps)
         if message is not None:
-            _report(on_failure, message)
+            report(on_failure, message)
 
     if implicit:
         update = fwd.update
         assert update is not None  # run() sets it on every path that returns a graph
         if settle_tol is not None and info.relative_final_difference > settle_tol:
-            _report(
+            report(
                 on_failure,
                 f"{method}: the forward state has not settled after "
                 f"{forward.steps_taken(info)} steps "
@@ -305,10 +304,3 @@ def _refuse_functorch() -> None:
             "(finiteness, tol) on the host. Stack the systems along one dim and pass "
             "batch_dim=... instead, or call fixed_point outside vmap."
         )
-
-
-def _report(on_failure: str, message: str) -> None:
-    if on_failure == "raise":
-        raise DivergenceError(message)
-    if on_failure == "warn":
-        warnings.warn(message, ConvergenceWarning, stacklevel=4)

@@ -296,3 +296,30 @@ def test_returned_state_can_be_modified_in_place():
         (h**2).sum().backward()
         grads.append(w.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("how", ["call", "module", "tol", "grad"])
+def test_warnings_point_at_the_users_line(how):
+    """Forward and backward warnings name the user's call (``fixed_point(...)``, the module
+    call, ``loss.backward()`` or ``torch.autograd.grad``), not a frame inside rbp or torch."""
+    p = tanh_rnn()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if how == "call":
+            h = rbp.fixed_point(p.f, p.h0, 2, "neumann", 5)  # not settled after 2 steps
+        elif how == "module":
+            layer = rbp.FixedPoint(lambda x, h: p.f(h) + 0 * x, steps=2, truncate=5)
+            h = layer(torch.zeros(()), p.h0)
+        elif how == "tol":
+            h = rbp.fixed_point(p.f, p.h0, 2, "neumann", 5, tol=1e-12, settle_tol=None)
+        else:
+            h = rbp.fixed_point(p.f, p.h0, 200, "neumann", 1, max_backward_error=1e-12)
+        here = len(caught)
+        if how == "grad":
+            torch.autograd.grad(h.sum(), p.params)  # backward: a 1-term series is inaccurate
+        else:
+            h.sum().backward()
+    assert caught and all(issubclass(w.category, rbp.ConvergenceWarning) for w in caught)
+    assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
+    if how == "grad":
+        assert here == 0  # the warning came from the backward, and still names this file
