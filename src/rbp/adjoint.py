@@ -358,8 +358,9 @@ def refuse_functorch(name: str) -> None:
     if functorch_active():
         raise RuntimeError(
             f"fixed_point with the implicit method {name!r} cannot run under torch.func "
-            "transforms (grad, vmap, jacrev, ...): its adjoint is a custom autograd.Function "
-            "that calls torch.autograd.grad. Use torch.autograd.grad / .backward() around "
+            "transforms (grad, vmap, jacrev, ...): its adjoint is a hook that runs autograd "
+            "inside the backward, which the transforms cannot trace. Use torch.autograd.grad / "
+            ".backward() around "
             "fixed_point, or method='bptt' / 'tbptt' under torch.func."
         )
 

@@ -72,8 +72,15 @@ def check_same_structure(
                 f"{tuple(a.shape)} -> {tuple(b.shape)}"
             )
         if a.dtype != b.dtype:
+            hint = (
+                "under torch.autocast, cast f's output back (e.g. return out.to(h.dtype)) "
+                "or start from h0 in the autocast dtype"
+                if torch.is_autocast_enabled(b.device.type)
+                else "cast f's output (e.g. out.to(h.dtype)) or start from h0 in that dtype"
+            )
             raise TypeError(
-                f"f changed the dtype of state{path} at step {step}: {a.dtype} -> {b.dtype}"
+                f"f changed the dtype of state{path} at step {step}: {a.dtype} -> {b.dtype}; "
+                f"f must return the dtype of h0: {hint}"
             )
     return out_leaves
 

@@ -372,6 +372,15 @@ def test_autocast_bfloat16_forward_float32_adjoint():
     assert max_rel_error(got, ref) <= 3e-2  # bfloat16 matmuls: ~8 bits of mantissa
 
 
+def test_autocast_without_a_cast_back_says_how_to_fix_it():
+    w = (0.5 * torch.eye(8)).requires_grad_()
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(TypeError, match=r"float32 -> torch.bfloat16.*under torch.autocast"),
+    ):
+        rbp.fixed_point(lambda h: torch.tanh(h @ w.T), torch.zeros(4, 8), 10, "gmres")
+
+
 def test_bfloat16_state_solves_in_float32():
     w = (0.5 * torch.eye(8)).to(torch.bfloat16).requires_grad_()
     x = torch.ones(8, dtype=torch.bfloat16, requires_grad=True)
