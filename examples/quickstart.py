@@ -21,7 +21,7 @@ from rbp.data import load_mnist
 class EquilibriumClassifier(nn.Module):
     """``logits = V h*``, ``h* = tanh(W h* + U x)``; ||W||_2 <= 0.9 keeps the map contractive."""
 
-    def __init__(self, hidden: int = 128, method: str = "neumann", truncate: int = 10) -> None:
+    def __init__(self, hidden: int = 128, method: str = "neumann", truncate: int = 20) -> None:
         super().__init__()
         self.inject = nn.Linear(784, hidden)
         self.recur = nn.utils.parametrizations.spectral_norm(nn.Linear(hidden, hidden, bias=False))

@@ -12,10 +12,17 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 
 @pytest.mark.parametrize("method", ["neumann", "cg", "bptt"])
 def test_quickstart_learns_mnist(method):
+    """The main demo learns, and a newcomer's first run shows no convergence warning."""
+    import warnings
+
+    import rbp
+
     spec = importlib.util.spec_from_file_location("quickstart", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    accuracy = module.main(["--method", method, "--epochs", "1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rbp.ConvergenceWarning)
+        accuracy = module.main(["--method", method, "--epochs", "1"])
     assert accuracy > 0.8  # chance is 0.1
 
 
