@@ -190,17 +190,23 @@ class _AndersonState:
         self.m, self.beta = cfg.m, cfg.beta
         eps = torch.finfo(x.dtype).eps
         self.ridge = math.sqrt(eps) if cfg.ridge is None else cfg.ridge
-        self.max_cond = 1.0 / (100.0 * eps)
+        # cond(G) = (max / min diag of its Cholesky factor)^2 <= 1 / (100 eps)
+        self.max_diag_ratio = 1.0 / math.sqrt(100.0 * eps)
         self.low = x.dtype in (torch.float16, torch.bfloat16)  # no LAPACK: small solve in fp32
+        small = torch.float32 if self.low else x.dtype
         self.ys = x.new_zeros(b, self.m, n)
         self.gs = x.new_zeros(b, self.m, n)
-        self.gram = x.new_zeros(b, self.m, self.m, dtype=torch.float32 if self.low else x.dtype)
+        self.gram = x.new_zeros(b, self.m, self.m, dtype=small)
+        eye = torch.eye(self.m, dtype=small, device=x.device)
+        self.ridge_eye = self.ridge * eye  # the ridge, times mean(diag G) per row
+        self.onehot = eye.to(x.dtype)  # row i: the weights of the plain step from slot i
+        self.ones = x.new_ones(1, self.m, 1, dtype=small)
         self.k = 0
 
     def keep(self, rows: Tensor) -> None:
         self.ys, self.gs, self.gram = self.ys[rows], self.gs[rows], self.gram[rows]
 
-    def step(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def step(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         g = fx - x if g is None else g
         plain = fx if self.beta == 1.0 else x + self.beta * g
         slot = self.k % self.m
@@ -216,29 +222,23 @@ class _AndersonState:
         self.gram[:, slot, :mk] = row
         self.gram[:, :mk, slot] = row
         if mk == 1:
-            return plain, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            return plain, None
         gram = self.gram[:, :mk, :mk]
-        diag = gram.diagonal(dim1=1, dim2=2)
-        lam = self.ridge * diag.mean(dim=1, keepdim=True)
-        gram = gram + torch.diag_embed(lam.expand(-1, mk))
+        # G + ridge * mean(diag G) I, then w = G^-1 1 and a = w / sum(w)
+        mean_diag = gram.diagonal(dim1=1, dim2=2).mean(dim=1)
+        gram = torch.addcmul(gram, mean_diag[:, None, None], self.ridge_eye[:mk, :mk])
         chol, status = torch.linalg.cholesky_ex(gram)
-        d = chol.diagonal(dim1=1, dim2=2).abs()
-        cond = (d.amax(1) / d.amin(1).clamp_min(torch.finfo(x.dtype).tiny)) ** 2
-        bad = (status != 0) | ~(cond <= self.max_cond)
-        ones = gram.new_ones(x.shape[0], mk, 1)
-        eye = torch.eye(mk, dtype=gram.dtype, device=x.device)
-        safe = torch.where(bad[:, None, None], eye, chol)
-        w = torch.cholesky_solve(ones, safe)  # H^{-1} 1, (b, mk, 1)
-        alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)  # (b, 1, mk)
-        bad = bad | ~torch.isfinite(alpha).all(2)[:, 0]
+        d_min, d_max = torch.aminmax(chol.diagonal(dim1=1, dim2=2), dim=1)
+        ok = (status == 0) & (d_max <= self.max_diag_ratio * d_min)  # False for NaN too
+        w = torch.cholesky_solve(self.ones[:, :mk], chol)  # (b, mk, 1); garbage where not ok
+        alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2).to(x.dtype)  # (b, 1, mk)
+        ok = ok & torch.isfinite(alpha).all(2)[:, 0]
         # a bad row mixes with weight 1 on the newest point: the plain step, without a select
-        newest = torch.zeros_like(alpha)
-        newest[:, 0, slot] = 1.0
-        alpha = torch.where(bad[:, None, None], newest, alpha).to(x.dtype)
+        alpha = torch.where(ok[:, None, None], alpha, self.onehot[slot, :mk])
         cand = torch.bmm(alpha, self.ys[:, :mk])[:, 0]  # sum_i a_i (x_i + beta g_i)
         # a sum is non-finite if any term is (or it overflows: a harmless plain step)
         over = ~torch.isfinite(cand.sum(1))
-        return _replace_rows(over, plain, cand), bad | over
+        return _replace_rows(over, plain, cand), ~ok | over
 
 
 def _replace_rows(bad: Tensor, value: Tensor, x: Tensor) -> Tensor:
@@ -338,7 +338,7 @@ class _BroydenState:
         self.k = r
         return bad
 
-    def step(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def step(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         g = fx - x if g is None else g
         skipped = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         if self.prev is None:
@@ -372,9 +372,9 @@ class _IterateState:
     def keep(self, rows: Tensor) -> None:
         pass
 
-    def step(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def step(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         out = fx if self.damping == 0.0 else torch.lerp(fx, x, self.damping)
-        return out, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return out, None  # no safeguard: nothing to count
 
 
 def _solver_state(cfg: Solver, x: Tensor) -> _IterateState | _AndersonState | _BroydenState:
@@ -497,8 +497,9 @@ def _solve(
                 state.keep(keep)
                 if best_iterate:
                     best = tuple(t[keep] for t in best)  # type: ignore[assignment]
-        x, bad = state.step(x, fx, g)
-        fallbacks = fallbacks + bad.sum()
+        x, bad = state.step(x, fx, g)  # bad: the rows that fell back (None: none can)
+        if bad is not None:
+            fallbacks = fallbacks + bad.sum()
         k += 1
         fx = fmap(x, live)
         row_updates += n_live
