@@ -19,8 +19,8 @@ is constructed. ``tol`` is relative to ``||b||`` per row; ``tol=None`` runs ``ma
 iterations (the paper's truncated algorithms). The stopping rule costs one host read per test:
 with a tolerance (and always for the Krylov solvers, which also test for breakdown) it is
 tested every ``check_every`` iterations; the series solvers without a tolerance test only after
-after their first products and every ``UNTOLERANCED_CHECK_EVERY`` (a zero increment, ``J = 0``
-or ``g = 0``, or a NaN stops there; Neumann only for a series longer than that), then read the
+their first products and every ``UNTOLERANCED_CHECK_EVERY`` (a zero increment, ``J = 0`` or
+``g = 0``, or a NaN stops there; Neumann only for a series longer than that), then read the
 device once at the end.
 """
 

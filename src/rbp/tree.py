@@ -75,7 +75,7 @@ def check_same_structure(
             hint = (
                 "under torch.autocast, cast f's output back (e.g. return out.to(h.dtype)) "
                 "or start from h0 in the autocast dtype"
-                if torch.is_autocast_enabled(b.device.type)
+                if _autocast_on(b.device.type)
                 else "cast f's output (e.g. out.to(h.dtype)) or start from h0 in that dtype"
             )
             raise TypeError(
@@ -135,3 +135,10 @@ def batch_axes(leaves: Sequence[torch.Tensor], batch_dim: int) -> tuple[tuple[in
     if not batch:
         raise ValueError(f"batch_dim={batch_dim}: the state holds no samples (batch size 0)")
     return tuple(dims), batch
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        return bool(torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled())
