@@ -5,6 +5,7 @@ Nothing here changes a gradient; these are the numbers that tell whether one can
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ _CORE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
+@functools.lru_cache(maxsize=256)
 def _internal(filename: str) -> bool:
     return os.path.dirname(filename) == _CORE_DIR or filename.startswith(_TORCH_DIR)
 
