@@ -180,6 +180,14 @@ def test_load_spec(tmp_path: Path) -> None:
     path.write_text("experiment: citation\ngrid: {seed: [0]}\nfixed: {seed: 1}\n")
     with pytest.raises(ValueError, match="both in the grid and fixed"):
         load_spec(path)
+    path.write_text("experiment: citation\ngrid: {seed: [0, 1, 0], method: [rbp]}\n")
+    with pytest.raises(ValueError, match="grid key 'seed' repeats the value"):
+        load_spec(path)
+    path.write_text("experiment: citation\npoints: [{seed: 0}, {seed: 0}]\n")
+    with pytest.raises(ValueError, match="points repeat"):
+        load_spec(path)
+    path.write_text("experiment: citation\ngrid: {lr: [0.1, '0.1']}\n")  # alike, not equal
+    assert [p.name for p in expand_grid(load_spec(path))] == ["lr-0.1", "lr-0.1__1"]
 
 
 def test_packaged_sweep_specs_parse() -> None:

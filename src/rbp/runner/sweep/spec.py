@@ -118,10 +118,20 @@ def load_spec(path: Path) -> SweepSpec:
 
 
 def check_spec(spec: SweepSpec) -> None:
-    """Raise :class:`ConfigError` for an empty grid axis, a key given twice or a bad backend."""
+    """Raise :class:`ConfigError` for an empty grid axis, a value or point given twice, a key
+    given twice or a bad backend."""
     for key, values in spec.grid.items():
         if not values:
             raise ConfigError(f"grid key '{key}' has no values")
+        texts = [json.dumps(v, sort_keys=True, default=str) for v in values]
+        twice = sorted({t for t in texts if texts.count(t) > 1})
+        if twice:  # the same run twice: double the work, two directories of one result
+            raise ConfigError(f"grid key '{key}' repeats the value(s) {', '.join(twice)}; "
+                              "give each value once")
+    entries = [json.dumps(e, sort_keys=True, default=str) for e in spec.points]
+    twice = sorted({t for t in entries if entries.count(t) > 1})
+    if twice:
+        raise ConfigError(f"points repeat the entry/entries {', '.join(twice)}; give each once")
     point_keys = {k for e in spec.points for k in e}
     both = sorted((set(spec.grid) | point_keys) & set(spec.fixed))
     if both:
