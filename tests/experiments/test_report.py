@@ -134,6 +134,9 @@ def test_report_command(result_dirs: Path, tmp_path: Path,
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli.main(["report", str(empty), "--out", str(tmp_path / "e.html")]) == 1
+    capsys.readouterr()
+    assert cli.main(["report", str(result_dirs / "alpha"), "--out", str(empty)]) == 2
+    assert "is a directory; give the page's file name" in capsys.readouterr().err
 
 
 def test_corrupt_results_file_is_named_not_skipped_silently(

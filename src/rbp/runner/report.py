@@ -437,6 +437,10 @@ def run_command(args: argparse.Namespace) -> int:
     if missing:
         print(f"rbp report: error: not found: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
+    if Path(args.out).is_dir():
+        print(f"rbp report: error: --out {args.out} is a directory; give the page's file name, "
+              f"e.g. --out {Path(args.out) / 'report.html'}", file=sys.stderr)
+        return 2
     try:
         out, shown, left, unreadable = write_report(args.dirs, args.out, args.title,
                                                     args.include_unfinished)
