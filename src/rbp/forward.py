@@ -297,8 +297,9 @@ class _BroydenState:
         ``v = H^T dx``; a row whose denominator vanishes gets a zero term (skipped)."""
         v = self._ht(dx)
         denom = (v * dg).sum(1, keepdim=True)
-        size = _row_norm(v)[:, None] * _row_norm(dg)[:, None]
-        ok = (denom.abs() > self.tiny * size) & torch.isfinite(denom)
+        # |v . dg| <= |v| |dg|: a non-finite denominator has a non-finite size, and NaN > x is
+        # False, so this one test also refuses those rows
+        ok = denom.abs() > self.tiny * (_row_norm(v) * _row_norm(dg))[:, None]
         u = torch.where(ok, (dx - h_dg) / torch.where(ok, denom, 1.0), 0.0)
         v = torch.where(ok, v, 0.0)
         self.us[:, self.k], self.vs[:, self.k] = u, v
@@ -340,7 +341,7 @@ class _BroydenState:
 
     def step(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         g = fx - x if g is None else g
-        skipped = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        skipped: Tensor | None = None
         if self.prev is None:
             hg = -g
         else:
@@ -362,7 +363,7 @@ class _BroydenState:
         bad = ~torch.isfinite(dx.sum(1))  # non-finite if any entry is (or on overflow)
         dx = _replace_rows(bad, g, dx)
         self.prev = (dx, g, _replace_rows(bad, -g, hg))
-        return x + dx, skipped | bad
+        return x + dx, bad if skipped is None else skipped | bad
 
 
 class _IterateState:
