@@ -37,10 +37,15 @@ Tensor = torch.Tensor
 
 DOUBLE_BACKWARD_METHODS = ("bptt", "tbptt")
 
-# The C++ engine that torch.autograd.grad reaches once it has checked its arguments (None: not
-# in this torch). The K products run inside a backward that torch has already set up (its
-# Python wrapper's logging test and context stash are the outer backward's business).
+# What torch.autograd.grad calls once it has checked its arguments (None: not in this torch):
+# its Python wrapper, and the C++ engine under it. On CPU the K products call the engine
+# directly: they run inside a backward that torch has set up, on the calling thread, and the
+# wrapper's logging test and context stash cost ~1 us a product. Other devices keep the
+# wrapper (its context reaches the device threads; the launch latency hides its cost there).
 _ENGINE_RUN_BACKWARD: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None
+)
+_ENGINE_DIRECT: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
     getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None
 )
 
@@ -139,7 +144,8 @@ class Adjoint:
         # The K products reuse one graph with arguments checked here, so they call the engine
         # the way torch.autograd.grad does, without its per-call Python re-validation (~10 us
         # a product); a tensor subclass, or a v of another shape, takes the public path.
-        engine = _ENGINE_RUN_BACKWARD if single else None
+        direct = _ENGINE_DIRECT if out0.device.type == "cpu" else None
+        engine = (direct or _ENGINE_RUN_BACKWARD) if single else None
         if engine is not None and torch.overrides.has_torch_function((out0, in0)):
             engine = None
         if engine is not None:
