@@ -157,19 +157,15 @@ def _finish(
     true_errors: Tensor | None = None,
     lead: bool = False,
     terms: int | None = None,
-    znorm: Tensor | None = None,
 ) -> Solution:
     """One host read: per-iteration residuals, per-row errors and the status.
 
     ``norms``: per-row residuals of each iteration (a list of ``(rows,)`` tensors, or a
     ``(iterations, rows)`` tensor). Error estimates: ``true_errors`` (Krylov) or, if None, the
     geometric tail of the per-row increments ``norms`` (preceded by ``||b||`` when ``lead``:
-    Neumann's ``v_0 = b``); ``znorm``: ``||z||`` per row, if already known.
+    Neumann's ``v_0 = b``).
     """
-    if true_errors is not None:
-        last = true_errors
-    else:
-        last = torch.linalg.vector_norm(z, dim=1) if znorm is None else znorm
+    last = true_errors if true_errors is not None else torch.linalg.vector_norm(z, dim=1)
     if isinstance(norms, list):
         table = torch.stack([*norms, bnorm, last]).tolist()
     else:

@@ -174,18 +174,15 @@ def test_load_spec(tmp_path: Path) -> None:
     spec = load_spec(path)
     assert spec.grid == {"seed": [0, 1], "dataset": ["cora"]} and spec.fixed == {"epochs": 3}
     assert spec.workers == 2 and spec.out == Path("o") and len(expand_grid(spec)) == 2
-    path.write_text("experiment: citation\ngird: {}\n")
-    with pytest.raises(ValueError, match="unknown key"):
-        load_spec(path)
-    path.write_text("experiment: citation\ngrid: {seed: [0]}\nfixed: {seed: 1}\n")
-    with pytest.raises(ValueError, match="both in the grid and fixed"):
-        load_spec(path)
-    path.write_text("experiment: citation\ngrid: {seed: [0, 1, 0], method: [rbp]}\n")
-    with pytest.raises(ValueError, match="grid key 'seed' repeats the value"):
-        load_spec(path)
-    path.write_text("experiment: citation\npoints: [{seed: 0}, {seed: 0}]\n")
-    with pytest.raises(ValueError, match="points repeat"):
-        load_spec(path)
+    for text, match in [
+        ("gird: {}", "unknown key"),
+        ("grid: {seed: [0]}\nfixed: {seed: 1}", "both in the grid and fixed"),
+        ("grid: {seed: [0, 1, 0], method: [rbp]}", "grid key 'seed' repeats the value"),
+        ("points: [{seed: 0}, {seed: 0}]", "points repeat"),
+    ]:
+        path.write_text(f"experiment: citation\n{text}\n")
+        with pytest.raises(ValueError, match=match):
+            load_spec(path)
     path.write_text("experiment: citation\ngrid: {lr: [0.1, '0.1']}\n")  # alike, not equal
     assert [p.name for p in expand_grid(load_spec(path))] == ["lr-0.1", "lr-0.1__1"]
 

@@ -117,19 +117,24 @@ def load_spec(path: Path) -> SweepSpec:
     return spec
 
 
+def _repeated(items: list[Any]) -> list[str]:
+    """The items that occur more than once, as JSON (equal values, not values that print
+    alike: 0.1 and '0.1' differ)."""
+    texts = [json.dumps(v, sort_keys=True, default=str) for v in items]
+    return sorted({t for t in texts if texts.count(t) > 1})
+
+
 def check_spec(spec: SweepSpec) -> None:
     """Raise :class:`ConfigError` for an empty grid axis, a value or point given twice, a key
     given twice or a bad backend."""
     for key, values in spec.grid.items():
         if not values:
             raise ConfigError(f"grid key '{key}' has no values")
-        texts = [json.dumps(v, sort_keys=True, default=str) for v in values]
-        twice = sorted({t for t in texts if texts.count(t) > 1})
+        twice = _repeated(values)
         if twice:  # the same run twice: double the work, two directories of one result
             raise ConfigError(f"grid key '{key}' repeats the value(s) {', '.join(twice)}; "
                               "give each value once")
-    entries = [json.dumps(e, sort_keys=True, default=str) for e in spec.points]
-    twice = sorted({t for t in entries if entries.count(t) > 1})
+    twice = _repeated(spec.points)
     if twice:
         raise ConfigError(f"points repeat the entry/entries {', '.join(twice)}; give each once")
     point_keys = {k for e in spec.points for k in e}
