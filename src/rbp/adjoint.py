@@ -125,32 +125,47 @@ class Adjoint:
                 "is not in the graph. Use one of the methods that support double backward: "
                 f"{', '.join(DOUBLE_BACKWARD_METHODS)}."
             )
-        rows = Rows.of(h_out, self.batch_dim)
-        work = torch.promote_types(h_out[0].dtype, torch.float32)
-        for o in h_out[1:]:
-            work = torch.promote_types(work, o.dtype)
-        g_leaves = [
-            torch.zeros_like(o) if g is None else g for g, o in zip(grads, h_out, strict=True)
-        ]
-        b = rows.to_rows(g_leaves, work)
-        live = [i for i, o in enumerate(h_out) if o.requires_grad]
-        out_dtypes = [o.dtype for o in h_out]
-        in_dtypes = [x.dtype for x in h_in]
-
-        single = len(h_out) == 1 and len(h_in) == 1 and rows.dims is None and bool(live)
         out0, in0 = h_out[0], h_in[0]
-        out_dtype, cast = out0.dtype, out0.dtype != work
+        single = (
+            len(h_out) == 1 and len(h_in) == 1 and self.batch_dim is None and out0.requires_grad
+        )
+        out_dtype = out0.dtype
+        rows: Rows | None = None
+
+        def layout() -> Rows:  # built on first use: the single-leaf products never need it
+            nonlocal rows
+            if rows is None:
+                rows = Rows.of(h_out, self.batch_dim)
+            return rows
+
+        work = torch.promote_types(out_dtype, torch.float32)
+        if single:  # the common case, set up without the row bookkeeping
+            g0 = grads[0]
+            b = (torch.zeros_like(out0) if g0 is None else g0).reshape(1, -1).to(work)
+            live = [0]
+        else:
+            for o in h_out[1:]:
+                work = torch.promote_types(work, o.dtype)
+            g_leaves = [
+                torch.zeros_like(o) if g is None else g for g, o in zip(grads, h_out, strict=True)
+            ]
+            b = layout().to_rows(g_leaves, work)
+            live = [i for i, o in enumerate(h_out) if o.requires_grad]
+        cast = out_dtype != work
         row_shape = b.shape
         # The K products reuse one graph with arguments checked here, so they call the engine
         # the way torch.autograd.grad does, without its per-call Python re-validation (~10 us
         # a product); a tensor subclass, or a v of another shape, takes the public path.
-        direct = _ENGINE_DIRECT if out0.device.type == "cpu" else None
+        direct = _ENGINE_DIRECT if out0.is_cpu else None
         engine = (direct or _ENGINE_RUN_BACKWARD) if single else None
         if engine is not None and torch.overrides.has_torch_function((out0, in0)):
             engine = None
         if engine is not None:
-            with torch.enable_grad():
+            torch._C._set_grad_enabled(True)  # (the context manager costs more, once a call)
+            try:
                 out_row = out0.reshape(row_shape)  # grads arrive as rows: no reshape per product
+            finally:
+                torch._C._set_grad_enabled(False)
 
         def vjp_single(v: Tensor) -> Tensor:  # the common case, without list bookkeeping
             if engine is not None and v.shape == row_shape and v.dtype == work:
@@ -169,7 +184,7 @@ class Adjoint:
             return gi.reshape(1, -1).to(work) if cast else gi.reshape(1, -1)
 
         def vjp(v: Tensor) -> Tensor:
-            vs = rows.from_rows(v, out_dtypes)
+            vs = layout().from_rows(v, [o.dtype for o in h_out])
             out = torch.autograd.grad(
                 [h_out[i] for i in live],
                 h_in,
@@ -178,15 +193,15 @@ class Adjoint:
                 allow_unused=True,
                 materialize_grads=True,
             )
-            return rows.to_rows(out, work)
+            return layout().to_rows(out, work)
 
         jvp_cache: dict[str, Callable[[Tensor], Tensor]] = {}
 
         def jvp(v: Tensor) -> Tensor:
             if "f" not in jvp_cache:
                 jvp_cache["f"] = self._make_jvp(h_in, h_out, live)
-            vs = rows.from_rows(v, in_dtypes)
-            return rows.to_rows(jvp_cache["f"](vs), work)
+            vs = layout().from_rows(v, [x.dtype for x in h_in])
+            return layout().to_rows(jvp_cache["f"](vs), work)
 
         op = solvers.AdjointOperator(vjp_single if single else vjp, jvp)
         solution = _solve(self.method.solver, op, b, name)
@@ -238,7 +253,10 @@ class Adjoint:
             terms = solution.terms if solution.terms is not None else solution.iterations
             record.error_bound = neumann_relative_error_estimate(record.jacobian_norm, terms)
         self.info.backward.append(record)
-        return rows.from_rows(solution.z, out_dtypes)
+        if single:
+            z = solution.z.reshape(out0.shape)
+            return [z.to(out_dtype) if cast else z]
+        return layout().from_rows(solution.z, [o.dtype for o in h_out])
 
     def _problem(self, solution: solvers.Solution, b: Tensor) -> str | None:
         """Why this solution cannot be trusted, or None."""
@@ -353,10 +371,14 @@ class _ImplicitGradient(torch.autograd.Function):
         return (None, *ctx.backward_fn(grads))
 
 
+_FUNCTORCH_ACTIVE: Callable[[], bool] | None = getattr(
+    torch._C, "_are_functorch_transforms_active", None
+)
+
+
 def functorch_active() -> bool:
     """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is running."""
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check()) if check is not None else False
+    return bool(_FUNCTORCH_ACTIVE()) if _FUNCTORCH_ACTIVE is not None else False
 
 
 def refuse_functorch(name: str) -> None:
@@ -381,15 +403,17 @@ def attach_implicit_backward(
     autograd then carries ``z`` on through the graph of the last step, giving ``z^T dF/dw`` to
     every parameter and input F used.
     """
-    if not any(o.requires_grad for o in h_out):
-        return h_out
     if len(h_out) == 1:
+        if not h_out[0].requires_grad:
+            return h_out
         # One leaf: a pre-hook on the node of a copy costs less per call than a custom Function
         # (and, unlike a hook on h_out itself, forms no cycle: the closure holds h_out, not
         # the copy). The copy keeps `h += x` on the result legal.
         out = h_out[0].clone()
         out.grad_fn.register_prehook(lambda grads: (adjoint(h_in, h_out, list(grads))[0],))
         return [out]
+    if not any(o.requires_grad for o in h_out):
+        return h_out
 
     def backward_fn(grads: Sequence[Tensor | None]) -> list[Tensor]:
         return adjoint(h_in, h_out, grads)

@@ -26,7 +26,9 @@ and ``rbp`` with ``rbp_init="zeros"`` and ``truncate=K+1`` equals both.
 
 from __future__ import annotations
 
+import inspect
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -142,23 +144,23 @@ def fixed_point(
     Returns:
         ``h_T`` (same structure as ``h0``), or ``(h_T, info)``.
     """
-    options = dict(
-        steps=steps, method=method, truncate=truncate, time_varying=time_varying,
-        last_step=last_step, tol=tol, tol_mode=tol_mode, batch_dim=batch_dim, inputs=inputs,
-        best_iterate=best_iterate, check_every=check_every, backward_tol=backward_tol,
-        max_backward_error=max_backward_error, settle_tol=settle_tol, on_failure=on_failure,
-        fallback=fallback, rbp_init=rbp_init,
-        jvp=jvp, restart=restart, trace=trace, estimate_error=estimate_error,
-        return_info=return_info,
+    given = (
+        time_varying, last_step, tol, tol_mode, batch_dim, inputs, best_iterate, check_every,
+        backward_tol, max_backward_error, settle_tol, on_failure, fallback, rbp_init, jvp,
+        restart, trace, estimate_error, return_info,
     )
-    _validate(f, **options)
-    methods.check_string_options(
-        method, truncate=truncate, backward_tol=backward_tol, rbp_init=rbp_init, restart=restart
-    )
+    _validate_core(f, steps, method, truncate)
+    if any(map(operator.is_not, given, _DEFAULTS)):  # the defaults need no check
+        _validate_options(**dict(zip(_OPTION_NAMES, given, strict=True)))
+    if not isinstance(method, str):
+        methods.check_string_options(
+            method, truncate=truncate, backward_tol=backward_tol, rbp_init=rbp_init,
+            restart=restart,
+        )
     how = methods.resolve(
         method, truncate=truncate, tol=backward_tol, rbp_init=rbp_init, restart=restart
     )
-    fallback_solver = methods.resolve_fallback(
+    fallback_solver = None if fallback is None else methods.resolve_fallback(
         fallback, truncate=truncate, tol=backward_tol, rbp_init=rbp_init, restart=restart
     )
     transformed = functorch_active()  # one cheap test; the messages only under a transform
@@ -219,22 +221,46 @@ def fixed_point(
     return (h, info) if return_info else h
 
 
+# The keyword options checked by _validate_options, in the order fixed_point passes them, and
+# their defaults (read off the signature; a test keeps the names in step with it).
+_OPTION_NAMES: tuple[str, ...] = (
+    "time_varying", "last_step", "tol", "tol_mode", "batch_dim", "inputs", "best_iterate",
+    "check_every", "backward_tol", "max_backward_error", "settle_tol", "on_failure", "fallback",
+    "rbp_init", "jvp", "restart", "trace", "estimate_error", "return_info",
+)
+_DEFAULTS: tuple[Any, ...] = tuple(
+    inspect.signature(fixed_point).parameters[name].default for name in _OPTION_NAMES
+)
+
+
 def _validate(f: Any, **o: Any) -> None:
     """Type- and range-check every option of :func:`fixed_point`, naming the bad one."""
+    _validate_core(f, o["steps"], o["method"], o["truncate"])
+    _validate_options(**o)
+
+
+def _validate_core(f: Any, steps: Any, method: Any, truncate: Any) -> None:
+    """The arguments every call sets: f, steps, method and truncate."""
     if not callable(f):
         raise TypeError(f"f must be callable (state -> state), got {type(f).__name__}")
-    method = o["method"]
     if isinstance(method, str) and method not in METHODS:  # values check themselves
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    for name in ("steps", "truncate", "restart", "check_every"):
+    for name, value in (("steps", steps), ("truncate", truncate)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if method == "tbptt" and truncate > steps:
+        raise ValueError(
+            f"tbptt cannot back-propagate through truncate={truncate} steps of a "
+            f"{steps}-step run; use truncate <= steps (truncate == steps is bptt)"
+        )
+
+
+def _validate_options(**o: Any) -> None:
+    """The keyword options of :func:`fixed_point` (their defaults are valid)."""
+    for name in ("restart", "check_every"):
         value = o[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if method == "tbptt" and o["truncate"] > o["steps"]:
-        raise ValueError(
-            f"tbptt cannot back-propagate through truncate={o['truncate']} steps of a "
-            f"{o['steps']}-step run; use truncate <= steps (truncate == steps is bptt)"
-        )
     for name in ("time_varying", "best_iterate", "trace", "estimate_error", "return_info"):
         if not isinstance(o[name], bool):
             raise TypeError(f"{name} must be True or False, got {o[name]!r}")
@@ -280,8 +306,6 @@ def _validate(f: Any, **o: Any) -> None:
 def check_options(f: Any, steps: Any, method: Any = "neumann", truncate: Any = 20,
                   **options: Any) -> None:
     """Check the arguments of a future :func:`fixed_point` call without running it."""
-    import inspect
-
     try:
         bound = inspect.signature(fixed_point).bind(f, None, steps, method, truncate, **options)
     except TypeError as exc:

@@ -18,6 +18,7 @@ and dropped from later evaluations of F, so the work shrinks with the number of 
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -727,47 +728,57 @@ def unroll(
     """
     h0_leaves, spec = tree.flatten(h0, "h0")
     free_steps = steps - graph_steps
-    checked = {0, free_steps, steps - 1}
+    checked = sorted({0, free_steps, steps - 1})
     norms: list[Tensor] = []
 
     def advance(h: State, lo: int, hi: int) -> tuple[State, State]:
+        """Steps ``lo .. hi-1``: the last state, and the input of the last checked step (of
+        step ``hi-1`` when that is checked, as the last step always is)."""
         prev = h
-        for t in range(lo, hi):
-            if fast is None or trace or t in checked:
+        if fast is None or trace:
+            for t in range(lo, hi):
                 prev, h = h, step(h, t)
                 if t in checked:
                     tree.check_same_structure(spec, h0_leaves, h, t)
                 if trace:
                     norms.append(_diff_norm(tree.flatten(h)[0], tree.flatten(prev)[0]))
-            else:  # not kept as prev: only the last step's input is (it is a checked step)
+            return h, prev
+        t = lo  # unchecked runs go through fast in a tight loop; prev is only kept at a
+        for c in [c for c in checked if lo <= c < hi]:  # checked step, and hi-1 is one
+            for _ in range(c - t):
                 h = fast(h)
+            prev, h = h, step(h, c)
+            tree.check_same_structure(spec, h0_leaves, h, c)
+            t = c + 1
+        for _ in range(hi - t):
+            h = fast(h)
         return h, prev
 
     with torch.no_grad():
         h, _ = advance(h0, 0, free_steps)
-    if detach:
-        h = tree.unflatten(spec, [leaf.detach() for leaf in tree.flatten(h)[0]])
     h_in: list[Tensor] = []
     if require_grad_input:
         h_in = [leaf.detach().requires_grad_() for leaf in tree.flatten(h)[0]]
         h = tree.unflatten(spec, h_in)
+    elif detach:
+        h = tree.unflatten(spec, [leaf.detach() for leaf in tree.flatten(h)[0]])
     h, prev = advance(h, free_steps, steps)
     out = tree.flatten(h)[0]
     # one host read for the last difference, ||h_T|| and (through them) finiteness
-    with torch.no_grad():
-        if len(out) == 1 and not trace:  # as _diff_norm and _norm compute them, fewer calls
-            o = out[0]
-            diff = torch.dist(o, tree.flatten(prev)[0][0])  # one fused kernel
-            # ||h_T|| in the state's dtype (no float64 copy of the state), unless it overflows
-            norm = torch.linalg.vector_norm(o)
-            if o.device.type == "cpu":  # two reads cost less than stacking them
-                values = [diff.item(), norm.item()]
-            else:
-                values = torch.stack([diff.double(), norm.double()]).tolist()
-            if not math.isfinite(values[1]):
-                values[1] = torch.linalg.vector_norm(o, dtype=torch.float64).item()
-            values[1] = values[1] ** 2
+    if len(out) == 1 and not trace:  # as _diff_norm and _norm compute them, fewer ops
+        o = out[0].detach()  # detached rather than under no_grad: one op fewer
+        diff = torch.linalg.vector_norm(o - tree.flatten(prev)[0][0].detach())
+        # ||h_T|| in the state's dtype (no float64 copy of the state), unless it overflows
+        norm = torch.linalg.vector_norm(o)
+        if o.is_cpu:  # two reads cost less than stacking them
+            values = [diff.item(), norm.item()]
         else:
+            values = torch.stack([diff.double(), norm.double()]).tolist()
+        if not math.isfinite(values[1]):
+            values[1] = torch.linalg.vector_norm(o, dtype=torch.float64).item()
+        values[1] = values[1] ** 2
+    else:
+        with torch.no_grad():
             if not trace:
                 norms.append(_diff_norm(out, tree.flatten(prev)[0]))
             squares = [leaf.double().pow(2).sum().to(norms[-1].device) for leaf in out]
@@ -777,6 +788,63 @@ def unroll(
     if not (math.isfinite(diffs[-1]) and math.isfinite(scale)):
         check_finite(out, method, steps)
     return Forward(h, h_in, out, spec), diffs, scale
+
+
+def _unroll_tensor(
+    f: Callable[..., State],
+    h0: Tensor,
+    inputs: tuple,
+    steps: int,
+    graph_steps: int,
+    *,
+    detach: bool,
+    require_grad_input: bool,
+    method: str,
+) -> tuple[Forward, float, float]:
+    """:func:`unroll` for a bare-tensor state and one map, without a trace: the same updates,
+    checks (steps 0, the first graph step and the last) and norms, in fewer Python layers.
+
+    Returns the forward, ``||h_T - h_{T-1}||`` and ``||h_T||``.
+    """
+    free = steps - graph_steps
+    last = steps - 1
+
+    def checked(h: Tensor, t: int) -> Tensor:
+        version = h._version
+        out = f(h, *inputs)
+        if h._version != version:
+            _raise_in_place(0)
+        tree.check_same_structure(tree.LEAF, [h0], out, t)
+        return out
+
+    h = h0
+    with torch.no_grad():
+        for t in range(free):
+            h = checked(h, t) if t == 0 else f(h, *inputs)
+    h_in: list[Tensor] = []
+    if require_grad_input:
+        h = h.detach().requires_grad_()
+        h_in = [h]
+    elif detach:
+        h = h.detach()
+    prev = h
+    for t in range(free, steps):
+        if t in (free, last):
+            prev, h = h, checked(h, t)
+        else:
+            h = f(h, *inputs)
+    o = h.detach()  # detached rather than under no_grad: one op fewer
+    diff = torch.linalg.vector_norm(o - prev.detach())
+    norm = torch.linalg.vector_norm(o)  # in the state's dtype, unless it overflows (below)
+    if o.is_cpu:  # two reads cost less than stacking them
+        diff_value, norm_value = diff.item(), norm.item()
+    else:
+        diff_value, norm_value = torch.stack([diff.double(), norm.double()]).tolist()
+    if not math.isfinite(norm_value):
+        norm_value = torch.linalg.vector_norm(o, dtype=torch.float64).item()
+    if not (math.isfinite(diff_value) and math.isfinite(norm_value)):
+        check_finite([o], method, steps)
+    return Forward(h, h_in, [h], tree.LEAF), diff_value, norm_value
 
 
 def step_map(
@@ -824,6 +892,29 @@ def run(
     through the updates (bptt, tbptt).
     """
     grad_on = torch.is_grad_enabled()
+    if grad_on and not implicit and method not in ("bptt", "tbptt"):
+        raise ValueError(
+            f"method {method!r} is neither implicit nor 'bptt'/'tbptt': the forward does not "
+            "know which updates to keep a graph for"
+        )
+    paper = tol is None and is_plain(solver) and batch_dim is None and not best_iterate
+    graph_steps = truncate if method == "tbptt" else 1  # the updates that keep a graph
+    if not grad_on or method == "bptt":
+        graph_steps = steps
+    if (
+        paper and not trace and not time_varying and last_step is None
+        and isinstance(h0, Tensor) and h0.is_floating_point() and isinstance(inputs, tuple)
+    ):  # the paper's setting on a tensor state: what most training steps run
+        info.solver = solver.name
+        fwd, diff, scale = _unroll_tensor(
+            f, h0, inputs, steps, graph_steps, detach=grad_on and method != "bptt",
+            require_grad_input=grad_on and implicit, method=method,
+        )
+        info.final_difference = info.forward_residual = diff
+        info.relative_final_difference = diff / max(scale, 1e-30)
+        info.forward_steps = info.row_updates = steps
+        fwd.update = step_map(f, steps, time_varying, last_step, inputs)
+        return _constant_if_nothing_to_differentiate(fwd, f)
     h0_leaves, spec = tree.flatten(h0, "h0")
     batch = layout(h0_leaves, spec, batch_dim).batch if batch_dim is not None else None
     inputs, in_dims = check_inputs(inputs, batch_dim, batch)
@@ -834,18 +925,7 @@ def run(
     def step(h: State, t: int) -> State:
         return call_map(update, h, t)
 
-    if grad_on and not implicit and method not in ("bptt", "tbptt"):
-        raise ValueError(
-            f"method {method!r} is neither implicit nor 'bptt'/'tbptt': the forward does not "
-            "know which updates to keep a graph for"
-        )
-    if tol is None and is_plain(solver) and batch_dim is None and not best_iterate:
-        if not grad_on or method == "bptt":
-            graph_steps = steps
-        elif method == "tbptt":
-            graph_steps = truncate
-        else:
-            graph_steps = 1
+    if paper:
         fast = None
         if not time_varying:
             fast = (lambda h: f(h, *inputs)) if inputs else f
@@ -871,7 +951,18 @@ def run(
     return _constant_if_nothing_to_differentiate(fwd)
 
 
-def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
+# A map's code (or type) -> a weak reference to a leaf requiring grad that its graph reached on
+# an earlier call: while that leaf still requires grad, the graph walk below is skipped. (If the
+# map no longer uses it, the returned state merely requires grad with nothing to deliver to.)
+_REACHED: dict[Any, weakref.ref] = {}
+
+
+def _map_key(f: Any) -> Any:
+    fn = getattr(f, "__func__", f)  # a bound method: its function
+    return getattr(fn, "__code__", None) or type(fn)
+
+
+def _constant_if_nothing_to_differentiate(fwd: Forward, f: Any = None) -> Forward:
     """Detach ``h_out`` when its graph reaches no leaf but ``h_in`` (f uses no parameter).
 
     Then, as for any function of constants, the returned state does not require grad, instead
@@ -879,18 +970,28 @@ def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
     """
     if not fwd.h_in or not any(o.requires_grad for o in fwd.h_out):
         return fwd
+    key = _map_key(f) if f is not None else None
+    ref = _REACHED.get(key) if key is not None else None
+    leaf = ref() if ref is not None else None
+    if leaf is not None and leaf.requires_grad:
+        return fwd
     own = {id(leaf) for leaf in fwd.h_in}
     seen: set[int] = set()
     todo = [o.grad_fn for o in fwd.h_out if o.grad_fn is not None]
     while todo:
-        node = todo.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) not in own:
-            return fwd  # reaches a parameter or an input: keep the graph
-        todo.extend(nxt for nxt, _ in node.next_functions)
+        for nxt, _ in todo.pop().next_functions:
+            if nxt is None or id(nxt) in seen:
+                continue
+            seen.add(id(nxt))
+            if type(nxt) is torch._C._functions.AccumulateGrad:  # a leaf: h_in or a weight
+                if id(nxt.variable) not in own:  # reaches a parameter or an input: keep
+                    if key is not None:
+                        if len(_REACHED) >= 256:
+                            _REACHED.clear()
+                        _REACHED[key] = weakref.ref(nxt.variable)
+                    return fwd
+            else:
+                todo.append(nxt)
     out = [o.detach() for o in fwd.h_out]
     return Forward(tree.unflatten(fwd.spec, out), [], out, fwd.spec, fwd.update)
 

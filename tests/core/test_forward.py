@@ -727,3 +727,66 @@ def test_time_varying_and_inputs_take_the_same_path_as_closures():
     tv = rbp.fixed_point(lambda h, t: p.f(h) + 0.1 * c, p.h0, 30, "neumann",
                          time_varying=True, settle_tol=None)
     assert torch.equal(want.detach(), got.detach()) and torch.equal(want.detach(), tv.detach())
+
+
+@pytest.mark.parametrize("method", rbp.METHODS)
+@pytest.mark.parametrize("grad", [True, False])
+def test_tensor_state_path_equals_the_general_path(method, grad):
+    # a bare tensor takes a leaner unroll than a tuple state: same updates, info and gradients
+    p = tanh_rnn()
+    runs = []
+    for wrap in (False, True):
+        for q in p.params:
+            q.grad = None
+        f = (lambda h: (p.f(h[0]),)) if wrap else p.f
+        h0 = (p.h0,) if wrap else p.h0
+        with torch.set_grad_enabled(grad), warnings.catch_warnings():
+            warnings.simplefilter("ignore", rbp.ConvergenceWarning)
+            h, info = rbp.fixed_point(f, h0, 30, method, 7, return_info=True)
+            h = h[0] if wrap else h
+            if grad:
+                p.loss(h).backward()
+        runs.append((h.detach(), info, [q.grad for q in p.params]))
+    (h_a, info_a, g_a), (h_b, info_b, g_b) = runs
+    assert torch.equal(h_a, h_b) and h_a.requires_grad == h_b.requires_grad
+    for name in ("final_difference", "relative_final_difference", "forward_steps",
+                 "forward_residual", "row_updates"):
+        assert getattr(info_a, name) == pytest.approx(getattr(info_b, name), rel=1e-12)
+    assert info_a.solver == info_b.solver
+    assert [r.iterations for r in info_a.backward] == [r.iterations for r in info_b.backward]
+    for a, b in zip(g_a, g_b, strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+def test_a_frozen_map_gives_a_constant_state_after_a_trained_one():
+    # the graph walk is skipped while the weight it found last time still requires grad; once
+    # that weight is frozen the walk runs again and the state is a constant
+    w = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    c = torch.ones(3, dtype=DT)
+
+    def f(h):
+        return w * torch.tanh(h) + c
+
+    assert rbp.fixed_point(f, torch.zeros(3, dtype=DT), 60, "neumann", 40).requires_grad
+    w.requires_grad_(False)
+    assert not rbp.fixed_point(f, torch.zeros(3, dtype=DT), 60, "neumann", 40).requires_grad
+    w.requires_grad_(True)
+    h = rbp.fixed_point(f, torch.zeros(3, dtype=DT), 60, "neumann", 40)
+    h.sum().backward()
+    hs = h.detach()[0]
+    expected = 3 * torch.tanh(hs) / (1 - 0.5 * (1 - torch.tanh(hs) ** 2))
+    assert torch.allclose(w.grad, expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("bad_step", [0, 29])
+def test_tensor_state_path_checks_the_first_and_last_step(bad_step):
+    p = tanh_rnn()
+    calls = []
+
+    def f(h):
+        calls.append(1)
+        out = p.f(h)
+        return out.float() if len(calls) - 1 == bad_step else out
+
+    with pytest.raises(TypeError, match=f"dtype of state at step {bad_step}"):
+        rbp.fixed_point(f, p.h0, 30, "neumann", 5)

@@ -105,3 +105,16 @@ def test_f_returning_wrong_things_on_a_sub_batch_is_caught():
 
     with pytest.raises(ValueError, match="failed on a sub-batch"):
         rbp.fixed_point(f, torch.ones(4, 3, dtype=DT), 50, tol=1e-8, batch_dim=0)
+
+
+def test_every_keyword_option_is_in_the_checked_list():
+    # fixed_point checks its options only when one differs from its default: the list of
+    # names (and defaults) it compares must be the signature's
+    import importlib
+    import inspect
+
+    module = importlib.import_module("rbp.fixed_point")
+    params = list(inspect.signature(rbp.fixed_point).parameters.values())[5:]
+    names = [p.name for p in params if p.name != "solver"]
+    assert list(module._OPTION_NAMES) == names
+    assert list(module._DEFAULTS) == [p.default for p in params if p.name != "solver"]
