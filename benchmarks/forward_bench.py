@@ -185,6 +185,7 @@ SOLVERS: dict[str, Runner] = {
     "rbp iterate": run_rbp("iterate", 0),
     "rbp anderson": run_rbp("anderson", 0),
     "rbp broyden": run_rbp("broyden", 0),
+    "rbp anderson m=25": run_rbp(rbp.Anderson(m=25), 0),
     "torchdeq fixed_point_iter": run_torchdeq("fixed_point_iter"),
     "torchdeq anderson": run_torchdeq("anderson"),
     "torchdeq broyden": run_torchdeq("broyden"),
