@@ -18,6 +18,7 @@ and dropped from later evaluations of F, so the work shrinks with the number of 
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -966,8 +967,20 @@ _REACHED: dict[Any, weakref.ref] = {}
 
 
 def _map_key(f: Any) -> Any:
+    """The key of f in ``_REACHED``; None (no cache) while torch.compile traces the call, as
+    dynamo would guard on the dict's contents."""
+    if _is_compiling():
+        return None
     fn = getattr(f, "__func__", f)  # a bound method: its function
     return getattr(fn, "__code__", None) or type(fn)
+
+
+def _is_compiling() -> bool:
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    if check is None:
+        dynamo = sys.modules.get("torch._dynamo")  # torch 2.2: only if dynamo is loaded
+        check = getattr(dynamo, "is_compiling", None) if dynamo is not None else None
+    return bool(check()) if check is not None else False
 
 
 def _constant_if_nothing_to_differentiate(fwd: Forward, f: Any = None) -> Forward:
