@@ -243,8 +243,8 @@ def _validate_core(f: Any, steps: Any, method: Any, truncate: Any) -> None:
     """The arguments every call sets: f, steps, method and truncate."""
     if (
         type(steps) is int and type(truncate) is int and steps >= 1 and truncate >= 1
-        and callable(f) and (method in IMPLICIT_METHODS or method == "bptt" or (
-            method == "tbptt" and truncate <= steps) or not isinstance(method, str))
+        and callable(f) and (not isinstance(method, str) or method in IMPLICIT_METHODS
+                             or method == "bptt" or (method == "tbptt" and truncate <= steps))
     ):
         return  # the common case, accepted in one test; the checks below name what is wrong
     if not callable(f):

@@ -82,8 +82,9 @@ class Solver(Protocol):
 
 
 def is_solver(value: Any) -> bool:
-    """Whether ``value`` has a ``solve`` method (cheaper than ``isinstance(value, Solver)``)."""
-    return callable(getattr(value, "solve", None))
+    """Whether ``value`` has a ``solve`` method (cheaper than ``isinstance(value, Solver)``);
+    a tensor is not one, though ``torch.Tensor`` still carries a ``solve`` attribute."""
+    return not isinstance(value, Tensor) and callable(getattr(value, "solve", None))
 
 
 class AdjointOperator:
