@@ -775,17 +775,8 @@ def unroll(
     out = tree.flatten(h)[0]
     # one host read for the last difference, ||h_T|| and (through them) finiteness
     if len(out) == 1 and not trace:  # as _diff_norm and _norm compute them, fewer ops
-        o = out[0].detach()  # detached rather than under no_grad: one op fewer
-        diff = torch.linalg.vector_norm(o - tree.flatten(prev)[0][0].detach())
-        # ||h_T|| in the state's dtype (no float64 copy of the state), unless it overflows
-        norm = torch.linalg.vector_norm(o)
-        if o.is_cpu:  # two reads cost less than stacking them
-            values = [diff.item(), norm.item()]
-        else:
-            values = torch.stack([diff.double(), norm.double()]).tolist()
-        if not math.isfinite(values[1]):
-            values[1] = torch.linalg.vector_norm(o, dtype=torch.float64).item()
-        values[1] = values[1] ** 2
+        diff_value, norm_value = _last_norms(out[0], tree.flatten(prev)[0][0])
+        values = [diff_value, norm_value**2]
     else:
         with torch.no_grad():
             if not trace:
@@ -819,10 +810,7 @@ def _unroll_tensor(
     last = steps - 1
 
     def checked(h: Tensor, t: int) -> Tensor:
-        version = h._version
-        out = f(h, *inputs)
-        if h._version != version:
-            _raise_in_place(0)
+        out = call_map(f, h, *inputs)
         tree.check_same_structure(tree.LEAF, [h0], out, t)
         return out
 
@@ -842,18 +830,25 @@ def _unroll_tensor(
             prev, h = h, checked(h, t)
         else:
             h = f(h, *inputs)
+    diff_value, norm_value = _last_norms(h, prev)
+    if not (math.isfinite(diff_value) and math.isfinite(norm_value)):
+        check_finite([h], method, steps)
+    return Forward(h, h_in, [h], tree.LEAF), diff_value, norm_value
+
+
+def _last_norms(h: Tensor, prev: Tensor) -> tuple[float, float]:
+    """``||h - prev||`` and ``||h||`` on the host (one read each on CPU, one in all elsewhere),
+    in the state's dtype (no float64 copy of the state) unless ``||h||`` overflows it."""
     o = h.detach()  # detached rather than under no_grad: one op fewer
     diff = torch.linalg.vector_norm(o - prev.detach())
-    norm = torch.linalg.vector_norm(o)  # in the state's dtype, unless it overflows (below)
+    norm = torch.linalg.vector_norm(o)
     if o.is_cpu:  # two reads cost less than stacking them
         diff_value, norm_value = diff.item(), norm.item()
     else:
         diff_value, norm_value = torch.stack([diff.double(), norm.double()]).tolist()
     if not math.isfinite(norm_value):
         norm_value = torch.linalg.vector_norm(o, dtype=torch.float64).item()
-    if not (math.isfinite(diff_value) and math.isfinite(norm_value)):
-        check_finite([o], method, steps)
-    return Forward(h, h_in, [h], tree.LEAF), diff_value, norm_value
+    return diff_value, norm_value
 
 
 def step_map(
@@ -919,9 +914,8 @@ def run(
             f, h0, inputs, steps, graph_steps, detach=grad_on and method != "bptt",
             require_grad_input=grad_on and implicit, method=method,
         )
-        info.final_difference = info.forward_residual = diff
-        info.relative_final_difference = diff / max(scale, 1e-30)
-        info.forward_steps = info.row_updates = steps
+        _fill(info, diff, scale, [])
+        info.forward_steps, info.forward_residual, info.row_updates = steps, diff, steps
         fwd.update = step_map(f, steps, time_varying, last_step, inputs)
         return _constant_if_nothing_to_differentiate(fwd, f)
     h0_leaves, spec = tree.flatten(h0, "h0")
@@ -975,8 +969,11 @@ def _map_key(f: Any) -> Any:
     return getattr(fn, "__code__", None) or type(fn)
 
 
+_COMPILER_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
 def _is_compiling() -> bool:
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    check = _COMPILER_IS_COMPILING  # torch >= 2.3
     if check is None:
         dynamo = sys.modules.get("torch._dynamo")  # torch 2.2: only if dynamo is loaded
         check = getattr(dynamo, "is_compiling", None) if dynamo is not None else None
@@ -994,8 +991,8 @@ def _constant_if_nothing_to_differentiate(fwd: Forward, f: Any = None) -> Forwar
         return fwd
     key = _map_key(f) if f is not None else None
     ref = _REACHED.get(key) if key is not None else None
-    leaf = ref() if ref is not None else None
-    if leaf is not None and leaf.requires_grad:
+    cached = ref() if ref is not None else None
+    if cached is not None and cached.requires_grad:
         return fwd
     own = {id(leaf) for leaf in fwd.h_in}
     seen: set[int] = set()
