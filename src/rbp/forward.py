@@ -207,10 +207,8 @@ class _AndersonState:
         self.ys = x.new_zeros(b, self.m, n)
         self.gs = x.new_zeros(b, self.m, n)
         self.gram = x.new_zeros(b, self.m, self.m, dtype=small)
-        eye = torch.eye(self.m, dtype=small, device=x.device)
-        self.ridge_eye = self.ridge * eye  # the ridge, times mean(diag G) per row
-        self.onehot = eye.to(x.dtype)  # row i: the weights of the plain step from slot i
-        self.ones = x.new_ones(1, self.m, 1, dtype=small)
+        self.ridge_eye = self.ridge * torch.eye(self.m, dtype=small, device=x.device)
+        self.ones = x.new_ones(1, self.m, 1, dtype=small).expand(b, -1, -1)
         self.k = 0
 
     def keep(self, rows: Tensor) -> None:
@@ -226,29 +224,30 @@ class _AndersonState:
         gs = self.gs[:, :mk]
         # g_i . g for the slots in use as (1, n) @ (n, mk): on CPU ~10x faster than (mk, n) @ (n, 1)
         if self.low:
-            row = torch.bmm(g.float()[:, None], gs.float().transpose(1, 2))[:, 0]
+            row = torch.bmm(g.float()[:, None], gs.float().transpose(1, 2))
         else:
-            row = torch.bmm(g[:, None], gs.transpose(1, 2))[:, 0]
-        self.gram[:, slot, :mk] = row
-        self.gram[:, :mk, slot] = row
+            row = torch.bmm(g[:, None], gs.transpose(1, 2))  # (b, 1, mk)
+        self.gram[:, slot : slot + 1, :mk] = row
+        self.gram[:, :mk, slot : slot + 1] = row.transpose(1, 2)
         if mk == 1:
             return plain, None
         gram = self.gram[:, :mk, :mk]
-        # G + ridge * mean(diag G) I, then w = G^-1 1 and a = w / sum(w)
+        # G + ridge * mean(diag G) I = L L^T; w = G^-1 1 = L^-T y with y = L^-1 1, so that
+        # 1^T w = y^T y and a = w / (y^T y)
         mean_diag = gram.diagonal(dim1=1, dim2=2).mean(dim=1)
         gram = torch.addcmul(gram, mean_diag[:, None, None], self.ridge_eye[:mk, :mk])
         chol, status = torch.linalg.cholesky_ex(gram)
         d_min, d_max = torch.aminmax(chol.diagonal(dim1=1, dim2=2), dim=1)
-        ok = (status == 0) & (d_max <= self.max_diag_ratio * d_min)  # False for NaN too
-        w = torch.cholesky_solve(self.ones[:, :mk], chol)  # (b, mk, 1); garbage where not ok
-        alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2).to(x.dtype)  # (b, 1, mk)
-        ok = ok & torch.isfinite(alpha).all(2)[:, 0]
-        # a bad row mixes with weight 1 on the newest point: the plain step, without a select
-        alpha = torch.where(ok[:, None, None], alpha, self.onehot[slot, :mk])
+        y = torch.linalg.solve_triangular(chol, self.ones[: len(chol), :mk], upper=False)
+        w = torch.linalg.solve_triangular(chol.mT, y, upper=True)
+        alpha = (w / (y * y).sum(1, keepdim=True)).mT.to(x.dtype)  # (b, 1, mk)
         cand = torch.bmm(alpha, self.ys[:, :mk])[:, 0]  # sum_i a_i (x_i + beta g_i)
-        # a sum is non-finite if any term is (or it overflows: a harmless plain step)
-        over = ~torch.isfinite(cand.sum(1))
-        return _replace_rows(over, plain, cand), ~ok | over
+        # A row whose system failed or is ill-conditioned (False for NaN too), or whose mix is
+        # not finite (garbage weights, or an overflow: s - s is NaN unless s is finite), takes
+        # the plain step.
+        s = cand.sum(1)
+        bad = ~((status == 0) & (d_max <= self.max_diag_ratio * d_min) & (s - s == 0))
+        return _replace_rows(bad, plain, cand), bad
 
 
 def _replace_rows(bad: Tensor, value: Tensor, x: Tensor) -> Tensor:

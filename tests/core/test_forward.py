@@ -517,6 +517,42 @@ def test_anderson_gram_updated_in_place_equals_the_recomputed_one():
     assert state.k == 11 and state.gram.shape == (3, 3, 3)
 
 
+def test_anderson_step_is_the_dense_constrained_least_squares_mix():
+    """Each step returns sum_i a_i (x_i + beta g_i) with a = argmin a^T (G + r mu I) a subject to
+    sum_i a_i = 1 (mu = mean diag G), solved densely here from the stored history (KKT system),
+    before and after the ring buffer wraps and after a row removal."""
+    gen = torch.Generator().manual_seed(3)
+    a = 0.6 * torch.randn(6, 6, dtype=DT, generator=gen)
+    c = torch.randn(4, 6, dtype=DT, generator=gen)
+    f = lambda x: torch.tanh(x @ a.T + c)  # noqa: E731
+    x = torch.randn(4, 6, dtype=DT, generator=gen)
+    ridge = 1e-3  # large enough that the ridge visibly changes the mix
+    state = forward._AndersonState(rbp.Anderson(m=3, beta=0.8, ridge=ridge), x)
+    for step in range(9):
+        if step == 5:
+            keep = torch.tensor([0, 2, 3])
+            state.keep(keep)
+            x, c = x[keep], c[keep]
+        fx = f(x)
+        new, bad = state.step(x, fx)
+        mk = min(state.k, state.m)
+        if mk == 1:
+            assert bad is None and torch.equal(new, x + 0.8 * (fx - x))
+            x = new
+            continue
+        gs, ys = state.gs[:, :mk], state.ys[:, :mk]
+        gram = gs @ gs.mT
+        mu = gram.diagonal(dim1=1, dim2=2).mean(1)
+        kkt = torch.zeros(len(x), mk + 1, mk + 1, dtype=DT)
+        kkt[:, :mk, :mk] = gram + ridge * mu[:, None, None] * torch.eye(mk, dtype=DT)
+        kkt[:, :mk, mk] = kkt[:, mk, :mk] = 1.0
+        rhs = torch.zeros(len(x), mk + 1, dtype=DT)
+        rhs[:, mk] = 1.0
+        weights = torch.linalg.solve(kkt, rhs)[:, :mk]
+        assert not bad.any()
+        assert torch.allclose(new, (weights[:, :, None] * ys).sum(1), rtol=0, atol=1e-11)
+        x = new
+
 def test_anderson_fallback_row_takes_exactly_the_plain_step():
     """ridge=0, m > n: the Gram matrix is singular, the row's step is x + beta g, counted."""
     a = torch.tensor([[0.5, 0.3], [-0.2, 0.4]], dtype=DT)
