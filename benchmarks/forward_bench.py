@@ -14,7 +14,11 @@ tolerance, and reports:
   evaluates the whole batch until the slowest sample has converged);
 * ``time_ms``: median wall time of ``--repeats`` forwards, solvers timed round-robin;
 * ``max_rel_res``: the largest per-sample relative residual of the returned state, measured
-  afterwards with one more evaluation of F, the same way for every solver (``ok`` if <= tol).
+  afterwards with one more evaluation of F, the same way for every solver (``ok`` if <= tol);
+* ``below_floor``: the tolerance is below the problem's round-off floor in that dtype (the
+  relative residual that plain steps taken from the float64 fixed point settle at, JSON
+  ``round_off_floor``): there any solver meets it, or not, by chance, and the row compares
+  nothing.
 
 rbp runs with ``batch_dim=0`` (per-sample stopping); TorchDEQ stops on the batch maximum of the
 same relative residual. ``ratio`` columns divide by rbp's plain iteration in the same run.
@@ -244,6 +248,26 @@ def plain_rate(p: Problem, window: int = 20, stop: float = 1e-8) -> float:
     return (res[-1] / res[-1 - window]) ** (1.0 / window)
 
 
+def round_off_floor(p: Problem, twin: Problem, steps: int = 20) -> float:
+    """How low a relative residual ``p``'s own round-off lets any solver certify: the fixed point
+    of ``twin`` (the same problem in float64, solved to 1e-13) cast to ``p``'s dtype, then
+    ``steps`` plain steps of ``p``; the median over them of the batch-maximum relative residual.
+    A tolerance below it is met, or not, by chance."""
+    with torch.no_grad():
+        h, _ = rbp.fixed_point(twin.f, twin.h0, MAX_ITERS, tol=1e-13, solver="broyden",
+                               batch_dim=0, inputs=twin.inputs, on_failure="ignore",
+                               settle_tol=None, return_info=True)
+        h = h.to(p.h0.dtype)
+        res = []
+        for _ in range(steps):
+            fh = p.f(h, *p.inputs)
+            diff = (fh - h).reshape(h.shape[0], -1).norm(dim=1)
+            res.append((diff / fh.reshape(h.shape[0], -1).norm(dim=1).clamp_min(1e-30)).max()
+                       .item())
+            h = fh
+    return statistics.median(res)
+
+
 MEMORY_BUDGET = 500  # iterations for the fixed-memory comparison (TorchDEQ's can diverge)
 
 
@@ -330,15 +354,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     probs: dict[tuple[str, str], Problem] = {}
     rates: dict[str, float] = {}
+    floors: dict[str, float] = {}
+    twins = {p.name: p for p in problems(torch.float64, args.quick)}
     for dtype in (torch.float32, torch.float64):
         for p in problems(dtype, args.quick):
-            probs[(p.name, str(dtype).replace("torch.", ""))] = p
+            dname = str(dtype).replace("torch.", "")
+            probs[(p.name, dname)] = p
             if dtype == torch.float64:
                 rates[p.name] = plain_rate(p)
+            floor = floors[f"{p.name}/{dname}"] = round_off_floor(p, twins[p.name])
             for tol in (1e-4, 1e-6):
-                if dtype == torch.float32 and tol < 1e-6:
-                    continue
-                rows.extend(bench(p, tol, names, repeats))
+                for row in bench(p, tol, names, repeats):
+                    row["below_floor"] = tol < floor
+                    rows.append(row)
     per_sample = [r for d in (torch.float32, torch.float64) for r in per_sample_table(d,
                                                                                   args.quick)]
     result = {
@@ -351,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": repeats,
         "max_iters": MAX_ITERS,
         "plain_rate": rates,
+        "round_off_floor": floors,
         "rows": rows,
         "broyden_memory": broyden_memory_rows(rows, probs),
         "per_sample": per_sample,
@@ -384,7 +413,8 @@ def format_summary(result: dict[str, Any]) -> str:
             r = next(r for r in result["rows"]
                      if (r["problem"], r["dtype"], r["tol"]) == key and r["solver"] == name)
             cells.append(f"{r['evals']} / {r['time_ms']:.1f}" + ("" if r["ok"] else " *"))
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | " + " | ".join(cells) + " |")
+        below = " (below floor)" if r["below_floor"] else ""
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g}{below} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -407,7 +437,8 @@ def format_tables(result: dict[str, Any]) -> str:
              "| evals / plain | time / plain | max rel res |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        flag = "" if r["ok"] else " (not reached)"
+        flag = ("" if r["ok"] else " (not reached)") + (" (below floor)" if r["below_floor"]
+                                                         else "")
         lines.append(
             f"| {r['problem']} | {r['dtype']} | {r['tol']:g} | {r['solver']} | {r['evals']} | "
             f"{r['calls']} | {r['row_updates']} | {r['time_ms']:.1f} | {r['evals_ratio']:.2f} | "
@@ -415,6 +446,9 @@ def format_tables(result: dict[str, Any]) -> str:
         )
     lines += ["", "plain iteration's contraction per step (float64): " + ", ".join(
         f"{k} {v:.3f}" for k, v in result["plain_rate"].items())]
+    lines += ["", "round-off floor (relative residual of plain steps from the float64 fixed "
+              "point, median of 20): " + ", ".join(
+                  f"{k} {v:.1e}" for k, v in result["round_off_floor"].items())]
     if result["broyden_memory"]:
         lines += ["", format_memory(result)]
     lines += ["", "| batch (rates 0.1..0.95) | tol | solver | evals | calls | row updates "

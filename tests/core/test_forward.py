@@ -724,6 +724,13 @@ def test_forward_bench_quick_writes_its_table(tmp_path, monkeypatch):
     for r in saved["rows"]:
         assert r["evals"] == r["calls"] - (1 if r["solver"].startswith("rbp") else 0)
     assert 0.85 < saved["plain_rate"]["conv-deq"] < 0.99  # the slowly contracting conv cell
+    # round-off floors: a few ulps of each dtype, and the rows below them flagged
+    floors = saved["round_off_floor"]
+    assert len(floors) == 5 * 2
+    assert all(0 < v < 1e-12 for k, v in floors.items() if k.endswith("/float64")), floors
+    assert all(1e-9 < v < 1e-5 for k, v in floors.items() if k.endswith("/float32")), floors
+    for r in saved["rows"]:
+        assert r["below_floor"] == (r["tol"] < floors[f"{r['problem']}/{r['dtype']}"])
     assert len(saved["broyden_memory"]) == 5 * 2 * 2  # every problem, dtype and tol
     for r in saved["broyden_memory"]:
         if r["evals"] <= r["memory"]:  # the memory never filled: one and the same solve
