@@ -196,11 +196,26 @@ SOLVERS: dict[str, Runner] = {
 }
 
 
-def max_relative_residual(p: Problem, h: Tensor) -> float:
+def plain_residuals(p: Problem, h: Tensor, steps: int, stop: float | None = None,
+                    window: int = 0) -> list[float]:
+    """The batch-maximum relative residual ``max ||F(h) - h|| / ||F(h)||`` at ``h`` and then
+    after each plain step ``h <- F(h)``, ``steps`` values in all (fewer once one is below
+    ``stop`` and more than ``window`` are taken)."""
+    res: list[float] = []
     with torch.no_grad():
-        fh = p.f(h, *p.inputs)
-    diff = (fh - h).reshape(h.shape[0], -1).norm(dim=1)
-    return (diff / fh.reshape(h.shape[0], -1).norm(dim=1).clamp_min(1e-30)).max().item()
+        for _ in range(steps):
+            fh = p.f(h, *p.inputs)
+            diff = (fh - h).reshape(h.shape[0], -1).norm(dim=1)
+            res.append((diff / fh.reshape(h.shape[0], -1).norm(dim=1).clamp_min(1e-30)).max()
+                       .item())
+            h = fh
+            if stop is not None and res[-1] < stop and len(res) > window:
+                break
+    return res
+
+
+def max_relative_residual(p: Problem, h: Tensor) -> float:
+    return plain_residuals(p, h, 1)[0]
 
 
 def bench(p: Problem, tol: float, names: list[str], repeats: int) -> list[dict[str, Any]]:
@@ -233,16 +248,7 @@ def bench(p: Problem, tol: float, names: list[str], repeats: int) -> list[dict[s
 def plain_rate(p: Problem, window: int = 20, stop: float = 1e-8) -> float:
     """Plain iteration's contraction per step, ``(r_k / r_{k-window})^(1/window)`` where the
     batch-maximum relative residual ``r_k`` first falls below ``stop`` (or at ``MAX_ITERS``)."""
-    h, res = p.h0, []
-    with torch.no_grad():
-        for _ in range(MAX_ITERS):
-            fh = p.f(h, *p.inputs)
-            diff = (fh - h).reshape(h.shape[0], -1).norm(dim=1)
-            res.append((diff / fh.reshape(h.shape[0], -1).norm(dim=1).clamp_min(1e-30)).max()
-                       .item())
-            h = fh
-            if res[-1] < stop and len(res) > window:
-                break
+    res = plain_residuals(p, p.h0, MAX_ITERS, stop, window)
     if len(res) <= window or res[-1 - window] == 0.0:
         return float("nan")
     return (res[-1] / res[-1 - window]) ** (1.0 / window)
@@ -257,15 +263,7 @@ def round_off_floor(p: Problem, twin: Problem, steps: int = 20) -> float:
         h, _ = rbp.fixed_point(twin.f, twin.h0, MAX_ITERS, tol=1e-13, solver="broyden",
                                batch_dim=0, inputs=twin.inputs, on_failure="ignore",
                                settle_tol=None, return_info=True)
-        h = h.to(p.h0.dtype)
-        res = []
-        for _ in range(steps):
-            fh = p.f(h, *p.inputs)
-            diff = (fh - h).reshape(h.shape[0], -1).norm(dim=1)
-            res.append((diff / fh.reshape(h.shape[0], -1).norm(dim=1).clamp_min(1e-30)).max()
-                       .item())
-            h = fh
-    return statistics.median(res)
+    return statistics.median(plain_residuals(p, h.to(p.h0.dtype), steps))
 
 
 MEMORY_BUDGET = 500  # iterations for the fixed-memory comparison (TorchDEQ's can diverge)
