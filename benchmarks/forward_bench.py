@@ -353,9 +353,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     probs: dict[tuple[str, str], Problem] = {}
     rates: dict[str, float] = {}
     floors: dict[str, float] = {}
-    twins = {p.name: p for p in problems(torch.float64, args.quick)}
-    for dtype in (torch.float32, torch.float64):
-        for p in problems(dtype, args.quick):
+    by_dtype = {dtype: problems(dtype, args.quick) for dtype in (torch.float32, torch.float64)}
+    twins = {p.name: p for p in by_dtype[torch.float64]}  # the float64 problems
+    for dtype, probs_of_dtype in by_dtype.items():
+        for p in probs_of_dtype:
             dname = str(dtype).replace("torch.", "")
             probs[(p.name, dname)] = p
             if dtype == torch.float64:
@@ -407,11 +408,12 @@ def format_summary(result: dict[str, Any]) -> str:
     keys = list(dict.fromkeys((r["problem"], r["dtype"], r["tol"]) for r in result["rows"]))
     for key in keys:
         cells = []
+        below = ""  # the floor belongs to the problem, dtype and tol: every solver's row agrees
         for name in solvers:
             r = next(r for r in result["rows"]
                      if (r["problem"], r["dtype"], r["tol"]) == key and r["solver"] == name)
             cells.append(f"{r['evals']} / {r['time_ms']:.1f}" + ("" if r["ok"] else " *"))
-        below = " (below floor)" if r["below_floor"] else ""
+            below = " (below floor)" if r["below_floor"] else ""
         lines.append(f"| {key[0]} | {key[1]} | {key[2]:g}{below} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

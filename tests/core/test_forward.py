@@ -553,6 +553,7 @@ def test_anderson_step_is_the_dense_constrained_least_squares_mix():
         assert torch.allclose(new, (weights[:, :, None] * ys).sum(1), rtol=0, atol=1e-11)
         x = new
 
+
 def test_anderson_fallback_row_takes_exactly_the_plain_step():
     """ridge=0, m > n: the Gram matrix is singular, the row's step is x + beta g, counted."""
     a = torch.tensor([[0.5, 0.3], [-0.2, 0.4]], dtype=DT)
