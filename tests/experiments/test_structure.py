@@ -226,8 +226,9 @@ def architecture_doc(graph: dict[str, dict[str, list[str]]]) -> str:
         "```",
         "",
         "- **core**: `rbp` and its top-level modules (`fixed_point`, `methods`, `solvers`,",
-        "  `diagnostics`, `tree`, `module`, ...); depends on torch alone: `pip install rbp`.",
-        "- **experiment kit**: `pip install \"rbp[experiments]\"`: `rbp.data` (loaders),",
+        "  `diagnostics`, `tree`, `module`, ...); imports torch alone (the distribution also",
+        "  installs NumPy, which torch uses): `pip install torch-rbp`.",
+        "- **experiment kit**: `pip install \"torch-rbp[experiments]\"`: `rbp.data` (loaders),",
         "  `rbp.apps.*` (the paper's three applications, using the core's public API) and",
         "  `rbp.runner`, in layers; each imports only the layers above it:",
         "",
@@ -382,7 +383,7 @@ def test_the_command_without_the_extra_says_what_to_install() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
-    assert 'pip install "rbp[experiments]"' in proc.stderr and "yaml" in proc.stderr
+    assert 'pip install "torch-rbp[experiments]"' in proc.stderr and "yaml" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
 
 

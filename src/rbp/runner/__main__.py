@@ -1,7 +1,7 @@
 """``rbp`` / ``python -m rbp.runner``: the command line, or a clear word when the extra is missing.
 
 This module imports only the standard library before it has checked that the experiment kit's
-dependencies (``pip install "rbp[experiments]"``) are installed, so a core-only install gets a
+dependencies (``pip install "torch-rbp[experiments]"``) are installed, so a core-only install gets a
 one-line message instead of a traceback.
 """
 
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = missing_modules()
     if missing:
         print(f"rbp: the command line needs the experiments extra (missing: "
-              f"{', '.join(missing)}); install it with: pip install \"rbp[experiments]\"",
+              f"{', '.join(missing)}); install it with: pip install \"torch-rbp[experiments]\"",
               file=sys.stderr)
         return 2
     from rbp.runner.cli import main as cli_main

@@ -76,7 +76,7 @@ def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("rbp")
+        return version("torch-rbp")
     except PackageNotFoundError:
         return "unknown"
 

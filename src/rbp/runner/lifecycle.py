@@ -164,7 +164,7 @@ def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("rbp")
+        return version("torch-rbp")
     except PackageNotFoundError:
         import rbp
 

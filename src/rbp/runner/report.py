@@ -369,7 +369,7 @@ def _template() -> Any:
     try:
         import jinja2
     except ModuleNotFoundError as exc:  # jinja2 comes with torch; the extra names it too
-        raise ModuleNotFoundError("rbp report needs jinja2: pip install 'rbp[experiments]'"
+        raise ModuleNotFoundError("rbp report needs jinja2: pip install 'torch-rbp[experiments]'"
                                   ) from exc
     env = jinja2.Environment(loader=jinja2.PackageLoader("rbp.runner", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)

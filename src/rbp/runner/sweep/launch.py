@@ -152,7 +152,7 @@ class RayLauncher:
         try:
             import ray
         except ModuleNotFoundError as exc:
-            raise ConfigError("--backend ray needs Ray: pip install 'rbp[ray]'") from exc
+            raise ConfigError("--backend ray needs Ray: pip install 'torch-rbp[ray]'") from exc
         if not ray.is_initialized():
             if self.address:
                 ray.init(address=self.address)
