@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from rbp.runner import cli
-from rbp.runner.config import DATA_DIR_ENV, ConfigError, build_config, load_config
+from rbp.runner.config import (
+    DATA_DIR_ENV,
+    ConfigError,
+    build_config,
+    load_config,
+    load_yaml_file,
+)
 from rbp.runner.registry import Experiment
 
 
@@ -130,3 +136,30 @@ def test_mnist_apps_reject_nan_lr_and_big_seeds(app: str, tmp_path: Path,
         assert cli.main([app, "--out", str(tmp_path / "x"), "--no-progress", *extra]) == 2
         err = capsys.readouterr().err
         assert "error: setting '" in err and "Traceback" not in err, err
+
+
+def test_a_key_given_twice_is_refused_with_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("lr: 0.2\nseed: 1\nlr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: key 'lr' is given twice "
+                                          r"\(lines 1 and 3\)"):
+        _build(config_file=path)
+    path.write_text("lr: 0.2\nquick:\n  seed: 1\n  seed: 2\n")  # nested, even unused
+    with pytest.raises(ConfigError, match="key 'seed' is given twice"):
+        _build(config_file=path)
+    with pytest.raises(ConfigError, match="--set dataset_seeds: key 'cora' is given twice"):
+        _build("dataset_seeds={cora: [1], cora: [2]}")
+    # a YAML merge key may be overridden: that is not a repeat
+    path.write_text("base: &b {cora: [1]}\ndataset_seeds:\n  <<: *b\n  cora: [2]\n")
+    assert load_yaml_file(path, "x")["dataset_seeds"] == {"cora": [2]}
+
+
+def test_a_binary_config_file_is_named(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"weights\.bin is not a UTF-8 text file"):
+        _build(config_file=path)
+    assert cli.main(["hopfield", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "weights.bin is not a UTF-8 text file" in err and "codec" not in err, err

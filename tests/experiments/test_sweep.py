@@ -450,3 +450,17 @@ def test_command_names_are_reserved() -> None:
     for name in ("list", "sweep", "report"):
         with pytest.raises(ValueError, match="reserved"):
             register(Experiment(name=name, help="", config_cls=SweepSpec, run=lambda c, x: {}))
+
+
+def test_quick_must_be_a_real_boolean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s.yaml"
+    for text in ('quick: "no"', "quick: 0", 'fixed: {quick: "false"}',
+                 "grid: {quick: [true, 'no']}", "quick: no\nquick: yes"):
+        path.write_text(f"experiment: sweepdummy\nimports: [{MODULE}]\n{text}\n")
+        with pytest.raises(ValueError, match="'quick:?' .*true or false|given twice"):
+            load_spec(path)
+        assert cli.main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "o")]) == 2
+        assert "error:" in capsys.readouterr().err
+    path.write_text(f"experiment: sweepdummy\nimports: [{MODULE}]\nquick: no\n")  # YAML false
+    assert load_spec(path).quick is False
+    assert not (tmp_path / "o").exists()

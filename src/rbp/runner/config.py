@@ -34,6 +34,7 @@ __all__ = [
     "config_to_dict",
     "default_config_path",
     "load_config",
+    "load_yaml_file",
     "parse_override",
 ]
 
@@ -182,7 +183,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"--set expects KEY=VALUE, got '{text}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None  # noqa: S506
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"--set {key}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot parse value '{raw}': {exc}") from exc
     return key, value
@@ -195,14 +198,64 @@ def _is_list_type(tp: Any) -> bool:
     return origin is list or tp is list
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a key given twice (PyYAML silently
+    keeps the last)."""
+
+
+class _DuplicateKeyError(Exception):
+    pass
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode,
+                              deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:  # the mapping's own keys (a '<<' merge may be overridden)
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: PyYAML says so below
+            continue
+        line = key_node.start_mark.line + 1
+        if first is not None:
+            raise _DuplicateKeyError(f"key '{key}' is given twice (lines {first} and {line}); "
+                                     "keep one")
+        seen[key] = line
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_unique_mapping)
+
+
+def load_yaml_file(path: Path, what: str) -> Any:
+    """The YAML document in ``path`` (``what`` names it in errors: "config file", "sweep
+    spec"), refusing a key given twice in a mapping and naming the file when it cannot be read
+    as UTF-8 text or parsed. Raises :class:`ConfigError` or FileNotFoundError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not a UTF-8 text file (byte {exc.start}: "
+                          f"{exc.reason}); give a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse {what} {path}: {exc}") from exc
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    data = load_yaml_file(path, what)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from rbp.runner.aggregate import name_part
-from rbp.runner.config import ConfigError, parse_override
+from rbp.runner.config import ConfigError, load_yaml_file, parse_override
 
 __all__ = ["Point", "SweepSpec", "check_spec", "expand_grid", "load_spec", "parse_grid_option",
            "point_name"]
@@ -76,12 +76,7 @@ def load_spec(path: Path) -> SweepSpec:
     workers, backend, address, cpus_per_run, imports). A relative ``out`` is taken from the
     current directory, like ``--out`` of any run."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep spec not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse sweep spec {path}: {exc}") from exc
+    data = load_yaml_file(path, "sweep spec") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"sweep spec {path} must be a mapping")
     unknown = sorted(set(data) - _SPEC_KEYS)
@@ -99,6 +94,9 @@ def load_spec(path: Path) -> SweepSpec:
         raise ConfigError(f"'points:' in {path} must be a list of mappings")
     if not isinstance(args, list) or not isinstance(imports, list):
         raise ConfigError(f"'args:' and 'imports:' in {path} must be lists")
+    quick = data.get("quick", False)
+    if not isinstance(quick, bool):  # bool("no") is True: take only YAML's true / false
+        raise ConfigError(f"'quick:' in sweep spec {path} must be true or false, got {quick!r}")
     try:
         spec = SweepSpec(
             experiment=str(data["experiment"]),
@@ -106,7 +104,7 @@ def load_spec(path: Path) -> SweepSpec:
             points=[{str(k): v for k, v in e.items()} for e in extra],
             fixed={str(k): v for k, v in fixed.items()},
             out=Path(data["out"]) if data.get("out") is not None else None,
-            quick=bool(data.get("quick", False)), args=[str(a) for a in args],
+            quick=quick, args=[str(a) for a in args],
             workers=int(data.get("workers", 1)), backend=str(data.get("backend", "local")),
             address=data.get("address"), cpus_per_run=float(data.get("cpus_per_run", 1.0)),
             imports=[str(m) for m in imports])
@@ -144,6 +142,13 @@ def check_spec(spec: SweepSpec) -> None:
     both = sorted(set(spec.grid) & point_keys)
     if both:
         raise ConfigError(f"key(s) {both} are both in the grid and in points")
+    quick = [spec.quick, *spec.grid.get("quick", []), *(e["quick"] for e in spec.points
+                                                         if "quick" in e)]
+    if "quick" in spec.fixed:
+        quick.append(spec.fixed["quick"])
+    bad = [q for q in quick if not isinstance(q, bool)]
+    if bad:  # bool("no") is True: a string would turn --quick on
+        raise ConfigError(f"'quick' must be true or false, got {bad[0]!r}")
     if spec.workers < 1:
         raise ConfigError(f"workers must be at least 1, got {spec.workers}")
     if spec.cpus_per_run <= 0:
@@ -186,6 +191,8 @@ def _translate(key: str, value: Any, settings: Collection[str] | None) -> tuple[
     if key in ("method", "methods"):
         return ["methods=" + ",".join(str(v) for v in _as_list(value))], []
     if key == "quick":
+        if not isinstance(value, bool):  # bool("no") is True: take only true / false
+            raise ConfigError(f"'quick' must be true or false, got {value!r}")
         return [], ["--quick"] if value else []
     return [f"{key}={_yaml_scalar(value)}"], []
 
