@@ -333,10 +333,14 @@ class _BroydenState:
         low = sm.dtype in (torch.float16, torch.bfloat16)
         s32, y32 = (sm.float(), ym.float()) if low else (sm, ym)
         big = -torch.bmm(s32, y32.transpose(1, 2)) - torch.bmm(s32, s32.transpose(1, 2)).tril(-1)
+        # a non-finite pair (an iterate that overflowed between two stopping tests) would make
+        # svdvals raise: such a row is bad (the next stopping test reports the divergence)
+        finite = torch.isfinite(big.sum((1, 2)))
+        big = torch.where(finite[:, None, None], big, 0.0)
         inv_t, status = torch.linalg.inv_ex(big.transpose(1, 2))  # R^{-T}
         sv = torch.linalg.svdvals(big)
         bad = (status != 0) | ~(sv[:, -1] * self.max_cond >= sv[:, 0]) | ~torch.isfinite(
-            inv_t.sum((1, 2)))
+            inv_t.sum((1, 2))) | ~finite
         newest = torch.zeros_like(inv_t)
         newest[:, -1, -1] = 1.0 / big[:, -1, -1]  # a row of one term: R = -s . y over that pair
         ok_one = (big[:, -1, -1].abs() > self.tiny * _row_norm(sm[:, -1]).to(big.dtype)
@@ -447,6 +451,7 @@ def _solve(
     x = x0
     fx = fmap(x, None) if fx0 is None else fx0
     state = _solver_state(cfg, x)
+    autocast = not isinstance(state, _IterateState) and _autocast_enabled(device.type)
     if best_iterate:
         best = (x.clone(), fx.clone(), _row_norm(fx - x), torch.zeros(b, dtype=torch.long,
                                                                      device=device))
@@ -507,7 +512,11 @@ def _solve(
                 state.keep(keep)
                 if best_iterate:
                     best = tuple(t[keep] for t in best)  # type: ignore[assignment]
-        x, bad = state.step(x, fx, g)  # bad: the rows that fell back (None: none can)
+        if autocast:  # the solver's own arithmetic stays in the state's dtype; f keeps autocast
+            with torch.autocast(device.type, enabled=False):
+                x, bad = state.step(x, fx, g)
+        else:
+            x, bad = state.step(x, fx, g)  # bad: the rows that fell back (None: none can)
         if bad is not None:
             fallbacks = fallbacks + bad.sum()
         k += 1
@@ -525,6 +534,16 @@ def _solve(
         row_updates=row_updates,
         trace=torch.stack(norms).double().tolist() if norms else [],
     )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (torch >= 2.4 API, else the old one)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: one flag per device kind
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
 
 
 # ---------------------------------------------------------------------- states as row matrices
@@ -594,12 +613,14 @@ def _leaves_of(state: State) -> list[Tensor]:
 def call_map(fn: Callable[..., State], h: State, *args: Any) -> State:
     """``fn(h, *args)``, refusing an ``fn`` that modifies its input state in place."""
     if isinstance(h, Tensor):  # the common case, kept cheap: it runs once per step
+        if h.is_inference():  # no version counter (torch.inference_mode): nothing to compare
+            return fn(h, *args)
         version = h._version
         out = fn(h, *args)
         if h._version != version:
             _raise_in_place(0)
         return out
-    leaves = _leaves_of(h)
+    leaves = [leaf for leaf in _leaves_of(h) if not leaf.is_inference()]
     versions = [leaf._version for leaf in leaves]
     out = fn(h, *args)
     for i, (leaf, v) in enumerate(zip(leaves, versions, strict=True)):
