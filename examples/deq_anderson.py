@@ -20,6 +20,9 @@ from torch import nn
 import rbp
 from rbp.data import load_mnist
 
+#: The first 4,000 of the (shuffled) 5,000 digits may train; the last 1,000 only test.
+TRAIN, TEST = 4000, 1000
+
 
 class AndersonDEQ(nn.Module):
     """``logits = V h*``, ``h* = tanh(W h* + U x)``, ``||W||_2 <= 0.95``."""
@@ -43,13 +46,42 @@ class AndersonDEQ(nn.Module):
         return self.readout(h)
 
 
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in ``[low, high]`` (no upper bound when ``high`` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0.0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=_int_in(1), default=3)
+    parser.add_argument("--tol", type=_positive_float, default=1e-4)
     parser.add_argument("--solver", default="anderson", choices=["iterate", "anderson", "broyden"])
-    parser.add_argument("--train", type=int, default=4000, help="training digits (rest: test)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=_int_in(1, TRAIN), default=TRAIN,
+                        help=f"training digits, at most {TRAIN} (the last {TEST} of the "
+                        f"{TRAIN + TEST} are the test digits)")
+    parser.add_argument("--seed", type=_int_in(0), default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -58,7 +90,7 @@ def main(argv: list[str] | None = None) -> float:
     y = torch.from_numpy(labels)
     order = torch.randperm(len(x))
     x, y = x[order], y[order]
-    train, test = slice(0, args.train), slice(4000, None)
+    train, test = slice(0, args.train), slice(TRAIN, TRAIN + TEST)
 
     model = AndersonDEQ(128, args.tol, args.solver)
     optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)

@@ -39,11 +39,27 @@ class EquilibriumClassifier(nn.Module):
         return self.readout(h)
 
 
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in ``[low, high]`` (no upper bound when ``high`` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="neumann", choices=rbp.METHODS)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=_int_in(1), default=3)
+    parser.add_argument("--seed", type=_int_in(0), default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)

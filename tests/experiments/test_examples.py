@@ -98,3 +98,34 @@ def test_readme_quick_start_is_what_ci_runs():
     ci = root / ".ci" / "run"
     if ci.is_file():
         assert "python -m pytest -rs" in ci.read_text()
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLE.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("example", "argv", "message"), [
+    ("deq_anderson", ["--train", "4900"], "--train: 4900 must be between 1 and 4000"),
+    ("deq_anderson", ["--train", "6000"], "--train: 6000 must be between 1 and 4000"),
+    ("deq_anderson", ["--train", "0"], "--train: 0 must be between 1 and 4000"),
+    ("deq_anderson", ["--tol", "0"], "--tol: 0 must be a positive number"),
+    ("deq_anderson", ["--tol", "nan"], "--tol: nan must be a positive number"),
+    ("deq_anderson", ["--epochs", "0"], "--epochs: 0 must be at least 1"),
+    ("deq_anderson", ["--solver", "newton"], "--solver: invalid choice"),
+    ("deq_anderson", ["--seed", "-1"], "--seed: -1 must be at least 0"),
+    ("quickstart", ["--epochs", "0"], "--epochs: 0 must be at least 1"),
+    ("quickstart", ["--epochs", "two"], "--epochs: 'two' is not an integer"),
+    ("quickstart", ["--method", "newton"], "--method: invalid choice"),
+    ("quickstart", ["--seed", "-3"], "--seed: -3 must be at least 0"),
+])
+def test_example_options_are_checked(example, argv, message, capsys):
+    """A wrong option is an argparse error (exit 2, one line naming it), before any data is
+    loaded: no silent training on test digits, no IndexError."""
+    module = _load_example(example)
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
