@@ -143,3 +143,33 @@ def test_log_lines_are_formatted() -> None:
     blown = _summary_line("rbp", {**base, "final_val_l1": None, "diverged_at": 7,
                                   "divergence": "non-finite gradient"})
     assert "None" not in blown and "blew up at step 7 (non-finite gradient)" in blown
+
+
+def test_dry_run_checks_each_datasets_own_data_dir(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("scipy")
+    nope = tmp_path / "nope"
+    base = ["citation", "--dry-run", "--dataset", "cora", "--out", str(tmp_path / "o")]
+    assert cli.main(base) == 0, capsys.readouterr().err  # the shipped Cora
+    capsys.readouterr()
+    assert cli.main([*base, "--set", f"overrides={{cora: {{data_dir: {nope}}}}}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{nope} does not exist" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_into_a_locked_folder_is_not_ready(tmp_path: Path, kv_experiment: None,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from rbp.runner.lifecycle import RunLock
+
+    out = tmp_path / "r"
+    out.mkdir()
+    lock = RunLock(out, ["rbp", "kvtoy"])
+    try:
+        assert cli.main(["kvtoy", "--dry-run", "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert "another run (pid" in captured.err and "ready" not in captured.out
+    finally:
+        lock.release()
+    assert cli.main(["kvtoy", "--dry-run", "--out", str(out)]) == 0
+    assert "ready to run" in capsys.readouterr().out

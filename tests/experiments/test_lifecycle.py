@@ -506,3 +506,93 @@ def test_damaged_planetoid_file_fails_the_run_cleanly(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     res = read_json(out / "results.json")
     assert res["status"] == "failed" and "damaged sparse matrix" in res["error"]
+
+
+# ---------------------------------------------------------------- never silently wrong
+
+
+def test_a_plain_rerun_over_a_damaged_finished_run_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r"
+    assert _run(out) == 0
+    for damaged in ('{"status": "fini', "[1, 2]", "\x00\x01"):
+        (out / "results.json").write_text(damaged)
+        capsys.readouterr()
+        assert _run(out) == 2
+        err = capsys.readouterr().err
+        assert "cannot be read as a run's results" in err and "--force" in err, err
+        assert (out / "results.json").read_text() == damaged  # not overwritten
+        assert _run(out, "--dry-run") == 2
+        assert "cannot be read" in capsys.readouterr().err
+    assert _run(out, "--force") == 0
+    assert read_json(out / "results.json")["status"] == "finished"
+
+
+def test_a_checkpoint_from_a_run_with_other_settings_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    assert _run(mine, "--set", "interrupt_after=5") == 130
+    assert _run(other, "--set", "interrupt_after=5", "--set", "lr=0.1") == 130
+    before = load_checkpoint(mine / "checkpoints" / "a.pt")
+    (mine / "checkpoints" / "a.pt").write_bytes((other / "checkpoints" / "a.pt").read_bytes())
+    capsys.readouterr()
+    assert _run(mine, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "written by a run with other settings (lr: 0.1 -> 0.3)" in err, err
+    assert "--force" in err and "fresh --out" in err and "Traceback" not in err
+    # a run-control setting does not count; the settings key is not handed to the run
+    (mine / "checkpoints" / "a.pt").unlink()
+    save_checkpoint(mine / "checkpoints" / "a.pt", before)
+    assert _run(mine, "--resume", "--set", "checkpoint_every=2") == 0
+
+
+@dataclass
+class NetConfig:
+    width: int = 4
+    seed: int = 0
+    interrupt_after: int | None = None
+
+
+def net_run(cfg: NetConfig, ctx: RunContext) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    net = torch.nn.Linear(cfg.width, 1)
+    state = ctx.load("net")
+    if state is not None:
+        net.load_state_dict(state["model"])
+    ctx.save("net", {"model": net.state_dict()})
+    ctx.tick()
+    return {"out": float(net.weight.detach().sum())}
+
+
+def test_an_old_checkpoint_that_does_not_fit_the_model_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    register(Experiment(name="lcnet", help="net", config_cls=NetConfig, run=net_run))
+    try:
+        out = tmp_path / "r"
+        assert cli.main(["lcnet", "--out", str(out), "--set", "interrupt_after=1"]) == 130
+        # a checkpoint written without the settings record, for a wider model
+        save_checkpoint(out / "checkpoints" / "net.pt",
+                        {"model": torch.nn.Linear(7, 1).state_dict()})
+        capsys.readouterr()
+        assert cli.main(["lcnet", "--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "does not fit the model these settings build" in err, err
+        assert "size mismatch" in err and "--force" in err and "Traceback" not in err
+        assert read_json(out / "results.json")["status"] == "failed"
+    finally:
+        unregister("lcnet")
+
+
+def test_results_record_the_threads_the_run_used(tmp_path: Path) -> None:
+    register(Experiment(name="lcnet", help="net", config_cls=NetConfig, run=net_run))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the run sets 1 once it has started
+        assert cli.main(["lcnet", "--out", str(tmp_path / "r")]) == 0
+        assert read_json(tmp_path / "r" / "results.json")["machine"]["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
+        unregister("lcnet")

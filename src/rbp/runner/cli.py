@@ -202,15 +202,15 @@ def _error(prog: str, message: object) -> None:
 
 def _dry_run(exp: Experiment, cfg: Any, out: Path, resume: bool, force: bool) -> int:
     """Check what a run would need without running it: exit 0 when all is in place."""
-    from rbp.runner.results import CHECKPOINT_DIR, RESULTS_FILE, read_json
-
     prog = f"rbp {exp.name}"
     problems: list[str] = []
     print(f"{prog}: settings are valid")
     lines: list[str] = []
     if exp.check_data is not None:
+        from rbp.runner.registry import check_experiment_data
+
         try:
-            lines = exp.check_data(cfg)
+            lines = check_experiment_data(exp, cfg)
         except (ValueError, FileNotFoundError) as exc:
             problems.append(f"data: {exc}")
     for line in lines:
@@ -223,14 +223,18 @@ def _dry_run(exp: Experiment, cfg: Any, out: Path, resume: bool, force: bool) ->
         problems.append(f"--out {out}: {probe} is not a directory")
     elif not os.access(probe, os.W_OK | os.X_OK):
         problems.append(f"--out {out}: {probe} is not writable")
-    elif (out / RESULTS_FILE).is_file() and not (resume or force):
+    else:
+        from rbp.runner.lifecycle import describe_holder, lock_holder
+        from rbp.runner.results import RunExistsError, check_run_dir
+
+        holder = lock_holder(out)
+        if holder is not None:
+            problems.append(f"--out {out}: another run ({describe_holder(holder)}) is writing "
+                            "there; wait for it to end or choose another --out")
         try:
-            status = read_json(out / RESULTS_FILE).get("status")
-        except (OSError, ValueError, AttributeError):
-            status = "unreadable"
-        if status == "finished" or any((out / CHECKPOINT_DIR).glob("*.pt")):
-            problems.append(f"--out {out} holds a run (status {status}); pass --resume or "
-                            "--force")
+            check_run_dir(out, resume, force)
+        except RunExistsError as exc:
+            problems.append(str(exc))
     for problem in problems:
         _error(prog, problem)
     if not problems:

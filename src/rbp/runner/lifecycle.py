@@ -38,6 +38,7 @@ from rbp.runner.results import (
     CHECKPOINT_DIR,
     RESULTS_FILE,
     RunExistsError,
+    current_torch_threads,
     machine_info,
     prepare_run_dir,
     read_json,
@@ -66,6 +67,9 @@ __all__ = [
 
 #: Lock file inside a run directory: held (``flock``) by the run writing there.
 LOCK_FILE = ".lock"
+
+#: Key of a checkpoint's state holding the settings of the run that wrote it (JSON text).
+SETTINGS_KEY = "_rbp_settings"
 
 #: Settings that control the run but not its numbers: they may differ on ``--resume``.
 CONTROL_KEYS = frozenset({"checkpoint_every", "interrupt_after"})
@@ -153,6 +157,38 @@ class RunLock:
         self._fd = -1
 
 
+def lock_holder(out: Path) -> dict[str, Any] | None:
+    """Who holds the lock of run directory ``out`` now (pid, host, start), or None when no
+    live process does; creates nothing (``--dry-run``)."""
+    path = Path(out) / LOCK_FILE
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return None
+            try:
+                info = json.loads(os.pread(fd, 65536, 0).decode(errors="replace") or "{}")
+            except (OSError, ValueError):
+                info = {}
+            return info if isinstance(info, dict) else {}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def describe_holder(info: dict[str, Any]) -> str:
+    """``pid P on HOST, started T`` of a :func:`lock_holder` answer."""
+    return _describe_holder(info)
+
+
 # ---------------------------------------------------------------- context
 
 
@@ -226,9 +262,19 @@ class RunContext:
         if self.interrupt_after is not None and self._ticks >= self.interrupt_after:
             raise KeyboardInterrupt(f"interrupt_after={self.interrupt_after} reached")
 
+    def _settings_json(self) -> str | None:
+        cfg = self.config
+        if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+            return None
+        return json.dumps(to_jsonable(config_to_dict(cfg)), sort_keys=True)
+
     def save(self, tag: str, state: dict[str, Any]) -> Path:
-        """Atomically save checkpoint ``tag`` (a signal during the write waits for its end)."""
+        """Atomically save checkpoint ``tag`` (a signal during the write waits for its end),
+        with the run's settings, which :meth:`load` compares."""
         path = self.checkpoint_path(tag)
+        settings = self._settings_json()
+        if settings is not None:
+            state = {**state, SETTINGS_KEY: settings}
         with deferred_interrupts():
             save_checkpoint(path, state)
         self.log.debug("checkpoint %s saved", path)
@@ -241,7 +287,11 @@ class RunContext:
         """
         if not self.resume:
             return None
-        state = load_checkpoint(self.checkpoint_path(tag))
+        path = self.checkpoint_path(tag)
+        state = load_checkpoint(path)
+        if state is not None:
+            state = dict(state)
+            self._check_settings(path, state.pop(SETTINGS_KEY, None))
         if state is not None and tag not in self._announced:
             self._announced.add(tag)
             if state.get("done"):
@@ -249,6 +299,26 @@ class RunContext:
             else:
                 self.log.info("%s: resuming from its checkpoint", tag)
         return state
+
+    def _check_settings(self, path: Path, saved: Any) -> None:
+        """Refuse a checkpoint written with other settings (e.g. copied from another run)."""
+        now = self._settings_json()
+        if not isinstance(saved, str) or now is None:
+            return  # written before checkpoints recorded their settings
+        try:
+            old = json.loads(saved)
+        except ValueError:
+            return
+        new = json.loads(now)
+        diff = settings_differences(old, new)
+        if diff:
+            shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}"
+                              for k in diff[:6])
+            more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
+            raise SettingsMismatchError(
+                f"checkpoint {path} was written by a run with other settings ({shown}{more}); "
+                "it cannot be resumed with these: pass --force to start over, or choose a "
+                "fresh --out")
 
     def finish(self, tag: str, result: dict[str, Any]) -> None:
         """Record unit ``tag`` as done with ``result`` (replaces its mid-way checkpoint)."""
@@ -269,6 +339,8 @@ class RunContext:
         self._last = dict(results)
         if self._machine is None:
             self._machine = machine_info()
+        else:  # the run may set its thread count after the first write: record the real one
+            self._machine["torch_threads"] = current_torch_threads()
         cfg = self.config
         if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
             cfg = config_to_dict(cfg)
@@ -483,6 +555,21 @@ def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | Non
         print(f"\n{prog}: interrupted; continue the run with: rbp {shlex.join(again)}",
               file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if "loading state_dict" not in str(exc) or not resume:
+            _finish_quietly(ctx, "failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        # a checkpoint from a run with other settings (older checkpoints do not record them)
+        first = str(exc).strip().splitlines()
+        detail = next((ln.strip() for ln in first[1:] if ln.strip()), first[0] if first else "")
+        message = (f"a checkpoint in {out / CHECKPOINT_DIR} does not fit the model these "
+                   f"settings build ({detail}); it was written by a run with other settings: "
+                   "pass --force to start over, or choose a fresh --out")
+        _finish_quietly(ctx, "failed", error=message)
+        if verbose:
+            traceback.print_exc()
+        _error(prog, message)
+        return 2
     except (ValueError, OSError) as exc:  # bad settings or data, damaged files, disk full...
         _finish_quietly(ctx, "failed", error=str(exc))
         if verbose:

@@ -14,6 +14,7 @@ hands its ``imports:`` to its worker processes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 from collections.abc import Callable
@@ -79,6 +80,31 @@ class Experiment:
     methods: tuple[str, ...] = ()
     default_config: Path | None = None
     check_data: Callable[[Any], list[str]] | None = None
+
+
+def check_experiment_data(exp: Experiment, cfg: Any) -> list[str]:
+    """``exp.check_data`` of the settings each data set is read with: a settings object with
+    per-data-set variants (``for_dataset(name)`` and a ``dataset`` list, as ``rbp citation``'s
+    ``overrides``) is checked once per data set with that data set's own settings (its own
+    ``data_dir``, say). Returns the lines; raises what ``check_data`` raises."""
+    if exp.check_data is None:
+        return []
+    for_dataset, names = getattr(cfg, "for_dataset", None), getattr(cfg, "dataset", None)
+    if not (callable(for_dataset) and isinstance(names, list) and dataclasses.is_dataclass(cfg)):
+        return list(exp.check_data(cfg))
+    lines: list[str] = []
+    problems: list[Exception] = []
+    for name in names:
+        one = dataclasses.replace(for_dataset(str(name).lower()), dataset=[name])
+        try:
+            lines += exp.check_data(one)
+        except (ValueError, FileNotFoundError) as exc:
+            problems.append(exc)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ValueError("; ".join(str(p) for p in problems))
+    return lines
 
 
 _REGISTRY: dict[str, Experiment] = {}

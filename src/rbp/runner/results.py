@@ -20,6 +20,8 @@ __all__ = [
     "CHECKPOINT_DIR",
     "RESULTS_FILE",
     "RunExistsError",
+    "check_run_dir",
+    "current_torch_threads",
     "machine_info",
     "prepare_run_dir",
     "read_json",
@@ -48,6 +50,14 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+def _readable(path: Path) -> Any:
+    """The JSON in ``path``, or None when it cannot be read."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
 def _status(out: Path) -> str | None:
     path = out / RESULTS_FILE
     if not path.is_file():
@@ -67,11 +77,29 @@ def prepare_run_dir(out: Path, resume: bool, force: bool) -> Path:
     the old results file. Raises :class:`RunExistsError`.
     """
     out = Path(out)
+    check_run_dir(out, resume, force)
+    if force:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        (out / RESULTS_FILE).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_run_dir(out: Path, resume: bool, force: bool) -> None:
+    """Raise :class:`RunExistsError` when a run into ``out`` would overwrite a run without
+    ``force`` (the checks of :func:`prepare_run_dir`, which changes nothing)."""
+    out = Path(out)
     if resume and force:
         raise RunExistsError("--resume and --force exclude each other")
     if out.exists() and not out.is_dir():
         raise RunExistsError(f"--out {out} exists and is not a directory")
     if not (resume or force):
+        path = out / RESULTS_FILE
+        if path.is_file() and not isinstance(_readable(path), dict):
+            raise RunExistsError(
+                f"{path} cannot be read as a run's results (damaged?), so whether it holds a "
+                "finished run is unknown; pass --force to overwrite it or choose another --out"
+            )
         if _status(out) == "finished":
             raise RunExistsError(
                 f"{out} holds a finished run; pass --force to overwrite it or choose another --out"
@@ -81,11 +109,6 @@ def prepare_run_dir(out: Path, resume: bool, force: bool) -> Path:
                 f"{out} holds checkpoints of an unfinished run; pass --resume to continue it "
                 "or --force to start over"
             )
-    if force:
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-        (out / RESULTS_FILE).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -119,6 +142,11 @@ def write_json(path: Path, obj: Any) -> None:
         f.write(text.encode())
 
 
+def current_torch_threads() -> int:
+    """The threads torch uses now (``torch.get_num_threads()``)."""
+    return torch.get_num_threads()
+
+
 def machine_info() -> dict[str, Any]:
     """Software versions and hardware of this machine (no host name)."""
     info: dict[str, Any] = {
@@ -128,7 +156,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": current_torch_threads(),
         "cuda": None,
     }
     if torch.cuda.is_available():

@@ -15,7 +15,14 @@ from rbp.runner.aggregate import SWEEP_FILE, aggregate, read_results
 from rbp.runner.config import ConfigError, build_config, parse_override
 from rbp.runner.lifecycle import RunLock, interrupt_on_sigterm
 from rbp.runner.progress import get_logger, progress, setup_logging
-from rbp.runner.registry import IMPORTS_ENV, Experiment, experiments, import_app, summary_of
+from rbp.runner.registry import (
+    IMPORTS_ENV,
+    Experiment,
+    check_experiment_data,
+    experiments,
+    import_app,
+    summary_of,
+)
 from rbp.runner.results import write_json
 
 from .launch import Job, Launcher, LocalLauncher, RayLauncher
@@ -79,7 +86,7 @@ def _data_problem(spec: SweepSpec, point: Point) -> str | None:
         return None
     quick = spec.quick or "--quick" in point.flags
     try:
-        exp.check_data(build_config(exp, point.overrides, quick=quick))
+        check_experiment_data(exp, build_config(exp, point.overrides, quick=quick))
     except (ValueError, FileNotFoundError) as exc:
         return f"data: {exc}"
     return None
