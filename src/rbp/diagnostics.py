@@ -122,6 +122,9 @@ class FixedPointInfo:
     forward_trace: list[float] = field(default_factory=list)
     final_difference: float = math.nan
     relative_final_difference: float = math.nan
+    # the settle check's worst ||h_T - h_T-1|| / ||h_T|| over samples (batch_dim) or rows of
+    # dim 0 (a state of two or more dims); the whole-state ratio otherwise. Implicit methods only.
+    worst_relative_difference: float = math.nan
     backward: list[BackwardInfo] = field(default_factory=list)
     # Forward solve (see rbp.forward). Per-sample fields are lists when batch_dim is set.
     solver: str = "iterate"

@@ -117,7 +117,13 @@ def fixed_point(
             most ``backward_tol * ||g||``; ``None`` always runs ``truncate`` iterations.
         settle_tol: implicit methods assume a steady state; if
             ``||h_T - h_{T-1}|| > settle_tol * ||h_T||`` this is reported per ``on_failure``.
-            ``None`` disables the check.
+            The ratio is checked per sample: with ``batch_dim``, per sample (all leaves of it
+            together); without, per index of dim 0 of every state leaf of two or more dims (a
+            batch-first state is checked sample by sample; a 2-D state that is one system is
+            checked row by row, which is stricter) and over the whole leaf for a leaf of fewer
+            dims. With ``tol_mode="absolute"`` a row whose ``||h_T - h_{T-1}|| <= tol`` counts as
+            settled (a fixed point at zero has no meaningful relative change). The worst ratio
+            is ``info.worst_relative_difference``. ``None`` disables the check.
         on_failure: what to do when the forward has not settled or a backward solve grows,
             stalls or diverges: ``"raise"`` (:class:`DivergenceError`), ``"warn"``
             (:class:`ConvergenceWarning`) or ``"ignore"``. A non-finite forward state always
@@ -192,15 +198,13 @@ def fixed_point(
     if implicit:
         update = fwd.update
         assert update is not None  # run() sets it on every path that returns a graph
-        if settle_tol is not None and info.relative_final_difference > settle_tol:
-            report(
-                on_failure,
-                f"{method}: the forward state has not settled after "
-                f"{forward.steps_taken(info)} steps "
-                f"(||h_T - h_T-1|| / ||h_T|| = {info.relative_final_difference:.3g} > "
-                f"settle_tol={settle_tol:g}); implicit gradients assume a fixed point. "
-                "Run more steps, or use method='bptt'/'tbptt'.",
-            )
+        info.worst_relative_difference = forward.worst_ratio(
+            fwd.rows, info.relative_final_difference)
+        if settle_tol is not None and info.worst_relative_difference > settle_tol:
+            message = forward.unsettled_message(fwd.rows, info, settle_tol, tol, tol_mode,
+                                                batch_dim)
+            if message is not None:
+                report(on_failure, f"{method}: {message}")
         out_leaves = attach_implicit_backward(
             h_in_leaves,
             out_leaves,

@@ -710,6 +710,8 @@ class Forward:
     h_out: list[Tensor]  # leaves of h_out = F(h_in)
     spec: Any
     update: Callable[[State, int], State] | None = None  # F_t(h), as run() applied it
+    # per row of the settle check: (||h_T - h_T-1||, ||h_T||), see row_differences
+    rows: tuple[Tensor, Tensor] | None = None
 
 
 def _diff_norm(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -724,7 +726,7 @@ def _norm(a: Sequence[Tensor]) -> float:
 def check_finite(leaves: Sequence[Tensor], method: str, steps: int) -> None:
     if not all(bool(torch.isfinite(leaf.detach()).all()) for leaf in leaves):
         raise DivergenceError(
-            f"{method}: the forward state is not finite after {steps} steps: the map diverges. "
+            f"fixed_point: the forward state is not finite after {steps} steps: the map diverges. "
             "Check that f is a contraction (e.g. smaller weights or a damped update)."
         )
 
@@ -794,20 +796,22 @@ def unroll(
     h, prev = advance(h, free_steps, steps)
     out = tree.flatten(h)[0]
     # one host read for the last difference, ||h_T|| and (through them) finiteness
+    prev_leaves = tree.flatten(prev)[0]
     if len(out) == 1 and not trace:  # as _diff_norm and _norm compute them, fewer ops
-        diff_value, norm_value = _last_norms(out[0], tree.flatten(prev)[0][0])
+        diff_value, norm_value, rows = _last_norms(out[0], prev_leaves[0], require_grad_input)
         values = [diff_value, norm_value**2]
     else:
         with torch.no_grad():
             if not trace:
-                norms.append(_diff_norm(out, tree.flatten(prev)[0]))
+                norms.append(_diff_norm(out, prev_leaves))
             squares = [leaf.double().pow(2).sum().to(norms[-1].device) for leaf in out]
             values = torch.stack([*norms, *squares]).tolist()
+        rows = row_differences(out, prev_leaves) if require_grad_input else None
     diffs, squares = values[: len(values) - len(out)], values[len(values) - len(out) :]
     scale = math.sqrt(sum(squares))
     if not (math.isfinite(diffs[-1]) and math.isfinite(scale)):
         check_finite(out, method, steps)
-    return Forward(h, h_in, out, spec), diffs, scale
+    return Forward(h, h_in, out, spec, rows=rows), diffs, scale
 
 
 def _unroll_tensor(
@@ -850,25 +854,114 @@ def _unroll_tensor(
             prev, h = h, checked(h, t)
         else:
             h = f(h, *inputs)
-    diff_value, norm_value = _last_norms(h, prev)
+    diff_value, norm_value, rows = _last_norms(h, prev, require_grad_input)
     if not (math.isfinite(diff_value) and math.isfinite(norm_value)):
         check_finite([h], method, steps)
-    return Forward(h, h_in, [h], tree.LEAF), diff_value, norm_value
+    return Forward(h, h_in, [h], tree.LEAF, rows=rows), diff_value, norm_value
 
 
-def _last_norms(h: Tensor, prev: Tensor) -> tuple[float, float]:
+def _last_norms(
+    h: Tensor, prev: Tensor, want_rows: bool = False
+) -> tuple[float, float, tuple[Tensor, Tensor] | None]:
     """``||h - prev||`` and ``||h||`` on the host (one read each on CPU, one in all elsewhere),
-    in the state's dtype (no float64 copy of the state) unless ``||h||`` overflows it."""
+    in the state's dtype (no float64 copy of the state) unless ``||h||`` overflows it; and
+    (``want_rows``), for a state of two or more dims, the same per row of dim 0 (left on the
+    device: the settle check reads their worst ratio, see :func:`row_differences`)."""
     o = h.detach()  # detached rather than under no_grad: one op fewer
-    diff = torch.linalg.vector_norm(o - prev.detach())
+    d = o - prev.detach()
+    diff = torch.linalg.vector_norm(d)
     norm = torch.linalg.vector_norm(o)
+    rows = None
+    if want_rows and o.dim() >= 2 and o.shape[0] > 1:
+        rows = (torch.linalg.vector_norm(d.reshape(o.shape[0], -1), dim=1),
+                torch.linalg.vector_norm(o.reshape(o.shape[0], -1), dim=1))
     if o.is_cpu:  # two reads cost less than stacking them
         diff_value, norm_value = diff.item(), norm.item()
     else:
         diff_value, norm_value = torch.stack([diff.double(), norm.double()]).tolist()
     if not math.isfinite(norm_value):
         norm_value = torch.linalg.vector_norm(o, dtype=torch.float64).item()
-    return diff_value, norm_value
+    return diff_value, norm_value, rows
+
+
+def row_differences(
+    out: Sequence[Tensor], prev: Sequence[Tensor], lay: Layout | None = None
+) -> tuple[Tensor, Tensor] | None:
+    """``(||h_T - h_T-1||, ||h_T||)`` per row of the settle check (float64, on the device).
+
+    The rows: with a batch layout ``lay``, one per sample (all leaves of that sample together);
+    without, one per index of dim 0 of every leaf of two or more dims, and the whole leaf for a
+    leaf of fewer (a batch-first state is then checked sample by sample even without
+    ``batch_dim``). ``None`` when the whole state is a single row (the whole-state ratio).
+    """
+    if lay is not None and lay.dims is not None:
+        with torch.no_grad():
+            d = to_rows(out, lay) - to_rows(prev, lay)
+            return (torch.linalg.vector_norm(d, dim=1, dtype=torch.float64),
+                    torch.linalg.vector_norm(to_rows(out, lay), dim=1, dtype=torch.float64))
+    if not any(o.dim() >= 2 and o.shape[0] > 1 for o in out) and len(out) == 1:
+        return None
+    diffs, norms = [], []
+    with torch.no_grad():
+        for o, p in zip(out, prev, strict=True):
+            lead = o.shape[0] if o.dim() >= 2 else 1
+            diffs.append(torch.linalg.vector_norm((o - p).reshape(lead, -1), dim=1,
+                                                  dtype=torch.float64))
+            norms.append(torch.linalg.vector_norm(o.reshape(lead, -1), dim=1,
+                                                  dtype=torch.float64))
+    return torch.cat(diffs), torch.cat(norms)
+
+
+def worst_ratio(rows: tuple[Tensor, Tensor] | None, whole: float) -> float:
+    """The largest per-row ``||h_T - h_T-1|| / ||h_T||`` (0 for a row that did not move; the
+    whole-state ratio ``whole`` when there are no rows). One host read."""
+    if rows is None:
+        return whole
+    d, n = rows
+    ratio = torch.where(d > 0, d / n, 0.0)  # d / 0 = inf: a zero row that moved
+    return max(float(ratio.amax()), whole)
+
+
+def unsettled_message(
+    rows: tuple[Tensor, Tensor] | None,
+    info: Any,
+    settle_tol: float,
+    tol: float | None,
+    tol_mode: str,
+    batch_dim: int | None,
+) -> str | None:
+    """The settle check's message (``None``: settled). A row is unsettled when its
+    ``||h_T - h_T-1|| / ||h_T|| > settle_tol``, unless the forward's absolute tolerance
+    (``tol_mode="absolute"``) holds for it: at a fixed point at or near zero the relative ratio
+    says nothing, and the user's absolute tolerance is what "settled" means there."""
+    absolute = tol if (tol is not None and tol_mode == "absolute") else None
+    if rows is None:
+        if absolute is not None and info.final_difference <= absolute:
+            return None
+        count = ""
+        worst = info.relative_final_difference
+        if not worst > settle_tol:
+            return None
+    else:
+        d, n = rows
+        ratio = torch.where(d > 0, d / n, 0.0)
+        bad = ~(ratio <= settle_tol)
+        if absolute is not None:
+            bad = bad & ~(d <= absolute)
+        k = int(bad.sum())
+        if k == 0:
+            return None
+        first = int(bad.nonzero()[0, 0])
+        worst = float(ratio[bad].amax())
+        what = (f"samples (batch_dim={batch_dim})" if batch_dim is not None
+                else "rows (dim 0 of the state)")
+        count = f" in {k} of {len(ratio)} {what}, e.g. row {first}"
+    return (
+        f"the forward state has not settled after {steps_taken(info)} steps{count} "
+        f"(||h_T - h_T-1|| / ||h_T|| = {worst:.3g} > settle_tol={settle_tol:g}); implicit "
+        "gradients assume a fixed point. Run more steps (or set tol), or use "
+        "method='bptt'/'tbptt'."
+    )
 
 
 def step_map(
@@ -1032,7 +1125,7 @@ def _constant_if_nothing_to_differentiate(fwd: Forward, f: Any = None) -> Forwar
             else:
                 todo.append(nxt)
     out = [o.detach() for o in fwd.h_out]
-    return Forward(tree.unflatten(fwd.spec, out), [], out, fwd.spec, fwd.update)
+    return Forward(tree.unflatten(fwd.spec, out), [], out, fwd.spec, fwd.update, fwd.rows)
 
 
 def _refuse_combinations(
@@ -1181,7 +1274,7 @@ def _solve_then_step(
         check_rows_independent(fmap, x0, fx0, batch_dim)
     rs = solve(fmap, x0, solver, max_evals=steps, tol=tol, tol_mode=tol_mode,
                check_every=check_every, best_iterate=best_iterate, trace=trace, fx0=fx0,
-               what=method)
+               what="fixed_point")
     h_in = [leaf.detach() for leaf in from_rows(rs.x, lay)]
     if attach:
         h_in = [leaf.requires_grad_() for leaf in h_in]
@@ -1195,6 +1288,7 @@ def _solve_then_step(
     check_finite(out_leaves, method, max(rs.evaluations))
     diff = _diff_norm(out_leaves, h_in).item()
     _fill(info, diff, _norm(out_leaves), rs.trace)
+    rows = row_differences(out_leaves, h_in, lay) if attach else None
     per_sample = batch_dim is not None
     info.forward_steps = rs.evaluations if per_sample else rs.evaluations[0]
     info.forward_residual = rs.residual if per_sample else rs.residual[0]
@@ -1203,7 +1297,8 @@ def _solve_then_step(
     info.best_iterate = rs.best if per_sample else rs.best[0]
     info.solver_fallbacks = rs.fallbacks
     info.row_updates = rs.row_updates
-    return Forward(tree.unflatten(spec, out_leaves), h_in if attach else [], out_leaves, spec)
+    return Forward(tree.unflatten(spec, out_leaves), h_in if attach else [], out_leaves, spec,
+                   rows=rows)
 
 
 def steps_taken(info: Any) -> int:
@@ -1227,7 +1322,7 @@ def unreached_message(info: Any, tol: float, tol_mode: str, steps: int) -> str |
     where = f" for {len(missed)} of {len(flags)} samples" if isinstance(reached, list) else ""
     hint = "try solver='anderson', " if info.solver == "iterate" else ""
     return (
-        f"{info.method}: the forward did not reach tol={tol:g} ({tol_mode}) within steps={steps} "
+        f"fixed_point: the forward did not reach tol={tol:g} ({tol_mode}) within steps={steps} "
         f"evaluations{where} (largest residual ||F(h) - h|| = {worst:.3g}, solver "
         f"{info.solver!r}). Raise steps, {hint}or loosen tol; best_iterate=True returns the "
         "lowest-residual iterate."

@@ -3,6 +3,8 @@ crashed deep inside, checked against an exact reference (BPTT, dense float64 sol
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -94,3 +96,67 @@ def test_broyden_non_finite_iterate_is_a_divergence_error(memory):
     with pytest.raises(rbp.DivergenceError, match="not finite"):
         rbp.fixed_point(lambda h: 3 * torch.sqrt(h) - 4, torch.linspace(0.5, 2, 5, dtype=DT),
                         40, tol=1e-9, solver=rbp.Broyden(memory=memory), check_every=10)
+
+
+# ------------------------------------------------------------------ 4. the settle check per sample
+
+
+def _rates_problem(rates):
+    """``h_i <- a_i h_i + (1 - a_i) c_i``: sample i contracts at rate a_i to ``c_i`` (= 1)."""
+    a = torch.tensor(rates, dtype=DT)[:, None]
+    c = torch.ones(len(rates), 4, dtype=DT).requires_grad_()
+    return c, (lambda h, a, c: a * h + (1 - a) * c), (a, c)
+
+
+@pytest.mark.parametrize("options", [{}, {"batch_dim": 0}, {"batch_dim": 0, "tol": 1e-3},
+                                     {"solver": "anderson", "tol": 1e-9, "steps": 3}])
+def test_one_slow_sample_among_fast_ones_is_reported(options):
+    """One sample at 0.995 among 199 at 0.3, 40 steps: the batch ratio is below settle_tol,
+    the slow sample is 82 % away from its fixed point and its gradient as wrong."""
+    options = dict(options)
+    steps = options.pop("steps", 40)
+    c, f, inputs = _rates_problem([0.3] * 120 + [0.995] + [0.3] * 79)
+    h, info = rbp.fixed_point(f, torch.zeros(200, 4, dtype=DT), steps, settle_tol=1e-3,
+                              on_failure="ignore", return_info=True, inputs=inputs, **options)
+    if "solver" not in options:
+        assert info.relative_final_difference < 1e-3  # the whole-batch ratio says nothing
+        h.sum().backward()
+        assert abs(h[120] - 1).max() > 0.8  # 84 % away from h* = 1
+        assert abs(c.grad[120] - 1).min() > 0.5  # d h*_i / d c_i = 1: the gradient is far off
+    with pytest.warns(rbp.ConvergenceWarning, match=r"1 of 200 .*row 120"):
+        rbp.fixed_point(f, torch.zeros(200, 4, dtype=DT), steps, settle_tol=1e-3,
+                        inputs=inputs, **options)
+
+
+def test_settled_batch_gives_no_warning():
+    _, f, inputs = _rates_problem([0.3] * 10 + [0.9])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rbp.fixed_point(f, torch.zeros(11, 4, dtype=DT), 200, inputs=inputs)
+        rbp.fixed_point(f, torch.zeros(11, 4, dtype=DT), 400, tol=1e-8, batch_dim=0,
+                        inputs=inputs)
+
+
+def test_absolute_tol_met_at_zero_fixed_point_is_no_false_alarm():
+    w = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = rbp.fixed_point(lambda h: w * h, torch.ones(3, 2, dtype=DT), 200, tol=1e-9,
+                            tol_mode="absolute")
+        rbp.fixed_point(lambda h: w * h, torch.ones(3, 2, dtype=DT), 200, tol=1e-9,
+                        tol_mode="absolute", batch_dim=0)
+    h.sum().backward()
+    assert w.grad.abs() < 1e-8  # h* = 0: no dependence on w
+    with pytest.warns(rbp.ConvergenceWarning, match="not settled"):  # the relative one does
+        rbp.fixed_point(lambda h: w * h, torch.ones(3, 2, dtype=DT), 20, tol=1e-9,
+                        tol_mode="absolute", on_failure="warn")
+
+
+def test_forward_messages_do_not_name_an_unchosen_backward_method():
+    _, f = _net()
+    with pytest.warns(rbp.ConvergenceWarning) as caught:
+        rbp.fixed_point(f, torch.zeros(8, dtype=DT), 2, tol=1e-12, settle_tol=None)
+    assert all(str(w.message).startswith("fixed_point: the forward") for w in caught)
+    with pytest.raises(rbp.DivergenceError, match="^fixed_point: the forward state is not"):
+        rbp.fixed_point(lambda h: 3 * torch.sqrt(h) - 4, torch.ones(3, dtype=DT), 40,
+                        tol=1e-9, solver="broyden")
