@@ -711,7 +711,7 @@ class Forward:
     spec: Any
     update: Callable[[State, int], State] | None = None  # F_t(h), as run() applied it
     # per row of the settle check: (||h_T - h_T-1||, ||h_T||), see row_differences
-    rows: tuple[Tensor, Tensor] | None = None
+    rows: tuple[Any, ...] | None = None
 
 
 def _diff_norm(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -877,6 +877,10 @@ def _last_norms(
                 torch.linalg.vector_norm(o.reshape(o.shape[0], -1), dim=1))
     if o.is_cpu:  # two reads cost less than stacking them
         diff_value, norm_value = diff.item(), norm.item()
+    elif rows is not None:  # the worst row ratio in the same read (no extra sync on a GPU)
+        diff_value, norm_value, worst = torch.stack(
+            [diff.double(), norm.double(), _worst(rows).double()]).tolist()
+        rows = (rows[0], rows[1], worst)  # type: ignore[assignment]
     else:
         diff_value, norm_value = torch.stack([diff.double(), norm.double()]).tolist()
     if not math.isfinite(norm_value):
@@ -912,18 +916,23 @@ def row_differences(
     return torch.cat(diffs), torch.cat(norms)
 
 
-def worst_ratio(rows: tuple[Tensor, Tensor] | None, whole: float) -> float:
+def _worst(rows: tuple[Tensor, ...]) -> Tensor:
+    d, n = rows[0], rows[1]
+    return torch.where(d > 0, d / n, 0.0).amax()  # d / 0 = inf: a zero row that moved
+
+
+def worst_ratio(rows: tuple[Tensor, ...] | None, whole: float) -> float:
     """The largest per-row ``||h_T - h_T-1|| / ||h_T||`` (0 for a row that did not move; the
-    whole-state ratio ``whole`` when there are no rows). One host read."""
+    whole-state ratio ``whole`` when there are no rows). One host read, none when the forward
+    read it already (a third entry of ``rows``)."""
     if rows is None:
         return whole
-    d, n = rows
-    ratio = torch.where(d > 0, d / n, 0.0)  # d / 0 = inf: a zero row that moved
-    return max(float(ratio.amax()), whole)
+    worst = rows[2] if len(rows) > 2 else float(_worst(rows))
+    return max(worst, whole)
 
 
 def unsettled_message(
-    rows: tuple[Tensor, Tensor] | None,
+    rows: tuple[Any, ...] | None,
     info: Any,
     settle_tol: float,
     tol: float | None,
@@ -943,7 +952,7 @@ def unsettled_message(
         if not worst > settle_tol:
             return None
     else:
-        d, n = rows
+        d, n = rows[0], rows[1]
         ratio = torch.where(d > 0, d / n, 0.0)
         bad = ~(ratio <= settle_tol)
         if absolute is not None:
