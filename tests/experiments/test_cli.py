@@ -173,3 +173,18 @@ def test_dry_run_into_a_locked_folder_is_not_ready(tmp_path: Path, kv_experiment
         lock.release()
     assert cli.main(["kvtoy", "--dry-run", "--out", str(out)]) == 0
     assert "ready to run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "hint"), [
+    (["kvtoy", "--quik"], "did you mean --quick?"),
+    (["kvtoy", "--methods", "rbp"], "did you mean --method?"),
+    (["kvtoy", "--dry_run"], "did you mean --dry-run?"),
+    (["report", ".", "--otu", "x.html"], "did you mean --out?"),
+    (["sweep", "kvtoy", "--workrs", "2"], "did you mean --workers?"),
+])
+def test_an_unknown_option_gets_the_closest_one(argv: list[str], hint: str, kv_experiment: None,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and hint in err, err
+    assert f"rbp {argv[0]}: error:" in err  # the command's own usage and name

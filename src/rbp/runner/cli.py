@@ -14,6 +14,7 @@ application: the built-in applications are imported only when their command runs
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -97,6 +98,9 @@ def _add_common(p: argparse.ArgumentParser, exp: Experiment) -> None:
     p.add_argument("--data-dir", metavar="DIR",
                    help=f"where the data sets are (setting 'data_dir'; environment variable "
                         f"{DATA_DIR_ENV}; default: the data shipped with rbp)")
+    p.add_argument("--device", metavar="NAME",
+                   help="where the run lives: auto (CUDA when available, else CPU), cpu, "
+                        "cuda, cuda:N or mps (setting 'device')")
     p.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="override one setting (repeatable; VALUE is YAML)")
@@ -187,6 +191,10 @@ def _build_config(exp: Experiment, args: argparse.Namespace) -> Any:
         if "data_dir" not in config_fields(exp.config_cls):
             raise ConfigError(f"experiment '{exp.name}' has no setting 'data_dir' for --data-dir")
         values["data_dir"] = args.data_dir
+    if getattr(args, "device", None) is not None:
+        if "device" not in config_fields(exp.config_cls):
+            raise ConfigError(f"experiment '{exp.name}' has no setting 'device' for --device")
+        values["device"] = args.device
     for dest, key in exp.flag_to_key.items():
         value = getattr(args, dest)
         if value is not None:
@@ -266,6 +274,38 @@ def _run(exp: Experiment, args: argparse.Namespace, argv: list[str]) -> int:
                           command=["rbp", *argv], log=log)
 
 
+def _command_parser(parser: argparse.ArgumentParser,
+                    args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The sub-command's parser (its usage line is the one to show), else ``parser``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(args, "command", None))
+            if sub is not None:
+                return sub
+    return parser
+
+
+def _suggestions(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 extra: Sequence[str]) -> str:
+    """``; did you mean --quick?`` for unrecognized options close to one of the command's."""
+    sub = _command_parser(parser, args)
+    options = [o for a in sub._actions for o in a.option_strings]
+    if sub is not parser:
+        options += [o for a in parser._actions for o in a.option_strings]
+    hints = []
+    for word in extra:
+        if not word.startswith("--"):
+            continue
+        close = difflib.get_close_matches(word.partition("=")[0], options, n=1, cutoff=0.6)
+        if close:
+            hints.append((word.partition("=")[0], close[0]))
+    if not hints:
+        return ""
+    if len(hints) == 1:
+        return f"; did you mean {hints[0][1]}?"
+    return f"; did you mean {', '.join(f'{w} -> {o}' for w, o in hints)}?"
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     for arg in argv:
         if not arg.startswith("-"):
@@ -308,7 +348,8 @@ def _main(argv: list[str]) -> int:
             args.settings = [*args.settings, *kv]
             extra = [a for a in extra if a not in kv]
         if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            _command_parser(parser, args).error(
+                f"unrecognized arguments: {' '.join(extra)}{_suggestions(parser, args, extra)}")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
