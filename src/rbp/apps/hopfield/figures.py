@@ -4,6 +4,11 @@ fig1_loss.png: L1 vs training step (mean over each epoch's images) and vs epoch 
 validation (log axes where the losses span a decade); fig2_retrieval.png: clean, corrupted
 and each method's retrieved digits (binarised at 0.5); fig3_forward_trace.png:
 ``||h_t - h_{t-1}||`` of the last validation pass.
+
+The figures read a run's results as written, or in the compact form of committed results
+(``tools/compact_results.py``): per-epoch training means (``train_loss_by_epoch``) instead
+of per-step losses, digits as strings of ``0``/``1``, retrieved digits already binarised
+(``retrieved_binary``). Both give the same figures.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["epoch_means", "main", "make_figures", "sweep_summary"]
+__all__ = ["epoch_means", "main", "make_figures", "sweep_summary", "train_curve"]
 
 
 def epoch_means(losses: Sequence[float | None], n: int) -> tuple[list[int], list[float]]:
@@ -28,6 +33,29 @@ def epoch_means(losses: Sequence[float | None], n: int) -> tuple[list[int], list
             xs.append(end)
             ys.append(float(np.mean(block)))
     return xs, ys
+
+
+def train_curve(res: dict[str, Any], n: int) -> tuple[list[int], list[float]]:
+    """Fig. 1's training curve of one method: the mean of each epoch's ``n`` per-step losses
+    at the epoch's last step, plus the partial epoch up to a blow-up; read from the compact
+    ``train_loss_by_epoch`` when the per-step ``train_loss`` is not there."""
+    if "train_loss" not in res and "train_loss_by_epoch" in res:
+        curve = res["train_loss_by_epoch"]
+        return [int(x) for x in curve["step"]], [float(y) for y in curve["mean"]]
+    xs, ys = epoch_means(res["train_loss"], n)
+    if res.get("diverged_at") is not None:  # show the partial epoch up to the blow-up
+        tail = [v for v in res["train_loss"][len(xs) * n:] if v is not None]
+        if tail:
+            xs, ys = [*xs, len(res["train_loss"])], [*ys, float(np.mean(tail))]
+    return xs, ys
+
+
+def _digit(row: Sequence[float] | str) -> np.ndarray:
+    """A 28 x 28 digit from a list of pixel values or a compact string of ``0``/``1``."""
+    if isinstance(row, str):
+        return np.frombuffer(row.encode("ascii"), dtype=np.uint8).astype(float).reshape(
+            28, 28) - ord("0")
+    return np.asarray(row, float).reshape(28, 28)
 
 
 def _label(name: str, res: dict[str, Any]) -> str:
@@ -46,12 +74,7 @@ def make_figures(results: dict[str, Any], out_dir: Path) -> list[Path]:
     trace = {}
     for name, res in methods.items():
         label = _label(name, res)
-        xs, ys = epoch_means(res["train_loss"], n)
-        if res.get("diverged_at") is not None:  # show the partial epoch up to the blow-up
-            tail = [v for v in res["train_loss"][len(xs) * n:] if v is not None]
-            if tail:
-                xs, ys = [*xs, len(res["train_loss"])], [*ys, float(np.mean(tail))]
-        train[label] = (xs, ys)
+        train[label] = train_curve(res, n)
         vals = [v if v is not None else math.nan for v in res["val_loss"]]
         val[label] = (list(res["val_epochs"]), vals)
         if res["forward_trace"]:
@@ -72,13 +95,15 @@ def make_figures(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ], ncols=1),
     ]
     images = results["images"]
-    rows = [("clean", [np.asarray(r, float).reshape(28, 28) for r in images["clean"]]),
-            ("corrupted", [np.asarray(r, float).reshape(28, 28) for r in images["corrupted"]])]
+    rows = [("clean", [_digit(r) for r in images["clean"]]),
+            ("corrupted", [_digit(r) for r in images["corrupted"]])]
     for name, res in methods.items():
-        if res.get("retrieved") is None:
+        if res.get("retrieved") is not None:
+            digits = [(_digit(r) > 0.5).astype(float) for r in res["retrieved"]]
+        elif res.get("retrieved_binary") is not None:
+            digits = [_digit(r) for r in res["retrieved_binary"]]
+        else:
             continue
-        digits = [(np.asarray(r, float) > 0.5).astype(float).reshape(28, 28)
-                  for r in res["retrieved"]]
         rows.append((_label(name, res), digits))
     paths.append(image_grid(out_dir / "fig2_retrieval.png", rows,
                             title=f"retrieval from 50%-corrupted digits{suffix}", vmin=0.0,

@@ -3,6 +3,7 @@ training curve) and the learned learning-rate / momentum trajectories."""
 
 from __future__ import annotations
 
+import base64
 import logging
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,15 @@ def _tensor_name(i: int) -> str:
     return f"{'W' if i % 2 == 0 else 'b'}{i // 2 + 1}"
 
 
+def unpack_array(value: Any) -> np.ndarray:
+    """An array stored in ``results.json``: a nested list, or the compact form of committed
+    results (``tools/compact_results.py``), ``{"float16_base64": ..., "shape": [...]}``."""
+    if isinstance(value, dict) and "float16_base64" in value:
+        raw = base64.b64decode(value["float16_base64"])
+        return np.frombuffer(raw, dtype="<f2").astype(np.float64).reshape(value["shape"])
+    return np.asarray(value, dtype=np.float64)
+
+
 def tsne_embed(trajectories: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
     """2-D t-SNE of all (projected) weight snapshots together, split back per trajectory."""
     from sklearn.manifold import TSNE
@@ -123,7 +133,7 @@ def fig4(units: dict[str, Any], path: Path, seed: int) -> tuple[Path | None, dic
     fig, axes = plt.subplots(1, len(recorded), figsize=(5.5 * len(recorded), 4.5),
                              squeeze=False)
     for ax, meta in zip(axes[0], recorded, strict=True):
-        trajs = {u["method"]: np.asarray(u["trajectories"][str(meta)])
+        trajs = {u["method"]: unpack_array(u["trajectories"][str(meta)])
                  for u in units.values() if str(meta) in u.get("trajectories", {})}
         emb = tsne_embed(trajs, seed)
         coords[str(meta)] = {m: e.tolist() for m, e in emb.items()}
