@@ -203,10 +203,52 @@ def test_dry_run_checks_settings(tmp_path: Path, capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert "steps-3: run: rbp sweepdummy --set steps=3" in out
     assert "steps-0: invalid: rbp sweepdummy --set steps=0" in out
-    assert "error: steps must be at least 1" in out
+    assert "(steps-0): steps must be at least 1" in out
     assert not (tmp_path / "s").exists()
+
+
+
+def test_an_unknown_experiment_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # the default sweep directory is runs/sweeps/<experiment>
     assert cli.main(["sweep", "nosuchexp", "--grid", "seed=1"]) == 2
     assert "unknown experiment" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(["sweep", "nosuchexp", "--grid", "seed=1", "--out", "a/b"]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_groups_identical_errors_and_prints_totals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["sweep", "sweepdummy", "--import", MODULE, "--grid", "seed=0,1,2,3",
+            "--grid", "steps=0,-1,5", "--out", str(tmp_path / "s"), "--dry-run"]
+    assert cli.main(argv) == 2
+    out = capsys.readouterr().out
+    assert out.count("steps must be at least 1, got 0") == 1
+    assert out.count("steps must be at least 1, got -1") == 1
+    assert "error 1 (4 points, seed-0__steps-0 ...): steps must be at least 1, got 0" in out
+    assert out.count("[error 1]") == 4 and out.count("[error 2]") == 4
+    assert out.strip().splitlines()[-1].startswith(
+        "12 point(s): 4 run, 8 invalid; 8 with an error (2 distinct)")
+    argv[argv.index("steps=0,-1,5")] = "steps=5"
+    assert cli.main(argv) == 0
+    assert "4 point(s): 4 run; no errors" in capsys.readouterr().out
+
+
+def test_the_method_axis_restricts_every_model_of_a_point() -> None:
+    settings = {"methods", "fp_methods", "injected_methods", "models", "seed"}
+    spec = SweepSpec(experiment="x", grid={"method": ["rbp", "cg"], "seed": [0]})
+    (rbp, cg) = expand_grid(spec, settings)
+    assert rbp.overrides == ["methods=rbp", "seed=0", "fp_methods=rbp",
+                             "injected_methods=rbp"]
+    assert cg.overrides[-2:] == ["fp_methods=cg", "injected_methods=cg"]
+    # a list the spec sets itself, or points that choose their models, are left as given
+    spec.fixed = {"injected_methods": ["neumann"]}
+    assert expand_grid(spec, settings)[0].overrides == [
+        'injected_methods=["neumann"]', "methods=rbp", "seed=0", "fp_methods=rbp"]
+    spec = SweepSpec(experiment="x", points=[{"method": "rbp", "models": ["paper"]}])
+    assert expand_grid(spec, settings)[0].overrides == ["methods=rbp", 'models=["paper"]']
 
 
 def test_dry_run_checks_each_points_data(tmp_path: Path,
@@ -216,7 +258,7 @@ def test_dry_run_checks_each_points_data(tmp_path: Path,
             "--out", str(tmp_path / "s"), "--dry-run"]
     assert cli.main(argv) == 2
     out = capsys.readouterr().out
-    assert "error: data:" in out and str(missing) in out
+    assert "error 1 (dataset-cora): data:" in out and str(missing) in out
     assert not (tmp_path / "s").exists()
 
 
@@ -364,6 +406,30 @@ def test_a_damaged_point_is_reported_then_redone_with_force(tmp_path: Path) -> N
     doc = run_sweep(spec, force=True, show_progress=False)
     assert doc["status"] == "finished"
     assert read_json(out / "seed-0" / "results.json")["status"] == "finished"
+
+
+def test_a_point_with_an_unreadable_results_file_is_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    spec = _spec(out, grid={"seed": [0]}, fixed={"steps": 3, "checkpoint_every": 0})
+    assert run_sweep(spec, show_progress=False)["status"] == "finished"
+    for f in (out / "seed-0" / "checkpoints").glob("*.pt"):
+        f.unlink()  # a finished run whose checkpoints were cleaned up
+    (out / "seed-0" / "results.json").write_text("\x00garbage")
+    (point,) = run_sweep(spec, show_progress=False)["points"]
+    assert point["action"] == "conflict" and "cannot be read" in point["error"]
+    assert (out / "seed-0" / "results.json").read_text() == "\x00garbage"
+    assert run_sweep(spec, force=True, show_progress=False)["status"] == "finished"
+
+
+def test_starting_is_logged_when_a_point_starts(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    spec = _spec(tmp_path / "s", grid={"seed": [0, 1, 2]}, fixed={"steps": 2}, workers=1)
+    with caplog.at_level("INFO", logger="rbp"):
+        assert run_sweep(spec, show_progress=False)["status"] == "finished"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("seed-")]
+    order = [(ln.split(":")[0], ln.split(": ")[1].split()[0]) for ln in lines]
+    assert order == [("seed-0", "starting"), ("seed-0", "finished"), ("seed-1", "starting"),
+                     ("seed-1", "finished"), ("seed-2", "starting"), ("seed-2", "finished")]
 
 
 def test_one_sweep_per_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

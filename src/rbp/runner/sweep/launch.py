@@ -48,7 +48,8 @@ Finished = Callable[[Job, dict[str, Any]], None]
 
 class Launcher(Protocol):
     """Runs jobs; calls ``started(job)`` when one begins and ``finished(job, result)`` (result:
-    ``{"returncode", "wall_time_s"}``) when it ends, from the calling thread."""
+    ``{"returncode", "wall_time_s"}``) when it ends, one callback at a time (possibly from a
+    worker thread)."""
 
     def run(self, jobs: Sequence[Job], started: Started, finished: Finished) -> None: ...
 
@@ -115,10 +116,14 @@ class LocalLauncher:
     def run(self, jobs: Sequence[Job], started: Started, finished: Finished) -> None:
         lock = threading.Lock()
 
-        def job(j: Job) -> tuple[Job, dict[str, Any]]:
+        def job(j: Job) -> None:
+            # both callbacks in the worker, in order: a point's end is reported before the
+            # next point of this worker is reported as starting
             with lock:
                 started(j)
-            return j, execute(j.argv, str(j.log), j.env)
+            result = execute(j.argv, str(j.log), j.env)
+            with lock:
+                finished(j, result)
 
         pool = futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sweep")
         pending = {pool.submit(job, j) for j in jobs}
@@ -127,8 +132,7 @@ class LocalLauncher:
                 done, pending = futures.wait(pending, timeout=0.5,
                                              return_when=futures.FIRST_COMPLETED)
                 for fut in done:
-                    with lock:
-                        finished(*fut.result())
+                    fut.result()  # a callback's exception surfaces here
         except KeyboardInterrupt:
             for fut in pending:
                 fut.cancel()
@@ -147,6 +151,8 @@ class RayLauncher:
 
     address: str | None = None
     cpus_per_run: float = 1.0
+    #: ``started`` is called when a task is submitted (Ray says nothing when one starts)
+    reports_start: bool = False
 
     def run(self, jobs: Sequence[Job], started: Started, finished: Finished) -> None:
         try:

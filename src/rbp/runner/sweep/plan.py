@@ -16,7 +16,7 @@ from rbp.runner.aggregate import read_results
 from rbp.runner.config import build_config, config_to_dict
 from rbp.runner.lifecycle import settings_differences
 from rbp.runner.registry import Experiment
-from rbp.runner.results import CHECKPOINT_DIR, to_jsonable
+from rbp.runner.results import CHECKPOINT_DIR, RESULTS_FILE, to_jsonable
 
 from .spec import Point
 
@@ -65,6 +65,9 @@ def plan_point(run_dir: Path, settings: dict[str, Any] | None, force: bool = Fal
     prev = read_results(run_dir)
     ckpt = run_dir / CHECKPOINT_DIR
     has_ckpt = ckpt.is_dir() and any(ckpt.glob("*.pt"))
+    if prev is None and (run_dir / RESULTS_FILE).is_file() and not has_ckpt:
+        return "conflict", (f"{run_dir / RESULTS_FILE} cannot be read (damaged?), so whether "
+                            "it holds a finished run is unknown; pass --force to redo it")
     finished = prev is not None and prev.get("status") == "finished"
     other = prev.get("experiment") if prev is not None else None
     if (finished or has_ckpt) and experiment is not None and other not in (None, experiment):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import signal
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 
 from rbp.runner.aggregate import SWEEP_FILE, aggregate, read_results
 from rbp.runner.config import ConfigError, build_config, parse_override
-from rbp.runner.lifecycle import RunLock, interrupt_on_sigterm
+from rbp.runner.lifecycle import LOCK_FILE, RunLock, interrupt_on_sigterm
 from rbp.runner.progress import get_logger, progress, setup_logging
 from rbp.runner.registry import (
     IMPORTS_ENV,
@@ -144,16 +145,35 @@ def run_sweep(spec: SweepSpec, force: bool = False, show_progress: bool = True) 
     checkpoints) and is re-raised after ``sweep.json`` is written.
     """
     check_spec(spec)
+    _experiment(spec)  # an unknown experiment: nothing created
     out = spec.out_dir
+    created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the sweep directory {out}: {exc}") from None
     lock = RunLock(out, ["rbp", "sweep", spec.experiment])  # one sweep per directory
+    wrote = False
     try:
-        return _run_locked(spec, out, force, show_progress)
+        doc = _run_locked(spec, out, force, show_progress)
+        wrote = True
+        return doc
+    except KeyboardInterrupt:
+        wrote = True  # sweep.json records it
+        raise
     finally:
         lock.release()
+        if not wrote and not (out / SWEEP_FILE).exists():
+            _remove_empty(out, created)
+
+
+def _remove_empty(out: Path, created: list[Path]) -> None:
+    """Remove the lock file and the folders this sweep created when it wrote nothing."""
+    with contextlib.suppress(OSError):
+        (out / LOCK_FILE).unlink()
+    for folder in created:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
 
 
 def _run_locked(spec: SweepSpec, out: Path, force: bool, show_progress: bool) -> dict[str, Any]:
@@ -194,11 +214,15 @@ def _run_locked(spec: SweepSpec, out: Path, force: bool, show_progress: bool) ->
     with progress(len(records), desc=f"sweep {spec.experiment}", enabled=show_progress,
                   initial=len(records) - len(jobs)) as bar:
 
-        def started(job: Job) -> None:
+        launcher = launcher_for(spec)
+        queued_only = not getattr(launcher, "reports_start", True)
+
+        def started(job: Job) -> None:  # when its process starts (Ray: when submitted)
             rec = records[job.index]
             rec["status"] = "running"
-            log.info("%s: %s", rec["name"], "resuming" if rec["action"] == "resume"
-                     else "starting")
+            verb = "resuming" if rec["action"] == "resume" else "starting"
+            log.info("%s: %s", rec["name"], f"queued ({verb} when Ray runs it)" if queued_only
+                     else verb)
 
         def finished(job: Job, result: dict[str, Any]) -> None:
             rec = records[job.index]
@@ -216,7 +240,7 @@ def _run_locked(spec: SweepSpec, out: Path, force: bool, show_progress: bool) ->
             bar.set_postfix_str(line.partition(", ")[2].rpartition(", ETA")[0])
 
         try:
-            launcher_for(spec).run(jobs, started, finished)
+            launcher.run(jobs, started, finished)
         except KeyboardInterrupt:
             for rec in records:
                 if rec["status"] == "running":
@@ -291,6 +315,36 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     return spec
 
 
+def _dry_run(spec: SweepSpec, force: bool) -> int:
+    """``rbp sweep --dry-run``: each point's action and command; each distinct error once
+    (numbered, with the points it concerns), then the totals. 0 when no point has an error."""
+    errors: dict[str, list[str]] = {}  # error -> the points it concerns
+    actions: dict[str, int] = {}
+    planned = plan(spec, force=force)
+    for point, rec in planned:
+        error = rec["error"] if rec["action"] in ("invalid", "conflict") else None
+        if error is None and rec["action"] != "skip":
+            error = _data_problem(spec, point)
+        actions[rec["action"]] = actions.get(rec["action"], 0) + 1
+        ref = ""
+        if error is not None:
+            errors.setdefault(error, []).append(point.name)
+            ref = f"  [error {list(errors).index(error) + 1}]"
+        print(f"{point.name}: {rec['action']}: rbp {spec.experiment} "
+              f"{shlex.join(point.argv)}{ref}")
+    for i, (error, names) in enumerate(errors.items(), 1):
+        which = names[0] if len(names) == 1 else f"{len(names)} points, {names[0]} ..."
+        print(f"error {i} ({which}): {error}")
+    n_bad = sum(len(names) for names in errors.values())
+    order = ["run", "resume", "skip", "conflict", "invalid"]
+    counts = ", ".join(f"{actions[a]} {a}" for a in sorted(
+        actions, key=lambda a: order.index(a) if a in order else len(order)))
+    print(f"{len(planned)} point(s): {counts or 'none'}; "
+          + (f"{n_bad} with an error ({len(errors)} distinct)" if errors else "no errors")
+          + f"; sweep directory {spec.out_dir}")
+    return 2 if errors else 0
+
+
 def run_command(args: argparse.Namespace) -> int:
     """``rbp sweep``: exit 0 when every point finished, 1 when some did not, 2 on a bad spec,
     130 when interrupted."""
@@ -299,15 +353,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(args)
         if args.dry_run:
-            bad = 0
-            for point, rec in plan(spec, force=args.force):
-                error = rec["error"] if rec["action"] in ("invalid", "conflict") else None
-                if error is None and rec["action"] != "skip":
-                    error = _data_problem(spec, point)
-                print(f"{point.name}: {rec['action']}: rbp {spec.experiment} "
-                      f"{shlex.join(point.argv)}" + (f"\n    error: {error}" if error else ""))
-                bad += error is not None
-            return 2 if bad else 0
+            return _dry_run(spec, args.force)
         with interrupt_on_sigterm():
             doc = run_sweep(spec, force=args.force, show_progress=not args.no_progress)
     except KeyboardInterrupt:

@@ -1,7 +1,11 @@
 """What a sweep runs: the spec (YAML or flags) and its points, as ``key=value`` settings.
 
 A point's values become settings overrides of one ordinary run: ``method: [a, b]`` is the
-setting ``methods=[a, b]``, every other key ``key=VALUE`` (VALUE written back as YAML). A key
+setting ``methods=[a, b]``, every other key ``key=VALUE`` (VALUE written back as YAML). A
+``method`` value restricts every model the point trains: the experiment's other method-list
+settings (those named ``*_methods``, e.g. ``rbp citation``'s ``fp_methods`` and
+``injected_methods``) get the same methods, unless the spec gives them itself or chooses the
+point's ``models`` (then it says what each point trains, as ``configs/sweeps/table1.yaml``). A key
 spelled as a flag, ``--some-flag``, is the setting ``some_flag`` when the experiment has one,
 else a flag passed to the run as it is (``true``: the bare flag; ``false``/``null``: left out).
 """
@@ -214,6 +218,10 @@ def expand_grid(spec: SweepSpec, settings: Collection[str] | None = None) -> lis
         o, f = _translate(key, value, settings)
         base_o, base_f = base_o + o, base_f + f
     base_f += spec.args
+    # a `method` value restricts every model of the point: the experiment's other method
+    # lists (citation's fp_methods, injected_methods) follow it unless the spec sets them or
+    # picks the point's models itself (table1.yaml)
+    method_lists = sorted(k for k in settings or () if k.endswith("_methods"))
     keys = list(spec.grid)
     points: list[Point] = []
     seen: dict[str, int] = {}
@@ -224,6 +232,12 @@ def expand_grid(spec: SweepSpec, settings: Collection[str] | None = None) -> lis
         for key, value in values.items():
             o, f = _translate(key, value, settings)
             overrides, flags = overrides + o, flags + f
+        given = {k.lstrip("-").replace("-", "_") for k in [*spec.fixed, *values]}
+        method = next((v for k, v in [*spec.fixed.items(), *values.items()]
+                       if k.lstrip("-") in ("method", "methods")), None)
+        if method is not None and "models" not in given:
+            listed = ",".join(str(v) for v in _as_list(method))
+            overrides += [f"{k}={listed}" for k in method_lists if k not in given]
         name = point_name(values)
         if name in seen:  # two values that print alike: keep both runs apart
             seen[name] += 1
