@@ -117,7 +117,7 @@ def test_find_runs_and_page(result_dirs: Path, tmp_path: Path) -> None:
     assert f'src="data:image/png;base64,{png}"' in page
     assert page.count("<img ") == 2
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
-    assert "0.4663" in page and "baseline_acc" in page and "12.5" in page
+    assert "0.4663" in page and "baseline acc" in page and "12.5" in page
     assert "Not included (unfinished)" in page and "boom" in page
     assert "0.6 ± 0.14 (n=2)" in page  # the sweep's seeds aggregated
     assert "http://" not in page and "https://" not in page  # self-contained
@@ -257,3 +257,62 @@ def test_report_in_headless_chromium(result_dirs: Path, tmp_path: Path) -> None:
     other = (sizes - {"37x23"}).pop()
     width, height = map(int, other.split("x"))
     assert width > 100 and height > 100  # matplotlib's figure decoded too
+
+
+def test_every_kind_of_committed_result_is_shown(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "results"
+    # a merged table (status "merged"), a benchmark's results without lifecycle keys,
+    # a run with many metrics per method, a run with per-unit results, two unfinished runs
+    write_json(root / "citation" / "results.json",
+               {"experiment": "citation", "status": "merged", "seeds": [0, 1]})
+    (root / "citation" / "table1.md").write_text(TABLE1)
+    write_json(root / "table2" / "results.json", {"steps": 1000, "torch_threads": 1})
+    (root / "table2" / "table2.md").write_text("| variant | K = 10 |\n|---|---|\n"
+                                               "| ours | ×1.99 |\n")
+    metrics = {"final_train_l1_epoch": 0.19, "final_val_l1": 0.23, "final_val_l1_binary": 0.07,
+               "steps_done": 10, "wall_time_s": 3.5, "diverged_at": None,
+               "backward_status": {"max_iter": 10}, "grad_norm_last": 1.5, "l1_s": 2.0}
+    write_json(root / "hop" / "results.json", _results(
+        "hopfield", methods={m: dict(metrics) for m in ("bptt", "rbp", "cg")}))
+    write_json(root / "hyp" / "results.json", _results(
+        "hyperopt", units={"T100_K50_bptt": {"train_steps": 100, "truncate": 50,
+                                             "method": "bptt", "final_meta_loss": 0.2454,
+                                             "meta_loss": [0.5, 0.2454],
+                                             "trajectories": {}}}))
+    write_json(root / "a" / "results.json", _results("citation", status="running"))
+    write_json(root / "b" / "results.json", _results("hopfield", status="interrupted"))
+    out = tmp_path / "r.html"
+    assert cli.main(["report", str(root), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "4 entries, 2 unfinished left out" in captured.out
+    for name, status in (("a", "running"), ("b", "interrupted")):
+        assert f"left out {root / name}: " in captured.err and f"status {status}" in captured.err
+    page = out.read_text()
+    assert "merged" in page and "Neumann-RBP" in page  # Table 1
+    assert "table2" in page and "×1.99" in page  # Table 2
+    # the wide per-method table is transposed, with readable headers
+    assert "<th>bptt</th><th>rbp</th><th>cg</th>" in page.replace("\n", "")
+    for header in ("train L1 (last epoch)", "val L1 raw", "val L1 binarised",
+                   "wall time (s)", "grad norm last", "L1 (s)", "backward statuses"):
+        assert f">{header}<" in page, header
+    assert "max_iter × 10" in page
+    assert "final_val_l1" not in page and "diverged at" not in page  # all-empty column dropped
+    # the per-unit results are a numeric table
+    assert ">final meta loss<" in page and ">0.2454<" in page and ">K (truncation)<" in page
+    assert ">trajectories<" not in page
+
+
+def test_nothing_to_report_writes_no_page(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    empty, out = tmp_path / "empty", tmp_path / "r.html"
+    empty.mkdir()
+    assert cli.main(["report", str(empty), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to report: no results.json or sweep.json under" in err and not out.exists()
+    write_json(empty / "x" / "results.json", _results("alpha", status="failed"))
+    assert cli.main(["report", str(empty), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "only 1 unfinished run(s) (pass --include-unfinished" in err and not out.exists()
+    assert cli.main(["report", str(empty), "--out", str(out), "--include-unfinished"]) == 0
+    assert out.exists()

@@ -32,15 +32,30 @@ from rbp.runner.results import CHECKPOINT_DIR, RESULTS_FILE, read_json
 from rbp.runner.stats import MeanStd
 from rbp.runner.tables import TABLE_SUFFIX, Table, read_table
 
-__all__ = ["Report", "Run", "add_arguments", "build_report", "find_runs", "markdown_to_html",
-           "run_command", "write_report"]
+__all__ = ["UNFINISHED_STATUS", "Report", "Run", "add_arguments", "build_report", "find_runs",
+           "label", "markdown_to_html", "run_command", "write_report"]
 
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                 ".gif": "image/gif", ".svg": "image/svg+xml"}
 _META_KEYS = ("experiment", "status", "error", "wall_time_s", "started_at", "resumed", "quick",
               "command", "rbp_version", "config", "machine")
-_KNOWN_STATUS = ("finished", "failed", "killed", "incomplete", "running", "interrupted",
-                 "pending")
+_KNOWN_STATUS = ("finished", "merged", "failed", "killed", "incomplete", "running",
+                 "interrupted", "pending")
+#: Statuses of runs that have not (or not yet) produced their results: left out of the page
+#: unless ``--include-unfinished``. Every other status is shown: ``finished``, ``merged``
+#: (combined from finished runs) and a results file without a status (a benchmark's).
+UNFINISHED_STATUS = ("running", "interrupted", "failed", "killed", "pending", "incomplete")
+#: Readable column names of keys the applications use; other keys: underscores -> spaces.
+_LABELS = {
+    "final_train_l1_epoch": "train L1 (last epoch)", "final_val_l1": "val L1 raw",
+    "final_val_l1_binary": "val L1 binarised", "untrained_val_l1": "untrained val L1",
+    "untrained_val_l1_binary": "untrained val L1 binarised",
+    "backward_status": "backward statuses", "first_bad_backward": "first bad backward",
+    "wall_time_s": "wall time (s)", "median_meta_step_s": "median meta step (s)",
+    "train_steps": "T (inner steps)", "truncate": "K (truncation)",
+}
+#: A per-method table with more columns than this is shown transposed (metrics as rows).
+_MAX_COLUMNS = 7
 _MAX_FIGURE_BYTES = 20_000_000
 
 
@@ -57,13 +72,18 @@ class Run:
 
     @property
     def experiment(self) -> str:
-        """The ``experiment`` key (``"?"`` when missing)."""
-        return str(self.data.get("experiment", "?"))
+        """The ``experiment`` key (the directory's name when missing)."""
+        return str(self.data.get("experiment") or self.path.name or "?")
 
     @property
     def status(self) -> str:
-        """The run's ``status`` (``"?"`` when missing)."""
-        return str(self.data.get("status", "?"))
+        """The run's ``status`` (``"—"`` when missing: not written by a run's lifecycle)."""
+        return str(self.data.get("status") or "—")
+
+    @property
+    def unfinished(self) -> bool:
+        """True for a run that has not produced its results (see :data:`UNFINISHED_STATUS`)."""
+        return self.kind == "run" and self.status in UNFINISHED_STATUS
 
 
 def _own_files(run_dir: Path) -> Iterable[Path]:
@@ -260,6 +280,33 @@ def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+def label(key: str) -> str:
+    """A readable column name for a results key (``final_val_l1`` -> ``val L1 raw``,
+    ``grad_norm`` -> ``grad norm``, ``time_s`` -> ``time (s)``)."""
+    if key in _LABELS:
+        return _LABELS[key]
+    words = [w for w in str(key).split("_") if w]
+    unit = " (s)" if len(words) > 1 and words[-1] == "s" else ""
+    words = words[:-1] if unit else words
+    words = [w.upper() if re.fullmatch(r"l\d|[a-z]\d+", w) else w for w in words]
+    return " ".join(words) + unit if words else str(key)
+
+
+def _counts(value: Any) -> str | None:
+    """A small mapping of counts (``{"max_iter": 10000}``) as ``max_iter × 10000``; an empty
+    one as ``—``; None for anything else."""
+    if not isinstance(value, Mapping) or len(value) > 6:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        return None
+    return ", ".join(f"{k} × {v}" for k, v in value.items()) or "—"
+
+
+def _cell_value(value: Any) -> Any:
+    counts = _counts(value)
+    return counts if counts is not None else value
+
+
 def _cell(value: Any) -> dict[str, Any]:
     return {"text": _fmt(value),
             "num": isinstance(value, (int, float)) and not isinstance(value, bool)}
@@ -273,17 +320,29 @@ def _data_table(columns: list[str], rows: list[list[Any]], title: str = "",
             "rows": [[_cell(v) for v in row] for row in rows]}
 
 
-def _metrics(methods: Mapping[str, Any], title: str) -> dict[str, Any] | None:
-    """Rows: methods; columns: the scalar entries of their result dicts."""
+def _metrics(methods: Mapping[str, Any], title: str, what: str = "method"
+             ) -> dict[str, Any] | None:
+    """Rows: methods (``what``); columns: the scalar entries of their result dicts (and small
+    mappings of counts), with readable names. A table wider than :data:`_MAX_COLUMNS` with
+    fewer rows than columns is transposed (metrics as rows) so that it fits the page."""
     columns: list[str] = []
     for result in methods.values():
         if isinstance(result, Mapping):
-            columns += [k for k, v in result.items() if _is_scalar(v) and k not in columns]
+            columns += [k for k, v in result.items()
+                        if (_is_scalar(v) or _counts(v) not in (None, "—"))
+                        and k not in columns]
+    entries = [r if isinstance(r, Mapping) else {} for r in methods.values()]
+    columns = [c for c in columns if any(r.get(c) is not None for r in entries)]  # not all —
     if not columns:
         return None
-    rows = [[m, *((r if isinstance(r, Mapping) else {}).get(c) for c in columns)]
-            for m, r in methods.items()]
-    return _data_table(["method", *columns], rows, title)
+    rows = [[m, *(_cell_value(r.get(c)) for c in columns)] for m, r in zip(methods, entries,
+                                                                         strict=True)]
+    if len(columns) + 1 > _MAX_COLUMNS and len(rows) < len(columns):
+        names = [str(m) for m in methods]
+        return _data_table(["", *names],
+                           [[label(c), *(row[i + 1] for row in rows)]
+                            for i, c in enumerate(columns)], title)
+    return _data_table([what, *(label(c) for c in columns)], rows, title)
 
 
 def _shown(path: Path) -> str:
@@ -333,11 +392,12 @@ def _run_section(run: Run, i: int) -> dict[str, Any]:
     if d.get("error"):
         meta.append(("error", _fmt(d["error"])))
     s["meta"] = meta
-    methods = d.get("methods")
-    table = _metrics(methods, "Results per method") if isinstance(methods, Mapping) else None
-    s["tables"] = [table, *s["tables"]] if table else s["tables"]
-    s["extra"] = [(k, _fmt(v)) for k, v in d.items()
-                  if k not in _META_KEYS and k != "methods" and _is_scalar(v)]
+    per = [_metrics(d[key], f"Results per {what}", what)
+           for key, what in (("methods", "method"), ("units", "unit"))
+           if isinstance(d.get(key), Mapping)]
+    s["tables"] = [*(t for t in per if t), *s["tables"]]
+    s["extra"] = [(label(k), _fmt(v)) for k, v in d.items()
+                  if k not in _META_KEYS and k not in ("methods", "units") and _is_scalar(v)]
     s["details"] = [(name, [(k, _fmt(v)) for k, v in d[key].items()])
                     for name, key in (("Settings", "config"), ("Machine", "machine"))
                     if isinstance(d.get(key), Mapping)]
@@ -410,13 +470,13 @@ def write_report(roots: Sequence[Path], out: Path, title: str = "rbp report",
     """
     unreadable: list[tuple[Path, str]] = []
     found = find_runs(roots, unreadable)
-    shown = [r for r in found if r.kind == "sweep" or r.status == "finished"
-             or include_unfinished]
+    shown = [r for r in found if not r.unfinished or include_unfinished]
     left = [r for r in found if r not in shown]
     out = Path(out)
-    page = build_report(shown, title, left, unreadable).encode("utf-8")
-    with atomic_write(out) as f:  # an interrupted write leaves the previous page
-        f.write(page)
+    if shown:  # no page of nothing: the caller says there is nothing to show
+        page = build_report(shown, title, left, unreadable).encode("utf-8")
+        with atomic_write(out) as f:  # an interrupted write leaves the previous page
+            f.write(page)
     return Report(out, shown, left, unreadable)
 
 
@@ -449,7 +509,17 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     for path, why in unreadable:
         print(f"rbp report: skipped {_shown(path)}: cannot read it ({why})", file=sys.stderr)
+    for run in left:
+        print(f"rbp report: left out {_shown(run.path)}: {run.experiment} run, status "
+              f"{run.status} (--include-unfinished shows it)", file=sys.stderr)
+    if not shown:
+        where = ", ".join(map(str, args.dirs))
+        why = (f"only {len(left)} unfinished run(s) (pass --include-unfinished to show them)"
+               if left else "no results.json or sweep.json")
+        print(f"rbp report: nothing to report: {why} under {where}; {out} not written",
+              file=sys.stderr)
+        return 1
     print(f"wrote {out}: {len(shown)} entr{'y' if len(shown) == 1 else 'ies'}"
-          + (f", {len(left)} unfinished left out" if left else "")
+          + (f", {len(left)} unfinished left out (named above)" if left else "")
           + (f", {len(unreadable)} unreadable skipped" if unreadable else ""))
-    return 0 if shown else 1
+    return 0
