@@ -112,3 +112,14 @@ def test_committed_hyperopt_trajectories_unpack():
     shapes = [unpack_array(t).shape for u in data["units"].values()
               for t in u.get("trajectories", {}).values()]
     assert shapes and all(len(s) == 2 and s[0] > 1 for s in shapes)
+
+
+def test_committed_tables_use_the_sample_std():
+    """One convention for every ``± std`` committed: the sample std (ddof 1)."""
+    tables = sorted((ROOT / "results").rglob("*.md"))
+    assert tables
+    for path in tables:
+        text = path.read_text()
+        assert "population std" not in text, path
+        if "± std" in text:
+            assert "sample std" in text, f"{path} does not say which std it shows"
