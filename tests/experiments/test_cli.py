@@ -136,13 +136,16 @@ def test_unknown_command_lists_the_experiments(capsys: pytest.CaptureFixture[str
 def test_log_lines_are_formatted() -> None:
     from rbp.apps.hopfield.experiment import _summary_line
 
-    base = {"final_val_l1": 0.5134511590003967, "steps_done": 40, "diverged_at": None,
-            "divergence": None, "wall_time_s": 12.3456}
+    base = {"final_val_l1": 0.5134511590003967, "final_val_l1_binary": 0.0774,
+            "untrained_val_l1": 0.2177, "untrained_val_l1_binary": 0.1946, "steps_done": 40,
+            "diverged_at": None, "divergence": None, "wall_time_s": 12.3456}
     line = _summary_line("rbp", base)
-    assert line == "rbp: validation L1 0.5135 after 40 steps (12.3 s)"
-    blown = _summary_line("rbp", {**base, "final_val_l1": None, "diverged_at": 7,
-                                  "divergence": "non-finite gradient"})
+    assert line == ("rbp: validation L1 0.2177 untrained -> 0.5135, retrieval error "
+                    "(binarised) 0.1946 untrained -> 0.0774 after 40 steps (12.3 s)")
+    blown = _summary_line("rbp", {**base, "final_val_l1": None, "final_val_l1_binary": None,
+                                  "diverged_at": 7, "divergence": "non-finite gradient"})
     assert "None" not in blown and "blew up at step 7 (non-finite gradient)" in blown
+    assert "0.2177 untrained -> no finite value" in blown
 
 
 def test_dry_run_checks_each_datasets_own_data_dir(tmp_path: Path,

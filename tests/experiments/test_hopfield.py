@@ -123,13 +123,23 @@ def _run(out: Path, *extra: str) -> int:
     return cli.main(["hopfield", "--out", str(out), "--no-progress", *extra])
 
 
-def test_quick_run_shows_the_paper_in_small(tmp_path: Path) -> None:
+def test_quick_run_shows_the_paper_in_small(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     """``rbp hopfield --quick`` offline (embedded digits): BPTT and Neumann-RBP learn to
     retrieve (binarised validation L1 below its untrained value, training loss falls), and
     original RBP's curves are the worst (Fig. 1 of the paper, in small)."""
     out = tmp_path / "q"
     assert _run(out, "--quick") == 0
     res = read_json(out / "results.json")
+    # each method's line says the untrained and the final values, raw and binarised
+    err = capsys.readouterr().err
+    for name, r in res["methods"].items():
+        assert r["untrained_val_l1"] == r["val_loss"][0]
+        assert r["untrained_val_l1_binary"] == r["val_loss_binary"][0]
+        assert (f"{name}: validation L1 {r['untrained_val_l1']:.4f} untrained -> "
+                f"{r['final_val_l1']:.4f}, retrieval error (binarised) "
+                f"{r['untrained_val_l1_binary']:.4f} untrained -> "
+                f"{r['final_val_l1_binary']:.4f}") in err, err
     assert res["status"] == "finished" and res["truncate"] == 10
     for name in ("fig1_loss.png", "fig2_retrieval.png", "fig3_forward_trace.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")

@@ -137,10 +137,14 @@ def _cli(out: Path, *extra: str) -> int:
     return cli.main(["hyperopt", "--out", str(out), "--no-progress", "--quick", *extra])
 
 
-def test_quick_run_end_to_end(tmp_path: Path) -> None:
+def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "quick"
     assert _cli(out, "--method", "tbptt,neumann") == 0
     doc = json.loads((out / "results.json").read_text())
+    err = capsys.readouterr().err  # each unit's meta loss, first and last
+    for tag, unit in doc["units"].items():
+        assert (f"{tag}: meta loss {unit['meta_loss'][0]:.5f} at the first meta step -> "
+                f"{unit['final_meta_loss']:.5f} at the last of 3") in err, err
     assert doc["status"] == "finished" and doc["quick"] is True
     units = doc["units"]
     assert sorted(units) == ["T30_K10_neumann", "T30_K10_tbptt"]

@@ -545,4 +545,8 @@ def run(cfg: CitationConfig, ctx: RunContext) -> dict[str, Any]:
                     ctx.write_results(results)
     results["figures"] = [str(p.name) for p in write_figures(ctx.out_dir, results)]
     results["table1"] = str(write_table1(Path(ctx.out_dir) / "table1.md", results).name)
+    from .summary import accuracy_lines  # each method's accuracy before and after training
+
+    for line in accuracy_lines(results):
+        ctx.log.info("%s", line)
     return results

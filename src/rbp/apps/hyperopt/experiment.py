@@ -315,9 +315,10 @@ def _run_unit(
 
     result = _summarise(hist, steps, truncate, method)
     if result["median_meta_step_s"] is not None:
-        ctx.log.info("%s: %d meta steps, final meta loss %.5f, median %.2f s per meta step",
-                     tag, result["meta_steps_done"], result["final_meta_loss"],
-                     result["median_meta_step_s"])
+        first = result["meta_loss"][0] if result["meta_loss"] else float("nan")
+        ctx.log.info("%s: meta loss %.5f at the first meta step -> %.5f at the last of %d, median "
+                     "%.2f s per meta step", tag, first, result["final_meta_loss"],
+                     result["meta_steps_done"], result["median_meta_step_s"])
     ctx.finish(tag, result)
     return result
 
