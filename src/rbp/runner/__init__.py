@@ -26,6 +26,8 @@ _WHERE = {
     "default_config_path": "config",
     "load_config": "config",
     "build_config": "config",
+    "describe_device": "device",
+    "resolve_device": "device",
     "CheckpointError": "checkpoint",
     "load_checkpoint": "checkpoint",
     "rng_state": "checkpoint",

@@ -71,8 +71,9 @@ LOCK_FILE = ".lock"
 #: Key of a checkpoint's state holding the settings of the run that wrote it (JSON text).
 SETTINGS_KEY = "_rbp_settings"
 
-#: Settings that control the run but not its numbers: they may differ on ``--resume``.
-CONTROL_KEYS = frozenset({"checkpoint_every", "interrupt_after"})
+#: Settings that control the run but not its numbers: they may differ on ``--resume`` (a
+#: checkpoint loads on another device, and seeds may be regrouped into other batches).
+CONTROL_KEYS = frozenset({"checkpoint_every", "interrupt_after", "device", "seed_batch"})
 
 #: Keys the runner adds to ``results.json``; an app's results must not use them.
 RESERVED_RESULT_KEYS = frozenset(

@@ -135,13 +135,15 @@ def gcn_baseline(
     features: torch.Tensor, labels: torch.Tensor, edge_index: torch.Tensor,
     num_classes: int, train: torch.Tensor, val: torch.Tensor, test: torch.Tensor,
     seed: int, settings: GCNSettings | None = None, backend: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Train a two-layer GCN full-batch; test accuracy at the best-validation epoch.
 
     ``backend``: ``"pyg"`` (PyTorch Geometric), ``"torch"`` (plain torch) or ``"auto"`` (PyG
     when installed and ``features`` are dense, else plain torch). ``features`` may be sparse
     (COO / CSR; PyG gets them densified). Returns ``{"val_acc", "test_acc", "best_epoch",
-    "backend"}`` (``best_epoch`` counts training steps).
+    "backend"}`` (``best_epoch`` counts training steps). Trains on ``device`` (weights drawn
+    on the CPU, so they do not depend on it).
     """
     s = settings or GCNSettings()
     if backend not in GCN_BACKENDS:
@@ -159,7 +161,10 @@ def gcn_baseline(
         model = _GCN(features.shape[1], s.hidden, num_classes, s.dropout)
     else:
         adj = normalised_adjacency(edge_index, features.shape[0])
-        model = _TorchGCN(features.shape[1], s.hidden, num_classes, s.dropout, adj)
+        model = _TorchGCN(features.shape[1], s.hidden, num_classes, s.dropout, adj.to(device))
+    model = model.to(device)
+    features, labels, edge_index = features.to(device), labels.to(device), edge_index.to(device)
+    train, val, test = train.to(device), val.to(device), test.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     best = (-1.0, 0.0, 0)
     for epoch in range(1, s.epochs + 1):

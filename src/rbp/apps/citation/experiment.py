@@ -36,11 +36,11 @@ from rbp.runner import (
     set_rng_state,
 )
 from rbp.runner.config import DATA_DIR_ENV
+from rbp.runner.device import describe_device, resolve_device
 
 from .baselines import BASELINES, GCN_BACKENDS, GCNSettings, gcn_baseline, logreg_baseline
 from .figures import write_figures
 from .model import (
-    GGNN,
     IGNN,
     PPRGNN,
     InjectedGNN,
@@ -50,6 +50,7 @@ from .model import (
     sum_adjacency,
     truncation_for,
 )
+from .seeds import SeedBatchedGGNN, SeededUniformRBP
 from .tables import summarise, write_table1
 
 __all__ = ["FIXED_POINT_MODELS", "MODELS", "CitationConfig", "check_data", "run", "summarise"]
@@ -125,6 +126,10 @@ class CitationConfig:
     checkpoint_every: int = 100           # epochs
     interrupt_after: int | None = None    # testing hook: Ctrl-C after this many epochs
     threads: int = 1
+    device: str = "auto"                  # auto (CUDA when available, else CPU), cpu, cuda:N
+    # paper model: seeds trained together as one batched model; None: all of a run's seeds on
+    # a GPU, one at a time on the CPU (where a batch leaves the caches and runs slower)
+    seed_batch: int | None = None
 
     def seed_list(self, dataset: str | None = None) -> list[int]:
         """The seeds to run (on ``dataset``, when ``dataset_seeds`` names it)."""
@@ -260,6 +265,9 @@ class CitationConfig:
                               f"got {self.gcn_backend!r}")
         if self.on_failure not in ("raise", "warn", "ignore"):
             raise ConfigError("on_failure must be 'raise', 'warn' or 'ignore'")
+        if self.seed_batch is not None and self.seed_batch < 1:
+            raise ConfigError(f"setting 'seed_batch' must be >= 1 or null, got {self.seed_batch}")
+        resolve_device(self.device)
 
 
 @dataclass
@@ -272,6 +280,9 @@ class _Graph:
     adj_norm: torch.Tensor | None = None
     h0: torch.Tensor | None = None
     x_fp: torch.Tensor | None = None      # features as the fixed-point models see them
+    features: torch.Tensor | None = None  # on the run's device (injected model)
+    labels: torch.Tensor | None = None    # on the run's device
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> float:
@@ -317,36 +328,31 @@ def _unit_settings(cfg: CitationConfig, model: str) -> dict[str, Any]:
 
 
 def _build(cfg: CitationConfig, g: _Graph, model: str) -> tuple[torch.nn.Module, Any]:
+    """One seed's model (weights drawn on the CPU) on the run's device, and its optimiser."""
     d = g.data
-    if model == "paper":
-        net: torch.nn.Module = GGNN(cfg.hidden[g.name], d.num_classes)
-        opt: Any = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
-    elif model in FIXED_POINT_MODELS:
+    net: torch.nn.Module
+    if model in FIXED_POINT_MODELS:
         if model == "ppr":
             net = PPRGNN(d.num_features, cfg.fp_hidden, d.num_classes, cfg.fp_alpha,
                          cfg.fp_dropout)
         else:
             net = IGNN(d.num_features, cfg.fp_hidden, d.num_classes, cfg.fp_kappa,
                        cfg.fp_dropout)
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.fp_lr, weight_decay=cfg.fp_weight_decay)
     else:
         net = InjectedGNN(d.num_features, cfg.injected_hidden, d.num_classes,
                           cfg.injected_dropout)
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.injected_lr,
-                               weight_decay=cfg.injected_weight_decay)
-    return net, opt
+    net = net.to(g.device)
+    lr, decay = ((cfg.fp_lr, cfg.fp_weight_decay) if model in FIXED_POINT_MODELS
+                 else (cfg.injected_lr, cfg.injected_weight_decay))
+    return net, torch.optim.Adam(net.parameters(), lr=lr, weight_decay=decay)
 
 
 def _forward(net: torch.nn.Module, g: _Graph, model: str, method: str, s: dict[str, Any],
              trace: bool, on_failure: str) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
-    if model == "paper":
-        return net(g.adj_sum, g.h0, s["steps"], method, s["truncate"], trace=trace,
-                   on_failure=on_failure)
     if model in FIXED_POINT_MODELS:
         return net(g.adj_norm, g.x_fp, s["steps"], method, s["truncate"], trace=trace,
                    on_failure=on_failure, backward_tol=s["backward_tol"])
-    return net(g.adj_norm, g.data.features, s["steps"], method, s["truncate"], trace=trace,
+    return net(g.adj_norm, g.features, s["steps"], method, s["truncate"], trace=trace,
                on_failure=on_failure)
 
 
@@ -371,7 +377,7 @@ def _train_unit(
     state = ctx.load(tag)
     s = _unit_settings(cfg, model)
     d = g.data
-    train, val, test = split_labelled(d.labelled, seed)
+    train, val, test = (i.to(g.device) for i in split_labelled(d.labelled, seed))
     seed_everything(seed)
     net, opt = _build(cfg, g, model)
     hist: dict[str, Any] = {"train_loss": [], "eval_epochs": [], "val_acc": [], "test_acc": [],
@@ -390,8 +396,8 @@ def _train_unit(
         with torch.no_grad():
             logits, info = _forward(net, g, model, method, s, ep in trace_at, cfg.on_failure)
         hist["eval_epochs"].append(ep)
-        hist["val_acc"].append(_accuracy(logits, d.labels, val))
-        hist["test_acc"].append(_accuracy(logits, d.labels, test))
+        hist["val_acc"].append(_accuracy(logits, g.labels, val))
+        hist["test_acc"].append(_accuracy(logits, g.labels, test))
         hist.setdefault("rel_diff", []).append(info.relative_final_difference)
         if ep in trace_at:
             hist["traces"].append({"epoch": ep, "diff_norm": list(info.forward_trace)})
@@ -411,7 +417,7 @@ def _train_unit(
                 hist["saved_mb"] = saved.megabytes
             else:
                 logits, info = _forward(net, g, model, method, s, False, cfg.on_failure)
-            loss = F.cross_entropy(logits[train], d.labels[train])
+            loss = F.cross_entropy(logits[train], g.labels[train])
             loss.backward()
             opt.step()
             hist["train_time_s"] += time.perf_counter() - t0
@@ -431,16 +437,28 @@ def _train_unit(
                 ctx.save(tag, {"epoch": epoch, "model": net.state_dict(),
                                "optim": opt.state_dict(), "history": hist, "rng": rng_state()})
             ctx.tick()
+    result = _unit_result(hist, seed, method, model, g.name, (train, val, test), s)
+    ctx.finish(tag, result)
+    return result
+
+
+def _unit_result(hist: dict[str, Any], seed: int, method: str, model: str, dataset: str,
+                 split: tuple[torch.Tensor, ...], s: dict[str, Any],
+                 seed_batch: int = 1) -> dict[str, Any]:
+    """The result record of one seed: test accuracy at the first best validation epoch, its
+    curves and costs (time per epoch amortised over the ``seed_batch`` seeds trained together).
+    """
+    train, val, test = split
     val_acc = np.asarray(hist["val_acc"])
     best = int(np.argmax(val_acc))       # first best epoch
     rel = hist.get("rel_diff") or []
-    result = {
-        "seed": seed, "method": method, "model": model, "dataset": g.name,
+    return {
+        "seed": seed, "method": method, "model": model, "dataset": dataset,
         "test_acc": hist["test_acc"][best], "best_val_acc": float(val_acc[best]),
         "best_epoch": hist["eval_epochs"][best], "n_train": int(train.numel()),
         "n_val": int(val.numel()), "n_test": int(test.numel()),
         "sec_per_epoch": hist["train_time_s"] / max(1, len(hist["train_loss"])),
-        "train_time_s": hist["train_time_s"], "curves": {
+        "train_time_s": hist["train_time_s"], "seed_batch": seed_batch, "curves": {
             "train_loss": hist["train_loss"], "eval_epochs": hist["eval_epochs"],
             "val_acc": hist["val_acc"], "test_acc": hist["test_acc"]},
         "traces": hist["traces"], "backward_status": hist["backward_status"],
@@ -449,8 +467,130 @@ def _train_unit(
         "final_rel_diff": hist.get("train_rel_diff"),
         "best_rel_diff": rel[best] if best < len(rel) else None,
     }
-    ctx.finish(tag, result)
-    return result
+
+
+def _seed_groups(seeds: list[int], size: int) -> list[list[int]]:
+    return [seeds[i:i + size] for i in range(0, len(seeds), size)]
+
+
+def _paper_method(method: str, truncate: int, generators: list[torch.Generator],
+                  shape: tuple[int, ...]) -> Any:
+    """The backward of the batched GG-NN: the method's name, or for original RBP the paper's
+    uniform start drawn per seed (:class:`SeededUniformRBP`)."""
+    if method == "rbp":
+        return rbp.Implicit(SeededUniformRBP(truncate, generators, shape))
+    return method
+
+
+def _train_paper_group(
+    cfg: CitationConfig, ctx: RunContext, g: _Graph, method: str, seeds: list[int],
+) -> list[dict[str, Any]]:
+    """Train the paper's GG-NN for ``seeds`` as one batched model; one result per seed.
+
+    Each seed keeps its own weights (built as a lone run of that seed builds them), training
+    split, and random draws, so the results equal those of the seeds run one by one. Seeds
+    finished earlier (in this run or a resumed one) are not trained again.
+    """
+    tags = {s: f"{g.name}_paper_{method}_s{s}" for s in seeds}
+    done = {s: ctx.finished(tags[s]) for s in seeds}
+    todo = [s for s in seeds if done[s] is None]
+    if not todo:
+        return [done[s] for s in seeds]
+    tag = f"{g.name}_paper_{method}_seeds{'-'.join(map(str, todo))}"
+    s_cfg = _unit_settings(cfg, "paper")
+    d, dev = g.data, g.device
+    splits = [tuple(i.to(dev) for i in split_labelled(d.labelled, s)) for s in todo]
+    labels = d.labels.to(dev)
+    net = SeedBatchedGGNN.from_seeds(cfg.hidden[g.name], d.num_classes, todo).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    gens = [torch.Generator().manual_seed(s) for s in todo]
+    shape = (len(todo), *g.h0.shape)
+    how = _paper_method(method, s_cfg["truncate"], gens, shape)
+    hists = [{"train_loss": [], "eval_epochs": [], "val_acc": [], "test_acc": [], "traces": [],
+              "rel_diff": [], "backward_status": {}, "train_time_s": 0.0} for _ in todo]
+    epoch = 0
+    state = ctx.load(tag)
+    if state:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        hists, epoch = state["history"], state["epoch"]
+        for gen, st in zip(gens, state["generators"], strict=True):
+            gen.set_state(st)
+    trace_at = _trace_epochs(s_cfg["epochs"], s_cfg["val_every"], cfg.trace_points)
+
+    def forward(trace: bool) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
+        return net(g.adj_sum, g.h0, s_cfg["steps"], how, s_cfg["truncate"], trace=trace,
+                   on_failure=cfg.on_failure)
+
+    def evaluate(ep: int) -> None:
+        net.eval()
+        with torch.no_grad():
+            logits, info = forward(ep in trace_at)
+        diffs = _per_seed_rel_diff(info, len(todo))
+        for i, (hist, (_, val, test)) in enumerate(zip(hists, splits, strict=True)):
+            hist["eval_epochs"].append(ep)
+            hist["val_acc"].append(_accuracy(logits[i], labels, val))
+            hist["test_acc"].append(_accuracy(logits[i], labels, test))
+            hist["rel_diff"].append(diffs[i])
+            if ep in trace_at:
+                hist["traces"].append({"epoch": ep, "diff_norm": list(info.forward_trace)})
+        net.train()
+
+    if epoch == 0 and not hists[0]["eval_epochs"]:
+        evaluate(0)
+    net.train()
+    with progress(s_cfg["epochs"], desc=tag, enabled=ctx.progress, initial=epoch) as bar:
+        while epoch < s_cfg["epochs"]:
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            if "saved_mb" not in hists[0]:   # graph memory of one training forward
+                saved = _SavedBytes()
+                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                    logits, info = forward(False)
+                for hist in hists:
+                    hist["saved_mb"] = saved.megabytes / len(todo)
+            else:
+                logits, info = forward(False)
+            losses = torch.stack([F.cross_entropy(logits[i, train], labels[train])
+                                  for i, (train, _, _) in enumerate(splits)])
+            losses.sum().backward()          # seeds share nothing: each gets its own gradient
+            opt.step()
+            share = (time.perf_counter() - t0) / len(todo)
+            loss_v = losses.detach().cpu().tolist()
+            diffs = _per_seed_rel_diff(info, len(todo))
+            for i, hist in enumerate(hists):
+                hist["train_time_s"] += share
+                for b in info.backward:
+                    hist["backward_status"][b.status] = hist["backward_status"].get(b.status, 0) + 1
+                if not np.isfinite(loss_v[i]):
+                    raise rbp.DivergenceError(f"{tags[todo[i]]}: non-finite training loss at "
+                                              f"epoch {epoch}")
+                hist["train_loss"].append(loss_v[i])
+                hist["train_rel_diff"] = diffs[i]
+            epoch += 1
+            if epoch % s_cfg["val_every"] == 0 or epoch == s_cfg["epochs"]:
+                evaluate(epoch)
+            bar.update()
+            bar.set_postfix(loss=f"{np.mean(loss_v):.3f}",
+                            val=f"{np.mean([h['val_acc'][-1] for h in hists]):.3f}")
+            if ctx.should_checkpoint(epoch) and epoch < s_cfg["epochs"]:
+                ctx.save(tag, {"epoch": epoch, "model": net.state_dict(),
+                               "optim": opt.state_dict(), "history": hists,
+                               "generators": [gen.get_state() for gen in gens]})
+            ctx.tick()
+    for i, s in enumerate(todo):
+        done[s] = _unit_result(hists[i], s, method, "paper", g.name, splits[i], s_cfg,
+                               seed_batch=len(todo))
+        ctx.finish(tags[s], done[s])
+    return [done[s] for s in seeds]
+
+
+def _per_seed_rel_diff(info: rbp.FixedPointInfo, seeds: int) -> list[float]:
+    """``||h_T - h_T-1|| / ||h_T||`` as the seeds see it: the batch's worst seed where the
+    solve measured it per seed, else the ratio over all seeds' states together."""
+    worst = info.worst_relative_difference
+    return [worst if worst == worst else info.relative_final_difference] * seeds
 
 
 def _baseline_unit(cfg: CitationConfig, ctx: RunContext, g: _Graph, name: str,
@@ -471,7 +611,8 @@ def _baseline_unit(cfg: CitationConfig, ctx: RunContext, g: _Graph, name: str,
         res = gcn_baseline(x, d.labels, d.edge_index, d.num_classes, train, val, test, seed,
                            GCNSettings(hidden=cfg.gcn_hidden, dropout=cfg.gcn_dropout,
                                        lr=cfg.gcn_lr, weight_decay=cfg.gcn_weight_decay,
-                                       epochs=cfg.gcn_epochs), backend=cfg.gcn_backend)
+                                       epochs=cfg.gcn_epochs), backend=cfg.gcn_backend,
+                           device=g.device)
     res.update({"seed": seed, "wall_s": time.perf_counter() - t0})
     ctx.finish(tag, res)
     return res
@@ -488,34 +629,47 @@ def check_data(cfg: CitationConfig) -> list[str]:
     return lines
 
 
-def _prepare(cfg: CitationConfig, name: str, ctx: RunContext) -> _Graph:
+def _prepare(cfg: CitationConfig, name: str, ctx: RunContext, device: torch.device) -> _Graph:
     key = name.lower()
     data = load_planetoid(key, cfg.data_dir)
-    g = _Graph(name=key, data=data)
+    g = _Graph(name=key, data=data, device=device)
     if "paper" in cfg.models:
-        g.adj_sum = sum_adjacency(data.edge_index, data.num_nodes)
+        g.adj_sum = sum_adjacency(data.edge_index, data.num_nodes).to(device)
         t0 = time.perf_counter()
-        g.h0 = pca_features(data.features, cfg.hidden[key])
+        g.h0 = pca_features(data.features, cfg.hidden[key]).to(device)
         ctx.log.info("%s: PCA to %d dims in %.1f s", key, cfg.hidden[key],
                      time.perf_counter() - t0)
     if {"injected", *FIXED_POINT_MODELS} & set(cfg.models):
-        g.adj_norm = normalised_adjacency(data.edge_index, data.num_nodes)
+        g.adj_norm = normalised_adjacency(data.edge_index, data.num_nodes).to(device)
+        g.features = data.features.to(device)
+        g.labels = data.labels.to(device)
     if set(FIXED_POINT_MODELS) & set(cfg.models):
         x = row_normalise(data.features) if cfg.fp_row_normalise else data.features
-        g.x_fp = x.to_sparse()   # bag-of-words: 1-10 % non-zero, a sparse product is faster
+        # bag-of-words: 1-10 % non-zero, a sparse product is faster
+        g.x_fp = x.to_sparse().to(device)
     return g
+
+
+def _seed_batch(cfg: CitationConfig, seeds: list[int], device: torch.device) -> int:
+    """Seeds per batched GG-NN: the setting, else all of them on a GPU and one on the CPU
+    (measured: ``benchmarks/citation_seeds.py``)."""
+    if cfg.seed_batch is not None:
+        return cfg.seed_batch
+    return len(seeds) if device.type != "cpu" else 1
 
 
 def run(cfg: CitationConfig, ctx: RunContext) -> dict[str, Any]:
     """Run every (dataset, model, method, seed) unit and the baselines; write figures/table."""
     torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     results: dict[str, Any] = {"datasets": {}, "seeds": cfg.seed_list(),
-                               "curves_note": "curves and traces are stored per seed"}
+                               "curves_note": "curves and traces are stored per seed",
+                               **describe_device(device)}
     ds_results = results["datasets"]
     base = cfg
     for name in base.dataset:
         cfg = base.for_dataset(name.lower())
-        g = _prepare(cfg, name, ctx)
+        g = _prepare(cfg, name, ctx, device)
         d = g.data
         seeds = cfg.seed_list(g.name)
         entry: dict[str, Any] = {
@@ -538,6 +692,13 @@ def run(cfg: CitationConfig, ctx: RunContext) -> dict[str, Any]:
                 methods = cfg.injected_methods or cfg.methods
             per: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
             entry["models"][model] = {}
+            if model == "paper":
+                for group in _seed_groups(seeds, _seed_batch(cfg, seeds, device)):
+                    for method in methods:
+                        per[method] += _train_paper_group(cfg, ctx, g, method, group)
+                        entry["models"][model][method] = summarise(per[method])
+                        ctx.write_results(results)
+                continue
             for seed in seeds:
                 for method in methods:
                     per[method].append(_train_unit(cfg, ctx, g, model, method, seed))

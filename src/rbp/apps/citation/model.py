@@ -138,7 +138,7 @@ class InjectedGNN(nn.Module):
     ) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
         """Logits ``(N, C)`` from the state after ``steps`` steps (``h_0 = 0``), and the info."""
         u = torch.relu(self.proj(self.drop(x)))
-        h0 = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype)
+        h0 = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype, device=x.device)
         h, info = rbp.fixed_point(
             lambda s: self.step(adj, u, s), h0, steps, method=method, truncate=truncate,
             trace=trace, on_failure=on_failure, return_info=True, **_paper_rbp_start(method),
@@ -226,9 +226,9 @@ class _CSRPattern:
             csr = x if x.layout == torch.sparse_csr else x.coalesce().to_sparse_csr()
         n, f = csr.shape
         crow, col = csr.crow_indices(), csr.col_indices()
-        row = torch.repeat_interleave(torch.arange(n), crow.diff())
+        row = torch.repeat_interleave(torch.arange(n, device=crow.device), crow.diff())
         perm = torch.argsort(col * n + row)    # X^T in row-major order: by column, then row
-        crow_t = torch.zeros(f + 1, dtype=crow.dtype)
+        crow_t = torch.zeros(f + 1, dtype=crow.dtype, device=crow.device)
         crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=f), 0)
         return _CSRPattern(crow, col, csr.values(), crow_t, row[perm], perm, (n, f))
 
@@ -400,7 +400,7 @@ class IGNN(nn.Module):
         """Logits ``(N, C)`` from ``Z_T`` (``Z_0 = 0``), and the fixed-point info."""
         u = self.inp(x)
         w = self.weight()
-        z0 = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype)
+        z0 = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype, device=x.device)
         z, info = rbp.fixed_point(
             lambda z: self.step(adj, w, u, z), z0, steps, method=method, truncate=truncate,
             trace=trace, on_failure=on_failure, return_info=True, **_backward_tol(backward_tol),

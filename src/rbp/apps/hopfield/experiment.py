@@ -28,6 +28,7 @@ from rbp.runner import (
     set_rng_state,
 )
 from rbp.runner.config import DATA_DIR_ENV
+from rbp.runner.device import describe_device, resolve_device
 
 from .model import Hopfield, binarize, corrupt
 
@@ -62,6 +63,7 @@ class HopfieldConfig:
     checkpoint_every: int = 500          # training steps
     interrupt_after: int | None = None   # testing: Ctrl-C after this many training steps
     threads: int = 1
+    device: str = "auto"                 # auto (CUDA when available, else CPU), cpu, cuda:N
 
     def validate(self) -> None:
         """Reject impossible settings."""
@@ -76,6 +78,7 @@ class HopfieldConfig:
             raise ConfigError(f"corrupt_fraction must be in [0, 1], got {self.corrupt_fraction}")
         if self.n_hidden < 0 or self.lr <= 0 or self.init_std < 0:
             raise ConfigError("need n_hidden >= 0, lr > 0 and init_std >= 0")
+        resolve_device(self.device)
 
 
 def load_digits(data_dir: str | None, num_digits: int = 10) -> tuple[torch.Tensor, list[int]]:
@@ -120,7 +123,7 @@ def train_method(
     n = clean.shape[0]
     total = cfg.epochs * n
     model = Hopfield(784, cfg.n_hidden, 784, a=cfg.a, b=cfg.b, init_std=cfg.init_std,
-                     generator=torch.Generator().manual_seed(cfg.seed))
+                     generator=torch.Generator().manual_seed(cfg.seed)).to(clean.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     hist: dict[str, Any] = {
         "train_loss": [], "val_loss": [], "val_loss_binary": [], "val_epochs": [],
@@ -263,9 +266,11 @@ def run(cfg: HopfieldConfig, ctx: RunContext) -> dict[str, Any]:
     from .figures import make_figures
 
     torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     clean, idx = load_digits(cfg.data_dir, cfg.num_digits)
     seed = cfg.seed if cfg.corrupt_seed is None else cfg.corrupt_seed
-    corrupted = corrupt(clean, cfg.corrupt_fraction, seed)
+    corrupted = corrupt(clean, cfg.corrupt_fraction, seed).to(device)   # drawn on the CPU
+    clean = clean.to(device)
     common: dict[str, Any] = {
         "truncate": cfg.truncate,
         "steps_per_epoch": clean.shape[0],
@@ -274,6 +279,7 @@ def run(cfg: HopfieldConfig, ctx: RunContext) -> dict[str, Any]:
                  "indices": idx},
         "images": {"clean": clean.to(torch.int64).tolist(),
                    "corrupted": corrupted.to(torch.int64).tolist()},
+        **describe_device(device),
     }
     results: dict[str, Any] = {}
     for i, method in enumerate(cfg.methods):

@@ -23,6 +23,7 @@ from rbp.apps.hyperopt import model
 from rbp.data import DataError, describe_mnist_source, load_mnist
 from rbp.runner import ConfigError, RunContext, progress, rng_state, set_rng_state
 from rbp.runner.config import DATA_DIR_ENV
+from rbp.runner.device import describe_device, resolve_device
 
 #: (training steps, truncation) of paper Fig. 5 and 6.
 PAPER_GRID: list[list[int]] = [
@@ -62,6 +63,7 @@ class HyperoptConfig:
     tsne_every: int = 10
     tsne_dims: int = 256
     interrupt_after: int | None = None    # testing: Ctrl-C after this many meta steps
+    device: str = "auto"                  # auto (CUDA when available, else CPU), cpu, cuda:N
 
     def grid(self) -> list[tuple[int, int]]:
         """The (T, K) settings to run: ``--train-steps/--truncate`` override ``settings``."""
@@ -110,6 +112,7 @@ class HyperoptConfig:
         for t, k in self.grid():
             if k > t and "tbptt" in self.methods:
                 raise ConfigError(f"tbptt needs truncate <= train_steps; got T={t}, K={k}")
+        resolve_device(self.device)
 
 
 # ---------------------------------------------------------------- data and one meta step
@@ -131,8 +134,10 @@ class Problem:
 def load_problem(
     data_dir: str | None, split: str, num_examples: int, sizes: list[int], batch_size: int,
     seed: int, init_scale: float = -3.0, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> Problem:
-    """MNIST pixels / 255 minus the per-pixel mean, a seeded subset of ``num_examples``."""
+    """MNIST pixels / 255 minus the per-pixel mean, a seeded subset of ``num_examples``, on
+    ``device`` (the subset and the mean are taken on the CPU: the same data on any device)."""
     images, labels = load_mnist(data_dir, split)
     x = torch.as_tensor(np.asarray(images)).reshape(len(images), -1).to(dtype) / 255.0
     y = torch.as_tensor(np.asarray(labels)).long()
@@ -145,7 +150,8 @@ def load_problem(
         raise ValueError(f"batch_size={batch_size} exceeds the {len(x)} training examples")
     x = x - x.mean(0, keepdim=True)
     onehot = torch.nn.functional.one_hot(y, sizes[-1]).to(dtype)
-    return Problem(x.contiguous(), y, onehot, tuple(sizes), batch_size, seed, init_scale)
+    return Problem(x.contiguous().to(device), y.to(device), onehot.to(device), tuple(sizes),
+                   batch_size, seed, init_scale)
 
 
 def initial_state(problem: Problem) -> tuple[torch.Tensor, ...]:
@@ -227,8 +233,10 @@ def _run_unit(
 ) -> dict[str, Any]:
     tag = _unit_tag(steps, truncate, method)
     n_tensors = len(problem.sizes) - 1
-    log_lr = torch.full((2 * n_tensors,), float(cfg.init_log_lr))
-    logit = torch.full((2 * n_tensors,), math.log(cfg.init_momentum / (1 - cfg.init_momentum)))
+    dev = problem.x.device
+    log_lr = torch.full((2 * n_tensors,), float(cfg.init_log_lr), device=dev)
+    logit = torch.full((2 * n_tensors,), math.log(cfg.init_momentum / (1 - cfg.init_momentum)),
+                       device=dev)
     log_lr.requires_grad_()
     logit.requires_grad_()
     adam = torch.optim.Adam([log_lr, logit], lr=cfg.meta_lr)
@@ -254,7 +262,7 @@ def _run_unit(
     want_snaps = [int(s) for s in cfg.tsne_setting] == [steps, truncate] and (
         method in cfg.tsne_methods)
     dim = sum(p.numel() for p in model.init_params(problem.sizes, 0))
-    proj = _projection(dim, cfg.tsne_dims, cfg.seed) if want_snaps else None
+    proj = _projection(dim, cfg.tsne_dims, cfg.seed).to(dev) if want_snaps else None
 
     with progress(cfg.meta_steps, desc=tag, enabled=ctx.progress, initial=done) as bar:
         while done < cfg.meta_steps:
@@ -363,12 +371,14 @@ def _same_bptt_run(units: dict[str, dict[str, Any]], steps: int) -> str | None:
 def run(cfg: HyperoptConfig, ctx: RunContext) -> dict[str, Any]:
     """All (setting, method) units; each is checkpointed and resumed on its own."""
     torch.set_num_threads(1)
+    device = resolve_device(cfg.device)
     problem = load_problem(cfg.data_dir, cfg.split, cfg.num_examples, cfg.sizes,
-                           cfg.batch_size, cfg.seed, cfg.init_scale)
+                           cfg.batch_size, cfg.seed, cfg.init_scale, device=device)
     ctx.log.info("inner problem: %d examples, MLP %s", len(problem.x), problem.sizes)
     units: dict[str, dict[str, Any]] = {}
     results: dict[str, Any] = {"units": units, "num_examples": len(problem.x),
-                               "settings": [list(s) for s in cfg.grid()]}
+                               "settings": [list(s) for s in cfg.grid()],
+                               **describe_device(device)}
     for steps, truncate in cfg.grid():
         for method in cfg.methods:
             if method == "tbptt" and truncate > steps:

@@ -1,0 +1,180 @@
+"""Seeds per hour of the paper's GG-NN on Cora: one seed at a time against S seeds batched.
+
+One training epoch of ``rbp citation``'s paper model (100 propagation steps, K = 5, SGD) is
+timed for
+
+* ``single``: the per-seed model (``GGNN``, torch's ``nn.GRUCell``), the code before seeds
+  were batched;
+* ``batched S``: ``SeedBatchedGGNN`` with S seeds (time per epoch divided by S);
+
+and beside them the *arithmetic floor*: the same step's products alone (the sparse product
+``A [h_1 .. h_S]`` and the two batched GEMMs of the GRU, 100 times), to say how close the
+forward runs to what torch's kernels reach on those shapes. Each setting is timed as the
+median of ``--repeats`` epochs after one warm-up, settings of one thread count interleaved
+round-robin so that load from other jobs falls on them alike.
+
+    python benchmarks/citation_seeds.py [--quick] [--device cpu] [--threads 1 2]
+
+prints a table and writes ``results/citation_seeds/bench.json``. Seeds per hour is
+``3600 / (2000 epochs x seconds per epoch per seed)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rbp.apps.citation.experiment import _paper_method
+from rbp.apps.citation.model import GGNN, pca_features, sum_adjacency
+from rbp.apps.citation.seeds import SeedBatchedGGNN
+from rbp.data import load_planetoid, split_labelled
+from rbp.runner.device import resolve_device
+
+EPOCHS = 2000   # the paper's protocol: seconds per epoch x EPOCHS = seconds per seed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _single_epoch(adj: torch.Tensor, h0: torch.Tensor, labels: torch.Tensor, method: str,
+                  device: torch.device) -> Any:
+    train = split_labelled(labels >= 0, 0)[0].to(device)
+    torch.manual_seed(0)
+    net = GGNN(h0.shape[1], int(labels.max()) + 1).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+
+    def epoch() -> None:       # GGNN starts original RBP from the paper's uniform draw
+        opt.zero_grad()
+        logits, _ = net(adj, h0, 100, method, 5, on_failure="ignore")
+        F.cross_entropy(logits[train], labels[train]).backward()
+        opt.step()
+    return epoch
+
+
+def _batched_epoch(adj: torch.Tensor, h0: torch.Tensor, labels: torch.Tensor, method: str,
+                   seeds: int, device: torch.device) -> Any:
+    ids = list(range(seeds))
+    trains = [split_labelled(labels >= 0, s)[0].to(device) for s in ids]
+    net = SeedBatchedGGNN.from_seeds(h0.shape[1], int(labels.max()) + 1, ids).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    how = _paper_method(method, 5, [torch.Generator().manual_seed(s) for s in ids],
+                        (seeds, *h0.shape))
+
+    def epoch() -> None:
+        opt.zero_grad()
+        logits, _ = net(adj, h0, 100, how, 5, on_failure="ignore")
+        torch.stack([F.cross_entropy(logits[i, t], labels[t])
+                     for i, t in enumerate(trains)]).sum().backward()
+        opt.step()
+    return epoch
+
+
+def _floor(adj: torch.Tensor, h0: torch.Tensor, seeds: int) -> Any:
+    """100 steps of the products alone: ``A [h_1 .. h_S]`` and two ``(S, N, H) x (S, H, 3H)``."""
+    n, k = h0.shape
+    h = torch.randn(seeds, n, k, device=h0.device)
+    w = torch.randn(seeds, k, 3 * k, device=h0.device)
+
+    def products() -> None:
+        with torch.no_grad():
+            for _ in range(100):
+                torch.sparse.mm(adj, h.transpose(0, 1).reshape(n, seeds * k))
+                torch.bmm(h, w)
+                torch.bmm(h, w)
+    return products
+
+
+def _forward_only(adj: torch.Tensor, h0: torch.Tensor, seeds: int) -> Any:
+    net = SeedBatchedGGNN.from_seeds(h0.shape[1], 7, list(range(seeds))).to(h0.device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            net(adj, h0, 100, "neumann", 5, on_failure="ignore")
+    return forward
+
+
+def _median_times(fns: dict[str, Any], repeats: int, device: torch.device) -> dict[str, float]:
+    for fn in fns.values():       # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 repeats, bptt and neumann, S <= 2")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="batch sizes S")
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--data-dir", default=None, help="Planetoid folder (default: shipped Cora)")
+    p.add_argument("--out", type=Path, default=Path("results/citation_seeds"))
+    args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"citation_seeds: error: {exc}", file=sys.stderr)
+        return 2
+    methods = args.methods or (["bptt", "neumann"] if args.quick else
+                               ["bptt", "tbptt", "rbp", "cg", "neumann", "gmres"])
+    sizes = args.seeds or ([1, 2] if args.quick else [1, 2, 5, 10])
+    repeats = args.repeats or (2 if args.quick else 3)
+    d = load_planetoid("cora", args.data_dir)
+    adj = sum_adjacency(d.edge_index, d.num_nodes).to(device)
+    h0 = pca_features(d.features, 64).to(device)
+    labels = d.labels.to(device)
+    rows: list[dict[str, Any]] = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for method in methods:
+            fns = {"single": _single_epoch(adj, h0, labels, method, device)}
+            fns.update({f"batched {s}": _batched_epoch(adj, h0, labels, method, s, device)
+                        for s in sizes})
+            t = _median_times(fns, repeats, device)
+            for name, sec in t.items():
+                s = 1 if name == "single" else int(name.split()[1])
+                per_seed = sec / s
+                rows.append({"threads": threads, "method": method, "model": name, "seeds": s,
+                             "sec_per_epoch": sec, "sec_per_epoch_per_seed": per_seed,
+                             "seeds_per_hour": 3600.0 / (EPOCHS * per_seed),
+                             "x_single": per_seed / t["single"]})
+                print(f"threads {threads}  {method:8s} {name:11s} {sec:8.3f} s/epoch  "
+                      f"{per_seed:7.3f} s/epoch/seed  {rows[-1]['seeds_per_hour']:6.2f} seeds/h "
+                      f" x{rows[-1]['x_single']:.2f} of single", flush=True)
+        floor_fns = {f"forward {s}": _forward_only(adj, h0, s) for s in sizes}
+        floor_fns.update({f"floor {s}": _floor(adj, h0, s) for s in sizes})
+        t = _median_times(floor_fns, repeats, device)
+        for s in sizes:
+            fwd, flo = t[f"forward {s}"], t[f"floor {s}"]
+            rows.append({"threads": threads, "model": f"forward {s}", "seeds": s,
+                         "forward_s": fwd, "floor_s": flo, "x_floor": fwd / flo})
+            print(f"threads {threads}  no-grad forward, 100 steps, S={s:2d}: {fwd:.3f} s; "
+                  f"products alone {flo:.3f} s (x{fwd / flo:.2f} of the floor)", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"device": str(device), "epochs_per_seed": EPOCHS, "repeats": repeats,
+           "torch": torch.__version__, "rows": rows}
+    (args.out / "bench.json").write_text(json.dumps(doc, indent=1))
+    print(f"wrote {args.out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""The paper's GG-NN for S seeds at once: one batched model, one sparse product, one step.
+
+Seed ``s`` has its own weights (a leading seed dimension on every parameter), its own training
+split and its own random draws; the seeds never interact, so the batched run equals the S runs
+one by one (to round-off). The state is ``(S, N, H)``; one propagation step is
+
+    m = A [h_1 ... h_S]                     (one sparse product over the seeds side by side)
+    h_s <- GRU_s(m_s, h_s)                  (batched matrix products, per-seed weights)
+
+and the loss is the sum of the seeds' losses, so each seed's gradient is its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import rbp
+
+from .model import GGNN
+
+__all__ = ["KRYLOV", "SeedBatchedGGNN", "SeededUniformRBP"]
+
+#: Backward methods whose iterates couple the seeds unless each seed is solved on its own.
+KRYLOV = ("cg", "gmres")
+
+
+class SeedBatchedGGNN(nn.Module):
+    """S independent GG-NNs ``h <- GRU_s(A h_s, h_s)``, ``logits_s = W_o,s h_s``, batched.
+
+    ``from_seeds`` builds seed ``s``'s weights exactly as a single :class:`GGNN` built after
+    ``torch.manual_seed(s)`` (on the CPU, so the draws do not depend on the device).
+    """
+
+    def __init__(self, hidden: int, num_classes: int, seeds: int) -> None:
+        super().__init__()
+        h3 = 3 * hidden
+        self.hidden = hidden
+        self.weight_ih = nn.Parameter(torch.empty(seeds, hidden, h3))   # W_ih^T per seed
+        self.weight_hh = nn.Parameter(torch.empty(seeds, hidden, h3))
+        self.bias_ih = nn.Parameter(torch.empty(seeds, 1, h3))
+        self.bias_hh = nn.Parameter(torch.empty(seeds, 1, h3))
+        self.weight_out = nn.Parameter(torch.empty(seeds, hidden, num_classes))
+        self.bias_out = nn.Parameter(torch.empty(seeds, 1, num_classes))
+
+    @property
+    def seeds(self) -> int:
+        return self.weight_ih.shape[0]
+
+    @classmethod
+    def from_seeds(cls, hidden: int, num_classes: int, seeds: list[int]) -> SeedBatchedGGNN:
+        """One batched model whose seed ``i`` is ``GGNN(hidden, num_classes)`` under
+        ``torch.manual_seed(seeds[i])``."""
+        net = cls(hidden, num_classes, len(seeds))
+        singles = []
+        state = torch.random.get_rng_state()
+        try:
+            for s in seeds:
+                torch.manual_seed(s)
+                singles.append(GGNN(hidden, num_classes))
+        finally:
+            torch.random.set_rng_state(state)
+        net.load_singles(singles)
+        return net
+
+    @torch.no_grad()
+    def load_singles(self, singles: list[GGNN]) -> None:
+        """Copy the weights of one :class:`GGNN` per seed into this batched model."""
+        if len(singles) != self.seeds:
+            raise ValueError(f"{len(singles)} models for {self.seeds} seeds")
+        def stack(get: Any) -> torch.Tensor:
+            return torch.stack([get(m) for m in singles])
+        self.weight_ih.copy_(stack(lambda m: m.cell.weight_ih.T))
+        self.weight_hh.copy_(stack(lambda m: m.cell.weight_hh.T))
+        self.bias_ih.copy_(stack(lambda m: m.cell.bias_ih[None]))
+        self.bias_hh.copy_(stack(lambda m: m.cell.bias_hh[None]))
+        self.weight_out.copy_(stack(lambda m: m.out.weight.T))
+        self.bias_out.copy_(stack(lambda m: m.out.bias[None]))
+
+    def gru_weights(self) -> tuple[torch.Tensor, ...]:
+        """``(W_ih^T, W_hh^T, b_ih, b_hh)``, each with the seed dimension first."""
+        return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+
+    @staticmethod
+    def step(adj: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+             b_ih: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
+        """One propagation step of every seed: ``h (S, N, H) -> GRU_s(A h_s, h_s)``, with
+        seed ``s``'s weights ``w_ih[s], w_hh[s], b_ih[s], b_hh[s]``."""
+        s, n, k = h.shape
+        side_by_side = h.transpose(0, 1).reshape(n, s * k)           # [h_1 ... h_S]
+        m = torch.sparse.mm(adj, side_by_side).view(n, s, k).transpose(0, 1)
+        gi = torch.baddbmm(b_ih, m, w_ih)
+        gh = torch.baddbmm(b_hh, h, w_hh)
+        i_r, i_z, i_n = gi.chunk(3, 2)
+        h_r, h_z, h_n = gh.chunk(3, 2)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        cand = torch.tanh(i_n + r * h_n)
+        return torch.lerp(cand, h, z)                                 # (1 - z) n + z h
+
+    def forward(
+        self, adj: torch.Tensor, h0: torch.Tensor, steps: int, method: Any, truncate: int,
+        trace: bool = False, on_failure: str = "ignore",
+    ) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
+        """Logits ``(S, N, C)`` after ``steps`` steps from ``h0`` ``(N, H)`` (every seed starts
+        from the same PCA features), and the fixed-point info."""
+        start = h0.expand(self.seeds, *h0.shape).contiguous()
+        how: dict[str, Any] = {"truncate": truncate} if isinstance(method, str) else {}
+        if method in KRYLOV:
+            # each seed a sample (its weights the sample's inputs): the Krylov solve builds one
+            # space per seed, as a run of that seed alone does; the other methods iterate each
+            # seed's block on its own anyway
+            how["batch_dim"] = 0
+        h, info = rbp.fixed_point(
+            lambda x, *w: self.step(adj, x, *w), start, steps, method=method, trace=trace,
+            on_failure=on_failure, return_info=True, inputs=self.gru_weights(), **how,
+        )
+        return torch.baddbmm(self.bias_out, h, self.weight_out), info
+
+
+@dataclass
+class SeededUniformRBP:
+    """Original RBP (Alg. 1) from ``z_0 ~ U[0, 1]``, each seed drawing from its own generator.
+
+    The paper's RBP starts from a uniform draw; in a batched run the draws of seed ``s`` come
+    from ``generators[s]`` (CPU generators, so the draws do not depend on the device) and fill
+    that seed's block of ``z_0``, as they would in a run of that seed alone.
+    """
+
+    max_iter: int
+    generators: list[torch.Generator]
+    shape: tuple[int, ...]          # the state's shape (S, N, H)
+
+    def solve(self, matvec: Any, b: torch.Tensor) -> rbp.solvers.Solution:
+        draws = [torch.rand(self.shape[1:], generator=g, dtype=b.dtype)
+                 for g in self.generators]
+        z0 = torch.stack(draws).to(b.device).reshape(b.shape)
+        return rbp.solvers.fixed_point_iteration(matvec, b, max_iter=self.max_iter, z0=z0)

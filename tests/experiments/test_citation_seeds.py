@@ -1,0 +1,165 @@
+"""Seeds batched: the paper's GG-NN for S seeds as one model equals the S seeds run one by one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rbp
+from rbp.apps.citation.experiment import _paper_method
+from rbp.apps.citation.model import GGNN, sum_adjacency
+from rbp.apps.citation.seeds import SeedBatchedGGNN
+from rbp.runner import cli
+from rbp.runner.config import ConfigError
+from rbp.runner.device import resolve_device
+
+N, HID, CLASSES, STEPS, K = 30, 6, 3, 12, 4
+
+
+def _graph(seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    upper = torch.triu(torch.rand(N, N, generator=gen) < 0.15, diagonal=1)
+    i, j = torch.nonzero(upper, as_tuple=True)
+    ei = torch.stack([torch.cat([i, j]), torch.cat([j, i])])
+    return sum_adjacency(ei, N).to(torch.float64)
+
+
+def _train(seeds: list[int], method: str, epochs: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Train one batched model over ``seeds`` in float64 as the experiment does; per-seed
+    weights at the end."""
+    adj = _graph()
+    h0 = torch.randn(N, HID, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    labels = torch.arange(N) % CLASSES
+    train = [torch.randperm(N, generator=torch.Generator().manual_seed(s))[:8] for s in seeds]
+    net = SeedBatchedGGNN.from_seeds(HID, CLASSES, seeds).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    how = _paper_method(method, K, gens, (len(seeds), N, HID))
+    for _ in range(epochs):
+        opt.zero_grad()
+        logits, _ = net(adj, h0, STEPS, how, K, on_failure="ignore")
+        loss = torch.stack([F.cross_entropy(logits[i, t], labels[t])
+                            for i, t in enumerate(train)]).sum()
+        loss.backward()
+        opt.step()
+    return [{k: v[i].detach().clone() for k, v in net.named_parameters()}
+            for i in range(len(seeds))]
+
+
+@pytest.mark.parametrize("method", list(rbp.METHODS))
+def test_batched_seeds_equal_seeds_one_by_one(method: str) -> None:
+    """Three seeds in one model give each seed the weights a run of that seed alone gives,
+    for every method (CG/GMRES solve each seed on its own; RBP draws each seed's start from
+    its own generator)."""
+    batched = _train([3, 1, 4], method)
+    for i, seed in enumerate([3, 1, 4]):
+        (alone,) = _train([seed], method)
+        for name, value in alone.items():
+            torch.testing.assert_close(batched[i][name], value, rtol=1e-10, atol=1e-12,
+                                       msg=f"{method}, seed {seed}, {name}")
+    # and the seeds did train apart: their weights differ
+    assert not torch.allclose(batched[0]["weight_ih"], batched[1]["weight_ih"])
+
+
+def test_batched_model_is_the_paper_gru_on_summed_messages() -> None:
+    """Seed s of the batched model is GGNN (nn.GRUCell) built under manual_seed(s): the same
+    weights, and the same logits after STEPS steps (float64)."""
+    adj = _graph()
+    h0 = torch.randn(N, HID, dtype=torch.float64)
+    net = SeedBatchedGGNN.from_seeds(HID, CLASSES, [5, 7]).double()
+    logits, _ = net(adj, h0, STEPS, "bptt", K)
+    for i, seed in enumerate([5, 7]):
+        torch.manual_seed(seed)
+        single = GGNN(HID, CLASSES).double()
+        ref, _ = single(adj, h0, STEPS, "bptt", K)
+        torch.testing.assert_close(logits[i], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_from_seeds_leaves_the_global_generator_alone() -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    SeedBatchedGGNN.from_seeds(HID, CLASSES, [1, 2])
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> dict:
+    out = tmp_path / name
+    args = ["citation", "--quick", "--out", str(out), "--no-progress", "--device", "cpu",
+            "--set", "models=[paper]", "--set", "baselines=[]", "--set", "num_seeds=3",
+            "--set", "methods=[neumann,gmres]", "--set", "checkpoint_every=2", *extra]
+    assert cli.main(args) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def _per_seed(doc: dict) -> dict:
+    models = doc["datasets"]["cora"]["models"]["paper"]
+    return {(m, u["seed"]): (u["test_acc"], u["curves"]["train_loss"])
+            for m, row in models.items() for u in row["per_seed"]}
+
+
+def test_experiment_batched_equals_sequential_and_resumes(tmp_path: Path) -> None:
+    """`rbp citation` with three seeds in one batch equals one seed at a time (float32: to
+    round-off), records the device, and a batched run interrupted and resumed gives the same
+    numbers as the uninterrupted one."""
+    one = _run(tmp_path, "one", "--set", "seed_batch=1")
+    three = _run(tmp_path, "three", "--set", "seed_batch=3")
+    assert one["device"] == three["device"] == "cpu"
+    a, b = _per_seed(one), _per_seed(three)
+    assert a.keys() == b.keys() and len(a) == 6
+    for key in a:
+        assert a[key][0] == b[key][0], key
+        assert a[key][1] == pytest.approx(b[key][1], rel=1e-4, abs=1e-6), key
+    out = tmp_path / "cut"
+    args = ["citation", "--quick", "--out", str(out), "--no-progress", "--set", "models=[paper]",
+            "--set", "baselines=[]", "--set", "num_seeds=3", "--set", "methods=[neumann,gmres]",
+            "--set", "checkpoint_every=2", "--set", "seed_batch=3"]
+    assert cli.main([*args, "--set", "interrupt_after=5"]) != 0
+    assert cli.main([*args, "--resume"]) == 0
+    resumed = _per_seed(json.loads((out / "results.json").read_text()))
+    assert resumed == b
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("gpu", "unknown device 'gpu'"), ("cdua", "did you mean 'cuda'"),
+    ("cuda:99", "not available"), ("tpu", "valid: auto, cpu, cuda, cuda:N, mps"),
+])
+def test_bad_devices_are_one_clear_line(spec: str, words: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    if spec == "cuda:99" and torch.cuda.device_count() > 99:
+        pytest.skip("a machine with 100 GPUs")
+    code = cli.main(["citation", "--quick", "--out", str(tmp_path / "x"), "--device", spec,
+                     "--dry-run"])
+    err = capsys.readouterr().err
+    assert code != 0 and words in err and "Traceback" not in err
+
+
+def test_auto_and_cpu_devices() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="not available here"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="must be a string"):
+        resolve_device(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_matches_cpu_and_resumes_across_devices(tmp_path: Path) -> None:
+    """The same quick run on the GPU and the CPU: the same test accuracies up to float
+    round-off in the losses; a checkpoint written on the GPU resumes on the CPU."""
+    gpu = _run(tmp_path, "gpu", "--device", "cuda")
+    assert gpu["device"].startswith("cuda")
+    cpu = _run(tmp_path, "cpu")
+    a, b = _per_seed(gpu), _per_seed(cpu)
+    for key in a:
+        assert a[key][1] == pytest.approx(b[key][1], rel=1e-3, abs=1e-5), key
+    out = tmp_path / "moved"
+    args = ["citation", "--quick", "--out", str(out), "--no-progress", "--set", "models=[paper]",
+            "--set", "baselines=[]", "--set", "checkpoint_every=2"]
+    assert cli.main([*args, "--device", "cuda", "--set", "interrupt_after=5"]) != 0
+    assert cli.main([*args, "--device", "cpu", "--resume"]) == 0
