@@ -34,8 +34,10 @@ from matplotlib.ticker import (  # noqa: E402
 __all__ = [
     "METHOD_COLORS",
     "coinciding",
+    "grid_columns",
     "image_grid",
     "line_plot",
+    "log_tick_formatter",
     "method_color",
     "method_colors",
     "multi_panel",
@@ -107,13 +109,30 @@ def _finite(values: Sequence[float]) -> np.ndarray:
     return arr[np.isfinite(arr)]
 
 
-def _plain(value: float, _pos: int | None = None) -> str:
-    """Tick label without scientific notation for 1e-3 <= |v| < 1e5 (``0.02``, ``1500``)."""
-    if value == 0 or 1e-3 <= abs(value) < 1e5:
-        return f"{value:.6g}"
+def _power(value: float, _pos: int | None = None) -> str:
+    """Tick label as a power of ten (``10^{-4}``, ``2\\times10^{3}``)."""
+    if value == 0:
+        return "0"
     mantissa, exponent = f"{value:.0e}".split("e")
     return f"${mantissa}\\times10^{{{int(exponent)}}}$" if mantissa != "1" else \
         f"$10^{{{int(exponent)}}}$"
+
+
+def _plain(value: float, _pos: int | None = None) -> str:
+    """Tick label without scientific notation for 1e-3 <= |v| < 1e5 (``0.02``, ``1500``),
+    a power of ten beyond."""
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.6g}"
+    return _power(value)
+
+
+def log_tick_formatter(lo: float, hi: float) -> Any:
+    """One tick style for a whole log axis over ``lo .. hi`` (positive): plain numbers when
+    every decade tick in the range lies in ``1e-3 .. 1e4`` (``0.01``, ``1000``), else powers
+    of ten for every tick, never a mix of both on one axis."""
+    first = 10.0 ** math.floor(math.log10(lo))
+    last = 10.0 ** math.ceil(math.log10(hi))
+    return FuncFormatter(_plain if first >= 1e-3 and last <= 1e4 else _power)
 
 
 def style_axes(ax: Any, ys: Iterable[Sequence[float]] = (), logy: bool = False,
@@ -133,7 +152,7 @@ def style_axes(ax: Any, ys: Iterable[Sequence[float]] = (), logy: bool = False,
         ax.set_yscale("log")
         subs = (1.0,) if span > 1e4 else (1.0, 2.0, 5.0)
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
-        ax.yaxis.set_major_formatter(FuncFormatter(_plain))
+        ax.yaxis.set_major_formatter(log_tick_formatter(positive.min(), positive.max()))
         ax.yaxis.set_minor_formatter(NullFormatter())
     else:
         formatter = ScalarFormatter(useOffset=False)
@@ -210,6 +229,7 @@ def _integer_valued(series: Series) -> bool:
 
 def _draw_lines(
     ax: Any, series: Series, xlabel: str, ylabel: str, title: str, logy: bool,
+    legend: bool = True,
 ) -> None:
     lines = {}
     for name, (xs, ys) in series.items():
@@ -222,8 +242,16 @@ def _draw_lines(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    if series:
+    if series and legend:
         ax.legend(fontsize="small")
+
+
+def grid_columns(n: int, max_cols: int = 4) -> int:
+    """Columns for ``n`` panels: the fewest empty cells, then the fewest rows (5 panels: 3
+    columns, one cell spare; 8: 4 columns)."""
+    if n <= max_cols:
+        return max(1, n)
+    return min(range(2, max_cols + 1), key=lambda c: (-n % c, math.ceil(n / c)))
 
 
 def save_figure(fig: Any, path: Path) -> Path:
@@ -250,18 +278,30 @@ def line_plot(
     return save_figure(fig, path)
 
 
-def multi_panel(path: Path, panels: Sequence[dict[str, Any]], ncols: int = 2) -> Path:
+def multi_panel(path: Path, panels: Sequence[dict[str, Any]], ncols: int | None = 2) -> Path:
     """A grid of line plots; each panel dict has ``series`` and optionally ``xlabel``,
-    ``ylabel``, ``title`` and ``logy``."""
+    ``ylabel``, ``title`` and ``logy``. ``ncols=None``: :func:`grid_columns`. When the grid
+    has spare cells and every panel shows the same names, one legend fills the first spare
+    cell instead of a legend in every panel."""
+    ncols = grid_columns(len(panels)) if ncols is None else ncols
     ncols = max(1, min(ncols, len(panels) or 1))
     nrows = max(1, math.ceil(len(panels) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
     flat = axes.ravel()
+    names = [list(panel["series"]) for panel in panels]
+    shared = len(flat) > len(panels) and bool(names) and bool(names[0]) and \
+        all(n == names[0] for n in names)
     for ax, panel in zip(flat, panels, strict=False):
         _draw_lines(ax, panel["series"], panel.get("xlabel", ""), panel.get("ylabel", ""),
-                    panel.get("title", ""), panel.get("logy", False))
+                    panel.get("title", ""), panel.get("logy", False), legend=not shared)
     for ax in flat[len(panels):]:
         ax.axis("off")
+    if shared:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=method_color(n), linewidth=2) for n in names[0]]
+        flat[len(panels)].legend(handles, names[0], loc="center", title="method",
+                                 frameon=False)
     fig.tight_layout()
     return save_figure(fig, path)
 

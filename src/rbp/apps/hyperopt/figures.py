@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rbp.runner import line_plot, multi_panel
+from rbp.runner.tables import Table, write_table
 
 
 def _smooth(values: list[float], width: int) -> np.ndarray:
@@ -40,7 +41,7 @@ def fig5(units: dict[str, Any], path: Path) -> Path:
                   for m, u in methods.items() if u["meta_loss"]}
         panels.append({"series": series, "title": f"T={t}, K={k}", "xlabel": "meta step",
                        "ylabel": "meta training loss", "logy": True})
-    return multi_panel(path, panels, ncols=4)
+    return multi_panel(path, panels, ncols=None)
 
 
 def fig6(units: dict[str, Any], path: Path, smooth: int = 10) -> Path:
@@ -55,7 +56,7 @@ def fig6(units: dict[str, Any], path: Path, smooth: int = 10) -> Path:
         panels.append({"series": series, "title": f"T={t}, K={k} (last meta step)",
                        "xlabel": "training step", "ylabel": "training loss (mini-batch)",
                        "logy": True})
-    return multi_panel(path, panels, ncols=4)
+    return multi_panel(path, panels, ncols=None)
 
 
 def fig_hyper(units: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -70,22 +71,33 @@ def fig_hyper(units: dict[str, Any], out_dir: Path) -> list[Path]:
         rows = [(m, u) for m, u in methods.items() if u["learning_rate"]]
         if not rows:
             continue
-        fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.8 * len(rows)), squeeze=False)
+        fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.8 * len(rows) + 0.9),
+                                 squeeze=False)
+        handles: list[Any] = []
         for r, (m, u) in enumerate(rows):
             steps = np.arange(1, len(u["learning_rate"]) + 1)
             for c, (what, key, logy) in enumerate((("learning rate", "learning_rate", True),
                                                    ("momentum", "momentum", False))):
                 ax = axes[r, c]
                 arr = np.asarray(u[key])
-                for i in range(arr.shape[1]):
-                    ax.plot(steps, arr[:, i], color=plt.cm.tab10(i // 2),
-                            linestyle="-" if i % 2 == 0 else "--", label=_tensor_name(i))
+                lines = [ax.plot(steps, arr[:, i], color=plt.cm.tab10(i // 2),
+                                 linestyle="-" if i % 2 == 0 else "--",
+                                 label=_tensor_name(i))[0] for i in range(arr.shape[1])]
+                handles = handles or lines
                 plots.style_axes(ax, [arr.ravel()], logy=logy, integer_x=True)
-                ax.set_title(f"{m}: {what} (T={t}, K={k})")
+                ax.set_title(f"{m}: {what}", color=plots.method_color(m))
                 ax.set_xlabel("meta step")
+                ax.set_ylabel(what)
                 ax.grid(True, alpha=0.3)
-        axes[0, 1].legend(fontsize="x-small", ncol=2)
-        fig.tight_layout()
+        fig.suptitle(f"learned hyperparameters per parameter tensor, T={t}, K={k}")
+        # one legend for every panel, above them: colour = layer, solid = weights, dashed =
+        # biases, the same in each panel
+        fig.legend(handles, [h.get_label() for h in handles], loc="upper center",
+                   ncol=len(handles), bbox_to_anchor=(0.5, 1.0 - 0.35 / fig.get_figheight()),
+                   fontsize="small", frameon=False,
+                   title="parameter tensor (every panel): colour = layer, solid = weights W, "
+                         "dashed = biases b", title_fontsize="small")
+        fig.tight_layout(rect=(0, 0, 1, 1.0 - 0.9 / fig.get_figheight()))
         paths.append(plots._save(fig, out_dir / f"hyperparams_T{t}_K{k}.png"))
     return paths
 
@@ -119,31 +131,48 @@ def tsne_embed(trajectories: dict[str, np.ndarray], seed: int) -> dict[str, np.n
     return out
 
 
-def fig4(units: dict[str, Any], path: Path, seed: int) -> tuple[Path | None, dict[str, Any]]:
-    """t-SNE of the inner weight trajectories (colour = training step) per method, one panel
-    per recorded meta step; the end point of each trajectory is annotated."""
+def fig4(units: dict[str, Any], path: Path, seed: int,
+         coords: dict[str, Any] | None = None) -> tuple[Path | None, dict[str, Any]]:
+    """t-SNE of the inner weight trajectories per method (its colour, light at the start of
+    the inner run, full at the end), one panel per recorded meta step; the end point of each
+    trajectory is annotated. ``coords``: embeddings computed before (``results.json``'s
+    ``fig4_tsne_coordinates``), reused instead of running t-SNE again."""
     import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+    from matplotlib.lines import Line2D
 
     from rbp.runner import plots
 
     recorded = sorted({int(s) for u in units.values() for s in u.get("trajectories", {})})
     if not recorded:
         return None, {}
-    coords: dict[str, Any] = {}
+    known = coords or {}
+    out_coords: dict[str, Any] = {}
     fig, axes = plt.subplots(1, len(recorded), figsize=(5.5 * len(recorded), 4.5),
                              squeeze=False)
     for ax, meta in zip(axes[0], recorded, strict=True):
         trajs = {u["method"]: unpack_array(u["trajectories"][str(meta)])
                  for u in units.values() if str(meta) in u.get("trajectories", {})}
-        emb = tsne_embed(trajs, seed)
-        coords[str(meta)] = {m: e.tolist() for m, e in emb.items()}
+        if known.get(str(meta)) and set(known[str(meta)]) == set(trajs):
+            emb = {m: np.asarray(known[str(meta)][m], dtype=float) for m in trajs}
+        else:
+            emb = tsne_embed(trajs, seed)
+        out_coords[str(meta)] = {m: e.tolist() for m, e in emb.items()}
         markers = ["o", "^", "s", "D"]
         centre = np.concatenate(list(emb.values())).mean(axis=0)
+        handles = []
         for i, (m, e) in enumerate(emb.items()):
-            # fill = training step, outline = the method's colour of every other figure
-            sc = ax.scatter(e[:, 0], e[:, 1], c=np.linspace(0, 1, len(e)), cmap="viridis",
-                            marker=markers[i % len(markers)], s=16, label=m,
-                            edgecolors=plots.method_color(m), linewidths=0.6)
+            # the method's colour of every other figure, light at the start of the inner run
+            # and full at its end (the legend shows the full colour)
+            colour = np.asarray(to_rgb(plots.method_color(m)))
+            frac = np.linspace(0.0, 1.0, len(e))[:, None]
+            fills = (1 - (0.2 + 0.8 * frac)) * 1.0 + (0.2 + 0.8 * frac) * colour
+            marker = markers[i % len(markers)]
+            ax.scatter(e[:, 0], e[:, 1], c=fills, marker=marker, s=16,
+                       edgecolors=plots.method_color(m), linewidths=0.4)
+            handles.append(Line2D([], [], linestyle="", marker=marker, markersize=6,
+                                  markerfacecolor=plots.method_color(m),
+                                  markeredgecolor=plots.method_color(m), label=m))
             # the end-point label points inwards, so it never leaves the axes
             right = e[-1, 0] > centre[0]
             ax.annotate(f"{m} (end)", e[-1], xytext=(-8 if right else 8, 0),
@@ -155,23 +184,52 @@ def fig4(units: dict[str, Any], path: Path, seed: int) -> tuple[Path | None, dic
         ax.set_title(f"meta step {meta}")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.legend(fontsize="small")
-        fig.colorbar(sc, ax=ax, label="training step (fraction of run)")
+        ax.legend(handles=handles, fontsize="small", title="light → full colour: start → "
+                  "end of the inner run", title_fontsize="x-small")
     fig.tight_layout()
-    return plots._save(fig, path), coords
+    return plots._save(fig, path), out_coords
+
+
+def meta_loss_table(units: dict[str, Any]) -> Table:
+    """The final meta loss per (T, K) and method, and the meta loss at the first meta step
+    (the untrained hyperparameters, the same for every method)."""
+    grouped = _by_setting(units)
+    methods = list(dict.fromkeys(m for by in grouped.values() for m in by))
+    rows = []
+    for (t, k), by in grouped.items():
+        firsts = [u["meta_loss"][0] for u in by.values() if u.get("meta_loss")]
+        steps = sorted({int(u.get("meta_steps_done") or len(u.get("meta_loss") or []))
+                        for u in by.values()})
+        rows.append([f"({t}, {k})", "/".join(map(str, steps)),
+                     *(_fmt(by[m].get("final_meta_loss")) if m in by else "—"
+                       for m in methods),
+                     _fmt(firsts[0]) if firsts else "—"])
+    return Table(columns=["(T, K)", "meta steps", *methods, "first meta step"], rows=rows,
+                 title="Final meta loss (training set)",
+                 align=["left", "right", *["right"] * len(methods), "right"],
+                 notes="Meta loss at the last meta step per method; the last column is the "
+                       "meta loss at the first meta step (the initial hyperparameters).")
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{float(value):.4f}"
 
 
 def make_all(results: dict[str, Any], cfg: Any, out_dir: Path,
              log: logging.Logger | None = None) -> dict[str, Any]:
-    """Draw every figure into ``out_dir``; returns their paths (and the t-SNE coordinates)."""
+    """Draw every figure into ``out_dir`` and write the table of final meta losses
+    (``meta_loss.md`` / ``.table.json``); returns the figures' paths (and the t-SNE
+    coordinates, reused from ``results["figures"]`` when they are there)."""
     units = results["units"]
+    write_table(Path(out_dir) / "meta_loss", meta_loss_table(units))
+    known = (results.get("figures") or {}).get("fig4_tsne_coordinates")
     paths: dict[str, Any] = {
         "fig5": str(fig5(units, out_dir / "fig5_meta_loss.png")),
         "fig6": str(fig6(units, out_dir / "fig6_last_training_loss.png")),
         "hyperparams": [str(p) for p in fig_hyper(units, out_dir)],
     }
     try:
-        p4, coords = fig4(units, out_dir / "fig4_tsne.png", cfg.seed)
+        p4, coords = fig4(units, out_dir / "fig4_tsne.png", cfg.seed, known)
     except ImportError as exc:  # scikit-learn missing
         if log is not None:
             log.warning("fig4 skipped: %s", exc)
@@ -211,3 +269,27 @@ def sweep_summary(agg: dict[str, Any], sweep_dir: Path) -> Path | None:
     seed = int((first.get("config") or {}).get("seed", 0))
     merged["figures"] = make_all(merged, SimpleNamespace(seed=seed), out)
     return write_merged_run(out, agg["experiment"], merged, [name for name, _ in done])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rbp.apps.hyperopt.figures RUN_DIR``: redraw the figures (and the meta loss
+    table) of a finished run from its ``results.json``, without running anything again (the
+    t-SNE coordinates recorded there are reused)."""
+    import argparse
+    from types import SimpleNamespace
+
+    from rbp.runner import read_json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("run_dir", type=Path)
+    args = p.parse_args(argv)
+    results = read_json(args.run_dir / "results.json")
+    seed = int((results.get("config") or {}).get("seed", 0))
+    paths = make_all(results, SimpleNamespace(seed=seed), args.run_dir)
+    for key, value in paths.items():
+        if key != "fig4_tsne_coordinates":
+            print(value)
+
+
+if __name__ == "__main__":
+    main()
