@@ -26,8 +26,16 @@ vmapped), it reports for each method:
   tiny one where per-call Python work is all there is.
 
 Peers (``torchdeq``, ``torchopt``) are optional and imported lazily; their rows are skipped with a
-note when absent. Run ``python benchmarks/core_bench.py [--quick] [--repeats N] [--out DIR]``;
-writes ``DIR/bench.json`` (default ``results/core_bench``) and prints the table.
+note when absent. Run ``python benchmarks/core_bench.py [--quick] [--repeats N] [--device NAME]
+[--out DIR]``; writes ``DIR/bench.json`` (default ``results/core_bench``) and prints the table.
+
+``--device`` (auto, cpu, cuda, cuda:N, mps; default cpu) is where every problem, method and
+timing runs: the problems are built on the CPU from the same seeds and then moved, while the
+dense float64 references (the converged state and the exact gradients) stay on the CPU, and
+each method's gradients are compared there. On a GPU the clock is read after
+``torch.cuda.synchronize`` and only wall time is recorded: process CPU time leaves out the
+device's work, so the ``cpu_*`` fields are ``null`` and the overhead tables compare wall time.
+``settings.device`` (and ``settings.gpu``) name the device.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from typing import Any
 import torch
 
 import rbp
+from rbp.runner.device import describe_device, resolve_device
 
 Tensor = torch.Tensor
 Step = Callable[..., Tensor]  # F(h, *args) -> h, batched over rows
@@ -101,13 +110,26 @@ class Problem:
             raise RuntimeError(f"{self.name}: a method left W or x without a gradient")
         return w, x
 
-    def cast(self, dtype: torch.dtype) -> Problem:
-        """The same problem in ``dtype`` (fresh leaves)."""
-        args = tuple(a.detach().to(dtype).requires_grad_() for a in self.args)
+    @property
+    def device(self) -> torch.device:
+        return self.h0.device
+
+    def cast(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Problem:
+        """The same problem in ``dtype`` on ``device`` (default: where it is), fresh leaves."""
+        device = self.device if device is None else torch.device(device)
+        args = tuple(a.detach().to(device=device, dtype=dtype).requires_grad_()
+                     for a in self.args)
         return Problem(
             self.name, self.description, self.step, args, self.arg_names,
-            self.h0.to(dtype), self.target.to(dtype), self.weight_index, self.input_index,
+            self.h0.to(device=device, dtype=dtype), self.target.to(device=device, dtype=dtype),
+            self.weight_index, self.input_index,
         )
+
+    def on(self, dtype: torch.dtype, device: torch.device) -> Problem:
+        """This problem itself if it already is in ``dtype`` on ``device``, else a cast."""
+        if self.h0.dtype == dtype and self.device == device:
+            return self
+        return self.cast(dtype, device)
 
 
 def rnn_step(h: Tensor, w: Tensor, u: Tensor, b: Tensor, x: Tensor) -> Tensor:
@@ -419,11 +441,26 @@ def available(method: Method) -> str | None:
 # --------------------------------------------------------------------------- measurements
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs asynchronously); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def host_clock(device: torch.device) -> bool:
+    """Whether process CPU time measures the work: only when it runs on the CPU."""
+    return device.type == "cpu"
+
+
 def run_once(p: Problem, forward: Forward) -> tuple[float, float]:
     """Forward + loss + backward; returns (wall, process CPU) seconds."""
     p.zero_grad()
+    synchronize(p.device)
     start, cpu = time.perf_counter(), time.process_time()
     p.loss(forward()).backward()
+    synchronize(p.device)
     return time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -501,7 +538,8 @@ def count_calls(p: Problem, method: Method, steps: int, k: int) -> tuple[int, in
 
 
 def relative_error(a: Tensor, b: Tensor) -> float:
-    return ((a.double() - b).norm() / b.norm()).item()
+    """``||a - b|| / ||b||`` in float64 where the reference ``b`` lives (the CPU)."""
+    return ((a.to(device=b.device, dtype=torch.float64) - b).norm() / b.norm()).item()
 
 
 @dataclass
@@ -515,10 +553,11 @@ class Config:
 
 def bench_problem(
     p: Problem, exact: Exact, methods: list[Method], steps: int, ks: list[int], repeats: int,
-    dtype: torch.dtype, counts: bool,
+    dtype: torch.dtype, counts: bool, device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
-    """All rows of one problem in one dtype."""
-    q = p if dtype == torch.float64 else p.cast(dtype)
+    """All rows of one problem in one dtype on ``device`` (default: where ``p`` is)."""
+    q = p.on(dtype, p.device if device is None else device)
+    cpu_clock = host_clock(q.device)
     configs: list[Config] = []
     for m in methods:
         for k in (ks if m.uses_k else [None]):
@@ -545,7 +584,7 @@ def bench_problem(
         for row, c in zip(rows, configs, strict=True):
             row["time_ms"] = 1e3 * statistics.median(c.times)
             row["times_ms"] = [round(1e3 * t, 3) for t in c.times]
-            row["cpu_ms"] = 1e3 * statistics.median(c.cpu)
+            row["cpu_ms"] = 1e3 * statistics.median(c.cpu) if cpu_clock else None
             row.update(saved_memory(q, c.forward))
             if counts:
                 row["n_f"], row["n_vjp"] = count_calls(q, c.method, steps, c.k or 1)
@@ -553,17 +592,21 @@ def bench_problem(
     for row in rows:
         ref = hand.get(row["K"])
         row["ratio_vs_hand"] = row["time_ms"] / ref["time_ms"] if ref else None
-        row["cpu_ratio_vs_hand"] = row["cpu_ms"] / ref["cpu_ms"] if ref else None
+        row["cpu_ratio_vs_hand"] = (row["cpu_ms"] / ref["cpu_ms"]
+                                    if ref and row["cpu_ms"] is not None else None)
     return rows
 
 
 def _timed_phases(p: Problem, forward: Forward) -> tuple[float, float, float, float]:
     """(forward, loss + backward) seconds of one call: wall, then process CPU."""
     p.zero_grad()
+    synchronize(p.device)
     t0, c0 = time.perf_counter(), time.process_time()
     h = forward()
+    synchronize(p.device)
     t1, c1 = time.perf_counter(), time.process_time()
     p.loss(h).backward()
+    synchronize(p.device)
     return t1 - t0, time.perf_counter() - t1, c1 - c0, time.process_time() - c1
 
 
@@ -594,16 +637,28 @@ def paired_overhead(
     out: dict[str, Any] = {"problem": p.name, "dtype": str(p.h0.dtype).removeprefix("torch."),
                            "T": steps, "K": k, "pairs": pairs,
                            "rbp_kwargs": {key: repr(v) for key, v in rbp_kwargs.items()}}
+    cpu_clock = host_clock(p.device)  # off the CPU, process time misses the device's work
     for name, xs in samples.items():
         for clock, i in (("", 0), ("cpu_", 2)):
-            out[f"{name}_{clock}fwd_ms"] = 1e3 * statistics.median(x[i] for x in xs)
-            out[f"{name}_{clock}bwd_ms"] = 1e3 * statistics.median(x[i + 1] for x in xs)
-            out[f"{name}_{clock}total_ms"] = 1e3 * statistics.median(x[i] + x[i + 1] for x in xs)
+            measured = clock == "" or cpu_clock
+            out[f"{name}_{clock}fwd_ms"] = (1e3 * statistics.median(x[i] for x in xs)
+                                            if measured else None)
+            out[f"{name}_{clock}bwd_ms"] = (1e3 * statistics.median(x[i + 1] for x in xs)
+                                            if measured else None)
+            out[f"{name}_{clock}total_ms"] = (1e3 * statistics.median(x[i] + x[i + 1] for x in xs)
+                                              if measured else None)
     pairs_ = list(zip(samples["rbp"], samples["hand"], strict=True))
     out["paired_ratio"] = statistics.median((a[0] + a[1]) / (b[0] + b[1]) for a, b in pairs_)
-    out["paired_cpu_ratio"] = statistics.median((a[2] + a[3]) / (b[2] + b[3]) for a, b in pairs_)
-    out["extra_cpu_us_per_call"] = 1e6 * statistics.median(
-        (a[2] + a[3]) - (b[2] + b[3]) for a, b in pairs_
+    out["paired_cpu_ratio"] = (
+        statistics.median((a[2] + a[3]) / (b[2] + b[3]) for a, b in pairs_) if cpu_clock
+        else None
+    )
+    out["extra_cpu_us_per_call"] = (
+        1e6 * statistics.median((a[2] + a[3]) - (b[2] + b[3]) for a, b in pairs_) if cpu_clock
+        else None
+    )
+    out["extra_us_per_call"] = 1e6 * statistics.median(  # the same in wall time
+        (a[0] + a[1]) - (b[0] + b[1]) for a, b in pairs_
     )
     return out
 
@@ -616,6 +671,16 @@ SIZES = {
     "full": {"rnn": (256, 64, 64), "gru": (128, 64, 32), "rnn-nonnormal": (256, 64, 64)},
     "quick": {"rnn": (16, 4, 8), "gru": (12, 4, 6), "rnn-nonnormal": (16, 4, 8)},
 }
+
+
+def default_dtypes(quick: bool) -> list[str]:
+    return ["float64"] if quick else ["float64", "float32"]
+
+
+def check_dtypes(device: torch.device, dtype_names: list[str]) -> None:
+    """Refuse, before any work, a dtype the device cannot hold (MPS has no float64)."""
+    if device.type == "mps" and "float64" in dtype_names:
+        raise ValueError("device 'mps' has no float64; run with --dtypes float32 there")
 
 
 def build_problems(quick: bool, names: list[str], seed: int) -> list[Problem]:
@@ -635,14 +700,18 @@ def run(
     *, quick: bool = False, repeats: int | None = None, steps: int | None = None,
     ks: list[int] | None = None, problems: list[str] | None = None,
     dtypes: list[str] | None = None, seed: int = 0, counts: bool = True,
-    pairs: int | None = None,
+    pairs: int | None = None, device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """The whole benchmark; returns the JSON-ready result dict."""
+    """The whole benchmark on ``device`` (a name is resolved with
+    :func:`rbp.runner.device.resolve_device`, which raises ``ConfigError``, a ``ValueError``,
+    for a device this machine lacks); returns the JSON-ready result dict."""
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     steps = steps or (80 if quick else 100)
     ks = ks or ([5, 25] if quick else [10, 20, 30])
     repeats = repeats or (2 if quick else 9)
     names = problems or ["rnn", "gru", "rnn-nonnormal"]
-    dtype_names = dtypes or (["float64"] if quick else ["float64", "float32"])
+    dtype_names = dtypes or default_dtypes(quick)
+    check_dtypes(device, dtype_names)
     if max(ks) > steps:
         raise ValueError("every K must be <= T (tbptt back-propagates K steps)")
     methods, skipped = [], []
@@ -654,7 +723,8 @@ def run(
             skipped.append({"method": m.name, "reason": why})
     result: dict[str, Any] = {
         "settings": {"T": steps, "K": ks, "repeats": repeats, "quick": quick, "seed": seed,
-                     "dtypes": dtype_names, "threads": torch.get_num_threads()},
+                     "dtypes": dtype_names, "threads": torch.get_num_threads(),
+                     **device_settings(device)},
         "versions": _versions(), "machine": _machine(), "problems": {}, "rows": [],
         "skipped": skipped,
     }
@@ -673,7 +743,7 @@ def run(
         for dname in dtype_names:
             result["rows"] += bench_problem(
                 p, exact, methods, steps, ks, repeats, getattr(torch, dname),
-                counts and dname == "float64",
+                counts and dname == "float64", device,
             )
     result["overhead"] = {
         f"{r['problem']}/{r['dtype']}/K={r['K']}": {"wall": r["ratio_vs_hand"],
@@ -688,7 +758,7 @@ def run(
         studied[-1].name = "rnn-tiny"
         for p in studied:
             for dname in dtype_names:
-                q = p if dname == "float64" else p.cast(getattr(torch, dname))
+                q = p.on(getattr(torch, dname), device)
                 for k in ks:
                     paired.append(paired_overhead(q, steps, k, pairs))
     result["overhead_paired"] = paired
@@ -696,7 +766,8 @@ def run(
     # with the default a-posteriori error check and without it.
     target = []
     if pairs > 0:
-        small = make_rnn(*((16, 4, 8) if quick else (128, 16, 32)), seed).cast(torch.float32)
+        small = make_rnn(*((16, 4, 8) if quick else (128, 16, 32)), seed).cast(torch.float32,
+                                                                               device)
         small.name = "rnn-128x16" if not quick else "rnn-tiny"
         for kwargs in ({}, {"max_backward_error": None}):
             target.append(paired_overhead(small, 50, 20, max(pairs, 3 if quick else 200),
@@ -704,6 +775,26 @@ def run(
     result["overhead_target"] = target
     result["wall_time_s"] = time.perf_counter() - start
     return result
+
+
+def device_settings(device: torch.device) -> dict[str, Any]:
+    """What the JSON records of the device: ``device`` and, on a GPU, ``gpu`` (its model) and
+    whether float32 matmuls / convolutions may use TF32 there."""
+    out = describe_device(device)
+    if device.type == "cuda":
+        out["allow_tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                             "cudnn": torch.backends.cudnn.allow_tf32}
+    return out
+
+
+def device_line(settings: dict[str, Any], cpu_clock: bool = True) -> str:
+    """The printed header: which device the numbers come from (and, off the CPU, if the
+    benchmark also reads a process CPU clock, that it records wall time only)."""
+    name = settings.get("device", "cpu")
+    gpu = f" ({settings['gpu']})" if settings.get("gpu") else ""
+    clock = ("" if name == "cpu" or not cpu_clock
+             else "; wall time only (process CPU time misses GPU work)")
+    return f"device: {name}{gpu}, torch threads {settings.get('threads')}{clock}"
 
 
 def _versions() -> dict[str, str | None]:
@@ -723,42 +814,58 @@ def _machine() -> dict[str, Any]:
             "processor": platform.processor() or platform.machine()}
 
 
+def _num(value: float | None, spec: str) -> str:
+    """``value`` formatted, or ``-`` where it was not measured (CPU time off the CPU)."""
+    return "-" if value is None else format(value, spec)
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """Markdown table of all rows."""
+    """The device line, then a Markdown table of all rows. Off the CPU the overhead tables
+    compare wall time (process CPU time is not recorded there)."""
     head = ("| problem | dtype | method | K | rel. err dW | rel. err dx | time ms | cpu ms "
             "| saved KiB | bwd KiB | F / vjp | ratio vs hand (wall / cpu) |")
-    lines = [head, "|" + "---|" * 12] if result["rows"] else []  # none with --overhead-only
+    lines = [device_line(result["settings"]), ""] if "settings" in result else []
+    if result["rows"]:  # none with --overhead-only
+        lines += [head, "|" + "---|" * 12]
     for r in result["rows"]:
         calls = f"{r['n_f']} / {r['n_vjp']}" if "n_f" in r else "-"
-        ratio = (f"{r['ratio_vs_hand']:.2f} / {r['cpu_ratio_vs_hand']:.2f}"
+        ratio = (f"{r['ratio_vs_hand']:.2f} / {_num(r['cpu_ratio_vs_hand'], '.2f')}"
                  if r["ratio_vs_hand"] else "-")
         bwd = "n/a" if r["bwd_saved_kib"] is None else f"{r['bwd_saved_kib']:.0f}"
         lines.append(
             f"| {r['problem']} | {r['dtype']} | {r['method']} | {r['K'] or '-'} "
             f"| {r['rel_err_W']:.2e} | {r['rel_err_x']:.2e} | {r['time_ms']:.2f} "
-            f"| {r['cpu_ms']:.2f} "
+            f"| {_num(r['cpu_ms'], '.2f')} "
             f"| {r['saved_kib']:.0f} | {bwd} | {calls} | {ratio} |"
         )
     for s in result["skipped"]:
         lines.append(f"\nskipped {s['method']}: {s['reason']}")
     if result.get("overhead_paired"):
-        lines += ["", "rbp.neumann vs hand.neumann, alternating calls (medians; CPU ms):", "",
+        paired = result["overhead_paired"]
+        cpu = all(o["paired_cpu_ratio"] is not None for o in paired)
+        c, extra = ("cpu_", "extra_cpu_us_per_call") if cpu else ("", "extra_us_per_call")
+        lines += ["", "rbp.neumann vs hand.neumann, alternating calls (medians; "
+                  f"{'CPU' if cpu else 'wall'} ms):", "",
                   "| problem | dtype | K | rbp fwd | hand fwd | rbp bwd | hand bwd "
-                  "| paired ratio wall | paired ratio cpu | extra cpu us/call |",
+                  f"| paired ratio wall | paired ratio cpu | extra {'cpu' if cpu else 'wall'} "
+                  "us/call |",
                   "|" + "---|" * 10]
-        for o in result["overhead_paired"]:
+        for o in paired:
             lines.append(
-                f"| {o['problem']} | {o['dtype']} | {o['K']} | {o['rbp_cpu_fwd_ms']:.2f} "
-                f"| {o['hand_cpu_fwd_ms']:.2f} | {o['rbp_cpu_bwd_ms']:.2f} "
-                f"| {o['hand_cpu_bwd_ms']:.2f} | {o['paired_ratio']:.3f} "
-                f"| {o['paired_cpu_ratio']:.3f} | {o['extra_cpu_us_per_call']:.0f} |"
+                f"| {o['problem']} | {o['dtype']} | {o['K']} | {o[f'rbp_{c}fwd_ms']:.2f} "
+                f"| {o[f'hand_{c}fwd_ms']:.2f} | {o[f'rbp_{c}bwd_ms']:.2f} "
+                f"| {o[f'hand_{c}bwd_ms']:.2f} | {o['paired_ratio']:.3f} "
+                f"| {_num(o['paired_cpu_ratio'], '.3f')} | {o[extra]:.0f} |"
             )
     for o in result.get("overhead_target", []):
+        cpu = o["paired_cpu_ratio"] is not None
+        c, clock = ("cpu_", "CPU") if cpu else ("", "wall")
+        ratio = o["paired_cpu_ratio"] if cpu else o["paired_ratio"]
         lines.append(
             f"\ntarget {o['problem']} {o['dtype']} T={o['T']} K={o['K']} {o['rbp_kwargs'] or ''}: "
-            f"rbp fwd {o['rbp_cpu_fwd_ms']:.3f} / bwd {o['rbp_cpu_bwd_ms']:.3f} ms, hand fwd "
-            f"{o['hand_cpu_fwd_ms']:.3f} / bwd {o['hand_cpu_bwd_ms']:.3f} ms, paired CPU ratio "
-            f"{o['paired_cpu_ratio']:.3f}"
+            f"rbp fwd {o[f'rbp_{c}fwd_ms']:.3f} / bwd {o[f'rbp_{c}bwd_ms']:.3f} ms, hand fwd "
+            f"{o[f'hand_{c}fwd_ms']:.3f} / bwd {o[f'hand_{c}bwd_ms']:.3f} ms, paired {clock} "
+            f"ratio {ratio:.3f}"
         )
     return "\n".join(lines)
 
@@ -780,17 +887,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the issue's small problem (tanh RNN 128 x 16, T=50, K=20, "
                              "float32): rbp.neumann against the hand-written loop (~1 min)")
+    parser.add_argument("--device", default="cpu",
+                        help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
     args = parser.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        if not args.overhead_only:  # that one is float32
+            check_dtypes(device, args.dtypes or default_dtypes(args.quick))
+    except ValueError as exc:  # ConfigError: no such device here; no float64 on it
+        print(f"core_bench: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     torch.set_num_threads(args.threads)
     if args.overhead_only:
         pairs = args.pairs or 300
-        small = make_rnn(128, 16, 32, 0).cast(torch.float32)
+        small = make_rnn(128, 16, 32, 0).cast(torch.float32, device)
         small.name = "rnn-128x16"
         start = time.perf_counter()
         target = [paired_overhead(small, 50, 20, pairs, **kw)
                   for kw in ({}, {"max_backward_error": None})]
         only: dict[str, Any] = {
-            "settings": {"threads": torch.get_num_threads(), "pairs": pairs},
+            "settings": {"threads": torch.get_num_threads(), "pairs": pairs,
+                         **device_settings(device)},
             "versions": _versions(), "machine": _machine(), "overhead_target": target,
             "wall_time_s": time.perf_counter() - start,
             "command": " ".join(["python", "benchmarks/core_bench.py",
@@ -803,7 +920,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return only
     result = run(quick=args.quick, repeats=args.repeats, steps=args.steps, ks=args.k,
                  problems=args.problems, dtypes=args.dtypes, counts=not args.no_counts,
-                 pairs=args.pairs)
+                 pairs=args.pairs, device=device)
     result["command"] = " ".join(["python", "benchmarks/core_bench.py", *(argv or sys.argv[1:])])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))

@@ -29,8 +29,13 @@ from ``-I``, rbp with a memory that never fills, and TorchDEQ with ``LBFGS_thres
 rates 0.1 ... 0.95 and reports row updates with per-sample stopping against batch-maximum
 stopping.
 
-Run ``python benchmarks/forward_bench.py [--quick] [--repeats N] [--out DIR]``; writes
-``DIR/bench.json`` (default ``results/forward_bench``) and prints the tables.
+Run ``python benchmarks/forward_bench.py [--quick] [--repeats N] [--device NAME] [--out DIR]``;
+writes ``DIR/bench.json`` (default ``results/forward_bench``) and prints the tables.
+
+``--device`` (auto, cpu, cuda, cuda:N, mps; default cpu) is where every problem and solver
+runs: the problems are built on the CPU from the same seeds as always and then moved; on a GPU
+the clock is read after ``torch.cuda.synchronize``. ``settings.device`` (and ``settings.gpu``)
+in the JSON name it.
 """
 
 from __future__ import annotations
@@ -50,10 +55,13 @@ from typing import Any
 import torch
 
 import rbp
+from rbp.runner.device import resolve_device
 
 Tensor = torch.Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import core_bench  # noqa: E402  (the core benchmark's dynamics)
+
+CPU = torch.device("cpu")
 
 MAX_ITERS = 3000
 
@@ -71,8 +79,8 @@ class Problem:
         return lambda h: self.f(h, *self.inputs)
 
 
-def _from_core(p: core_bench.Problem, dtype: torch.dtype) -> Problem:
-    args = [a.detach().to(dtype) for a in p.args]
+def _from_core(p: core_bench.Problem, dtype: torch.dtype, device: torch.device = CPU) -> Problem:
+    args = [a.detach().to(device=device, dtype=dtype) for a in p.args]
     xi = p.input_index
     x = args[xi]
 
@@ -81,28 +89,32 @@ def _from_core(p: core_bench.Problem, dtype: torch.dtype) -> Problem:
         full[xi] = x_rows
         return p.step(h, *full)
 
-    return Problem(p.name, f, p.h0.to(dtype), (x,))
+    return Problem(p.name, f, p.h0.to(device=device, dtype=dtype), (x,))
 
 
-def slow_affine(batch: int, n: int, dtype: torch.dtype, seed: int = 3) -> Problem:
+def slow_affine(batch: int, n: int, dtype: torch.dtype, seed: int = 3,
+                device: torch.device = CPU) -> Problem:
     """``h W^T + x`` with W symmetric, eigenvalues in [-0.5, 0.98]: plain iteration is slow."""
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
-    w = (q @ torch.diag(torch.linspace(-0.5, 0.98, n, dtype=torch.float64)) @ q.T).to(dtype)
-    x = torch.randn(batch, n, generator=gen, dtype=torch.float64).to(dtype)
-    return Problem("slow", lambda h, x: h @ w.T + x, torch.zeros(batch, n, dtype=dtype), (x,))
+    w = (q @ torch.diag(torch.linspace(-0.5, 0.98, n, dtype=torch.float64)) @ q.T).to(
+        device=device, dtype=dtype)
+    x = torch.randn(batch, n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return Problem("slow", lambda h, x: h @ w.T + x,
+                   torch.zeros(batch, n, dtype=dtype, device=device), (x,))
 
 
 CONV_SCALE = 1.8  # with 64 channels plain iteration then contracts at ~0.95 per step (measured)
 
 
 def conv_deq(batch: int, channels: int, size: int, dtype: torch.dtype, seed: int = 5,
-             scale: float = CONV_SCALE) -> Problem:
+             scale: float = CONV_SCALE, device: torch.device = CPU) -> Problem:
     """``tanh(conv2(tanh(conv1(h))) + inject(x))``, two 3x3 convs over ``channels`` channels.
 
     Each conv's weight, reshaped to ``(channels, 9 channels)``, is scaled to spectral norm
     ``scale``; at 1.8 (64 channels) plain iteration contracts at ~0.95 per step, the slow regime
-    of DEQ cells (0.9-0.97); the rate is measured and reported (``plain_rate``).
+    of DEQ cells (0.9-0.97); the rate is measured and reported (``plain_rate``). Weights and
+    the injection ``inject(x)`` are computed on the CPU, then moved to ``device``.
     """
     torch.manual_seed(seed)
     c1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(dtype)
@@ -116,23 +128,25 @@ def conv_deq(batch: int, channels: int, size: int, dtype: torch.dtype, seed: int
         m.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, size, size, generator=gen, dtype=torch.float64).to(dtype)
-    u = inject(x)
+    u = inject(x).to(device)
+    c1, c2 = c1.to(device), c2.to(device)
 
     def f(h: Tensor, u: Tensor) -> Tensor:
         return torch.tanh(c2(torch.tanh(c1(h))) + u)
 
-    return Problem("conv-deq", f, torch.zeros(batch, channels, size, size, dtype=dtype), (u,))
+    return Problem("conv-deq", f,
+                   torch.zeros(batch, channels, size, size, dtype=dtype, device=device), (u,))
 
 
-def problems(dtype: torch.dtype, quick: bool) -> list[Problem]:
+def problems(dtype: torch.dtype, quick: bool, device: torch.device = CPU) -> list[Problem]:
     b = 8 if quick else 16
     hidden = 32 if quick else 64
     out = [
-        _from_core(core_bench.make_rnn(hidden, b, 16, 0), dtype),
-        _from_core(core_bench.make_gru(hidden, b, 16, 1), dtype),
-        _from_core(core_bench.make_rnn(hidden, b, 16, 2, nonnormal=True), dtype),
-        slow_affine(b, hidden, dtype),
-        conv_deq(4 if quick else 8, 64, 8 if quick else 16, dtype),
+        _from_core(core_bench.make_rnn(hidden, b, 16, 0), dtype, device),
+        _from_core(core_bench.make_gru(hidden, b, 16, 1), dtype, device),
+        _from_core(core_bench.make_rnn(hidden, b, 16, 2, nonnormal=True), dtype, device),
+        slow_affine(b, hidden, dtype, device=device),
+        conv_deq(4 if quick else 8, 64, 8 if quick else 16, dtype, device=device),
     ]
     return out
 
@@ -229,12 +243,15 @@ def bench(p: Problem, tol: float, names: list[str], repeats: int) -> list[dict[s
                      "tol": tol, "solver": name, "evals": evals, "calls": counter.calls,
                      "row_updates": counter.rows, "max_rel_res": res, "ok": res <= tol,
                      "times": []})
+    device = p.h0.device
     for _ in range(repeats):  # round-robin so that load falls on every solver alike
         for row in rows:
             counter = Counter(p.f)
+            core_bench.synchronize(device)
             start = time.perf_counter()
             with torch.no_grad():
                 SOLVERS[row["solver"]](p, tol, counter)
+            core_bench.synchronize(device)  # a GPU's queued work belongs to this solve
             row["times"].append(time.perf_counter() - start)
     for row in rows:
         row["time_ms"] = 1e3 * statistics.median(row.pop("times"))
@@ -307,16 +324,18 @@ def broyden_memory_rows(rows: list[dict[str, Any]], probs: dict[tuple[str, str],
     return out
 
 
-def per_sample_table(dtype: torch.dtype, quick: bool) -> list[dict[str, Any]]:
+def per_sample_table(dtype: torch.dtype, quick: bool,
+                     device: torch.device = CPU) -> list[dict[str, Any]]:
     """A batch whose samples contract at 0.1 ... 0.95: per-sample vs batch-maximum stopping."""
     batch, n = (8, 32) if quick else (32, 64)
     gen = torch.Generator().manual_seed(7)
     q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
-    w = q.to(dtype)
-    x = torch.randn(batch, n, generator=gen, dtype=torch.float64).to(dtype)
-    s = torch.linspace(0.1, 0.95, batch, dtype=torch.float64)[:, None].to(dtype)
+    w = q.to(device=device, dtype=dtype)
+    x = torch.randn(batch, n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    s = torch.linspace(0.1, 0.95, batch, dtype=torch.float64)[:, None].to(device=device,
+                                                                          dtype=dtype)
     p = Problem("rates 0.1..0.95", lambda h, x, s: torch.tanh(s * (h @ w.T) + x),
-                torch.zeros(batch, n, dtype=dtype), (x, s))
+                torch.zeros(batch, n, dtype=dtype, device=device), (x, s))
     out = []
     for tol in (1e-4, 1e-6):
         for label, runner in (
@@ -342,9 +361,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="results/forward_bench")
+    parser.add_argument("--device", default="cpu",
+                        help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats})")
+    try:
+        device = resolve_device(args.device)
+        if device.type == "mps":
+            raise ValueError("device 'mps' has no float64, which every problem here also "
+                             "runs in (and the round-off floors need); use cpu or cuda")
+    except ValueError as exc:  # ConfigError: no such device here; no float64 on it
+        print(f"forward_bench: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     repeats = 1 if args.quick else args.repeats
     torch.set_num_threads(1)
     have_deq = importlib.util.find_spec("torchdeq") is not None
@@ -353,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     probs: dict[tuple[str, str], Problem] = {}
     rates: dict[str, float] = {}
     floors: dict[str, float] = {}
-    by_dtype = {dtype: problems(dtype, args.quick) for dtype in (torch.float32, torch.float64)}
+    by_dtype = {dtype: problems(dtype, args.quick, device)
+                for dtype in (torch.float32, torch.float64)}
     twins = {p.name: p for p in by_dtype[torch.float64]}  # the float64 problems
     for dtype, probs_of_dtype in by_dtype.items():
         for p in probs_of_dtype:
@@ -366,11 +396,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for row in bench(p, tol, names, repeats):
                     row["below_floor"] = tol < floor
                     rows.append(row)
-    per_sample = [r for d in (torch.float32, torch.float64) for r in per_sample_table(d,
-                                                                                  args.quick)]
+    per_sample = [r for d in (torch.float32, torch.float64)
+                  for r in per_sample_table(d, args.quick, device)]
     result = {
         "command": "python benchmarks/forward_bench.py"
-                   + (" --quick" if args.quick else f" --repeats {repeats}"),
+                   + (" --quick" if args.quick else f" --repeats {repeats}")
+                   + ("" if args.device == "cpu" else f" --device {args.device}"),
+        "settings": core_bench.device_settings(device),
         "torch": torch.__version__,
         "torchdeq": _version("torchdeq") if have_deq else None,
         "platform": platform.platform(),
@@ -386,6 +418,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
+    print(core_bench.device_line({**result["settings"], "threads": result["threads"]},
+                                 cpu_clock=False))  # its times are wall times anyway
+    print()
     print(format_tables(result))
     print()
     print(format_summary(result))

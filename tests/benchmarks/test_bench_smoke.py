@@ -1,10 +1,12 @@
-"""Smoke test of benchmarks/core_bench.py: its --quick mode, in process, on tiny sizes."""
+"""Smoke test of benchmarks/core_bench.py: its --quick mode, in process, on tiny sizes; and the
+--device option of core_bench.py and forward_bench.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "core_bench.py"
+FORWARD = BENCH.with_name("forward_bench.py")
 ROW_KEYS = {"problem", "dtype", "method", "family", "K", "T", "rel_err_W", "rel_err_x",
             "time_ms", "times_ms", "cpu_ms", "cpu_ratio_vs_hand", "saved_kib",
             "saved_total_kib", "bwd_saved_kib", "n_f", "n_vjp", "ratio_vs_hand", "note"}
@@ -53,6 +56,7 @@ def test_json_fields(quick: dict[str, Any]) -> None:
             "wall_time_s", "command"} <= set(quick)
     assert quick["settings"]["quick"] is True
     assert quick["settings"]["threads"] == 1
+    assert quick["settings"]["device"] == "cpu" and "gpu" not in quick["settings"]
     problem = quick["problems"]["rnn"]
     assert problem["exact_residual"] <= 1e-12
     assert 0 < problem["rho_J"] < 1
@@ -155,3 +159,200 @@ def test_overhead_only_runs_the_small_problem_and_writes_json(bench: Any, tmp_pa
     for o in (plain, unchecked):
         assert o["paired_cpu_ratio"] > 0 and math.isfinite(o["paired_cpu_ratio"])
         assert o["hand_cpu_fwd_ms"] > 0 and o["rbp_cpu_bwd_ms"] > 0
+
+
+# --------------------------------------------------------------------------- --device
+
+
+@pytest.fixture(scope="module")
+def forward(bench: Any) -> Any:
+    """benchmarks/forward_bench.py, importing the core_bench module loaded above."""
+    spec = importlib.util.spec_from_file_location("forward_bench", FORWARD)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get("forward_bench")
+    sys.modules["forward_bench"] = module  # dataclasses resolve their module by name
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            sys.modules.pop("forward_bench", None)
+        else:
+            sys.modules["forward_bench"] = saved
+    return module
+
+
+def _tiny_core(bench: Any, out: Path, device: str) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--device", device, "--problems", "rnn", "--repeats", "1",
+                    "--steps", "30", "--k", "3", "10", "--pairs", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "bench.json").read_text())
+
+
+def _tiny_forward(forward: Any, monkeypatch: pytest.MonkeyPatch, out: Path,
+                  device: str) -> dict[str, Any]:
+    """forward_bench --quick on its first problem (the tanh RNN) only."""
+    build = forward.problems
+    monkeypatch.setattr(forward, "problems", lambda *a, **kw: build(*a, **kw)[:1])
+    threads = torch.get_num_threads()
+    try:
+        forward.main(["--quick", "--device", device, "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_cast_moves_a_problem_with_fresh_leaves(bench: Any) -> None:
+    p = bench.make_rnn(6, 3, 4, 0)
+    assert p.on(torch.float64, torch.device("cpu")) is p  # the default path: no copy
+    q = p.cast(torch.float32, "cpu")
+    assert q.device == torch.device("cpu") and q.h0.dtype == q.target.dtype == torch.float32
+    for a, b in zip(p.args, q.args, strict=True):
+        assert b.is_leaf and b.requires_grad and b is not a and b.dtype == torch.float32
+        assert torch.equal(b.detach(), a.detach().float())
+    assert p.on(torch.float32, torch.device("cpu")) is not p
+
+
+def test_core_bench_device_cpu_quick_records_the_device(
+    bench: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = _tiny_core(bench, tmp_path, "cpu")
+    assert result["settings"]["device"] == "cpu" and "gpu" not in result["settings"]
+    assert "--device cpu" in result["command"]
+    assert capsys.readouterr().out.splitlines()[0] == "device: cpu, torch threads 1"
+    for row in result["rows"]:  # on the CPU both clocks are recorded
+        assert row["cpu_ms"] > 0 and math.isfinite(row["rel_err_W"])
+    for o in result["overhead_paired"]:
+        assert o["paired_cpu_ratio"] > 0 and o["extra_us_per_call"] is not None
+
+
+def test_forward_bench_device_cpu_quick_records_the_device(
+    forward: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = _tiny_forward(forward, monkeypatch, tmp_path, "cpu")
+    assert result["settings"] == {"device": "cpu"}
+    assert capsys.readouterr().out.splitlines()[0] == "device: cpu, torch threads 1"
+    assert {r["problem"] for r in result["rows"]} == {"rnn"}
+    assert all(r["time_ms"] > 0 for r in result["rows"])
+
+
+def _unavailable_devices() -> list[str]:
+    out = ["nosuch", "cuda:99"]
+    if not torch.cuda.is_available():
+        out.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        out.append("mps")
+    return out
+
+
+@pytest.mark.parametrize("device", _unavailable_devices())
+@pytest.mark.parametrize("script", ["core_bench", "forward_bench"])
+def test_unavailable_device_exits_2_with_one_line(
+    bench: Any, forward: Any, script: str, device: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    module = bench if script == "core_bench" else forward
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--quick", "--device", device, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), lines
+    assert f"'{device}'" in lines[0]
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_off_the_cpu_only_wall_time_is_recorded_and_shown(
+    bench: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU's bookkeeping, exercised on the CPU: no process CPU time, wall-time tables."""
+    monkeypatch.setattr(bench, "host_clock", lambda device: False)
+    threads = torch.get_num_threads()
+    try:
+        result = bench.run(quick=True, repeats=1, steps=30, ks=[3], problems=["rnn"],
+                           counts=False, pairs=1)
+    finally:
+        torch.set_num_threads(threads)
+    for row in result["rows"]:
+        assert row["time_ms"] > 0 and row["cpu_ms"] is None and row["cpu_ratio_vs_hand"] is None
+    for o in result["overhead_paired"] + result["overhead_target"]:
+        assert o["paired_ratio"] > 0 and o["rbp_fwd_ms"] > 0 and o["extra_us_per_call"]
+        assert o["paired_cpu_ratio"] is None and o["extra_cpu_us_per_call"] is None
+        assert o["rbp_cpu_fwd_ms"] is None and o["hand_cpu_total_ms"] is None
+    result["settings"].update(device="cuda:0", gpu="Some GPU")
+    table = bench.format_table(result)
+    assert table.splitlines()[0] == ("device: cuda:0 (Some GPU), torch threads 1; wall time "
+                                     "only (process CPU time misses GPU work)")
+    assert "alternating calls (medians; wall ms)" in table and "paired wall ratio" in table
+    assert "| rnn | float64 | rbp.neumann | 3 |" in table
+
+
+def test_cuda_timers_synchronize_the_device(bench: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", calls.append)
+    bench.synchronize(torch.device("cpu"))
+    assert calls == []
+    bench.synchronize(torch.device("cuda", 1))
+    assert calls == [torch.device("cuda", 1)]
+
+
+def test_mps_refuses_float64_before_any_work(bench: Any) -> None:
+    with pytest.raises(ValueError, match="has no float64"):
+        bench.check_dtypes(torch.device("mps"), ["float64"])
+    bench.check_dtypes(torch.device("mps"), ["float32"])
+    bench.check_dtypes(torch.device("cpu"), ["float64", "float32"])
+
+
+@pytest.mark.parametrize("script", [BENCH, FORWARD])
+def test_unavailable_device_on_the_command_line(script: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(script), "--device", "nosuch", "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"{script.stem}: error: unknown device 'nosuch' "
+                                   "(valid: auto, cpu, cuda, cuda:N, mps)"), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_runs_on_the_gpu(
+    bench: Any, forward: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    gpu = bench.run(quick=True, repeats=1, steps=30, ks=[3, 10], problems=["rnn"], pairs=1,
+                    device="cuda")
+    cpu = bench.run(quick=True, repeats=1, steps=30, ks=[3, 10], problems=["rnn"], pairs=1)
+    settings = gpu["settings"]
+    assert settings["device"] == "cuda:0"
+    assert settings["gpu"] == torch.cuda.get_device_name(0)
+    assert set(settings["allow_tf32"]) == {"matmul", "cudnn"}
+    assert "device: cuda:0 (" in bench.format_table(gpu)
+    # The same float64 maths on either device: where a method made the same number of
+    # products (all but those stopping on a tolerance, which may stop one step apart), the
+    # errors agree closely.
+    fixed = {"rbp.bptt", "rbp.tbptt", "rbp.rbp", "rbp.neumann", "hand.neumann"}
+    for g, c in zip(gpu["rows"], cpu["rows"], strict=True):
+        assert (g["method"], g["K"], g["n_f"]) == (c["method"], c["K"], c["n_f"])
+        assert g["n_vjp"] == c["n_vjp"] or g["method"] not in fixed, g
+        if g["n_vjp"] == c["n_vjp"]:
+            assert g["rel_err_W"] == pytest.approx(c["rel_err_W"], rel=1e-6, abs=1e-12), g
+            assert g["rel_err_x"] == pytest.approx(c["rel_err_x"], rel=1e-6, abs=1e-12), g
+        assert g["time_ms"] > 0 and g["cpu_ms"] is None and g["cpu_ratio_vs_hand"] is None
+    for o in gpu["overhead_paired"] + gpu["overhead_target"]:
+        assert o["paired_ratio"] > 0 and o["rbp_fwd_ms"] > 0
+        assert o["paired_cpu_ratio"] is None and o["rbp_cpu_fwd_ms"] is None
+    # forward_bench: every problem's state and inputs on the GPU, the device in the JSON.
+    for dtype in (torch.float32, torch.float64):
+        for p in forward.problems(dtype, True, torch.device("cuda")):
+            assert p.h0.is_cuda and all(x.is_cuda for x in p.inputs), p.name
+            assert p.closed()(p.h0).is_cuda
+    result = _tiny_forward(forward, monkeypatch, tmp_path, "cuda")
+    assert result["settings"]["device"] == "cuda:0" and result["settings"]["gpu"]
+    assert capsys.readouterr().out.splitlines()[0].startswith("device: cuda:0 (")
+    assert all(r["time_ms"] > 0 for r in result["rows"])
