@@ -596,3 +596,18 @@ def test_results_record_the_threads_the_run_used(tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(threads)
         unregister("lcnet")
+
+
+def test_dry_run_of_a_resume_says_what_the_resume_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r"
+    assert _run(out, "--set", "interrupt_after=5") == 130
+    capsys.readouterr()
+    assert _run(out, "--resume", "--dry-run") == 0
+    assert "ready to run" in capsys.readouterr().out
+    assert _run(out, "--resume", "--dry-run", "--set", "lr=0.1") == 2
+    assert "cannot --resume" in capsys.readouterr().err
+    (out / "results.json").write_text('{"status": "runn')
+    assert _run(out, "--resume", "--dry-run") == 2
+    assert "settings of the run to resume are unknown" in capsys.readouterr().err

@@ -241,6 +241,10 @@ def _dry_run(exp: Experiment, cfg: Any, out: Path, resume: bool, force: bool) ->
                             "there; wait for it to end or choose another --out")
         try:
             check_run_dir(out, resume, force)
+            if resume and out.is_dir():  # what --resume would refuse: unknown or other settings
+                from rbp.runner.lifecycle import _check_resume, _previous_results
+
+                _check_resume(out, _previous_results(out), cfg, exp.name)
         except RunExistsError as exc:
             problems.append(str(exc))
     for problem in problems:
