@@ -213,6 +213,7 @@ class Adjoint:
             error_estimate=solution.error_estimate,
             sample_errors=solution.sample_errors if self.batch_dim is not None else None,
             dtype=str(work).removeprefix("torch."),
+            relative_residual=_max_or_none(solution.sample_residuals),
         )
         problem = self._problem(solution, b)
         if problem is not None:
@@ -222,6 +223,7 @@ class Adjoint:
                 solution = _solve(self.fallback, op, b, fb_name)
                 record.fell_back_to = fb_name
                 record.error_estimate = solution.error_estimate
+                record.relative_residual = _max_or_none(solution.sample_residuals)
                 record.sample_errors = (
                     solution.sample_errors if self.batch_dim is not None else None
                 )
@@ -319,18 +321,27 @@ class Adjoint:
         return double_vjp
 
 
+# Solvers whose Solution is taken as it comes: rbp's own (their estimates are documented in
+# docs/guarantees.md; exact types, not subclasses, which may override solve).
+_TRUSTED = (solvers.Neumann, solvers.RBP, solvers.CGNormal, solvers.GMRES, _Identity, _Damped)
+
+
 def _solve(solver: Any, op: solvers.AdjointOperator, b: Tensor, name: str) -> solvers.Solution:
-    """Run a built-in or user solver and normalise its result to a :class:`Solution`."""
+    """Run a built-in or user solver and normalise its result to a :class:`Solution`.
+
+    A user solver gets a copy of ``b`` (it may modify it), and whatever it returns is
+    re-measured: the true residual ``||A z - b|| / ||b||`` of its ``z`` against the original
+    ``b`` (one product) is its error estimate; its own ``sample_errors`` are not trusted.
+    """
+    trusted = type(solver) in _TRUSTED
     solve = solver.solve if solvers.is_solver(solver) else solver
     try:
-        result = solve(op, b)
+        result = solve(op, b if trusted else b.clone())
     except torch.linalg.LinAlgError as exc:  # a user solver's dense solve, say
         raise DivergenceError(
             f"{name}: the backward solve failed in linear algebra: {exc}"
         ) from exc
-    if isinstance(result, solvers.Solution) and (
-        result.sample_errors is not None or isinstance(solver, (_Identity, _Damped))
-    ):
+    if trusted and isinstance(result, solvers.Solution):
         return result
     z = result if isinstance(result, Tensor) else getattr(result, "z", None)
     if not isinstance(z, Tensor) or z.shape != b.shape:
@@ -355,7 +366,11 @@ def _solve(solver: Any, op: solvers.AdjointOperator, b: Tensor, name: str) -> so
         ) from None
     residuals = [float(r) for r in getattr(result, "residuals", []) or []]
     iterations = int(getattr(result, "iterations", 0) or 0)
-    return solvers.Solution(z, iterations, residuals, status, errors)
+    return solvers.Solution(z, iterations, residuals, status, errors, sample_residuals=errors)
+
+
+def _max_or_none(values: list[float] | None) -> float | None:
+    return None if values is None else max(values, default=0.0)
 
 
 class _ImplicitGradient(torch.autograd.Function):

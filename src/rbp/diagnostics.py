@@ -88,11 +88,16 @@ _STATUS_MESSAGES = {
 class BackwardInfo:
     """One backward call of an implicit method.
 
-    ``error_estimate`` is the solver's a-posteriori estimate of its own error (max over
-    samples): the estimated relative error ``||z - z_K|| / ||z_K||`` of the Neumann / RBP
-    series from the decay rate of its last increments, or the true relative residual
-    ``||(I - J^T) z - g|| / ||g||`` of a Krylov solve; ``None`` for JFB / phantom gradients,
-    which are inexact by design. ``sample_errors`` holds it per sample when ``batch_dim`` is set.
+    ``error_estimate`` is the a-posteriori estimate of the relative error ``||z_K - z|| /
+    ||z_K||`` of the adjoint (max over samples); see ``docs/guarantees.md``. Neumann / RBP: the
+    tail of the series extrapolated from its last increments (the larger of a mean-rate
+    geometric tail and a Ritz extrapolation that sees a slow mode hidden under faster ones);
+    CG / GMRES: the true relative residual times ``||g|| / (sigma ||z_K||)``, with ``sigma``
+    the smallest of the Krylov estimates of ``sigma_min(I - J^T)`` (Ritz values of the
+    Lanczos / Hessenberg matrix and ``||A r|| / ||r||`` along the final residual), so at least
+    the residual; user solvers: the true relative residual (no conditioning estimate).
+    ``None`` for JFB / phantom gradients, which are inexact by design. ``sample_errors`` holds
+    it per sample when ``batch_dim`` is set.
     """
 
     method: str
@@ -105,6 +110,9 @@ class BackwardInfo:
     error_estimate: float | None = None
     sample_errors: list[float] | None = None
     dtype: str = ""  # dtype the adjoint was solved in
+    # the true relative residual ||(I - J^T) z - g|| / ||g|| of the returned z (max over
+    # samples), measured by the core for Krylov and user solvers; None for the series
+    relative_residual: float | None = None
 
 
 @dataclass

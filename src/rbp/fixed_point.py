@@ -129,10 +129,14 @@ def fixed_point(
             (:class:`ConvergenceWarning`) or ``"ignore"``. A non-finite forward state always
             raises.
         max_backward_error: report (per ``on_failure``) an implicit solve whose a-posteriori
-            error estimate exceeds this (Neumann / RBP: estimated ``||z - z_K|| / ||z_K||``
-            from the decay of the last increments; CG / GMRES / user solvers: the true relative
-            residual ``||(I - J^T) z - g|| / ||g||``). ``None``: check statuses only. JFB and
-            phantom gradients are inexact by design and never checked.
+            estimate of the relative error ``||z_K - z|| / ||z_K||`` of the adjoint exceeds
+            this (Neumann / RBP: the series' tail extrapolated from its last increments, Ritz
+            values included; CG / GMRES: the true relative residual divided by a Krylov
+            estimate of ``sigma_min(I - J^T)``; user solvers: the true relative residual of
+            their ``z``, re-measured by the core). What it guarantees and where it can fail:
+            ``docs/guarantees.md``. ``None``: check statuses only. JFB and phantom gradients
+            are inexact by design and never checked (an unstable fixed point is still
+            reported for them).
         fallback: a backward solver (name or :mod:`rbp.solvers` value) to re-solve with when
             the backward solve fails or exceeds ``max_backward_error`` (e.g. ``"gmres"``); the
             failure is then a warning, unless the fallback fails too (then per ``on_failure``).

@@ -27,10 +27,12 @@ device once at the end.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from rbp.diagnostics import Status
@@ -64,6 +66,8 @@ class Solution:
     status: Status = Status.MAX_ITER
     sample_errors: list[float] | None = None
     terms: int | None = None  # Neumann terms summed (Prop. 2 bound), if a series
+    # the true relative residual ||A z - b|| / ||b|| per row, where measured (Krylov, user)
+    sample_residuals: list[float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -127,12 +131,14 @@ def _rows(b: Tensor) -> Tensor:
     return b
 
 
-def _tail(increments: list[float], znorm: float, eps: float) -> float:
+def _tail(increments: list[float], znorm: float, eps: float, ritz: float | None = None) -> float:
     """Estimated ``||z_inf - z_K|| / ||z_K||`` of a geometric series from its increments.
 
     The rate ``q`` is the mean decay of the last ``RATE_WINDOW`` increments and the tail
     ``r_K q / (1 - q)``; infinite when ``q >= 1`` (the series does not converge), unless the
-    increments are round-off noise far below ``||z_K||``.
+    increments are round-off noise far below ``||z_K||``. ``ritz``: the Ritz tail of the last
+    increments (:func:`_ritz_tails`, absolute), which the estimate is at least: one mean rate
+    misses a slow mode that the last increments hold under faster ones.
     """
     last = increments[-1]
     if not math.isfinite(last):
@@ -145,7 +151,65 @@ def _tail(increments: list[float], znorm: float, eps: float) -> float:
     tail = last * q / (1.0 - q) if q < 1 else math.inf
     if last <= 1e3 * eps * znorm or (q >= 1 and last <= math.sqrt(eps) * znorm):
         tail = last
+    elif ritz is not None and not ritz <= tail:  # NaN (no Ritz estimate) keeps the tail
+        tail = ritz if not math.isnan(ritz) else tail
     return tail / max(znorm, 1e-300)
+
+
+def _window_gram(window: list[Tensor] | None) -> Tensor | None:
+    """Gram matrix ``W W^T`` per row of the consecutive increments ``W = [v_{K-m} .. v_K]``
+    (``m >= 2``), on the device: all :func:`_ritz_tails` needs, read with the solver's table."""
+    if window is None or len(window) < 3:
+        return None
+    w = torch.stack(window, 1)  # (rows, m + 1, n)
+    if w.dtype in (torch.float16, torch.bfloat16):
+        w = w.float()
+    return w @ w.mT
+
+
+def _ritz_tails(gram: list, znorms: list[float], eps: float) -> list[float]:
+    """``||sum_{t>K} v_t||`` per row, extrapolated from the consecutive increments
+    ``v_{K-m}, ..., v_K`` of ``v_{t+1} = J^T v_t`` whose Gram matrix is ``gram`` (host lists).
+
+    On the span of ``V = [v_{K-m} .. v_{K-1}]``, ``J^T`` acts as the companion matrix ``C``
+    whose last column ``c`` is the least-squares fit ``v_K ~ V c`` (the roots of its
+    polynomial are Ritz values: the rates of the modes the window holds, a slow one included
+    even when faster ones still dominate the increments). The tail is then
+    ``V (I - C)^{-1} C c`` plus the unfitted part ``||v_K - V c||`` at the slowest root's rate;
+    infinite when a root is not inside the unit circle; NaN for a non-finite row. Directions of
+    the window below its noise (singular values under ``sqrt(eps)`` of the largest, or under
+    ``100 eps ||z||``: an increment formed as a difference of ``z``-sized vectors, as RBP's,
+    carries that much round-off) are left out of the fit. ``m x m`` algebra in float64 numpy.
+    """
+    g = np.asarray(gram, dtype=np.float64)  # (rows, m + 1, m + 1)
+    rows, size, _ = g.shape
+    m = size - 1
+    finite = np.isfinite(g).all(axis=(1, 2))
+    if not finite.all():
+        g = np.where(finite[:, None, None], g, np.eye(size))
+    gm, rhs, last2 = g[:, :m, :m], g[:, :m, m], g[:, m, m]
+    # least squares through the ridge-regularised normal equations: the ridge (relative
+    # sqrt(eps) in singular values, or the round-off floor) drops the window's noise directions
+    top = np.trace(gm, axis1=1, axis2=2)
+    ridge = np.maximum(top * max(eps, 1e-12), (100 * eps * np.asarray(znorms)) ** 2)
+    c = np.linalg.solve(gm + ridge[:, None, None] * np.eye(m), rhs[..., None])[..., 0]
+    comp = np.zeros((rows, m, m))
+    comp[:, 1:, :-1] = np.eye(m - 1)
+    comp[:, :, -1] = c
+    rate = np.abs(np.linalg.eigvals(comp)).max(axis=-1)
+    ok = rate < 1
+    a = np.eye(m) - comp
+    if not ok.all():
+        a = np.where(ok[:, None, None], a, np.eye(m))
+    y = np.linalg.solve(a, comp @ c[..., None])  # (rows, m, 1)
+    fitted = (y.transpose(0, 2, 1) @ gm @ y)[:, 0, 0]
+    cg = (gm @ c[..., None])[..., 0]
+    unfit = last2 - 2 * (c * rhs).sum(-1) + (c * cg).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.sqrt(np.maximum(fitted, 0.0)) + np.sqrt(np.maximum(unfit, 0.0)) * (
+            rate / (1 - rate))
+    tail = np.where(ok, tail, np.inf)
+    return np.where(finite, tail, np.nan).tolist()
 
 
 def _finish(
@@ -158,21 +222,71 @@ def _finish(
     true_errors: Tensor | None = None,
     lead: bool = False,
     terms: int | None = None,
+    window: list[Tensor] | None = None,
 ) -> Solution:
     """One host read: per-iteration residuals, per-row errors and the status.
 
     ``norms``: per-row residuals of each iteration (a list of ``(rows,)`` tensors, or a
     ``(iterations, rows)`` tensor). Error estimates: ``true_errors`` (Krylov) or, if None, the
     geometric tail of the per-row increments ``norms`` (preceded by ``||b||`` when ``lead``:
-    Neumann's ``v_0 = b``).
+    Neumann's ``v_0 = b``); ``window``: the last consecutive increments of a series, whose
+    Ritz tail (:func:`_ritz_tails`) the series' error estimate is at least.
     """
     last = true_errors if true_errors is not None else torch.linalg.vector_norm(z, dim=1)
     if isinstance(norms, list):
-        table = torch.stack([*norms, bnorm, last]).tolist()
+        table_t = torch.stack([*norms, bnorm, last])
     else:
-        table = torch.cat([norms, bnorm[None], last[None]]).tolist()
+        table_t = torch.cat([norms, bnorm[None], last[None]])
+    table, tails = _read(table_t, _window_gram(window), z.dtype)
     return _classify(z, iterations, table, tol, errors_given=true_errors is not None,
-                     lead=lead, terms=terms)
+                     lead=lead, terms=terms, tails=tails)
+
+
+def _read(
+    table: Tensor, gram: Tensor | None, dtype: torch.dtype
+) -> tuple[list[list[float]], list[float] | None]:
+    """The norms ``table`` (ending with ``||z||`` per row) and, with a window ``gram``, the Ritz
+    tails per row (NaN: not needed, see :func:`_needs_ritz`): one host read for both."""
+    if gram is None:
+        return table.tolist(), None
+    rows = table.shape[1]
+    flat = torch.cat([table.flatten(), gram.to(table.dtype).flatten()]).tolist()
+    k = table.numel()
+    out = [flat[i : i + rows] for i in range(0, k, rows)]
+    size = gram.shape[-1]
+    tails = [math.nan] * rows
+    todo = []
+    for r in range(rows):
+        start = k + r * size * size
+        g = [flat[start + i * size : start + (i + 1) * size] for i in range(size)]
+        if _needs_ritz([g[i][i] for i in range(size)]):
+            todo.append((r, g))
+    if todo:
+        znorms = [out[-1][r] for r, _ in todo]
+        found = _ritz_tails([g for _, g in todo], znorms, torch.finfo(dtype).eps)
+        for (r, _), tail in zip(todo, found, strict=True):
+            tails[r] = tail
+    return out, tails
+
+
+# Consecutive decay ratios of the window that differ by more than this (relative) mean more
+# than one rate is at work: only then can a Ritz extrapolation differ from the mean rate's.
+RATIO_SPREAD = 1e-4
+
+
+def _needs_ritz(squares: list[float]) -> bool:
+    """Whether a window's increments (their squared norms) decay at more than one rate.
+
+    A hidden slower mode of relative weight ``e`` in the last increment shifts the ratios by
+    about ``e (rate_slow - rate_fast)`` across the window; it changes the tail by more than
+    the mean-rate estimate itself only when ``e >~ 1 - rate_slow``, a spread far above this
+    limit unless the slow mode is within ~1e-4 of 1. A single geometric decay (the common
+    case) skips the small dense algebra.
+    """
+    if not all(x > 0 and math.isfinite(x) for x in squares):
+        return any(x > 0 for x in squares[1:])  # a zero or NaN inside: let the fit decide
+    ratios = [math.sqrt(b / a) for a, b in zip(squares, squares[1:], strict=False)]
+    return max(ratios) - min(ratios) > RATIO_SPREAD * max(ratios)
 
 
 def _classify(
@@ -184,9 +298,11 @@ def _classify(
     errors_given: bool,
     lead: bool,
     terms: int | None,
+    tails: list[float] | None = None,
 ) -> Solution:
     """The status and per-row errors from the host ``table``: the per-row residuals of each
-    iteration, then ``||b||``, then the true errors (``errors_given``) or ``||z||``."""
+    iteration, then ``||b||``, then the true errors (``errors_given``) or ``||z||``;
+    ``tails``: the Ritz tail of each row (:func:`_ritz_tails`)."""
     rows = len(table[-1])
     k = len(table) - 2
     inc, bn, last_row = table[:k], table[k], table[k + 1]
@@ -200,7 +316,8 @@ def _classify(
     else:
         eps = torch.finfo(z.dtype).eps
         sample_errors = [
-            _tail(([bn[r]] if lead else []) + [row[r] for row in inc], last_row[r], eps)
+            _tail(([bn[r]] if lead else []) + [row[r] for row in inc], last_row[r], eps,
+                  None if tails is None else tails[r])
             if inc
             else 0.0
             for r in range(rows)
@@ -265,10 +382,12 @@ def neumann(
     bnorm = torch.linalg.vector_norm(b, dim=1)
     v, z = b, b.clone()
     norms: list[Tensor] = []  # increments' norms, read once at the end
+    window = deque([b], maxlen=RATE_WINDOW + 1)  # the last increments (Ritz tail)
     limit = tol * bnorm
     t = 0
     for t in range(1, max_iter + 1):
         v = vjp(v)
+        window.append(v)
         due = _due(t, max_iter, check_every, tol)
         n = torch.linalg.vector_norm(v, dim=1)
         keep = n > limit
@@ -279,7 +398,7 @@ def neumann(
             z.add_(v)
             break
         z.add_(v)
-    return _finish(z, t, norms, bnorm, tol, lead=True, terms=t + 1)
+    return _finish(z, t, norms, bnorm, tol, lead=True, terms=t + 1, window=list(window))
 
 
 def _neumann_untoleranced(vjp: Matvec, b: Tensor, max_iter: int) -> Solution:
@@ -293,6 +412,7 @@ def _neumann_untoleranced(vjp: Matvec, b: Tensor, max_iter: int) -> Solution:
     """
     v, z = b, b.clone()
     kept: list[Tensor] = []
+    steps: list[int] = []  # the t of each kept increment
     tail_from = _tail_start(max_iter, None)
     long = max_iter > UNTOLERANCED_CHECK_EVERY
     t = 0
@@ -301,12 +421,21 @@ def _neumann_untoleranced(vjp: Matvec, b: Tensor, max_iter: int) -> Solution:
         z.add_(v)
         if t >= tail_from:
             kept.append(v)
+            steps.append(t)
         elif t == 1 or t % UNTOLERANCED_CHECK_EVERY == 0:
             kept.append(v)
+            steps.append(t)
             if long and _nothing_left(torch.linalg.vector_norm(v, dim=1)):
                 break
-    table = torch.linalg.vector_norm(torch.stack([*kept, b, z]), dim=2).tolist()
-    return _classify(z, t, table, None, errors_given=False, lead=True, terms=t + 1)
+    # the consecutive increments at the end (b is v_0), for the Ritz tail
+    seq, ts = [b, *kept], [0, *steps]
+    j = len(seq) - 1
+    while j > 0 and ts[j - 1] == ts[j] - 1 and len(seq) - j <= RATE_WINDOW:
+        j -= 1
+    norms = torch.linalg.vector_norm(torch.stack([*kept, b, z]), dim=2)
+    table, tails = _read(norms, _window_gram(seq[j:]), z.dtype)
+    return _classify(z, t, table, None, errors_given=False, lead=True, terms=t + 1,
+                     tails=tails)
 
 
 def fixed_point_iteration(
@@ -333,10 +462,13 @@ def fixed_point_iteration(
     active = None
     i = 0
     tail_from = _tail_start(max_iter, tol)
+    window: deque[Tensor] = deque(maxlen=RATE_WINDOW + 1)  # the last steps (Ritz tail)
     for i in range(1, max_iter + 1):
         step = vjp(z) + b - z
         if active is not None:
             step = step * active.unsqueeze(1)
+        if i >= tail_from - 1:
+            window.append(step)
         z = z + step
         due = _due(i, max_iter, check_every, tol, first=2)
         if i <= 2 or i >= tail_from or due:
@@ -346,7 +478,7 @@ def fixed_point_iteration(
                 active = n > limit
             if due and _nothing_left(n):
                 break
-    return _finish(z, i, norms, bnorm, tol, lead=len(norms) == 1, terms=i)
+    return _finish(z, i, norms, bnorm, tol, lead=len(norms) == 1, terms=i, window=list(window))
 
 
 def _true_errors(matvec: Matvec, z: Tensor, b: Tensor, bnorm: Tensor) -> Tensor:
@@ -358,7 +490,7 @@ def _true_errors(matvec: Matvec, z: Tensor, b: Tensor, bnorm: Tensor) -> Tensor:
 def _polish(
     matvec: Matvec, z: Tensor, b: Tensor, bnorm: Tensor, cycle: tuple[Tensor, Tensor],
     estimate: Tensor,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """One free Richardson step after GMRES: ``z' = z + r = b + J^T z``, per row if it helps.
 
     ``r = b - A z`` is already spanned by the Krylov basis, so ``z'`` costs no product, and its
@@ -366,17 +498,68 @@ def _polish(
     Krylov space one dimension larger (what a Neumann series of the same products reaches).
     The one product of the true residual decides per row: ``z'`` is kept where its true residual
     is at most GMRES's estimate ``||r||``; elsewhere (J expands r) ``z`` is, at one more product.
-    Returns the solution and its true relative residuals.
+    Returns the solution, its true relative residuals, and ``||A r|| / ||r||`` per row (an
+    upper estimate of ``sigma_min(A)`` along the residual, the direction the Krylov space has
+    resolved least; ``A r = A z' - b + r`` costs no product; inf where ``r = 0``).
     """
     basis, coef = cycle
-    polished = z + torch.einsum("bk,kbn->bn", coef, basis)
+    r = torch.einsum("bk,kbn->bn", coef, basis)
+    polished = z + r
     scale = torch.where(bnorm > 0, bnorm, 1.0)
-    errors = _true_errors(matvec, polished, b, bnorm)
+    a_polished = matvec(polished)
+    res = (a_polished - b).norm(dim=1)
+    errors = torch.where(bnorm > 0, res / bnorm.clamp_min(torch.finfo(b.dtype).tiny), res)
+    rn = r.norm(dim=1)
+    probe = torch.where(rn > 0, (a_polished - b + r).norm(dim=1) / torch.where(rn > 0, rn, 1.0),
+                        torch.inf)
     keep = errors <= estimate / scale
     if bool(keep.all()):
-        return polished, errors
+        return polished, errors, probe
     plain = _true_errors(matvec, z, b, bnorm)
-    return torch.where(keep[:, None], polished, z), torch.where(keep, errors, plain)
+    return torch.where(keep[:, None], polished, z), torch.where(keep, errors, plain), probe
+
+
+def _error_from_residual(
+    z: Tensor, b: Tensor, residuals: list[float], smin: Tensor | None
+) -> list[float]:
+    """Relative error estimates ``||z - z*|| / ||z||`` per row from the true relative residuals
+    ``||A z - b|| / ||b||`` and an estimate ``smin`` of each row's ``sigma_min(A)``:
+    ``||z - z*|| = ||A^{-1} r|| <= ||r|| / sigma_min(A)``. The Krylov estimates of
+    ``sigma_min(A)`` (Ritz values) approach it from above as the space grows, so the estimate
+    approaches this bound from below; ``smin = None`` (none available): the residual itself."""
+    if smin is None:
+        return list(residuals)
+    scale = (b.norm(dim=1) / (smin.to(b.dtype) * z.norm(dim=1))).double().cpu().tolist()
+    out = []
+    for res, k in zip(residuals, scale, strict=True):
+        if res == 0.0 or not math.isfinite(res):
+            out.append(res)
+        elif math.isnan(k):  # z = 0 and smin = 0
+            out.append(math.inf)
+        else:
+            out.append(max(res, res * k))  # never below the residual
+    return out
+
+
+def _with_error_estimates(sol: Solution, b: Tensor, smin: Tensor | None) -> Solution:
+    """Keep the true residuals in ``sample_residuals``; ``sample_errors`` become error estimates."""
+    sol.sample_residuals = sol.sample_errors
+    if sol.sample_errors is not None:
+        sol.sample_errors = _error_from_residual(sol.z, b, sol.sample_errors, smin)
+    return sol
+
+
+def _hessenberg_smin(r: Tensor, cols: Tensor) -> Tensor:
+    """Smallest singular value of each row's ``R`` (the triangular factor of the Arnoldi
+    Hessenberg matrix ``H``, same singular values) over the first ``cols`` columns of that row
+    (those built before its Krylov space stopped growing; the later ones are zero)."""
+    j = r.shape[-1]
+    r = torch.where(torch.isfinite(r), r, 0.0).double()
+    idx = torch.arange(j, device=r.device)
+    dead = idx[None, :] >= cols[:, None]  # (rows, j): a column built after breakdown
+    big = r.abs().amax((1, 2), keepdim=True) + 1.0
+    r = torch.where(dead[:, None, :], 0.0, r) + torch.diag_embed(dead * big[:, 0])
+    return torch.linalg.svdvals(r)[:, -1]
 
 
 def _krylov_status(
@@ -429,6 +612,7 @@ def conjugate_gradient_normal(
     p = r.clone()
     rr = (r * r).sum(1)
     norms: list[Tensor] = []
+    coefs: list[Tensor] = []  # (alpha, beta) per iteration: the Lanczos matrix of A^T A
     broke = torch.zeros_like(bnorm, dtype=torch.bool)
     i = 0
     for i in range(1, max_iter + 1):
@@ -443,6 +627,7 @@ def conjugate_gradient_normal(
         rr_next = (r * r).sum(1)
         norms.append(rr_next.sqrt())
         beta = torch.where(active, rr_next / rr.clamp_min(1e-300), 0.0)
+        coefs.append(torch.stack([alpha, beta]))
         p = r + beta.unsqueeze(1) * p
         rr = rr_next
         if _due(i, max_iter, check_every, 0.0):  # Krylov: breakdown is worth a check
@@ -451,12 +636,48 @@ def conjugate_gradient_normal(
                 done = done | (norms[-1] <= tol * bnorm)
             if bool((done | broke).all()) or not bool(torch.isfinite(rr).all()):
                 break
-    errors = _true_errors(matvec, z, b, bnorm)
+    resid = b - matvec(z)
+    rn = resid.norm(dim=1)
+    errors = torch.where(bnorm > 0, rn / bnorm.clamp_min(torch.finfo(b.dtype).tiny), rn)
     sol = _finish(z, i, norms, bnorm, tol, true_errors=errors)
     stalled = len(norms) >= 10 and sol.residuals[-1] > 0.999 * sol.residuals[-10]
     if sol.status == Status.MAX_ITER and stalled:
         sol.status = Status.STALLED
-    return _krylov_status(sol, tol, broke.tolist(), b.dtype)
+    sol = _krylov_status(sol, tol, broke.tolist(), b.dtype)
+    smin = _lanczos_smin(coefs)
+    if sol.sample_errors is not None and max(sol.sample_errors) > 0:
+        # ||A r|| / ||r|| along the final residual (one more product): the direction CG has
+        # resolved least, where the Ritz value may not have reached sigma_min yet
+        probe = torch.where(rn > 0, matvec(resid).norm(dim=1) / torch.where(rn > 0, rn, 1.0),
+                            torch.inf).double()
+        smin = probe if smin is None else torch.minimum(smin, probe)
+    return _with_error_estimates(sol, b, smin)
+
+
+def _lanczos_smin(coefs: list[Tensor]) -> Tensor | None:
+    """``sigma_min(A)`` per row estimated from CG's coefficients on ``A^T A``: the smallest
+    eigenvalue of the Lanczos tridiagonal matrix ``T`` (diagonal ``1/a_j + b_{j-1}/a_{j-1}``,
+    off-diagonal ``sqrt(b_j)/a_j``), a Ritz value that approaches ``sigma_min(A)^2`` from above.
+    Iterations where a row was frozen (alpha = 0) are left out of its T."""
+    if not coefs:
+        return None
+    ab = torch.stack(coefs).double()  # (k, 2, rows)
+    alpha, beta = ab[:, 0].T, ab[:, 1].T  # (rows, k)
+    ok = alpha > 0
+    # a row's T stops at its first frozen iteration
+    ok = torch.cumprod(ok.to(torch.int8), dim=1).bool()
+    safe = torch.where(ok, alpha, 1.0)
+    diag = 1.0 / safe
+    diag[:, 1:] += torch.where(ok[:, 1:], beta[:, :-1] / safe[:, :-1], 0.0)
+    off = torch.where(ok[:, 1:], beta[:, :-1].clamp_min(0).sqrt() / safe[:, :-1], 0.0)
+    big = diag.abs().amax(dim=1, keepdim=True) * 2 + 1.0  # frozen slots: eigenvalues far above
+    diag = torch.where(ok, diag, big)
+    t = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    if not bool(torch.isfinite(t).all()):
+        return None
+    lam = torch.linalg.eigvalsh(t)[:, 0]
+    any_ok = ok[:, 0]
+    return torch.where(any_ok, lam.clamp_min(0).sqrt(), torch.nan)
 
 
 def gmres(
@@ -489,6 +710,7 @@ def gmres(
     norms: list[Tensor] = []
     broke = torch.zeros(rows, dtype=torch.bool, device=b.device)
     done = 0
+    smin = torch.full((rows,), math.inf, dtype=torch.float64, device=b.device)
     cycle: tuple[Tensor, Tensor] | None = None  # the last cycle's basis and residual in it
     while done < max_iter:
         r = b - matvec(z) if done else b
@@ -502,8 +724,10 @@ def gmres(
         r_mat = b.new_zeros(rows, m, m)
         rot = torch.eye(m + 1, dtype=b.dtype, device=b.device).repeat(rows, 1, 1)
         alive = beta > 0
+        cols = torch.zeros(rows, dtype=torch.long, device=b.device)  # columns built while alive
         j_end = 0
         for j in range(m):
+            cols = cols + alive
             w = matvec(basis[j])
             done += 1
             v = basis[: j + 1]
@@ -538,6 +762,8 @@ def gmres(
                     stop = stop | (norms[-1] <= tol * bnorm)
                 if bool(stop.all()) or not bool(torch.isfinite(norms[-1]).all()):
                     break
+        if j_end:  # sigma_min of the cycle's Hessenberg matrix (that of R, its QR factor)
+            smin = torch.minimum(smin, _hessenberg_smin(r_mat[:, :j_end, :j_end], cols))
         diag = torch.diagonal(r_mat[:, :j_end, :j_end], dim1=1, dim2=2)
         rhs = beta.unsqueeze(1) * rot[:, :j_end, 0]
         usable = diag.abs() > 1e-300
@@ -554,13 +780,15 @@ def gmres(
         if bool((~alive | (last <= (tol if tol is not None else 0.0) * bnorm)).all()):
             break
     if cycle is not None:
-        z, errors = _polish(matvec, z, b, bnorm, cycle, norms[-1])
+        z, errors, probe = _polish(matvec, z, b, bnorm, cycle, norms[-1])
+        smin = torch.minimum(smin, probe.double())
     else:
         errors = _true_errors(matvec, z, b, bnorm)
     sol = _finish(z, done, norms, bnorm, tol, true_errors=errors)
     if sol.status == Status.GROWING:  # GMRES residuals never grow; equal means no progress
         sol.status = Status.STALLED
-    return _krylov_status(sol, tol, broke.tolist(), b.dtype)
+    sol = _krylov_status(sol, tol, broke.tolist(), b.dtype)
+    return _with_error_estimates(sol, b, smin if done else None)
 
 
 # --------------------------------------------------------------------------- solver values
