@@ -191,3 +191,16 @@ def test_an_unknown_option_gets_the_closest_one(argv: list[str], hint: str, kv_e
     err = capsys.readouterr().err
     assert "unrecognized arguments" in err and hint in err, err
     assert f"rbp {argv[0]}: error:" in err  # the command's own usage and name
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "rbp.runner", "sweep", "hopfield", "--grid",
+                             "seed=" + ",".join(map(str, range(40))), "--dry-run", "--out",
+                             str(tmp_path / "s")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    _, err = proc.communicate(timeout=300)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141

@@ -8,6 +8,7 @@ one-line message instead of a traceback.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
@@ -33,10 +34,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with interrupt_on_sigterm():  # a sweep stops its points with SIGINT, even under nohup
-            return cli_main(argv)
+            code = cli_main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except KeyboardInterrupt:
         print("rbp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rbp sweep SPEC --dry-run | head`: the reader has gone
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to say, and no exit traceback
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 if __name__ == "__main__":
