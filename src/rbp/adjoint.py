@@ -36,6 +36,8 @@ from rbp.tree import State
 Tensor = torch.Tensor
 
 DOUBLE_BACKWARD_METHODS = ("bptt", "tbptt")
+# J^T products JFB / phantom spend per backward to check that the fixed point is stable
+STABILITY_PRODUCTS = 4
 
 # What torch.autograd.grad calls once it has checked its arguments (None: not in this torch):
 # its Python wrapper, and the C++ engine under it. On CPU the K products call the engine
@@ -245,6 +247,8 @@ class Adjoint:
                     f"{message}. Try fallback='gmres', a larger truncate, more forward steps, "
                     "or a contractive f.",
                 )
+        if not self.method.accurate:
+            self._check_stable(op.vjp, b, name, record)
         if self.estimate_error:
             record.jacobian_norm = power_iteration_norm(
                 lambda v: vjp(v.reshape(b.shape)).reshape(-1),
@@ -259,6 +263,32 @@ class Adjoint:
             z = solution.z.reshape(out0.shape)
             return [z.to(out_dtype) if cast else z]
         return layout().from_rows(solution.z, [o.dtype for o in h_out])
+
+    def _check_stable(
+        self, vjp: Callable[[Tensor], Tensor], b: Tensor, name: str, record: BackwardInfo
+    ) -> None:
+        """JFB / phantom drop ``(I - J^T)^{-1}``, which is only a fair trade at a stable fixed
+        point: estimate the growth rate of ``J^T`` on ``g`` by ``STABILITY_PRODUCTS`` power
+        steps, ``(||(J^T)^k g|| / ||g||)^(1/k)`` (a lower estimate of the spectral radius along
+        ``g``), and report a rate >= 1 (the fixed point repels the forward iteration there;
+        the gradient then has no meaning)."""
+        v = b
+        k = STABILITY_PRODUCTS
+        for _ in range(k):
+            v = vjp(v)
+        ratio = (torch.linalg.vector_norm(v, dim=1)
+                 / torch.linalg.vector_norm(b, dim=1).clamp_min(1e-300))
+        rate = float(ratio.amax()) ** (1.0 / k) if bool(torch.isfinite(ratio).all()) else math.inf
+        record.stability_rate = rate
+        if rate >= 1.0:
+            report(
+                self.on_failure,
+                f"{name}: the fixed point is unstable along the gradient (||(J^T)^{k} g|| / "
+                f"||g|| = {rate:.3g}^{k}: spectral radius of J >= 1), so the {name} gradient, "
+                "which drops (I - J^T)^-1, has no meaning there (it may point the wrong way). "
+                "Use an exact implicit method (e.g. 'gmres'), or make f contractive at its "
+                "fixed point.",
+            )
 
     def _problem(self, solution: solvers.Solution, b: Tensor) -> str | None:
         """Why this solution cannot be trusted, or None."""

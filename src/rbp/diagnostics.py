@@ -113,6 +113,8 @@ class BackwardInfo:
     # the true relative residual ||(I - J^T) z - g|| / ||g|| of the returned z (max over
     # samples), measured by the core for Krylov and user solvers; None for the series
     relative_residual: float | None = None
+    # JFB / phantom: (||(J^T)^k g|| / ||g||)^(1/k), k = 4; >= 1 is reported (unstable point)
+    stability_rate: float | None = None
 
 
 @dataclass

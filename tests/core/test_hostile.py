@@ -160,3 +160,33 @@ def test_forward_messages_do_not_name_an_unchosen_backward_method():
     with pytest.raises(rbp.DivergenceError, match="^fixed_point: the forward state is not"):
         rbp.fixed_point(lambda h: 3 * torch.sqrt(h) - 4, torch.ones(3, dtype=DT), 40,
                         tol=1e-9, solver="broyden")
+
+
+# ------------------------------------------------------------------ 7. JFB / phantom, unstable
+
+
+@pytest.mark.parametrize("method", [rbp.JFB(), rbp.Phantom(4)])
+def test_jfb_and_phantom_report_an_unstable_fixed_point(method):
+    """Broyden solves h = 2h - c (J = 2, a repelling fixed point h* = c): d sum(h*)/dc = 3,
+    JFB says -3. Reported, not returned silently."""
+    c = torch.tensor([1.0, 2.0, 3.0], dtype=DT, requires_grad=True)
+    h, info = rbp.fixed_point(lambda h: 2 * h - c, torch.zeros(3, dtype=DT), 20, method,
+                              tol=1e-10, solver="broyden", return_info=True)
+    assert torch.allclose(h, c)
+    with pytest.warns(rbp.ConvergenceWarning, match="unstable"):
+        h.sum().backward()
+    assert info.backward[0].stability_rate == pytest.approx(2.0)
+    assert not torch.allclose(c.grad, torch.ones(3, dtype=DT))  # meaningless indeed
+    with pytest.raises(rbp.DivergenceError, match="unstable"):
+        rbp.fixed_point(lambda h: 2 * h - c, torch.zeros(3, dtype=DT), 20, method, tol=1e-10,
+                        solver="broyden", on_failure="raise").sum().backward()
+
+
+@pytest.mark.parametrize("method", [rbp.JFB(), rbp.Phantom(4)])
+def test_jfb_and_phantom_at_a_stable_fixed_point_are_quiet(method):
+    w, f = _net(scale=0.3)
+    h, info = rbp.fixed_point(f, torch.zeros(8, dtype=DT), 200, method, return_info=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h.sum().backward()
+    assert info.backward[0].stability_rate < 1
