@@ -1,7 +1,8 @@
 """Shrink the committed results of ``rbp hopfield`` / ``rbp hyperopt`` runs and their figures.
 
     python tools/compact_results.py results/hopfield results/hyperopt results/table2
-    python tools/compact_results.py --check results/hopfield results/hyperopt results/table2
+    python tools/compact_results.py --check --tracked results/hopfield results/hyperopt \
+        results/table2
 
 Every clone carries every version of ``results/``, so what is committed keeps what the README,
 the docs, the report and the figure code read, in a compact form:
@@ -15,6 +16,9 @@ the docs, the report and the figure code read, in a compact form:
   forward traces, every tenth and the last are kept (Fig. 3 draws the last);
 - hyperopt: the weight snapshots of Fig. 4 are stored as float16 in base64;
 - every PNG is re-encoded with a 256-colour palette (the plots have far fewer colours).
+
+Runs that are not finished (``status`` other than ``finished`` or ``merged``) are left alone:
+``--resume`` and the runner still write their ``results.json``.
 
 The figure code reads both forms (``rbp.apps.hopfield.figures``,
 ``rbp.apps.hyperopt.figures``); a compacted file carries the key ``compacted`` saying what
@@ -125,6 +129,8 @@ def compact_hyperopt(data: dict[str, Any]) -> dict[str, Any]:
 
 
 COMPACT = {"hopfield": compact_hopfield, "hyperopt": compact_hyperopt}
+#: Statuses of results that no run will write again: a finished run, a sweep's merged summary.
+FINAL = ("finished", "merged")
 
 
 def compact_json(path: Path) -> bytes | None:
@@ -132,8 +138,8 @@ def compact_json(path: Path) -> bytes | None:
     text = path.read_text()
     data = json.loads(text)
     exp = data.get("experiment") if isinstance(data, dict) else None
-    if exp not in COMPACT:
-        return None
+    if exp not in COMPACT or data.get("status") not in FINAL:
+        return None  # not a run of ours, or one that may still be running or resumed
     if "compacted" not in data:
         data = round_arrays(COMPACT[exp](data))
         data["compacted"] = NOTE[exp]
@@ -154,17 +160,29 @@ def compact_png(path: Path) -> bytes | None:
     return buf.getvalue()
 
 
+def _tracked(folder: Path) -> list[Path]:
+    """The files under ``folder`` that git tracks."""
+    import subprocess
+
+    out = subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=folder, check=True,
+                         capture_output=True).stdout.decode()
+    return sorted(folder / name for name in out.split("\0") if name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--check", action="store_true",
                         help="change nothing; exit 1 if a file is not compact yet")
+    parser.add_argument("--tracked", action="store_true",
+                        help="only the files git tracks (the committed results)")
     args = parser.parse_args(argv)
     todo = []
     for folder in args.folders:
         if not folder.is_dir():
             parser.error(f"{folder} is not a folder")
-        for path in sorted(folder.rglob("*")):
+        paths = _tracked(folder) if args.tracked else sorted(folder.rglob("*"))
+        for path in paths:
             if path.name == "results.json":
                 new = compact_json(path)
             elif path.suffix == ".png":
