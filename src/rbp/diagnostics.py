@@ -184,6 +184,45 @@ def spectral_radius_estimate(
     return math.exp(log_growth / iters)
 
 
+def spectral_radius_power(
+    vjp: Matvec, like: torch.Tensor, iters: int = 50, seed: int = 0, rel_tol: float = 5e-3
+) -> tuple[float, bool]:
+    """Power-iteration estimate of the spectral radius of J, and whether it has converged.
+
+    The estimate is Gelfand's ``(||(J^T)^k v|| / ||v||)^(1/k)`` over the **last half** of the
+    ``iters`` products (the first half lets the dominant modes take over from the random start;
+    a mean over all products is biased low by that transient). Converged: the same estimate
+    over each quarter of the last half, and over the quarter before it, agree within
+    ``rel_tol`` (a slowly separating spectrum, or too few products, fails this; on Gaussian
+    matrices scaled to rho = 1.05, no estimate more than 2 % off passed it).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
+    v = v / v.norm()
+    logs: list[float] = []
+    for _ in range(iters):
+        v = vjp(v)
+        norm = v.norm().item()
+        if norm == 0.0:
+            return 0.0, True
+        if not math.isfinite(norm):
+            return math.inf, True
+        logs.append(math.log(norm))
+        v = v / norm
+
+    def mean_rate(part: list[float]) -> float:
+        return math.exp(sum(part) / len(part))
+
+    half = iters // 2
+    rho = mean_rate(logs[half:])
+    mid = half + (iters - half) // 2
+    parts = [logs[iters // 4 : half], logs[half:mid], logs[mid:]]
+    if any(not part for part in parts):
+        return rho, False
+    rates = [mean_rate(part) for part in parts]
+    return rho, max(rates) - min(rates) <= rel_tol * rho
+
+
 def neumann_error_bound(jacobian_norm: float, inverse_norm: float, terms: int) -> float:
     """Prop. 2: ``||sum_{t<=K} J^t - (I-J)^{-1}|| <= ||(I-J)^{-1}|| ||J||^{K+1}`` (K = terms-1)."""
     return inverse_norm * jacobian_norm**terms

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from rbp import tree
-from rbp.diagnostics import spectral_radius_estimate
+from rbp.diagnostics import report, spectral_radius_power
 from rbp.tree import State
 
 Tensor = torch.Tensor
@@ -41,8 +41,11 @@ def jacobian_penalty(
         create_graph: keep the graph so the penalty can be back-propagated into ``f``'s
             parameters (``False``: a number to monitor).
         spectral_radius: also return the power-iteration estimate of the spectral radius of J
-            (:func:`rbp.diagnostics.spectral_radius_estimate`, ``radius_iters`` products, no
-            graph); ``< 1`` is what the Neumann / RBP solvers need.
+            (:func:`rbp.diagnostics.spectral_radius_power`: ``radius_iters`` products, no
+            graph, Gelfand's formula over the last half of them); ``< 1`` is what the Neumann /
+            RBP solvers need. An estimate that has not converged (its value over the second,
+            third and last quarter of the products differ by more than 0.5 %) is reported
+            with a :class:`~rbp.ConvergenceWarning`: raise ``radius_iters``.
 
     Returns:
         The penalty (a 0-dim tensor), or ``(penalty, rho_estimate)``.
@@ -104,5 +107,13 @@ def jacobian_penalty(
     like = tree.to_vector([out[i].detach() for i in live])
     if like.numel() != sum(x.numel() for x in h_in):
         raise ValueError("spectral_radius needs every state leaf to depend on the graph")
-    rho = spectral_radius_estimate(vjp, like, iters=radius_iters)
+    rho, converged = spectral_radius_power(vjp, like, iters=radius_iters)
+    if not converged:
+        report(
+            "warn",
+            f"jacobian_penalty: the spectral-radius estimate {rho:.4g} has not converged after "
+            f"radius_iters={radius_iters} power iterations (it still moves by more than 0.5 % "
+            "between the last quarters of them); it may be well off the true value. Raise "
+            "radius_iters.",
+        )
     return penalty, (rho if math.isfinite(rho) else math.inf)
