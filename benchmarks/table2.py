@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="MNIST IDX directory (default: ../shared/data/mnist if present, "
                         "else the embedded digits)")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-scaling", action="store_true", help="skip the T-scaling runs")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -327,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(timing_worker(json.loads(args.timing_worker))))
         return 0
 
+    from rbp.runner.device import resolve_device
+
+    try:
+        device = str(resolve_device(args.device))
+    except ValueError as exc:
+        p.error(str(exc))
     data_dir = args.data_dir
     if data_dir is None:
         local = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -338,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     scaling_k = 5 if quick else 50
     repeats = args.repeats or (1 if quick else 3)
     base = {"data_dir": data_dir, "num_examples": 1000 if quick else 10000, "seed": 0,
-            "repeats": repeats, "device": args.device}
+            "repeats": repeats, "device": device}
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One prepared GPU session, sized for about 10 minutes on one H100/H200:
+#   1. the CUDA tests (they skip on a machine without a GPU),
+#   2. Table 2 on the GPU (the paper's protocol: T = 1000, K = 10 / 50 / 100, BPTT vs
+#      Neumann-RBP, wall time and torch.cuda.max_memory_allocated),
+#   3. Table 1's paper-model rows (six methods, 10 seeds batched in one model, 2000 epochs) on
+#      Cora, then Pubmed, as far as the time allows; the run resumes where it stopped.
+# Each step has its own time limit (TEST_S, TABLE2_S, TABLE1_S seconds per data set); STEPS
+# picks the steps (default "tests table2 table1"), so one session can be split over two calls
+# of at most 10 minutes each. What finished is packed into $OUT as at most 8 files.
+#
+#   OUT=/tmp/out DATA=/path/to/data bash benchmarks/gpu_session.sh       # DATA holds mnist/
+#   DEVICE=cpu QUICK=1 OUT=/tmp/out DATA=../shared/data bash benchmarks/gpu_session.sh
+#                                                              # the same script, tiny, on a CPU
+# DATA must hold mnist/t10k-*-idx*-ubyte.gz and planetoid/ind.pubmed.* (Cora ships with rbp).
+# Without an installed package the script runs the source tree (PYTHONPATH=src).
+set -u
+: "${OUT:?set OUT to the folder that receives the results}"
+: "${DATA:?set DATA to the folder holding mnist/ and planetoid/}"
+DEVICE="${DEVICE:-cuda}"
+STEPS="${STEPS:-tests table2 table1}"
+QUICK="${QUICK:-}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+log="$OUT/session.log"
+say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$log"; }
+
+say "device $DEVICE; $($PY -c 'import torch; print("torch", torch.__version__, "cuda",
+    torch.cuda.is_available() and torch.cuda.get_device_name(0))')"
+
+has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
+
+# 1. CUDA tests (and the device plumbing on the CPU)
+if has tests; then
+    timeout "${TEST_S:-90}" $PY -m pytest -q -rs -p no:cacheprovider -k "cuda or device" \
+        tests/experiments/test_citation_seeds.py tests/core tests/benchmarks \
+        >"$OUT/tests.log" 2>&1
+    say "tests: exit $? ($(tail -n 1 "$OUT/tests.log"))"
+fi
+
+# 2. Table 2 on the device (the release variant: the paper's implementation choices)
+if has table2; then
+    t2=(--device "$DEVICE" --data-dir "$DATA/mnist" --out "$OUT/table2" --no-scaling
+        --variants release)
+    [ -n "$QUICK" ] && t2+=(--quick)
+    timeout "${TABLE2_S:-180}" $PY benchmarks/table2.py "${t2[@]}" >"$OUT/table2.log" 2>&1
+    say "table 2: exit $?"
+fi
+
+# 3. Table 1, paper model, seeds batched, in RUNS/<dataset> (default $OUT/citation); a run
+#    found there resumes (carry results/citation/full and set RUNS=results/citation/full to go
+#    on from the CPU runs: their finished seeds are kept)
+has table1 || STEPS_T1=skip
+t1=(--device "$DEVICE" --data-dir "$DATA/planetoid" --set "models=[paper]"
+    --set "baselines=[logreg]" --set seed_batch=10 --set checkpoint_every=100 --no-progress)
+[ -n "$QUICK" ] && t1+=(--quick --set "methods=[bptt,neumann,gmres]" --set num_seeds=3)
+for ds in cora pubmed; do
+    [ "${STEPS_T1:-}" = skip ] && break
+    dir="${RUNS:-$OUT/citation}/$ds"
+    again=()
+    [ -f "$dir/results.json" ] && again=(--resume)
+    timeout -s INT "${TABLE1_S:-150}" $PY -m rbp.runner citation "${t1[@]}" \
+        --set "dataset=[$ds]" --out "$dir" "${again[@]}" >>"$OUT/table1.log" 2>&1
+    say "table 1 $ds: exit $?"
+done
+
+# pack: results come back as at most 8 files
+[ -d "$OUT/table2" ] && tar czf "$OUT/table2.tgz" -C "$OUT" table2 && rm -rf "$OUT/table2"
+[ -d "${RUNS:-$OUT/citation}" ] && tar czf "$OUT/citation.tgz" -C "${RUNS:-$OUT/citation}" . \
+    && rm -rf "$OUT/citation"
+say "done; files: $(ls "$OUT" | tr '\n' ' ')"
