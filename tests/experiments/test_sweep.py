@@ -518,7 +518,8 @@ def test_command_names_are_reserved() -> None:
             register(Experiment(name=name, help="", config_cls=SweepSpec, run=lambda c, x: {}))
 
 
-def test_quick_must_be_a_real_boolean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_spec_values_must_have_their_own_type(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "s.yaml"
     for text in ('quick: "no"', "quick: 0", 'fixed: {quick: "false"}',
                  "grid: {quick: [true, 'no']}", "quick: no\nquick: yes"):
@@ -527,6 +528,17 @@ def test_quick_must_be_a_real_boolean(tmp_path: Path, capsys: pytest.CaptureFixt
             load_spec(path)
         assert cli.main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "o")]) == 2
         assert "error:" in capsys.readouterr().err
+    for text, match in (("workers: 2.7", "'workers:' .* a whole number, got 2.7"),
+                        ("workers: true", "a whole number, got True"),
+                        ("workers: '4'", "a whole number, got '4'"),
+                        ("cpus_per_run: yes", "'cpus_per_run:' .* a number, got True"),
+                        ("backend: 3", "'backend:' .* text, got 3")):
+        path.write_text(f"experiment: sweepdummy\n{text}\n")
+        with pytest.raises(ValueError, match=match):
+            load_spec(path)
+    path.write_text("experiment: 5\n")
+    with pytest.raises(ValueError, match="'experiment:' .* text, got 5"):
+        load_spec(path)
     path.write_text(f"experiment: sweepdummy\nimports: [{MODULE}]\nquick: no\n")  # YAML false
     assert load_spec(path).quick is False
     assert not (tmp_path / "o").exists()

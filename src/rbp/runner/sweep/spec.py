@@ -101,20 +101,25 @@ def load_spec(path: Path) -> SweepSpec:
     quick = data.get("quick", False)
     if not isinstance(quick, bool):  # bool("no") is True: take only YAML's true / false
         raise ConfigError(f"'quick:' in sweep spec {path} must be true or false, got {quick!r}")
-    try:
-        spec = SweepSpec(
-            experiment=str(data["experiment"]),
-            grid={str(k): _as_list(v) for k, v in grid.items()},
-            points=[{str(k): v for k, v in e.items()} for e in extra],
-            fixed={str(k): v for k, v in fixed.items()},
-            out=Path(data["out"]) if data.get("out") is not None else None,
-            quick=quick, args=[str(a) for a in args],
-            workers=int(data.get("workers", 1)), backend=str(data.get("backend", "local")),
-            address=data.get("address"), cpus_per_run=float(data.get("cpus_per_run", 1.0)),
-            imports=[str(m) for m in imports])
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"sweep spec {path}: {exc} (workers and cpus_per_run are numbers)"
-                          ) from exc
+    # each value of its own type, not converted: int(2.7) would silently run 2 workers
+    kinds = {"experiment": (str,), "out": (str,), "backend": (str,), "address": (str,),
+             "workers": (int,), "cpus_per_run": (int, float)}
+    for key, types_ in kinds.items():
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types_)):
+            want = "a whole number" if key == "workers" else "a number" \
+                if key == "cpus_per_run" else "text"
+            raise ConfigError(f"'{key}:' in sweep spec {path} must be {want}, got {value!r}")
+    spec = SweepSpec(
+        experiment=data["experiment"],
+        grid={str(k): _as_list(v) for k, v in grid.items()},
+        points=[{str(k): v for k, v in e.items()} for e in extra],
+        fixed={str(k): v for k, v in fixed.items()},
+        out=Path(data["out"]) if data.get("out") is not None else None,
+        quick=quick, args=[str(a) for a in args],
+        workers=data.get("workers", 1), backend=data.get("backend", "local"),
+        address=data.get("address"), cpus_per_run=float(data.get("cpus_per_run", 1.0)),
+        imports=[str(m) for m in imports])
     check_spec(spec)
     return spec
 
