@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import sys
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -1039,7 +1038,7 @@ def run(
         _fill(info, diff, scale, [])
         info.forward_steps, info.forward_residual, info.row_updates = steps, diff, steps
         fwd.update = step_map(f, steps, time_varying, last_step, inputs)
-        return _constant_if_nothing_to_differentiate(fwd, f)
+        return _constant_if_nothing_to_differentiate(fwd)
     h0_leaves, spec = tree.flatten(h0, "h0")
     batch = layout(h0_leaves, spec, batch_dim).batch if batch_dim is not None else None
     inputs, in_dims = check_inputs(inputs, batch_dim, batch)
@@ -1076,21 +1075,6 @@ def run(
     return _constant_if_nothing_to_differentiate(fwd)
 
 
-# A map's code (or type) -> a weak reference to a leaf requiring grad that its graph reached on
-# an earlier call: while that leaf still requires grad, the graph walk below is skipped. (If the
-# map no longer uses it, the returned state merely requires grad with nothing to deliver to.)
-_REACHED: dict[Any, weakref.ref] = {}
-
-
-def _map_key(f: Any) -> Any:
-    """The key of f in ``_REACHED``; None (no cache) while torch.compile traces the call, as
-    dynamo would guard on the dict's contents."""
-    if _is_compiling():
-        return None
-    fn = getattr(f, "__func__", f)  # a bound method: its function
-    return getattr(fn, "__code__", None) or type(fn)
-
-
 _COMPILER_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
 
 
@@ -1102,19 +1086,16 @@ def _is_compiling() -> bool:
     return bool(check()) if check is not None else False
 
 
-def _constant_if_nothing_to_differentiate(fwd: Forward, f: Any = None) -> Forward:
+def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
     """Detach ``h_out`` when its graph reaches no leaf but ``h_in`` (f uses no parameter).
 
     Then, as for any function of constants, the returned state does not require grad, instead
-    of carrying an adjoint that would deliver gradients to nobody.
+    of carrying an adjoint that would deliver gradients to nobody. The graph of the one step is
+    walked on every call (it stops at the first parameter, ~1.5 us on a small map): a cache
+    keyed by the map's code was wrong for two closures of one factory, one using a parameter.
     """
     outs = fwd.h_out
     if not fwd.h_in or not (outs[0].requires_grad or any(o.requires_grad for o in outs)):
-        return fwd
-    key = _map_key(f) if f is not None else None
-    ref = _REACHED.get(key) if key is not None else None
-    cached = ref() if ref is not None else None
-    if cached is not None and cached.requires_grad:
         return fwd
     own = {id(leaf) for leaf in fwd.h_in}
     seen: set[int] = set()
@@ -1126,10 +1107,6 @@ def _constant_if_nothing_to_differentiate(fwd: Forward, f: Any = None) -> Forwar
             seen.add(id(nxt))
             if type(nxt) is torch._C._functions.AccumulateGrad:  # a leaf: h_in or a weight
                 if id(nxt.variable) not in own:  # reaches a parameter or an input: keep
-                    if key is not None:
-                        if len(_REACHED) >= 256:
-                            _REACHED.clear()
-                        _REACHED[key] = weakref.ref(nxt.variable)
                     return fwd
             else:
                 todo.append(nxt)

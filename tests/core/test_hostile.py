@@ -219,3 +219,31 @@ def test_spectral_radius_of_a_separated_spectrum_converges_quietly():
         _, rho = rbp.jacobian_penalty(lambda h: w @ h, torch.ones(10, dtype=DT),
                                       spectral_radius=True, radius_iters=20)
     assert rho == pytest.approx(1.05, rel=1e-3)
+
+
+# ------------------------------------------------------------------ 9. the graph-walk cache
+
+
+def test_two_closures_of_one_factory_are_judged_each_on_its_own():
+    """The returned state requires grad only when f uses something that does."""
+    w = torch.eye(4, dtype=DT).mul(0.5).requires_grad_()
+
+    def make(weight):
+        def f(h):
+            return torch.tanh(h @ weight + 1.0) if weight is not None else 0.5 * h + 1.0
+        return f
+
+    for first, second in ((w, None), (None, w)):
+        h1 = rbp.fixed_point(make(first), torch.zeros(4, dtype=DT), 80)
+        h2 = rbp.fixed_point(make(second), torch.zeros(4, dtype=DT), 80)
+        assert h1.requires_grad == (first is not None)
+        assert h2.requires_grad == (second is not None)
+    # the same closure switching its parameter off through a cell
+    weight = w
+
+    def g(h):
+        return torch.tanh(h @ weight + 1.0) if weight is not None else 0.5 * h + 1.0
+
+    assert rbp.fixed_point(g, torch.zeros(4, dtype=DT), 80).requires_grad
+    weight = None
+    assert not rbp.fixed_point(g, torch.zeros(4, dtype=DT), 80).requires_grad
