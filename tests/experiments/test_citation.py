@@ -303,3 +303,23 @@ def test_a_setting_given_on_the_command_line_beats_the_packaged_per_dataset_choi
         "pubmed").gcn_row_normalise  # the other packaged choice stays
     both = build_config(exp, ["overrides={pubmed: {fp_alpha: 0.3}}", "fp_alpha=0.1"])
     assert (both.for_dataset("pubmed").fp_alpha, both.for_dataset("cora").fp_alpha) == (0.3, 0.1)
+
+
+def test_a_hidden_size_below_one_is_a_setting_error(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["citation", "--quick", "--out", str(tmp_path / "h"), "--dry-run",
+                     "hidden={cora: -1, pubmed: 16, citeseer: 16}"])
+    err = capsys.readouterr().err
+    assert code != 0 and "setting 'hidden' must be a whole number >= 1" in err
+    assert "n_components" not in err and "Traceback" not in err
+
+
+def test_results_record_the_seeds_each_dataset_ran(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert cli.main(["citation", "--quick", "--out", str(out), "--no-progress",
+                     "--set", "models=[paper]", "--set", "methods=[neumann]",
+                     "--set", "baselines=[]", "--set", "overrides={cora: {seed: 7}}"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["datasets"]["cora"]["seeds"] == [7] and "seeds" not in doc
+    (unit,) = doc["datasets"]["cora"]["models"]["paper"]["neumann"]["per_seed"]
+    assert unit["seed"] == 7

@@ -216,6 +216,10 @@ class CitationConfig:
         for m in [*self.methods, *(self.injected_methods or []), *(self.fp_methods or [])]:
             if m not in rbp.METHODS:
                 raise ConfigError(f"unknown method '{m}' (valid: {', '.join(rbp.METHODS)})")
+        bad = {d: h for d, h in self.hidden.items() if not isinstance(h, int) or h < 1}
+        if bad:
+            raise ConfigError(f"setting 'hidden' must be a whole number >= 1 for each dataset, "
+                              f"got {bad}")
         if "paper" in self.models:
             missing = [d for d in self.dataset if d.lower() not in self.hidden]
             if missing:
@@ -662,7 +666,8 @@ def run(cfg: CitationConfig, ctx: RunContext) -> dict[str, Any]:
     """Run every (dataset, model, method, seed) unit and the baselines; write figures/table."""
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    results: dict[str, Any] = {"datasets": {}, "seeds": cfg.seed_list(),
+    # each dataset's own seeds (its overrides may name others) are in its entry
+    results: dict[str, Any] = {"datasets": {},
                                "curves_note": "curves and traces are stored per seed",
                                **describe_device(device)}
     ds_results = results["datasets"]

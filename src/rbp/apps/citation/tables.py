@@ -17,8 +17,8 @@ from rbp.runner.stats import mean_std
 
 from .figures import LABELS, write_figures
 
-__all__ = ["FP_LABELS", "PAPER_TABLE1", "merge_runs", "summarise", "sweep_summary",
-           "write_fp_table", "write_table1"]
+__all__ = ["FP_LABELS", "PAPER_TABLE1", "merge_runs", "ordering_text", "paired_differences",
+           "summarise", "sweep_summary", "write_fp_table", "write_table1"]
 
 #: Paper Table 1, test accuracy in percent: (mean, std) per dataset.
 PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
@@ -73,7 +73,57 @@ def summarise(units: list[dict[str, Any]]) -> dict[str, Any]:
 def _fmt(summary: dict[str, Any] | None) -> str:
     if not summary or not summary.get("n"):
         return "—"
-    return f"{summary['mean']:.2f} ± {summary['std']:.2f} (n={summary['n']})"
+    units = summary.get("per_seed") or [{}]
+    epochs = {u.get("settings", {}).get("epochs") for u in units} - {None}
+    ep = f", {'/'.join(str(e) for e in sorted(epochs))} ep" if epochs else ""
+    return f"{summary['mean']:.2f} ± {summary['std']:.2f} (n={summary['n']}{ep})"
+
+
+def paired_differences(results: dict[str, Any], dataset: str) -> list[dict[str, Any]]:
+    """For each pair of the paper model's methods that our means order otherwise than the
+    paper's, the per-seed paired differences ``ours(a) - ours(b)`` on the seeds both ran:
+    mean, sample std, n and a 95 % t interval (``real`` when it excludes 0)."""
+    from scipy import stats
+
+    methods = results["datasets"][dataset].get("models", {}).get("paper", {})
+    named = [m for m in methods if dataset in PAPER_TABLE1.get(m, {})]
+    out = []
+    for i, a in enumerate(named):
+        for b in named[i + 1:]:
+            paper = PAPER_TABLE1[a][dataset][0] - PAPER_TABLE1[b][dataset][0]
+            acc = {m: {u["seed"]: 100.0 * u["test_acc"] for u in methods[m]["per_seed"]}
+                   for m in (a, b)}
+            common = sorted(set(acc[a]) & set(acc[b]))
+            diff = np.asarray([acc[a][s] - acc[b][s] for s in common])
+            if diff.size < 2 or np.sign(diff.mean()) == np.sign(paper) or paper == 0:
+                continue
+            sd = float(diff.std(ddof=1))
+            half = float(stats.t.ppf(0.975, diff.size - 1) * sd / np.sqrt(diff.size))
+            out.append({"a": a, "b": b, "paper": paper, "mean": float(diff.mean()), "std": sd,
+                        "n": int(diff.size), "ci": [float(diff.mean()) - half,
+                                                    float(diff.mean()) + half],
+                        "real": bool(abs(diff.mean()) > half)})
+    return out
+
+
+def ordering_text(results: dict[str, Any]) -> str:
+    """Markdown: where our ordering of the paper's methods differs from the paper's, whether
+    the per-seed paired differences say the difference is real ('' if nowhere)."""
+    lines = []
+    for ds in results.get("datasets", {}):
+        for p in paired_differences(results, ds):
+            verdict = ("the interval excludes 0: the order differs" if p["real"] else
+                       "the interval includes 0: no difference at this n")
+            lines.append(
+                f"| {ds} | {LABELS.get(p['a'], p['a'])} − {LABELS.get(p['b'], p['b'])} | "
+                f"{p['paper']:+.2f} | {p['mean']:+.2f} ± {p['std']:.2f} (n={p['n']}) | "
+                f"[{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}] | {verdict} |")
+    if not lines:
+        return ""
+    return ("Where our means order two of the paper's methods otherwise than the paper: the "
+            "per-seed paired difference (same seed, same split), its sample std and 95 % t "
+            "interval.\n\n| dataset | pair | paper | ours, paired | 95 % interval | verdict |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def _methods_of(results: dict[str, Any], model: str) -> list[str]:
@@ -124,6 +174,9 @@ def write_table1(path: Path | str, results: dict[str, Any]) -> Path:
     text = ("Test accuracy (%) on 1% / 49% / 50% random splits, mean ± std (sample std) "
             f"over seeds ({seeds}); n = number of seeds.\n\n" + head + "\n" + sep + "\n"
             + "\n".join(rows) + "\n")
+    order = ordering_text(results)
+    if order:
+        text += "\n" + order
     fp = fp_table(results)
     if fp:
         text += "\n" + fp
