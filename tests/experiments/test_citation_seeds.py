@@ -122,6 +122,9 @@ def test_experiment_batched_equals_sequential_and_resumes(tmp_path: Path) -> Non
     assert cli.main([*args, "--resume"]) == 0
     resumed = _per_seed(json.loads((out / "results.json").read_text()))
     assert resumed == b
+    # a finished batch leaves its seeds' records, not its mid-run checkpoint
+    assert sorted(p.name for p in (out / "checkpoints").glob("*paper*")) == sorted(
+        f"cora_paper_{m}_s{s}.pt" for m in ("neumann", "gmres") for s in (0, 1, 2))
 
 
 @pytest.mark.parametrize("spec, words", [

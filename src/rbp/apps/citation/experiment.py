@@ -587,6 +587,7 @@ def _train_paper_group(
         done[s] = _unit_result(hists[i], s, method, "paper", g.name, splits[i], s_cfg,
                                seed_batch=len(todo))
         ctx.finish(tags[s], done[s])
+    ctx.checkpoint_path(tag).unlink(missing_ok=True)   # the seeds' own records replace it
     return [done[s] for s in seeds]
 
 
