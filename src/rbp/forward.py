@@ -668,14 +668,27 @@ def check_inputs(inputs: Any, batch_dim: int | None, batch: int | None) -> tuple
 
 
 def check_rows_independent(fmap: RowMap, x0: Tensor, fx0: Tensor, batch_dim: int) -> None:
-    """Refuse an f that mixes samples: F on two rows must equal those rows of F on the batch."""
+    """Refuse an f that mixes samples, or that is random, before a per-sample solve.
+
+    One evaluation beyond ``fx0 = F(x0)``: F on the sub-batch of samples ``[b-1, 0]``, with
+    sample ``b-1`` moved in a random direction, must give sample 0 the row it has in ``fx0``.
+    That catches per-sample tensors closed over instead of passed as ``inputs`` and mixing
+    through h (a batch mean, a flip), also from equal rows such as ``h0 = 0``, which an
+    unmoved sub-batch would hide. A failure is told apart from a random f (dropout) by
+    evaluating the sub-batch once more.
+    """
     b = x0.shape[0]
     if b < 2:
         return
     rows = torch.tensor([b - 1, 0], device=x0.device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    step = torch.randn(x0.shape[1], generator=gen, dtype=torch.float64)
+    size = 0.1 * float(x0[b - 1].abs().amax().clamp_min(1.0))
+    sub_in = x0[rows].clone()
+    sub_in[0] += (size * step / step.norm().clamp_min(1e-30)).to(x0.dtype).to(x0.device)
     try:
         with torch.no_grad():
-            sub = fmap(x0[rows], rows)
+            sub = fmap(sub_in, rows)
     except Exception as exc:  # noqa: BLE001 - re-raised with the reason attached
         raise ValueError(
             f"batch_dim={batch_dim}: f failed on a sub-batch of 2 samples ({exc}); per-sample "
@@ -683,18 +696,28 @@ def check_rows_independent(fmap: RowMap, x0: Tensor, fx0: Tensor, batch_dim: int
             "and take per-sample inputs through inputs=(...). Use batch_dim=None to stop on "
             "the whole batch."
         ) from exc
-    want = fx0[rows]
     eps = torch.finfo(x0.dtype).eps
-    scale = want.abs().amax().clamp_min(1.0)
-    err = (sub - want).abs().amax()
-    if not bool(err <= math.sqrt(eps) * scale):
+    limit = math.sqrt(eps) * fx0.abs().amax().clamp_min(1.0)
+    err = (sub[1] - fx0[0]).abs().amax()
+    if bool(err <= limit):
+        return
+    with torch.no_grad():
+        again = fmap(sub_in, rows)
+    if not bool((again - sub).abs().amax() <= limit):
         raise ValueError(
-            f"batch_dim={batch_dim}: f mixes samples (f on samples [{b - 1}, 0] differs from "
-            f"those rows of f on the whole batch by {err.item():.3g}). Per-sample stopping "
-            "needs an f whose samples are independent (no batch norm over the batch, no "
-            "closed-over per-sample tensors: pass them as inputs=(...), which fixed_point "
-            "slices). Use batch_dim=None to stop on the whole batch."
+            f"batch_dim={batch_dim}: f is random (e.g. dropout): two calls on the same state "
+            "differ. A fixed point of a random map is not defined; evaluate the model in "
+            "eval mode (model.eval()) or fix the randomness inside f (e.g. one dropout mask "
+            "drawn outside f and passed through inputs=(...))."
         )
+    raise ValueError(
+        f"batch_dim={batch_dim}: f mixes samples (f on samples [{b - 1}, 0], with sample "
+        f"{b - 1} moved, gives sample 0 a row that differs from its row in f on the whole "
+        f"batch by {err.item():.3g}). Per-sample stopping needs an f whose samples are "
+        "independent (no batch norm or mean over the batch, no closed-over per-sample "
+        "tensors: pass them as inputs=(...), which fixed_point slices). Use batch_dim=None "
+        "to stop on the whole batch."
+    )
 
 
 # ------------------------------------------------------------------ the forward of fixed_point

@@ -247,3 +247,47 @@ def test_two_closures_of_one_factory_are_judged_each_on_its_own():
     assert rbp.fixed_point(g, torch.zeros(4, dtype=DT), 80).requires_grad
     weight = None
     assert not rbp.fixed_point(g, torch.zeros(4, dtype=DT), 80).requires_grad
+
+
+# ------------------------------------------------------------------ 10. the sample-mixing check
+
+
+def _mixing_maps():
+    gen = torch.Generator().manual_seed(7)
+    w = (0.3 * torch.randn(5, 5, generator=gen, dtype=DT)).requires_grad_()
+    return {
+        "batch mean": lambda h, x: torch.tanh(h @ w + 0.5 * h.mean(0, keepdim=True) + x),
+        "batch flip": lambda h, x: torch.tanh(h.flip(0) @ w + x),
+        "batch norm": lambda h, x: torch.tanh((h - h.mean(0)) @ w + x),
+    }
+
+
+@pytest.mark.parametrize("name", list(_mixing_maps()))
+def test_sample_mixing_through_h_is_refused_even_from_equal_rows(name):
+    f = _mixing_maps()[name]
+    x = torch.randn(6, 5, dtype=DT, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(ValueError, match="f mixes samples"):
+        rbp.fixed_point(f, torch.zeros(6, 5, dtype=DT), 100, tol=1e-10, batch_dim=0,
+                        inputs=(x,))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_f_is_refused_as_random(seed):
+    torch.manual_seed(seed)
+    w = (0.1 * torch.randn(64, 64, dtype=DT)).requires_grad_()
+
+    def f(h):
+        return torch.nn.functional.dropout(torch.tanh(h @ w + 1.0), p=0.2, training=True)
+
+    with pytest.raises(ValueError, match="f is random"):
+        rbp.fixed_point(f, torch.zeros(6, 64, dtype=DT), 100, tol=1e-10, batch_dim=0)
+
+
+def test_independent_samples_pass_the_check_and_match_the_batch_solve():
+    w = (0.3 * torch.randn(5, 5, dtype=DT, generator=torch.Generator().manual_seed(9)))
+    x = torch.randn(6, 5, dtype=DT, generator=torch.Generator().manual_seed(10))
+    f = lambda h, x: torch.tanh(h @ w + x)  # noqa: E731
+    a = rbp.fixed_point(f, torch.zeros(6, 5, dtype=DT), 200, tol=1e-12, batch_dim=0,
+                        inputs=(x,))
+    b = rbp.fixed_point(f, torch.zeros(6, 5, dtype=DT), 200, tol=1e-12, inputs=(x,))
+    assert torch.allclose(a, b, atol=1e-10)
