@@ -1,4 +1,4 @@
-"""Shrink the committed results of ``rbp hopfield`` / ``rbp hyperopt`` runs and their figures.
+"""Shrink the committed results of ``rbp hopfield`` / ``hyperopt`` / ``citation`` runs and figures.
 
     python tools/compact_results.py results/hopfield results/hyperopt results/table2
     python tools/compact_results.py --check --tracked results/hopfield results/hyperopt \
@@ -15,6 +15,8 @@ the docs, the report and the figure code read, in a compact form:
   are stored binarised at 0.5, as Fig. 2 shows them (``retrieved_binary``); of the per-epoch
   forward traces, every tenth and the last are kept (Fig. 3 draws the last);
 - hyperopt: the weight snapshots of Fig. 4 are stored as float16 in base64;
+- citation: the rounding alone (the layout stays as the runner wrote it; per-seed accuracies
+  and every summary number are scalars or short arrays, left as they are);
 - every PNG is re-encoded with a 256-colour palette (the plots have far fewer colours).
 
 Runs that are not finished (``status`` other than ``finished`` or ``merged``) are left alone:
@@ -50,6 +52,7 @@ NOTE = {
                  "forward_trace: every 10th and the last (epochs in forward_trace_epochs)"),
     "hyperopt": ("arrays of >= 20 numbers rounded to 4 significant digits; trajectories as "
                  "float16 base64 (Fig. 4's t-SNE input)"),
+    "citation": "arrays of >= 20 numbers (the per-epoch curves) rounded to 4 significant digits",
 }
 
 
@@ -128,7 +131,8 @@ def compact_hyperopt(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-COMPACT = {"hopfield": compact_hopfield, "hyperopt": compact_hyperopt}
+COMPACT = {"hopfield": compact_hopfield, "hyperopt": compact_hyperopt,
+           "citation": lambda data: data}  # citation: the rounding alone, same layout
 #: Statuses of results that no run will write again: a finished run, a sweep's merged summary.
 FINAL = ("finished", "merged")
 

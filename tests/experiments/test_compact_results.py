@@ -128,3 +128,18 @@ def test_committed_tables_use_the_sample_std():
         assert "population std" not in text, path
         if "± std" in text:
             assert "sample std" in text, f"{path} does not say which std it shows"
+
+
+def test_compact_citation_rounds_curves_only(tool, tmp_path):
+    curve = [0.123456789 + i for i in range(40)]
+    run = {"experiment": "citation", "status": "merged", "datasets": {"cora": {"models": {
+        "ppr": {"neumann": {"mean": 70.123456789, "std": 5.87654321, "n": 10,
+                            "test_acc": [70.123456789] * 10,
+                            "per_seed": [{"curves": {"train_loss": curve}}]}}}}}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(run))
+    small = json.loads(tool.compact_json(path))
+    entry = small["datasets"]["cora"]["models"]["ppr"]["neumann"]
+    assert entry["mean"] == 70.123456789 and entry["test_acc"] == [70.123456789] * 10
+    assert entry["per_seed"][0]["curves"]["train_loss"][0] == 0.1235
+    assert small["compacted"]
