@@ -206,3 +206,30 @@ def test_table1_cells_say_n_and_epochs(tmp_path: Path) -> None:
         "bptt": _summary("bptt", [0.3, 0.4])}}}}}
     text = write_table1(tmp_path / "t.md", res).read_text()
     assert "| BPTT | 24.48 ± 6.6 | 35.00 ± 7.07 (n=2, 2000 ep) |" in text
+
+
+@pytest.mark.parametrize("exp", ["hopfield", "citation", "hyperopt"])
+def test_every_application_takes_device(exp: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--device reaches every application's settings: cpu is ready, an unknown one is refused
+    in one line before any work."""
+    assert cli.main([exp, "--quick", "--out", str(tmp_path / "ok"), "--device", "cpu",
+                     "--dry-run"]) == 0
+    capsys.readouterr()
+    code = cli.main([exp, "--quick", "--out", str(tmp_path / "bad"), "--device", "nosuch",
+                     "--dry-run"])
+    err = capsys.readouterr().err
+    assert code != 0 and "unknown device 'nosuch'" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_citation_seeds_benchmark_refuses_an_unavailable_device(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "citation_seeds.py"
+    spec = importlib.util.spec_from_file_location("citation_seeds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--device", "nosuch"]) == 2
+    assert "unknown device 'nosuch'" in capsys.readouterr().err
