@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         FixedPointInfo,
         Status,
     )
+    from rbp.dropout import VariationalDropout, VariationalDropout2d
     from rbp.fixed_point import IMPLICIT_METHODS, METHODS, fixed_point
     from rbp.forward import Anderson, Broyden, Iterate
     from rbp.methods import BPTT, JFB, TBPTT, Implicit, Phantom
@@ -54,6 +55,8 @@ __all__ = [
     "jacobian_penalty",
     "methods",
     "solvers",
+    "VariationalDropout",
+    "VariationalDropout2d",
 ]
 
 # public name -> the module that defines it (a submodule itself when the name is one)
@@ -68,6 +71,8 @@ _WHERE: dict[str, str] = {
     **dict.fromkeys(("BPTT", "JFB", "TBPTT", "Implicit", "Phantom"), "rbp.methods"),
     "FixedPoint": "rbp.module",
     "jacobian_penalty": "rbp.regularisers",
+    "VariationalDropout": "rbp.dropout",
+    "VariationalDropout2d": "rbp.dropout",
 }
 
 
