@@ -13,6 +13,7 @@ It accumulates in float32 at least, whatever the state's dtype (e.g. under ``tor
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -326,7 +327,7 @@ class Adjoint:
             return forward_mode
 
         # J v = d/du <J^T u, v>: build u -> J^T u once with a graph, then one vjp per product.
-        with torch.enable_grad():
+        with torch.enable_grad(), _name_jvp_func():
             u = [torch.zeros_like(h_out[i], requires_grad=True) for i in live]
             jt_u = torch.autograd.grad(
                 [h_out[i] for i in live],
@@ -339,7 +340,7 @@ class Adjoint:
             )
 
         def double_vjp(vs: list[Tensor]) -> list[Tensor]:
-            with torch.enable_grad():
+            with torch.enable_grad(), _name_jvp_func():
                 outs = torch.autograd.grad(
                     jt_u, u, vs, retain_graph=True, allow_unused=True, materialize_grads=True
                 )
@@ -354,6 +355,23 @@ class Adjoint:
 # Solvers whose Solution is taken as it comes: rbp's own (their estimates are documented in
 # docs/guarantees.md; exact types, not subclasses, which may override solve).
 _TRUSTED = (solvers.Neumann, solvers.RBP, solvers.CGNormal, solvers.GMRES, _Identity, _Damped)
+
+
+@contextlib.contextmanager
+def _name_jvp_func() -> Any:
+    """Say what to do when the double vjp behind ``J v`` meets a graph that cannot be
+    differentiated twice (a step compiled by ``torch.compile``: AOTAutograd)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "double backward" not in str(exc):
+            raise
+        raise RuntimeError(
+            f"{exc}. cg obtains J v by differentiating the backward of the last step "
+            "(jvp='double_vjp', the default), which a step compiled by torch.compile cannot "
+            "give; pass jvp='func' to fixed_point / rbp.FixedPoint (forward-mode J v through "
+            "torch.func.jvp), or use method='gmres', which needs no J v."
+        ) from exc
 
 
 def _solve(solver: Any, op: solvers.AdjointOperator, b: Tensor, name: str) -> solvers.Solution:

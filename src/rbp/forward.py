@@ -192,9 +192,12 @@ class _AndersonState:
     their Gram matrix ``gram[i, j] = g_i . g_j``, updated by one row and column per step (slot
     order: the solution does not depend on the order of the terms)."""
 
-    def __init__(self, cfg: Anderson, x: Tensor) -> None:
+    def __init__(self, cfg: Anderson, x: Tensor, max_evals: int | None = None) -> None:
         b, n = x.shape
-        self.m, self.beta = cfg.m, cfg.beta
+        # a solve of max_evals evaluations stores at most that many iterates: same steps,
+        # buffers of what it can use (Anderson(m=10**8) with steps=5 asked for 80 GB)
+        self.m = cfg.m if max_evals is None else max(1, min(cfg.m, max_evals))
+        self.beta = cfg.beta
         # The Gram matrix and its solve are float64 whatever the state's dtype; its ridge and
         # conditioning limit follow float64, or a half state's coarser precision.
         self.low = x.dtype in (torch.float16, torch.bfloat16)
@@ -264,10 +267,13 @@ class _BroydenState:
     """``H = -I + sum_j u_j v_j^T`` (rows of ``us``/``vs``), the good-Broyden inverse Jacobian of
     ``g``, and a ring of the last ``replay`` secant pairs ``(dx, dg)`` to rebuild it from."""
 
-    def __init__(self, cfg: Broyden, x: Tensor) -> None:
+    def __init__(self, cfg: Broyden, x: Tensor, max_evals: int | None = None) -> None:
         b, n = x.shape
-        self.memory = cfg.memory
-        self.replay = cfg.pairs_replayed
+        # at most one term and one pair per evaluation: a memory beyond max_evals is never
+        # full (no rebuild), so the buffers are sized by what the solve can use
+        cap = cfg.memory if max_evals is None else max(1, min(cfg.memory, max_evals))
+        self.memory = cap
+        self.replay = cfg.pairs_replayed if cap == cfg.memory else min(cfg.pairs_replayed, cap)
         self.us = x.new_zeros(b, self.memory, n)
         self.vs = x.new_zeros(b, self.memory, n)
         self.dxs = x.new_zeros(b, self.replay, n)
@@ -390,11 +396,13 @@ class _IterateState:
         return out, None  # no safeguard: nothing to count
 
 
-def _solver_state(cfg: Solver, x: Tensor) -> _IterateState | _AndersonState | _BroydenState:
+def _solver_state(
+    cfg: Solver, x: Tensor, max_evals: int | None = None
+) -> _IterateState | _AndersonState | _BroydenState:
     if isinstance(cfg, Anderson):
-        return _AndersonState(cfg, x)
+        return _AndersonState(cfg, x, max_evals)
     if isinstance(cfg, Broyden):
-        return _BroydenState(cfg, x)
+        return _BroydenState(cfg, x, max_evals)
     return _IterateState(cfg, x)
 
 
@@ -449,7 +457,7 @@ def _solve(
     live: Tensor | None = None  # None: all rows, in order
     x = x0
     fx = fmap(x, None) if fx0 is None else fx0
-    state = _solver_state(cfg, x)
+    state = _solver_state(cfg, x, max_evals)
     autocast = not isinstance(state, _IterateState) and _autocast_enabled(device.type)
     if best_iterate:
         best = (x.clone(), fx.clone(), _row_norm(fx - x), torch.zeros(b, dtype=torch.long,

@@ -291,3 +291,45 @@ def test_independent_samples_pass_the_check_and_match_the_batch_solve():
                         inputs=(x,))
     b = rbp.fixed_point(f, torch.zeros(6, 5, dtype=DT), 200, tol=1e-12, inputs=(x,))
     assert torch.allclose(a, b, atol=1e-10)
+
+
+# ------------------------------------------------------------------ 11. sizes and budgets
+
+
+def test_huge_solver_memory_is_sized_by_the_steps():
+    """Anderson(m=10**8) / Broyden(memory=10**8) with steps=5 allocated 80 GB; the buffers
+    hold what 5 evaluations can use, and the iterates are those of the default memory."""
+    _, f = _net(n=16, scale=0.3)
+    h0 = torch.zeros(3, 16, dtype=DT)
+    for big, small in ((rbp.Anderson(m=10**8), rbp.Anderson(m=5)),
+                       (rbp.Broyden(memory=10**8), rbp.Broyden(memory=50))):
+        got = rbp.fixed_point(f, h0, 5, solver=big, tol=1e-12, on_failure="ignore")
+        want = rbp.fixed_point(f, h0, 5, solver=small, tol=1e-12, on_failure="ignore")
+        assert torch.equal(got, want)
+
+
+def test_rbp_with_a_huge_truncate_stops_when_z_stops_changing():
+    from rbp import solvers
+
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=DT))
+    jac = 0.9 * q
+    b = torch.randn(2, 20, dtype=DT, generator=gen)
+    sol = solvers.RBP(max_iter=10**6).solve(solvers.AdjointOperator(lambda v: v @ jac), b)
+    want = torch.linalg.solve(torch.eye(20, dtype=DT) - jac.T, b.T).T
+    assert sol.iterations < 1000 and sol.status == "converged"
+    assert ((sol.z - want).norm() / want.norm()).item() < 1e-13
+
+
+def test_compiled_step_with_cg_names_jvp_func():
+    torch._dynamo.reset()
+    w, _ = _net(scale=0.3)
+
+    def step(h):
+        return torch.tanh(h @ w + 1.0)
+
+    h = rbp.fixed_point(torch.compile(step, backend="aot_eager"), torch.zeros(8, dtype=DT),
+                        30, "cg", 5, settle_tol=None)
+    with pytest.raises(RuntimeError, match="double backward.*jvp='func'"):
+        h.sum().backward()
+    torch._dynamo.reset()
