@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from rbp.methods import BPTT, JFB, TBPTT, Implicit, Phantom
     from rbp.module import FixedPoint
     from rbp.regularisers import jacobian_penalty
+    from rbp.warm_start import WarmStart
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "solvers",
     "VariationalDropout",
     "VariationalDropout2d",
+    "WarmStart",
 ]
 
 # public name -> the module that defines it (a submodule itself when the name is one)
@@ -71,6 +73,7 @@ _WHERE: dict[str, str] = {
     **dict.fromkeys(("BPTT", "JFB", "TBPTT", "Implicit", "Phantom"), "rbp.methods"),
     "FixedPoint": "rbp.module",
     "jacobian_penalty": "rbp.regularisers",
+    "WarmStart": "rbp.warm_start",
     "VariationalDropout": "rbp.dropout",
     "VariationalDropout2d": "rbp.dropout",
 }
