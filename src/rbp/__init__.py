@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from rbp.forward import Anderson, Broyden, Iterate
     from rbp.methods import BPTT, JFB, TBPTT, Implicit, Phantom
     from rbp.module import FixedPoint
+    from rbp.norm import Scale, cached_norm, spectral_norm, weight_norm
     from rbp.regularisers import jacobian_penalty
     from rbp.warm_start import WarmStart
 
@@ -59,6 +60,10 @@ __all__ = [
     "VariationalDropout",
     "VariationalDropout2d",
     "WarmStart",
+    "Scale",
+    "cached_norm",
+    "spectral_norm",
+    "weight_norm",
 ]
 
 # public name -> the module that defines it (a submodule itself when the name is one)
@@ -73,6 +78,10 @@ _WHERE: dict[str, str] = {
     **dict.fromkeys(("BPTT", "JFB", "TBPTT", "Implicit", "Phantom"), "rbp.methods"),
     "FixedPoint": "rbp.module",
     "jacobian_penalty": "rbp.regularisers",
+    "Scale": "rbp.norm",
+    "cached_norm": "rbp.norm",
+    "spectral_norm": "rbp.norm",
+    "weight_norm": "rbp.norm",
     "WarmStart": "rbp.warm_start",
     "VariationalDropout": "rbp.dropout",
     "VariationalDropout2d": "rbp.dropout",
