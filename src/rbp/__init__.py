@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from rbp.module import FixedPoint
     from rbp.norm import Scale, cached_norm, spectral_norm, weight_norm
     from rbp.regularisers import jacobian_penalty
+    from rbp.trajectory import correction_loss, sample_trajectory
     from rbp.warm_start import WarmStart
 
 __version__ = "0.1.0"
@@ -64,6 +65,8 @@ __all__ = [
     "cached_norm",
     "spectral_norm",
     "weight_norm",
+    "correction_loss",
+    "sample_trajectory",
 ]
 
 # public name -> the module that defines it (a submodule itself when the name is one)
@@ -78,6 +81,8 @@ _WHERE: dict[str, str] = {
     **dict.fromkeys(("BPTT", "JFB", "TBPTT", "Implicit", "Phantom"), "rbp.methods"),
     "FixedPoint": "rbp.module",
     "jacobian_penalty": "rbp.regularisers",
+    "correction_loss": "rbp.trajectory",
+    "sample_trajectory": "rbp.trajectory",
     "Scale": "rbp.norm",
     "cached_norm": "rbp.norm",
     "spectral_norm": "rbp.norm",
