@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from rbp.forward import Anderson, Broyden, Iterate
     from rbp.methods import BPTT, JFB, TBPTT, Implicit, Phantom
     from rbp.module import FixedPoint
+    from rbp.monitor import RadiusEstimate, ResidualMonitor, spectral_radius
     from rbp.norm import Scale, cached_norm, spectral_norm, weight_norm
     from rbp.regularisers import jacobian_penalty
     from rbp.trajectory import correction_loss, sample_trajectory
@@ -67,6 +68,9 @@ __all__ = [
     "weight_norm",
     "correction_loss",
     "sample_trajectory",
+    "RadiusEstimate",
+    "ResidualMonitor",
+    "spectral_radius",
 ]
 
 # public name -> the module that defines it (a submodule itself when the name is one)
@@ -81,6 +85,9 @@ _WHERE: dict[str, str] = {
     **dict.fromkeys(("BPTT", "JFB", "TBPTT", "Implicit", "Phantom"), "rbp.methods"),
     "FixedPoint": "rbp.module",
     "jacobian_penalty": "rbp.regularisers",
+    "RadiusEstimate": "rbp.monitor",
+    "ResidualMonitor": "rbp.monitor",
+    "spectral_radius": "rbp.monitor",
     "correction_loss": "rbp.trajectory",
     "sample_trajectory": "rbp.trajectory",
     "Scale": "rbp.norm",
