@@ -206,7 +206,8 @@ class Adjoint:
             vs = layout().from_rows(v, [x.dtype for x in h_in])
             return layout().to_rows(jvp_cache["f"](vs), work)
 
-        op = solvers.AdjointOperator(vjp_single if single else vjp, jvp)
+        op = solvers.AdjointOperator(vjp_single if single else vjp, jvp,
+                                     estimate=self.max_backward_error is not None)
         solution = _solve(self.method.solver, op, b, name)
         record = BackwardInfo(
             method=name,

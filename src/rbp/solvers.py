@@ -94,9 +94,13 @@ def is_solver(value: Any) -> bool:
 class AdjointOperator:
     """``A v = v - J^T v`` on ``(batch, n)`` rows, with ``vjp = J^T`` and ``rmatvec = A^T``."""
 
-    def __init__(self, vjp: Matvec, jvp: Matvec | None = None) -> None:
+    def __init__(self, vjp: Matvec, jvp: Matvec | None = None, estimate: bool = True) -> None:
         self.vjp = vjp
         self.jvp = jvp
+        # False: the caller reads statuses only, so the built-in solvers skip the conditioning
+        # and Ritz estimates of their error (their sample_errors are then residuals / the
+        # mean-rate tail, as before those estimates existed)
+        self.estimate = estimate
 
     def __call__(self, v: Tensor) -> Tensor:
         return v - self.vjp(v)
@@ -105,6 +109,10 @@ class AdjointOperator:
         if self.jvp is None:
             raise ValueError("this operator has no forward products J v (rmatvec)")
         return v - self.jvp(v)
+
+
+def _estimating(matvec: Matvec) -> bool:
+    return bool(getattr(matvec, "estimate", True))
 
 
 def _vjp_of(matvec: Matvec) -> Matvec:
@@ -378,7 +386,7 @@ def neumann(
     b = _rows(b)
     vjp = _vjp_of(matvec)
     if tol is None:
-        return _neumann_untoleranced(vjp, b, max_iter)
+        return _neumann_untoleranced(vjp, b, max_iter, _estimating(matvec))
     bnorm = torch.linalg.vector_norm(b, dim=1)
     v, z = b, b.clone()
     norms: list[Tensor] = []  # increments' norms, read once at the end
@@ -398,10 +406,12 @@ def neumann(
             z.add_(v)
             break
         z.add_(v)
-    return _finish(z, t, norms, bnorm, tol, lead=True, terms=t + 1, window=list(window))
+    return _finish(z, t, norms, bnorm, tol, lead=True, terms=t + 1,
+                   window=list(window) if _estimating(matvec) else None)
 
 
-def _neumann_untoleranced(vjp: Matvec, b: Tensor, max_iter: int) -> Solution:
+def _neumann_untoleranced(vjp: Matvec, b: Tensor, max_iter: int, estimate: bool = True
+                          ) -> Solution:
     """Neumann without ``tol``: all ``max_iter`` products, stopping early only on an exact zero
     or NaN. A series longer than ``UNTOLERANCED_CHECK_EVERY`` tests after its first product and
     every ``UNTOLERANCED_CHECK_EVERY``; a shorter one never (the test is a host read per call,
@@ -433,7 +443,7 @@ def _neumann_untoleranced(vjp: Matvec, b: Tensor, max_iter: int) -> Solution:
     while j > 0 and ts[j - 1] == ts[j] - 1 and len(seq) - j <= RATE_WINDOW:
         j -= 1
     norms = torch.linalg.vector_norm(torch.stack([*kept, b, z]), dim=2)
-    table, tails = _read(norms, _window_gram(seq[j:]), z.dtype)
+    table, tails = _read(norms, _window_gram(seq[j:]) if estimate else None, z.dtype)
     return _classify(z, t, table, None, errors_given=False, lead=True, terms=t + 1,
                      tails=tails)
 
@@ -483,7 +493,8 @@ def fixed_point_iteration(
             if due and _nothing_left(n - 4 * eps * torch.linalg.vector_norm(z, dim=1)):
                 settled = True
                 break
-    sol = _finish(z, i, norms, bnorm, tol, lead=len(norms) == 1, terms=i, window=list(window))
+    sol = _finish(z, i, norms, bnorm, tol, lead=len(norms) == 1, terms=i,
+                  window=list(window) if _estimating(matvec) else None)
     if settled and sol.status == Status.MAX_ITER:  # stopped early: z is exact to round-off
         sol.status = Status.CONVERGED
     return sol
@@ -613,6 +624,7 @@ def conjugate_gradient_normal(
     rmatvec = getattr(matvec, "rmatvec", None)
     if rmatvec is None:
         raise ValueError("CGNormal needs an operator with rmatvec(v) = (I - J) v")
+    estimate = _estimating(matvec)
     bnorm = b.norm(dim=1)
     floor = (torch.finfo(b.dtype).eps * bnorm) ** 2
     z = torch.zeros_like(b)
@@ -635,7 +647,8 @@ def conjugate_gradient_normal(
         rr_next = (r * r).sum(1)
         norms.append(rr_next.sqrt())
         beta = torch.where(active, rr_next / rr.clamp_min(1e-300), 0.0)
-        coefs.append(torch.stack([alpha, beta]))
+        if estimate:
+            coefs.append(torch.stack([alpha, beta]))
         p = r + beta.unsqueeze(1) * p
         rr = rr_next
         if _due(i, max_iter, check_every, 0.0):  # Krylov: breakdown is worth a check
@@ -652,6 +665,8 @@ def conjugate_gradient_normal(
     if sol.status == Status.MAX_ITER and stalled:
         sol.status = Status.STALLED
     sol = _krylov_status(sol, tol, broke.tolist(), b.dtype)
+    if not estimate:
+        return _with_error_estimates(sol, b, None)
     smin = _lanczos_smin(coefs)
     if sol.sample_errors is not None and max(sol.sample_errors) > 0:
         # ||A r|| / ||r|| along the final residual (one more product): the direction CG has
@@ -711,6 +726,7 @@ def gmres(
     (breakdown on a singular system).
     """
     b = _rows(b)
+    estimate = _estimating(matvec)
     rows, n = b.shape
     bnorm = b.norm(dim=1)
     eps = torch.finfo(b.dtype).eps
@@ -770,7 +786,7 @@ def gmres(
                     stop = stop | (norms[-1] <= tol * bnorm)
                 if bool(stop.all()) or not bool(torch.isfinite(norms[-1]).all()):
                     break
-        if j_end:  # sigma_min of the cycle's Hessenberg matrix (that of R, its QR factor)
+        if j_end and estimate:  # sigma_min of the cycle's Hessenberg matrix (R's: its QR)
             smin = torch.minimum(smin, _hessenberg_smin(r_mat[:, :j_end, :j_end], cols))
         diag = torch.diagonal(r_mat[:, :j_end, :j_end], dim1=1, dim2=2)
         rhs = beta.unsqueeze(1) * rot[:, :j_end, 0]
@@ -796,7 +812,7 @@ def gmres(
     if sol.status == Status.GROWING:  # GMRES residuals never grow; equal means no progress
         sol.status = Status.STALLED
     sol = _krylov_status(sol, tol, broke.tolist(), b.dtype)
-    return _with_error_estimates(sol, b, smin if done else None)
+    return _with_error_estimates(sol, b, smin if done and estimate else None)
 
 
 # --------------------------------------------------------------------------- solver values

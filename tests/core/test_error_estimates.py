@@ -147,3 +147,15 @@ def test_user_solver_that_modifies_b_is_measured_against_the_original():
                               on_failure="ignore", return_info=True)
     h.sum().backward()
     assert info.backward[0].error_estimate == pytest.approx(1.0)  # z = 0 against g != 0
+
+
+def test_without_max_backward_error_the_estimates_are_skipped():
+    """max_backward_error=None reads statuses only: no conditioning / Ritz work, and the
+    recorded estimate is then the residual (Krylov) or the mean-rate tail (series)."""
+    case = error_panel.two_time_scales(slow_share=0.005)
+    checked = error_panel.run(case, "gmres", 1)
+    quiet = error_panel.run(case, "gmres", 1, max_backward_error=None)
+    assert not quiet.reported and checked.reported
+    assert quiet.estimate < checked.estimate
+    series = error_panel.run(case, "neumann", 10, max_backward_error=None)
+    assert series.z_error > 0.15 and series.estimate < 0.01 and not series.reported
