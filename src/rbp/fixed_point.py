@@ -120,7 +120,8 @@ def fixed_point(
             The ratio is checked per sample: with ``batch_dim``, per sample (all leaves of it
             together); without, per index of dim 0 of every state leaf of two or more dims (a
             batch-first state is checked sample by sample; a 2-D state that is one system is
-            checked row by row, which is stricter) and over the whole leaf for a leaf of fewer
+            checked row by row, each row's norm floored at the rms row norm so that a row near
+            zero is not held to its own scale) and over the whole leaf for a leaf of fewer
             dims. With ``tol_mode="absolute"`` a row whose ``||h_T - h_{T-1}|| <= tol`` counts as
             settled (a fixed point at zero has no meaningful relative change). The worst ratio
             is ``info.worst_relative_difference``. ``None`` disables the check.

@@ -903,8 +903,11 @@ def _last_norms(
     norm = torch.linalg.vector_norm(o)
     rows = None
     if want_rows and o.dim() >= 2 and o.shape[0] > 1:
+        # a row's scale is at least the rms row norm: a near-zero row of one system (a node
+        # of a graph, say) is not held to its own tiny norm
         rows = (torch.linalg.vector_norm(d.reshape(o.shape[0], -1), dim=1),
-                torch.linalg.vector_norm(o.reshape(o.shape[0], -1), dim=1))
+                torch.linalg.vector_norm(o.reshape(o.shape[0], -1), dim=1).clamp_min(
+                    norm / math.sqrt(o.shape[0])))
     if o.is_cpu:  # two reads cost less than stacking them
         diff_value, norm_value = diff.item(), norm.item()
     elif rows is not None:  # the worst row ratio in the same read (no extra sync on a GPU)
@@ -926,7 +929,9 @@ def row_differences(
     The rows: with a batch layout ``lay``, one per sample (all leaves of that sample together);
     without, one per index of dim 0 of every leaf of two or more dims, and the whole leaf for a
     leaf of fewer (a batch-first state is then checked sample by sample even without
-    ``batch_dim``). ``None`` when the whole state is a single row (the whole-state ratio).
+    ``batch_dim``), each row's ``||h_T||`` floored at the rms row norm of its leaf (a near-zero
+    row of one system is not held to its own tiny norm). ``None`` when the whole state is a
+    single row (the whole-state ratio).
     """
     if lay is not None and lay.dims is not None:
         with torch.no_grad():
@@ -941,8 +946,8 @@ def row_differences(
             lead = o.shape[0] if o.dim() >= 2 else 1
             diffs.append(torch.linalg.vector_norm((o - p).reshape(lead, -1), dim=1,
                                                   dtype=torch.float64))
-            norms.append(torch.linalg.vector_norm(o.reshape(lead, -1), dim=1,
-                                                  dtype=torch.float64))
+            n = torch.linalg.vector_norm(o.reshape(lead, -1), dim=1, dtype=torch.float64)
+            norms.append(n.clamp_min(torch.linalg.vector_norm(n) / math.sqrt(lead)))
     return torch.cat(diffs), torch.cat(norms)
 
 

@@ -333,3 +333,19 @@ def test_compiled_step_with_cg_names_jvp_func():
     with pytest.raises(RuntimeError, match="double backward.*jvp='func'"):
         h.sum().backward()
     torch._dynamo.reset()
+
+
+def test_readme_like_batch_reports_its_slow_samples_and_a_tiny_row_is_no_alarm():
+    """32 samples contracting at 0.1 .. 0.99, 100 steps: the slow samples are reported without
+    batch_dim too. A settled state with one row near zero (a graph node, say) is not."""
+    _, f, inputs = _rates_problem(torch.linspace(0.1, 0.99, 32).tolist())
+    with pytest.warns(rbp.ConvergenceWarning, match="of 32 rows"):
+        rbp.fixed_point(f, torch.zeros(32, 4, dtype=DT), 100, inputs=inputs)
+    c = torch.ones(8, 4, dtype=DT).requires_grad_()
+    mask = torch.ones(8, 1, dtype=DT)
+    mask[0] = 0.0  # row 0's fixed point is 0: it decays by half each step, relative change 1
+    h0 = torch.zeros(8, 4, dtype=DT)
+    h0[0] = 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rbp.fixed_point(lambda h: 0.5 * h + 0.5 * c * mask, h0, 60)
