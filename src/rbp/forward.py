@@ -805,14 +805,21 @@ def unroll(
                     norms.append(_diff_norm(tree.flatten(h)[0], tree.flatten(prev)[0]))
             return h, prev
         t = lo  # unchecked runs go through fast in a tight loop; prev is only kept at a
-        for c in [c for c in checked if lo <= c < hi]:  # checked step, and hi-1 is one
-            for _ in range(c - t):
+        try:  # checked step, and hi-1 is one
+            for c in [c for c in checked if lo <= c < hi]:
+                for _ in range(c - t):
+                    h = fast(h)
+                    t += 1
+                prev, h = h, step(h, c)
+                tree.check_same_structure(spec, h0_leaves, h, c)
+                t = c + 1
+            for _ in range(hi - t):
                 h = fast(h)
-            prev, h = h, step(h, c)
-            tree.check_same_structure(spec, h0_leaves, h, c)
-            t = c + 1
-        for _ in range(hi - t):
-            h = fast(h)
+                t += 1
+        except Exception:
+            # f failed on the output of an unchecked step: name a changed shape or dtype there
+            tree.check_same_structure(spec, h0_leaves, h, t - 1)
+            raise
         return h, prev
 
     with torch.no_grad():
@@ -868,10 +875,19 @@ def _unroll_tensor(
         tree.check_same_structure(tree.LEAF, [h0], out, t)
         return out
 
+    def unchecked(h: Tensor, t: int) -> Tensor:
+        try:
+            return f(h, *inputs)
+        except Exception:
+            # f failed on the output of step t-1 (not checked, to save time): if that changed
+            # the state's shape or dtype, say so instead of the error from inside f
+            tree.check_same_structure(tree.LEAF, [h0], h, t - 1)
+            raise
+
     h = h0
     with torch.no_grad():
         for t in range(free):
-            h = checked(h, t) if t == 0 else f(h, *inputs)
+            h = checked(h, t) if t == 0 else unchecked(h, t)
     h_in: list[Tensor] = []
     if require_grad_input:
         h = h.detach().requires_grad_()
@@ -883,7 +899,7 @@ def _unroll_tensor(
         if t in (free, last):
             prev, h = h, checked(h, t)
         else:
-            h = f(h, *inputs)
+            h = unchecked(h, t)
     diff_value, norm_value, rows = _last_norms(h, prev, require_grad_input)
     if not (math.isfinite(diff_value) and math.isfinite(norm_value)):
         check_finite([h], method, steps)

@@ -349,3 +349,21 @@ def test_readme_like_batch_reports_its_slow_samples_and_a_tiny_row_is_no_alarm()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rbp.fixed_point(lambda h: 0.5 * h + 0.5 * c * mask, h0, 60)
+
+
+@pytest.mark.parametrize("method", ["bptt", "neumann"])
+@pytest.mark.parametrize("tuple_state", [False, True])
+def test_shape_change_at_an_unchecked_step_is_named(method, tuple_state):
+    w = (0.1 * torch.randn(4, 4, dtype=DT)).requires_grad_()
+    count = [0]
+
+    def g(h):
+        count[0] += 1
+        out = torch.tanh(h @ w + 1.0)
+        return torch.cat([out, out], 1) if count[0] == 3 else out  # step 2 doubles the width
+
+    f = (lambda s: (g(s[0]), s[1])) if tuple_state else g
+    h0 = (torch.zeros(2, 4, dtype=DT), torch.zeros(1, dtype=DT)) if tuple_state else torch.zeros(
+        2, 4, dtype=DT)
+    with pytest.raises(ValueError, match=r"changed the shape of state.* at step 2"):
+        rbp.fixed_point(f, h0, 10, method)
