@@ -875,31 +875,30 @@ def _unroll_tensor(
         tree.check_same_structure(tree.LEAF, [h0], out, t)
         return out
 
-    def unchecked(h: Tensor, t: int) -> Tensor:
-        try:
-            return f(h, *inputs)
-        except Exception:
-            # f failed on the output of step t-1 (not checked, to save time): if that changed
-            # the state's shape or dtype, say so instead of the error from inside f
-            tree.check_same_structure(tree.LEAF, [h0], h, t - 1)
-            raise
-
     h = h0
-    with torch.no_grad():
-        for t in range(free):
-            h = checked(h, t) if t == 0 else unchecked(h, t)
-    h_in: list[Tensor] = []
-    if require_grad_input:
-        h = h.detach().requires_grad_()
-        h_in = [h]
-    elif detach:
-        h = h.detach()
-    prev = h
-    for t in range(free, steps):
-        if t in (free, last):
-            prev, h = h, checked(h, t)
-        else:
-            h = unchecked(h, t)
+    t = 0
+    try:
+        with torch.no_grad():
+            for t in range(free):
+                h = checked(h, t) if t == 0 else f(h, *inputs)
+        h_in: list[Tensor] = []
+        if require_grad_input:
+            h = h.detach().requires_grad_()
+            h_in = [h]
+        elif detach:
+            h = h.detach()
+        prev = h
+        for t in range(free, steps):
+            if t in (free, last):
+                prev, h = h, checked(h, t)
+            else:
+                h = f(h, *inputs)
+    except Exception:
+        # f failed on the output of step t-1, which was not checked (to save time): if that
+        # changed the state's shape or dtype, say so instead of the error from inside f
+        if t > 0:
+            tree.check_same_structure(tree.LEAF, [h0], h, t - 1)
+        raise
     diff_value, norm_value, rows = _last_norms(h, prev, require_grad_input)
     if not (math.isfinite(diff_value) and math.isfinite(norm_value)):
         check_finite([h], method, steps)
