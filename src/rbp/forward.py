@@ -620,14 +620,18 @@ def _leaves_of(state: State) -> list[Tensor]:
 def call_map(fn: Callable[..., State], h: State, *args: Any) -> State:
     """``fn(h, *args)``, refusing an ``fn`` that modifies its input state in place."""
     if isinstance(h, Tensor):  # the common case, kept cheap: it runs once per step
-        if h.is_inference():  # no version counter (torch.inference_mode): nothing to compare
+        # an inference tensor (torch.inference_mode) has no version counter: nothing to compare
+        # (Dynamo cannot trace is_inference; a compiled call has no inference tensors)
+        if not _is_compiling() and h.is_inference():
             return fn(h, *args)
         version = h._version
         out = fn(h, *args)
         if h._version != version:
             _raise_in_place(0)
         return out
-    leaves = [leaf for leaf in _leaves_of(h) if not leaf.is_inference()]
+    leaves = _leaves_of(h)
+    if not _is_compiling():
+        leaves = [leaf for leaf in leaves if not leaf.is_inference()]
     versions = [leaf._version for leaf in leaves]
     out = fn(h, *args)
     for i, (leaf, v) in enumerate(zip(leaves, versions, strict=True)):

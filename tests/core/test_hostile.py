@@ -367,3 +367,17 @@ def test_shape_change_at_an_unchecked_step_is_named(method, tuple_state):
         2, 4, dtype=DT)
     with pytest.raises(ValueError, match=r"changed the shape of state.* at step 2"):
         rbp.fixed_point(f, h0, 10, method)
+
+
+def test_inference_mode_support_adds_no_graph_break_under_compile():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    w, f = _net(scale=0.3)
+    run = torch.compile(lambda h0: rbp.fixed_point(f, h0, 10, "neumann", 5, settle_tol=None),
+                        backend="aot_eager")
+    run(torch.zeros(8, dtype=DT)).sum().backward()
+    reasons = " ".join(str(k) for k in counters["graph_break"])
+    assert "is_inference" not in reasons
+    torch._dynamo.reset()
