@@ -952,11 +952,12 @@ def row_differences(
     row of one system is not held to its own tiny norm). ``None`` when the whole state is a
     single row (the whole-state ratio).
     """
+    wide = torch.float32 if out[0].device.type == "mps" else torch.float64  # MPS: no float64
     if lay is not None and lay.dims is not None:
         with torch.no_grad():
             d = to_rows(out, lay) - to_rows(prev, lay)
-            return (torch.linalg.vector_norm(d, dim=1, dtype=torch.float64),
-                    torch.linalg.vector_norm(to_rows(out, lay), dim=1, dtype=torch.float64))
+            return (torch.linalg.vector_norm(d, dim=1, dtype=wide),
+                    torch.linalg.vector_norm(to_rows(out, lay), dim=1, dtype=wide))
     if not any(o.dim() >= 2 and o.shape[0] > 1 for o in out) and len(out) == 1:
         return None
     diffs, norms = [], []
@@ -964,8 +965,8 @@ def row_differences(
         for o, p in zip(out, prev, strict=True):
             lead = o.shape[0] if o.dim() >= 2 else 1
             diffs.append(torch.linalg.vector_norm((o - p).reshape(lead, -1), dim=1,
-                                                  dtype=torch.float64))
-            n = torch.linalg.vector_norm(o.reshape(lead, -1), dim=1, dtype=torch.float64)
+                                                  dtype=wide))
+            n = torch.linalg.vector_norm(o.reshape(lead, -1), dim=1, dtype=wide)
             norms.append(n.clamp_min(torch.linalg.vector_norm(n) / math.sqrt(lead)))
     return torch.cat(diffs), torch.cat(norms)
 

@@ -111,6 +111,11 @@ class AdjointOperator:
         return v - self.jvp(v)
 
 
+def _wide(t: Tensor) -> torch.dtype:
+    """float64 for the small estimates, float32 on MPS (which has no float64)."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
 def _estimating(matvec: Matvec) -> bool:
     return bool(getattr(matvec, "estimate", True))
 
@@ -548,7 +553,7 @@ def _error_from_residual(
     approaches this bound from below; ``smin = None`` (none available): the residual itself."""
     if smin is None:
         return list(residuals)
-    scale = (b.norm(dim=1) / (smin.to(b.dtype) * z.norm(dim=1))).double().cpu().tolist()
+    scale = (b.norm(dim=1) / (smin.to(b.dtype) * z.norm(dim=1))).cpu().double().tolist()
     out = []
     for res, k in zip(residuals, scale, strict=True):
         if res == 0.0 or not math.isfinite(res):
@@ -573,7 +578,7 @@ def _hessenberg_smin(r: Tensor, cols: Tensor) -> Tensor:
     Hessenberg matrix ``H``, same singular values) over the first ``cols`` columns of that row
     (those built before its Krylov space stopped growing; the later ones are zero)."""
     j = r.shape[-1]
-    r = torch.where(torch.isfinite(r), r, 0.0).double()
+    r = torch.where(torch.isfinite(r), r, 0.0).to(_wide(r))
     idx = torch.arange(j, device=r.device)
     dead = idx[None, :] >= cols[:, None]  # (rows, j): a column built after breakdown
     big = r.abs().amax((1, 2), keepdim=True) + 1.0
@@ -672,7 +677,7 @@ def conjugate_gradient_normal(
         # ||A r|| / ||r|| along the final residual (one more product): the direction CG has
         # resolved least, where the Ritz value may not have reached sigma_min yet
         probe = torch.where(rn > 0, matvec(resid).norm(dim=1) / torch.where(rn > 0, rn, 1.0),
-                            torch.inf).double()
+                            torch.inf).to(_wide(rn))
         smin = probe if smin is None else torch.minimum(smin, probe)
     return _with_error_estimates(sol, b, smin)
 
@@ -684,7 +689,8 @@ def _lanczos_smin(coefs: list[Tensor]) -> Tensor | None:
     Iterations where a row was frozen (alpha = 0) are left out of its T."""
     if not coefs:
         return None
-    ab = torch.stack(coefs).double()  # (k, 2, rows)
+    ab = torch.stack(coefs)
+    ab = ab.to(_wide(ab))  # (k, 2, rows)
     alpha, beta = ab[:, 0].T, ab[:, 1].T  # (rows, k)
     ok = alpha > 0
     # a row's T stops at its first frozen iteration
@@ -734,7 +740,7 @@ def gmres(
     norms: list[Tensor] = []
     broke = torch.zeros(rows, dtype=torch.bool, device=b.device)
     done = 0
-    smin = torch.full((rows,), math.inf, dtype=torch.float64, device=b.device)
+    smin = torch.full((rows,), math.inf, dtype=_wide(b), device=b.device)
     cycle: tuple[Tensor, Tensor] | None = None  # the last cycle's basis and residual in it
     while done < max_iter:
         r = b - matvec(z) if done else b
@@ -805,7 +811,7 @@ def gmres(
             break
     if cycle is not None:
         z, errors, probe = _polish(matvec, z, b, bnorm, cycle, norms[-1])
-        smin = torch.minimum(smin, probe.double())
+        smin = torch.minimum(smin, probe.to(smin.dtype))
     else:
         errors = _true_errors(matvec, z, b, bnorm)
     sol = _finish(z, done, norms, bnorm, tol, true_errors=errors)
