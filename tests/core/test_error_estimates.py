@@ -159,3 +159,27 @@ def test_without_max_backward_error_the_estimates_are_skipped():
     assert quiet.estimate < checked.estimate
     series = error_panel.run(case, "neumann", 10, max_backward_error=None)
     assert series.z_error > 0.15 and series.estimate < 0.01 and not series.reported
+
+
+def test_per_sample_estimates_single_out_the_sample_with_a_hidden_slow_mode():
+    """batch_dim=0: three samples share J (20 modes at 0.5, one at 0.99); only sample 1's g
+    touches the slow mode. Its estimate (and only its) exceeds 1 %, as its true error."""
+    gen = torch.Generator().manual_seed(11)
+    q, _ = torch.linalg.qr(torch.randn(21, 21, generator=gen, dtype=DT))
+    lam = torch.full((21,), 0.5, dtype=DT)
+    lam[0] = 0.99
+    a = (q * lam) @ q.T
+    c = torch.randn(3, 21, generator=gen, dtype=DT, requires_grad=True)
+    fast = torch.randn(3, 20, generator=gen, dtype=DT) @ q[:, 1:].T
+    g = fast / fast.norm(dim=1, keepdim=True)
+    g[1] = 0.995 * g[1] + 0.005 * q[:, 0]
+    h, info = rbp.fixed_point(lambda h, c: h @ a + c, torch.zeros(3, 21, dtype=DT), 3000,
+                              "neumann", 10, batch_dim=0, inputs=(c,), tol=1e-13,
+                              on_failure="ignore", return_info=True)
+    (g * h).sum().backward()
+    want = torch.linalg.solve(torch.eye(21, dtype=DT) - a.T, g.T).T  # z per sample
+    err = ((c.grad - want).norm(dim=1) / c.grad.norm(dim=1)).tolist()
+    est = info.backward[0].sample_errors
+    assert err[1] > 0.1 and est[1] > 0.1
+    for i in (0, 2):
+        assert err[i] < 1e-2 and est[i] < 1e-2 and est[i] >= err[i] / 3
