@@ -209,7 +209,7 @@ def fixed_point(
             message = forward.unsettled_message(fwd.rows, info, settle_tol, tol, tol_mode,
                                                 batch_dim)
             if message is not None:
-                report(on_failure, f"{method}: {message}")
+                report(on_failure, f"fixed_point: {message}")
         out_leaves = attach_implicit_backward(
             h_in_leaves,
             out_leaves,

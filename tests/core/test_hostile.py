@@ -157,6 +157,9 @@ def test_forward_messages_do_not_name_an_unchosen_backward_method():
     with pytest.warns(rbp.ConvergenceWarning) as caught:
         rbp.fixed_point(f, torch.zeros(8, dtype=DT), 2, tol=1e-12, settle_tol=None)
     assert all(str(w.message).startswith("fixed_point: the forward") for w in caught)
+    with pytest.warns(rbp.ConvergenceWarning) as caught:  # the settle check is the forward's
+        rbp.fixed_point(f, torch.zeros(8, dtype=DT), 2)
+    assert all(str(w.message).startswith("fixed_point: the forward") for w in caught)
     with pytest.raises(rbp.DivergenceError, match="^fixed_point: the forward state is not"):
         rbp.fixed_point(lambda h: 3 * torch.sqrt(h) - 4, torch.ones(3, dtype=DT), 40,
                         tol=1e-9, solver="broyden")
