@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "compact_results.py"
-FOLDERS = ["results/hopfield", "results/hyperopt", "results/table2"]
+FOLDERS = ["results/hopfield", "results/hyperopt", "results/table2", "results/citation"]
 
 
 @pytest.fixture(scope="module")

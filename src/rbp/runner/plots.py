@@ -202,10 +202,12 @@ def _join(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def note_coinciding(ax: Any, series: Series, lines: dict[str, Any] | None = None) -> list[str]:
-    """Write ``"X and Y coincide"`` in the axes for each group of :func:`coinciding` curves
-    (compared as drawn: in log space on a log axis) and draw all but the first of a group
-    dashed (``lines``: name -> Line2D). Call after :func:`style_axes`. Returns the notes."""
+def note_coinciding(ax: Any, series: Series, lines: dict[str, Any] | None = None,
+                    below: bool = False) -> list[str]:
+    """Write ``"X and Y coincide"`` in the axes (``below``: under them, where it covers no
+    curve) for each group of :func:`coinciding` curves (compared as drawn: in log space on a
+    log axis) and draw all but the first of a group dashed (``lines``: name -> Line2D). Call
+    after :func:`style_axes`. Returns the notes."""
     groups = coinciding(series, log=ax.get_yscale() == "log")
     notes = [f"{_join(group)} coincide" for group in groups]
     for group in groups:
@@ -214,7 +216,12 @@ def note_coinciding(ax: Any, series: Series, lines: dict[str, Any] | None = None
                 lines[name].set_linestyle((0, (4, 2 + 2 * k)))
     if notes:
         # wrapped so a long note stays inside its own axes
-        text = "\n".join(textwrap.fill(note, width=40) for note in notes)
+        text = "\n".join(textwrap.fill(note, width=40 if not below else 70) for note in notes)
+        if below:
+            ax.annotate(text, (0.0, 0.0), xytext=(0, -34), xycoords="axes fraction",
+                        textcoords="offset points", fontsize="small", va="top", ha="left",
+                        style="italic")
+            return notes
         ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize="small",
                 va="bottom", ha="left", style="italic",
                 bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8,
