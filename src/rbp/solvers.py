@@ -386,7 +386,8 @@ def neumann(
 
     Converges iff the spectral radius of J is below one; K products, K+1 terms. Rows whose
     increment ``||(J^T)^t b||`` falls to ``tol ||b||`` stop growing (their increment is zeroed).
-    Error estimate: the geometric tail of the increments.
+    Error estimate: the tail of the series, the larger of the mean-rate geometric tail of the
+    increments and the Ritz extrapolation of the last ones (:func:`_ritz_tails`).
     """
     b = _rows(b)
     vjp = _vjp_of(matvec)
@@ -466,7 +467,7 @@ def fixed_point_iteration(
 
     Same convergence condition as Neumann; from ``z0 = 0`` it equals Neumann with one term
     fewer. The residual is the increment ``||z_i - z_{i-1}||``; rows whose increment falls to
-    ``tol ||b||`` are frozen. Error estimate: the geometric tail of the increments.
+    ``tol ||b||`` are frozen. Error estimate: as :func:`neumann`'s, from the steps.
     """
     b = _rows(b)
     vjp = _vjp_of(matvec)
@@ -623,7 +624,10 @@ def conjugate_gradient_normal(
     Assumes ``I - J`` is invertible (the normal equations are then symmetric positive definite);
     their condition number is the square of ``A``'s. Needs ``matvec.rmatvec`` (``J v``); each
     iteration costs one ``J^T v`` and one ``J v``. Residual: the normal-equation one. Error
-    estimate: the true relative residual ``||A z - b|| / ||b||`` (one more product).
+    estimate: the true relative residual ``||A z - b|| / ||b||`` (one more product; kept in
+    ``sample_residuals``) times ``||b|| / (sigma ||z||)``, ``sigma`` the smaller of the Lanczos
+    matrix's smallest Ritz value (its square root) and ``||A r|| / ||r||`` along the final
+    residual (one more product), both upper estimates of ``sigma_min(A)``.
     """
     b = _rows(b)
     rmatvec = getattr(matvec, "rmatvec", None)
@@ -729,7 +733,9 @@ def gmres(
     One product per iteration (plus one per restart and one for the true residual at the end,
     two for rows whose last step is not kept); memory ``restart + 1`` vectors. A row whose
     Krylov space stops growing has found its solution, unless the true residual says otherwise
-    (breakdown on a singular system).
+    (breakdown on a singular system). Error estimate: the true relative residual (kept in
+    ``sample_residuals``) times ``||b|| / (sigma ||z||)``, ``sigma`` the smallest singular value
+    of the cycles' Hessenberg matrices and ``||A r|| / ||r||`` along the last residual.
     """
     b = _rows(b)
     estimate = _estimating(matvec)
