@@ -8,6 +8,8 @@ from 1 to converged. No gradient more than 1 % off may pass unreported with the 
 
 from __future__ import annotations
 
+import math
+
 import error_panel
 import pytest
 import torch
@@ -183,3 +185,31 @@ def test_per_sample_estimates_single_out_the_sample_with_a_hidden_slow_mode():
     assert err[1] > 0.1 and est[1] > 0.1
     for i in (0, 2):
         assert err[i] < 1e-2 and est[i] < 1e-2 and est[i] >= err[i] / 3
+
+
+def test_ritz_tail_python_and_numpy_agree():
+    """The per-row plain-Python Ritz tail (few rows) and the batched numpy one (many rows)
+    are one estimate: random windows of symmetric, non-normal and growing J."""
+    gen = torch.Generator().manual_seed(12)
+    windows = []
+    for trial in range(60):
+        n = 30
+        if trial % 3 == 0:
+            q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+            jac = (q * torch.rand(n, generator=gen, dtype=DT)) @ q.T
+        else:
+            jac = torch.randn(n, n, generator=gen, dtype=DT) / n**0.5 * (0.3 + trial / 60)
+        v = [torch.randn(1, n, generator=gen, dtype=DT)]
+        for _ in range(5):
+            v.append(v[-1] @ jac)
+        windows.append(solvers._window_gram(v)[0].tolist())
+    batched = solvers._ritz_tails(windows, [1.0] * len(windows), 2.2e-16)
+    finite = 0
+    for g, want in zip(windows, batched, strict=True):
+        got = solvers._ritz_tail_row(g, 1.0, 2.2e-16)
+        if math.isinf(want) or math.isinf(got):
+            assert math.isinf(want) and math.isinf(got)
+        else:
+            finite += 1
+            assert got == pytest.approx(want, rel=1e-6)
+    assert finite > 20
