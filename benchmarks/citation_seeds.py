@@ -1,11 +1,13 @@
-"""Seeds per hour of the paper's GG-NN on Cora: one seed at a time against S seeds batched.
+"""Seeds per hour on Cora: one seed at a time against S seeds batched in one model.
 
-One training epoch of ``rbp citation``'s paper model (100 propagation steps, K = 5, SGD) is
-timed for
+One training epoch of ``rbp citation``'s paper model (``--model paper``: 100 propagation
+steps, K = 5, SGD) or of the PPR fixed-point GNN (``--model ppr``: 194 steps, K = 193, Adam,
+dropout) is timed for
 
-* ``single``: the per-seed model (``GGNN``, torch's ``nn.GRUCell``), the code before seeds
-  were batched;
-* ``batched S``: ``SeedBatchedGGNN`` with S seeds (time per epoch divided by S);
+* ``single``: the per-seed model (``GGNN`` with torch's ``nn.GRUCell``, or ``PPRGNN``), the
+  code before seeds were batched;
+* ``batched S``: ``SeedBatchedGGNN`` / ``SeedBatchedPPR`` with S seeds (time per epoch
+  divided by S);
 
 and beside them the *arithmetic floor*: the same step's products alone (the sparse product
 ``A [h_1 .. h_S]`` and the two batched GEMMs of the GRU, 100 times), to say how close the
@@ -13,10 +15,10 @@ forward runs to what torch's kernels reach on those shapes. Each setting is time
 median of ``--repeats`` epochs after one warm-up, settings of one thread count interleaved
 round-robin so that load from other jobs falls on them alike.
 
-    python benchmarks/citation_seeds.py [--quick] [--device cpu] [--threads 1 2]
+    python benchmarks/citation_seeds.py [--quick] [--device cpu] [--threads 1 2] [--model ppr]
 
-prints a table and writes ``results/citation_seeds/bench.json``. Seeds per hour is
-``3600 / (2000 epochs x seconds per epoch per seed)``.
+prints a table and writes ``results/citation_seeds/bench[_ppr].json``. Seeds per hour is
+``3600 / (epochs x seconds per epoch per seed)`` with the protocol's epochs (2000; PPR 200).
 """
 
 from __future__ import annotations
@@ -33,8 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from rbp.apps.citation.experiment import _paper_method
-from rbp.apps.citation.model import GGNN, pca_features, sum_adjacency
-from rbp.apps.citation.seeds import SeedBatchedGGNN
+from rbp.apps.citation.model import (
+    GGNN,
+    PPRGNN,
+    normalised_adjacency,
+    pca_features,
+    sum_adjacency,
+    truncation_for,
+)
+from rbp.apps.citation.seeds import SeedBatchedGGNN, SeedBatchedPPR
 from rbp.data import load_planetoid, split_labelled
 from rbp.runner.device import resolve_device
 
@@ -74,6 +83,40 @@ def _batched_epoch(adj: torch.Tensor, h0: torch.Tensor, labels: torch.Tensor, me
         opt.zero_grad()
         logits, _ = net(adj, h0, 100, how, 5, on_failure="ignore")
         torch.stack([F.cross_entropy(logits[i, t], labels[t])
+                     for i, t in enumerate(trains)]).sum().backward()
+        opt.step()
+    return epoch
+
+
+def _ppr_single(adj: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, method: str,
+                device: torch.device) -> Any:
+    train = split_labelled(labels >= 0, 0)[0].to(device)
+    torch.manual_seed(0)
+    net = PPRGNN(x.shape[1], 64, int(labels.max()) + 1, 0.05, 0.5).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=5e-4)
+    k = truncation_for(0.95, 1e-3)
+
+    def epoch() -> None:
+        opt.zero_grad()
+        z, _ = net(adj, x, k + 1, method, k, on_failure="ignore", backward_tol=1e-3)
+        F.cross_entropy(z[train], labels[train]).backward()
+        opt.step()
+    return epoch
+
+
+def _ppr_batched(adj: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, method: str,
+                 seeds: int, device: torch.device) -> Any:
+    ids = list(range(seeds))
+    trains = [split_labelled(labels >= 0, s)[0].to(device) for s in ids]
+    net = SeedBatchedPPR.from_seeds(x.shape[1], 64, int(labels.max()) + 1, ids, 0.05, 0.5,
+                                    device=device).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=5e-4)
+    k = truncation_for(0.95, 1e-3)
+
+    def epoch() -> None:
+        opt.zero_grad()
+        z, _ = net(adj, x, k + 1, method, k, on_failure="ignore", backward_tol=1e-3)
+        torch.stack([F.cross_entropy(z[i, t], labels[t])
                      for i, t in enumerate(trains)]).sum().backward()
         opt.step()
     return epoch
@@ -126,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="Planetoid folder (default: shipped Cora)")
+    p.add_argument("--model", choices=["paper", "ppr"], default="paper")
     p.add_argument("--out", type=Path, default=Path("results/citation_seeds"))
     args = p.parse_args(argv)
     try:
@@ -138,15 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.seeds or ([1, 2] if args.quick else [1, 2, 5, 10])
     repeats = args.repeats or (2 if args.quick else 3)
     d = load_planetoid("cora", args.data_dir)
-    adj = sum_adjacency(d.edge_index, d.num_nodes).to(device)
-    h0 = pca_features(d.features, 64).to(device)
+    ppr = args.model == "ppr"
+    epochs = 200 if ppr else EPOCHS
+    adj = (normalised_adjacency if ppr else sum_adjacency)(d.edge_index, d.num_nodes).to(device)
+    h0 = d.features.to_sparse().to(device) if ppr else pca_features(d.features, 64).to(device)
     labels = d.labels.to(device)
+    single, batched = (_ppr_single, _ppr_batched) if ppr else (_single_epoch, _batched_epoch)
     rows: list[dict[str, Any]] = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         for method in methods:
-            fns = {"single": _single_epoch(adj, h0, labels, method, device)}
-            fns.update({f"batched {s}": _batched_epoch(adj, h0, labels, method, s, device)
+            fns = {"single": single(adj, h0, labels, method, device)}
+            fns.update({f"batched {s}": batched(adj, h0, labels, method, s, device)
                         for s in sizes})
             t = _median_times(fns, repeats, device)
             for name, sec in t.items():
@@ -154,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                 per_seed = sec / s
                 rows.append({"threads": threads, "method": method, "model": name, "seeds": s,
                              "sec_per_epoch": sec, "sec_per_epoch_per_seed": per_seed,
-                             "seeds_per_hour": 3600.0 / (EPOCHS * per_seed),
+                             "seeds_per_hour": 3600.0 / (epochs * per_seed),
                              "x_single": per_seed / t["single"]})
                 print(f"threads {threads}  {method:8s} {name:11s} {sec:8.3f} s/epoch  "
                       f"{per_seed:7.3f} s/epoch/seed  {rows[-1]['seeds_per_hour']:6.2f} seeds/h "
                       f" x{rows[-1]['x_single']:.2f} of single", flush=True)
+        if ppr:
+            continue
         floor_fns = {f"forward {s}": _forward_only(adj, h0, s) for s in sizes}
         floor_fns.update({f"floor {s}": _floor(adj, h0, s) for s in sizes})
         t = _median_times(floor_fns, repeats, device)
@@ -169,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"threads {threads}  no-grad forward, 100 steps, S={s:2d}: {fwd:.3f} s; "
                   f"products alone {flo:.3f} s (x{fwd / flo:.2f} of the floor)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    doc = {"device": str(device), "epochs_per_seed": EPOCHS, "repeats": repeats,
-           "torch": torch.__version__, "rows": rows}
-    (args.out / "bench.json").write_text(json.dumps(doc, indent=1))
-    print(f"wrote {args.out / 'bench.json'}")
+    doc = {"model": args.model, "device": str(device), "epochs_per_seed": epochs,
+           "repeats": repeats, "torch": torch.__version__, "rows": rows}
+    name = "bench_ppr.json" if ppr else "bench.json"
+    (args.out / name).write_text(json.dumps(doc, indent=1))
+    print(f"wrote {args.out / name}")
     return 0
 
 

@@ -233,3 +233,64 @@ def test_citation_seeds_benchmark_refuses_an_unavailable_device(
     spec.loader.exec_module(module)
     assert module.main(["--device", "nosuch"]) == 2
     assert "unknown device 'nosuch'" in capsys.readouterr().err
+
+
+def _ppr_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from rbp.apps.citation.model import normalised_adjacency
+
+    gen = torch.Generator().manual_seed(1)
+    upper = torch.triu(torch.rand(N, N, generator=gen) < 0.15, diagonal=1)
+    i, j = torch.nonzero(upper, as_tuple=True)
+    adj = normalised_adjacency(torch.stack([torch.cat([i, j]), torch.cat([j, i])]), N)
+    dense = (torch.rand(N, 20, generator=gen) < 0.2).double() * torch.rand(N, 20, generator=gen)
+    return adj.to(torch.float64), dense.to_sparse(), torch.arange(N) % CLASSES
+
+
+@pytest.mark.parametrize("method", list(rbp.METHODS))
+def test_batched_ppr_equals_lone_ppr_runs(method: str) -> None:
+    """The PPR GNN of three seeds in one model, dropout on, Adam, backward_tol: each seed's
+    weights after three steps equal those of PPRGNN trained alone from manual_seed(seed) with
+    torch's own dropout (float64)."""
+    from rbp.apps.citation.model import PPRGNN
+    from rbp.apps.citation.seeds import SeedBatchedPPR
+
+    adj, x, labels = _ppr_problem()
+    seeds, steps, k = [2, 0, 5], 25, 24
+    train = [torch.randperm(N, generator=torch.Generator().manual_seed(s))[:8] for s in seeds]
+    net = SeedBatchedPPR.from_seeds(20, 8, CLASSES, seeds, 0.2, 0.5).double()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=5e-4)
+    for _ in range(3):
+        opt.zero_grad()
+        logits, _ = net(adj, x, steps, method, k, backward_tol=1e-3)
+        torch.stack([F.cross_entropy(logits[i, t], labels[t])
+                     for i, t in enumerate(train)]).sum().backward()
+        opt.step()
+    for i, seed in enumerate(seeds):
+        torch.manual_seed(seed)
+        alone = PPRGNN(20, 8, CLASSES, 0.2, 0.5).double()
+        opt1 = torch.optim.Adam(alone.parameters(), lr=0.01, weight_decay=5e-4)
+        for _ in range(3):
+            opt1.zero_grad()
+            z, _ = alone(adj, x, steps, method, k, backward_tol=1e-3)
+            F.cross_entropy(z[train[i]], labels[train[i]]).backward()
+            opt1.step()
+        torch.testing.assert_close(net.w1[i], alone.mlp[0].lin.weight, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(net.w2[i], alone.mlp[3].weight.T, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(net.b2[i, 0], alone.mlp[3].bias, rtol=1e-9, atol=1e-12)
+
+
+def test_experiment_batched_ppr_equals_one_seed_at_a_time(tmp_path: Path) -> None:
+    """`rbp citation` with the PPR GNN's three seeds in one model gives the per-seed
+    accuracies and losses of one seed at a time (the CPU's default; float32 round-off)."""
+    common = ["--set", "models=[ppr]", "--set", "fp_methods=[bptt,neumann]"]
+    one = _run(tmp_path, "one", *common)
+    all3 = _run(tmp_path, "all", *common, "--set", "seed_batch=3")
+    pick = lambda doc: {(m, u["seed"]): (u["test_acc"], u["curves"]["train_loss"], u["seed_batch"])  # noqa: E731
+                        for m, row in doc["datasets"]["cora"]["models"]["ppr"].items()
+                        for u in row["per_seed"]}
+    a, b = pick(one), pick(all3)
+    assert a.keys() == b.keys() and len(a) == 6
+    for key in a:
+        assert a[key][0] == b[key][0], key
+        assert a[key][1] == pytest.approx(b[key][1], rel=1e-4, abs=1e-6), key
+        assert (a[key][2], b[key][2]) == (1, 3)

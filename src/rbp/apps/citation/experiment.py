@@ -50,7 +50,7 @@ from .model import (
     sum_adjacency,
     truncation_for,
 )
-from .seeds import SeedBatchedGGNN, SeededUniformRBP
+from .seeds import SeedBatchedGGNN, SeedBatchedPPR, SeededUniformRBP
 from .tables import summarise, write_table1
 
 __all__ = ["FIXED_POINT_MODELS", "MODELS", "CitationConfig", "check_data", "run", "summarise"]
@@ -58,6 +58,8 @@ __all__ = ["FIXED_POINT_MODELS", "MODELS", "CitationConfig", "check_data", "run"
 #: ``ppr`` and ``ignn`` are contractions by construction (rate ``1 - fp_alpha`` / ``fp_kappa``).
 FIXED_POINT_MODELS = ("ppr", "ignn")
 MODELS = ("paper", "injected", *FIXED_POINT_MODELS)
+#: Models whose seeds train as one batched model (``seed_batch``); the others one at a time.
+BATCHED_MODELS = ("paper", "ppr")
 
 
 @dataclass
@@ -127,8 +129,8 @@ class CitationConfig:
     interrupt_after: int | None = None    # testing hook: Ctrl-C after this many epochs
     threads: int = 1
     device: str = "auto"                  # auto (CUDA when available, else CPU), cpu, cuda:N
-    # paper model: seeds trained together as one batched model; None: all of a run's seeds on
-    # a GPU, one at a time on the CPU (where a batch leaves the caches and runs slower)
+    # paper and ppr models: seeds trained together as one batched model; None: all of a run's
+    # seeds on a GPU, one at a time on the CPU (where a batch is no faster, measured)
     seed_batch: int | None = None
 
     def seed_list(self, dataset: str | None = None) -> list[int]:
@@ -486,31 +488,55 @@ def _paper_method(method: str, truncate: int, generators: list[torch.Generator],
     return method
 
 
-def _train_paper_group(
-    cfg: CitationConfig, ctx: RunContext, g: _Graph, method: str, seeds: list[int],
+def _build_group(cfg: CitationConfig, g: _Graph, model: str, method: str, seeds: list[int],
+                 s_cfg: dict[str, Any]) -> tuple[torch.nn.Module, Any, list[torch.Generator],
+                                                 Any]:
+    """The batched model of ``seeds``, its optimiser, the seeds' generators and its forward
+    (``trace -> (logits (S, N, C), info)``)."""
+    d, dev = g.data, g.device
+    if model == "paper":
+        net: Any = SeedBatchedGGNN.from_seeds(cfg.hidden[g.name], d.num_classes, seeds).to(dev)
+        opt: Any = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        how = _paper_method(method, s_cfg["truncate"], gens, (len(seeds), *g.h0.shape))
+
+        def forward(trace: bool) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
+            return net(g.adj_sum, g.h0, s_cfg["steps"], how, s_cfg["truncate"], trace=trace,
+                       on_failure=cfg.on_failure)
+        return net, opt, gens, forward
+    net = SeedBatchedPPR.from_seeds(d.num_features, cfg.fp_hidden, d.num_classes, seeds,
+                                    cfg.fp_alpha, cfg.fp_dropout, device=dev).to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.fp_lr, weight_decay=cfg.fp_weight_decay)
+
+    def forward_ppr(trace: bool) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
+        return net(g.adj_norm, g.x_fp, s_cfg["steps"], method, s_cfg["truncate"], trace=trace,
+                   on_failure=cfg.on_failure, backward_tol=s_cfg["backward_tol"])
+    return net, opt, net.generators, forward_ppr
+
+
+def _train_group(
+    cfg: CitationConfig, ctx: RunContext, g: _Graph, model: str, method: str,
+    seeds: list[int],
 ) -> list[dict[str, Any]]:
-    """Train the paper's GG-NN for ``seeds`` as one batched model; one result per seed.
+    """Train ``model`` (one of :data:`BATCHED_MODELS`) for ``seeds`` as one batched model; one
+    result per seed.
 
     Each seed keeps its own weights (built as a lone run of that seed builds them), training
     split, and random draws, so the results equal those of the seeds run one by one. Seeds
     finished earlier (in this run or a resumed one) are not trained again.
     """
-    tags = {s: f"{g.name}_paper_{method}_s{s}" for s in seeds}
+    tags = {s: f"{g.name}_{model}_{method}_s{s}" for s in seeds}
     done = {s: ctx.finished(tags[s]) for s in seeds}
     todo = [s for s in seeds if done[s] is None]
     if not todo:
         return [done[s] for s in seeds]
-    tag = f"{g.name}_paper_{method}_seeds{'-'.join(map(str, todo))}"
-    s_cfg = _unit_settings(cfg, "paper")
+    tag = f"{g.name}_{model}_{method}_seeds{'-'.join(map(str, todo))}"
+    s_cfg = _unit_settings(cfg, model)
     d, dev = g.data, g.device
     splits = [tuple(i.to(dev) for i in split_labelled(d.labelled, s)) for s in todo]
     labels = d.labels.to(dev)
-    net = SeedBatchedGGNN.from_seeds(cfg.hidden[g.name], d.num_classes, todo).to(dev)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
-    gens = [torch.Generator().manual_seed(s) for s in todo]
-    shape = (len(todo), *g.h0.shape)
-    how = _paper_method(method, s_cfg["truncate"], gens, shape)
+    net, opt, gens, forward = _build_group(cfg, g, model, method, todo, s_cfg)
     hists = [{"train_loss": [], "eval_epochs": [], "val_acc": [], "test_acc": [], "traces": [],
               "rel_diff": [], "backward_status": {}, "train_time_s": 0.0} for _ in todo]
     epoch = 0
@@ -522,10 +548,6 @@ def _train_paper_group(
         for gen, st in zip(gens, state["generators"], strict=True):
             gen.set_state(st)
     trace_at = _trace_epochs(s_cfg["epochs"], s_cfg["val_every"], cfg.trace_points)
-
-    def forward(trace: bool) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
-        return net(g.adj_sum, g.h0, s_cfg["steps"], how, s_cfg["truncate"], trace=trace,
-                   on_failure=cfg.on_failure)
 
     def evaluate(ep: int) -> None:
         net.eval()
@@ -584,7 +606,7 @@ def _train_paper_group(
                                "generators": [gen.get_state() for gen in gens]})
             ctx.tick()
     for i, s in enumerate(todo):
-        done[s] = _unit_result(hists[i], s, method, "paper", g.name, splits[i], s_cfg,
+        done[s] = _unit_result(hists[i], s, method, model, g.name, splits[i], s_cfg,
                                seed_batch=len(todo))
         ctx.finish(tags[s], done[s])
     ctx.checkpoint_path(tag).unlink(missing_ok=True)   # the seeds' own records replace it
@@ -655,9 +677,11 @@ def _prepare(cfg: CitationConfig, name: str, ctx: RunContext, device: torch.devi
     return g
 
 
-def _seed_batch(cfg: CitationConfig, seeds: list[int], device: torch.device) -> int:
-    """Seeds per batched GG-NN: the setting, else all of them on a GPU and one on the CPU
-    (measured: ``benchmarks/citation_seeds.py``)."""
+def _seed_batch(cfg: CitationConfig, model: str, seeds: list[int], device: torch.device) -> int:
+    """Seeds per batched model: the setting, else all of them on a GPU and one on the CPU
+    (measured, ``benchmarks/citation_seeds.py``: on the CPU the GG-NN's products already fill
+    the core and a batch leaves the caches; the PPR GNN's gain in BPTT is lost in the
+    per-seed adjoint solves)."""
     if cfg.seed_batch is not None:
         return cfg.seed_batch
     return len(seeds) if device.type != "cpu" else 1
@@ -698,10 +722,10 @@ def run(cfg: CitationConfig, ctx: RunContext) -> dict[str, Any]:
                 methods = cfg.injected_methods or cfg.methods
             per: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
             entry["models"][model] = {}
-            if model == "paper":
-                for group in _seed_groups(seeds, _seed_batch(cfg, seeds, device)):
+            if model in BATCHED_MODELS:
+                for group in _seed_groups(seeds, _seed_batch(cfg, model, seeds, device)):
                     for method in methods:
-                        per[method] += _train_paper_group(cfg, ctx, g, method, group)
+                        per[method] += _train_group(cfg, ctx, g, model, method, group)
                         entry["models"][model][method] = summarise(per[method])
                         ctx.write_results(results)
                 continue

@@ -1,4 +1,4 @@
-"""The paper's GG-NN for S seeds at once: one batched model, one sparse product, one step.
+"""Models for S seeds at once: one batched model, one sparse product, one optimiser step.
 
 Seed ``s`` has its own weights (a leading seed dimension on every parameter), its own training
 split and its own random draws; the seeds never interact, so the batched run equals the S runs
@@ -20,9 +20,16 @@ from torch import nn
 
 import rbp
 
-from .model import GGNN
+from .model import (
+    GGNN,
+    PPRGNN,
+    CSRPatternCache,
+    _SparseFeatureMatmul,
+    is_sparse,
+    symmetric_spmm,
+)
 
-__all__ = ["KRYLOV", "SeedBatchedGGNN", "SeededUniformRBP"]
+__all__ = ["KRYLOV", "SeedBatchedGGNN", "SeedBatchedPPR", "SeededUniformRBP"]
 
 #: Backward methods whose iterates couple the seeds unless each seed is solved on its own.
 KRYLOV = ("cg", "gmres")
@@ -139,3 +146,112 @@ class SeededUniformRBP:
                  for g in self.generators]
         z0 = torch.stack(draws).to(b.device).reshape(b.shape)
         return rbp.solvers.fixed_point_iteration(matvec, b, max_iter=self.max_iter, z0=z0)
+
+
+def _dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """``F.dropout(x, p)`` drawing its mask from ``generator`` (the same ops, so the same mask
+    as ``F.dropout`` from a default generator in that state)."""
+    if p == 0.0:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+    return x * keep.div_(1.0 - p)
+
+
+class SeedBatchedPPR(nn.Module):
+    """S independent PPR fixed-point GNNs (:class:`PPRGNN`) batched: ``H_s = MLP_s(x)``,
+    ``Z_s <- (1 - a) Â Z_s + a H_s`` for all seeds with one sparse product per step.
+
+    Seed ``s``'s weights are those of ``PPRGNN`` built after ``torch.manual_seed(s)``, and its
+    dropout masks come from ``generators[s]``, which starts where the default generator stands
+    after that build: the masks a lone run of seed ``s`` draws (on the CPU), in the same order.
+    """
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, seeds: int,
+                 alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.alpha, self.p = alpha, dropout
+        self.w1 = nn.Parameter(torch.empty(seeds, hidden, in_features))
+        self.b1 = nn.Parameter(torch.empty(seeds, 1, hidden))
+        self.w2 = nn.Parameter(torch.empty(seeds, hidden, num_classes))   # W_2^T per seed
+        self.b2 = nn.Parameter(torch.empty(seeds, 1, num_classes))
+        self.generators: list[torch.Generator] = []
+        self._pattern = CSRPatternCache()
+
+    @property
+    def seeds(self) -> int:
+        return self.w1.shape[0]
+
+    @classmethod
+    def from_seeds(cls, in_features: int, hidden: int, num_classes: int, seeds: list[int],
+                   alpha: float, dropout: float,
+                   device: torch.device | str = "cpu") -> SeedBatchedPPR:
+        """Seed ``i``'s weights as ``PPRGNN`` builds them after ``torch.manual_seed(seeds[i])``
+        (on the CPU); its dropout generator on ``device`` (on a GPU seeded by the seed: a GPU
+        draws other masks than the CPU anyway)."""
+        net = cls(in_features, hidden, num_classes, len(seeds), alpha, dropout)
+        state = torch.random.get_rng_state()
+        singles = []
+        try:
+            for s in seeds:
+                torch.manual_seed(s)
+                singles.append(PPRGNN(in_features, hidden, num_classes, alpha, dropout))
+                gen = torch.Generator(device=device)
+                if gen.device.type == "cpu":
+                    gen.set_state(torch.random.get_rng_state())
+                else:
+                    gen.manual_seed(s)
+                net.generators.append(gen)
+        finally:
+            torch.random.set_rng_state(state)
+        with torch.no_grad():
+            for i, m in enumerate(singles):
+                first, last = m.mlp[0].lin, m.mlp[3]
+                net.w1[i].copy_(first.weight)
+                net.b1[i, 0].copy_(first.bias)
+                net.w2[i].copy_(last.weight.T)
+                net.b2[i, 0].copy_(last.bias)
+        return net
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """``H (S, N, C) = W_2 drop(relu(drop(x) W_1^T + b_1)) + b_2`` per seed (sparse x)."""
+        if not is_sparse(x):
+            raise ValueError("SeedBatchedPPR takes sparse features (x.to_sparse())")
+        pattern = self._pattern(x)
+        hidden = []
+        for i in range(self.seeds):
+            values = pattern.values
+            if self.training:
+                values = _dropout(values, self.p, self.generators[i])
+            h = torch.relu(_SparseFeatureMatmul.apply(values, self.w1[i], pattern)
+                           + self.b1[i])
+            if self.training:
+                h = _dropout(h, self.p, self.generators[i])
+            hidden.append(h)
+        return torch.baddbmm(self.b2, torch.stack(hidden), self.w2)
+
+    def step(self, adj: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``(1 - a) Â Z + a H`` for every seed, ``z`` and ``h`` of shape (S, N, C)."""
+        s, n, c = z.shape
+        side_by_side = z.transpose(0, 1).reshape(n, s * c)
+        az = symmetric_spmm(adj, side_by_side).view(n, s, c).transpose(0, 1)
+        return (1.0 - self.alpha) * az + self.alpha * h
+
+    def forward(
+        self, adj: torch.Tensor, x: torch.Tensor, steps: int, method: str, truncate: int,
+        trace: bool = False, on_failure: str = "ignore", backward_tol: float | None = None,
+    ) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
+        """Logits ``(S, N, C) = Z_T`` after ``steps`` steps from ``Z_0 = H``, and the info.
+
+        The implicit methods solve each seed's adjoint on its own (``batch_dim=0``), so
+        ``backward_tol`` stops each seed's solve as a lone run's solve stops.
+        """
+        h = self.head(x)
+        how: dict[str, Any] = {"truncate": truncate}
+        if method not in ("bptt", "tbptt"):
+            how["batch_dim"] = 0
+            if backward_tol is not None:
+                how["backward_tol"] = backward_tol
+        return rbp.fixed_point(
+            lambda z, hh: self.step(adj, z, hh), h.detach(), steps, method=method, trace=trace,
+            on_failure=on_failure, return_info=True, inputs=(h,), **how,
+        )
