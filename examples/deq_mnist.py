@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with rbp.cached_norm(model.conv):
             u = model.stem(x_test[:8]).detach()
             radius = rbp.spectral_radius(lambda z, u: torch.tanh(model.conv(z) + u), z,
-                                         iters=200, inputs=(u,))
+                                         iters=200, inputs=(u,), batch_dim=0)
         out = {"accuracy": accuracy, "steps_per_digit": steps / args.train, "seconds": seconds,
                "rho": radius.rho, "rho_converged": float(radius.converged),
                "convergence_warnings": len(late)}

@@ -71,3 +71,25 @@ def test_spectral_radius_says_when_it_has_not_converged() -> None:
         rbp.spectral_radius(lambda h: h, torch.ones(2), iters=2)
     with pytest.raises(ValueError, match="does not depend on h"):
         rbp.spectral_radius(lambda h: torch.ones(2), torch.ones(2))
+
+
+def test_spectral_radius_per_sample() -> None:
+    g = torch.Generator().manual_seed(3)
+    W = 0.9 / 8**0.5 * torch.randn(8, 8, generator=g, dtype=DT)
+    x = 2 * torch.randn(4, 8, generator=g, dtype=DT)
+    f = lambda h, x_: torch.tanh(h @ W.T + x_)  # noqa: E731
+    h = rbp.fixed_point(f, torch.zeros(4, 8, dtype=DT), steps=300, inputs=(x,))
+    exact = [torch.linalg.eigvals(torch.diag(1 - h[i] ** 2) @ W).abs().max().item()
+             for i in range(4)]
+    est = rbp.spectral_radius(f, h, iters=400, inputs=(x,), batch_dim=0)
+    assert est.per_sample is not None and len(est.per_sample) == 4
+    assert est.per_sample == pytest.approx(exact, rel=1e-2)
+    assert est.rho == max(est.per_sample) and est.converged == all(est.per_sample_converged)
+    # along dim 1, with a state of two leaves
+    est_t = rbp.spectral_radius(lambda s, x_: (f(s[0].T, x_).T, 0.1 * s[1]),
+                                (h.T.contiguous(), torch.zeros(3, 4, dtype=DT)), iters=400,
+                                inputs=(x,), batch_dim=1)
+    assert est_t.per_sample == pytest.approx(exact, rel=1e-2)
+    with pytest.raises(ValueError, match="same number of samples"):
+        rbp.spectral_radius(lambda s: (s[0], s[1]), (torch.ones(2, 3), torch.ones(4)),
+                            batch_dim=0)

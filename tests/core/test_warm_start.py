@@ -115,3 +115,14 @@ def test_bad_ids_and_shapes() -> None:
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="num_samples"):
             rbp.WarmStart(num_samples=bad)
+
+
+def test_other_device_is_refused() -> None:
+    cache = rbp.WarmStart(num_samples=3)
+    cache.update(torch.zeros(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="on cpu.*on meta"):
+        cache.h0(torch.zeros(2, 3, device="meta"), torch.tensor([0, 1]))
+    whole = rbp.WarmStart()
+    whole.update(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="on cpu.*on meta"):
+        whole.h0(torch.zeros(2, 3, device="meta"))
