@@ -10,7 +10,8 @@ for, and gives each a *phantom gradient* (Geng et al., 2021): from the detached 
 ``h_i``, ``k`` differentiable damped steps ``z <- lam F(z) + (1 - lam) z``. The returned state
 is that ``z``; with ``damping = 1`` it is ``h_{i+k}``, differentiated through its last ``k``
 steps (truncated BPTT), and from ``i = 0`` with ``k = T`` it is BPTT of ``T`` steps.
-:func:`correction_loss` weights the per-iterate losses.
+:func:`correction_loss` weights the per-iterate losses. With ``method=`` (an implicit
+method) each sampled iterate gets the implicit gradient at that iterate instead.
 
 >>> states = rbp.sample_trajectory(f, h0, steps=30, indices=[10, 20, 30], k=2)
 >>> loss = rbp.correction_loss([criterion(head(h), y) for h in states], gamma=0.8)
@@ -48,6 +49,8 @@ def sample_trajectory(
     k: int = 1,
     damping: float = 0.5,
     inputs: Sequence[Any] = (),
+    method: str | Any | None = None,
+    truncate: int = 20,
 ) -> list[State]:
     """Iterates ``h_i`` (``i`` in ``indices``) of ``h_{t+1} = F(h_t)``, each with a gradient.
 
@@ -67,6 +70,13 @@ def sample_trajectory(
         k: differentiable steps per sampled iterate (memory O(k) each).
         damping: ``lam`` in ``(0, 1]``.
         inputs: extra arguments of ``f``.
+        method: ``None`` for the phantom gradient above; or an implicit method of
+            :func:`rbp.fixed_point` (``"gmres"``, ``rbp.Implicit(...)``, ...): the output is then
+            ``F(h_i)`` with the implicit gradient linearised at ``h_i``,
+            ``(dF/dw)^T (I - J(h_i)^T)^{-1} g`` (one ``rbp.fixed_point`` step from ``h_i``,
+            its settle check off: ``h_i`` need not be a fixed point); ``k`` and ``damping``
+            are then unused.
+        truncate: the implicit method's iterations (with a string ``method``).
 
     Returns:
         One state per index, each differentiable in what ``f`` uses (not in ``h0``).
@@ -104,6 +114,13 @@ def sample_trajectory(
                 break
             h = tree.check_same_structure(spec, h, f(tree.unflatten(spec, h), *inputs), t)
     out: list[State] = []
+    if method is not None:
+        from rbp.fixed_point import fixed_point  # not at import: rbp.fixed_point is the function
+
+        for i in chosen:
+            out.append(fixed_point(f, tree.unflatten(spec, kept[i]), 1, method, truncate,
+                                   settle_tol=None, inputs=inputs))
+        return out
     with torch.enable_grad():
         for i in chosen:
             z = list(kept[i])

@@ -114,3 +114,24 @@ def test_bad_input() -> None:
         rbp.correction_loss([torch.ones(2)])
     with pytest.raises(ValueError, match="non-empty"):
         rbp.correction_loss([])
+
+
+def test_implicit_gradient_at_each_iterate() -> None:
+    W, x, c = _problem(5)
+    f = lambda h: torch.tanh(h @ W.T + x)  # noqa: E731
+    h0 = torch.zeros(2, N, dtype=DT)
+    states = rbp.sample_trajectory(f, h0, steps=8, indices=[3, 8], method="gmres",
+                                   truncate=2 * N)  # GMRES on the whole batch: exact in 2N
+    h = h0
+    with torch.no_grad():
+        iterates = [h]
+        for _ in range(9):
+            h = f(h)
+            iterates.append(h)
+    for i, z in zip([3, 8], states, strict=True):
+        assert torch.allclose(z, iterates[i + 1], atol=1e-15)  # F(h_i)
+        gx = torch.autograd.grad((c * z).sum(), x)[0]
+        for b in range(2):  # dense: D (I - D W)^-T c with D = diag(1 - F(h_i)^2), J at h_i
+            D = torch.diag(1 - iterates[i + 1][b] ** 2)
+            u = torch.linalg.solve((torch.eye(N, dtype=DT) - D @ W.detach()).T, c[b])
+            assert torch.allclose(gx[b], D @ u, atol=1e-10)
