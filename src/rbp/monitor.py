@@ -36,7 +36,11 @@ class ResidualMonitor:
     ||F(h) - h|| / ||F(h)||`` for the state ``h`` it was called with (norms over all state
     leaves). With the plain iteration ``abs_trace[t] = ||h_{t+1} - h_t||``; with Anderson or
     Broyden it is the residual at each of the solver's iterates; with ``batch_dim`` a call
-    sees the not-yet-converged samples only, so later entries cover fewer samples. The norms
+    sees the not-yet-converged samples only, so later entries cover fewer samples. Every call
+    is recorded, including those :func:`rbp.fixed_point` makes besides the iterations: its
+    checks (with ``batch_dim``, a probe on a 2-sample sub-batch) and, for the implicit methods
+    after a graph-free solve, the differentiable step at the returned state (a repeat of the
+    last residual). The norms
     are kept as tensors (no host sync per call) and read as floats on access. The monitor
     passes extra arguments (``t``, ``inputs``) through; :meth:`reset` empties the traces.
     """
