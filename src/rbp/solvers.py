@@ -145,7 +145,8 @@ def _rows(b: Tensor) -> Tensor:
     return b
 
 
-def _tail(increments: list[float], znorm: float, eps: float, ritz: float | None = None) -> float:
+def _tail(increments: list[float], znorm: float, eps: float, ritz: float | None = None,
+          frozen_below: float | None = None) -> float:
     """Estimated ``||z_inf - z_K|| / ||z_K||`` of a geometric series from its increments.
 
     The rate ``q`` is the mean decay of the last ``RATE_WINDOW`` increments and the tail
@@ -157,6 +158,18 @@ def _tail(increments: list[float], znorm: float, eps: float, ritz: float | None 
     last = increments[-1]
     if not math.isfinite(last):
         return math.nan
+    if last == 0.0 and frozen_below is not None:
+        # a row frozen by tol: its increments end with the one it froze at (positive, at most
+        # tol ||b||), then zeros; its estimate is the tail from that increment on, itself
+        # included (Neumann does not add it). A row whose increment became exactly zero
+        # (J^T v = 0) keeps 0.
+        k = len(increments)
+        while k > 0 and increments[k - 1] == 0.0:
+            k -= 1
+        if 1 < k < len(increments) and 0.0 < increments[k - 1] <= frozen_below:
+            est = _tail(increments[:k], znorm, eps)
+            q = _rate(increments[:k])
+            return est / q if 0.0 < q < 1.0 and math.isfinite(est) else est
     if last == 0.0:
         return 0.0
     m = min(RATE_WINDOW, len(increments) - 1)
@@ -179,6 +192,13 @@ def _window_gram(window: list[Tensor] | None) -> Tensor | None:
     if w.dtype in (torch.float16, torch.bfloat16):
         w = w.float()
     return w @ w.mT
+
+
+def _rate(increments: list[float]) -> float:
+    """The mean decay rate of the last ``RATE_WINDOW`` increments (as :func:`_tail` uses)."""
+    m = min(RATE_WINDOW, len(increments) - 1)
+    prev = increments[-1 - m]
+    return (increments[-1] / prev) ** (1.0 / m) if prev > 0 else math.inf
 
 
 def _ritz_tails(gram: list, znorms: list[float], eps: float) -> list[float]:
@@ -401,7 +421,8 @@ def _classify(
         eps = torch.finfo(z.dtype).eps
         sample_errors = [
             _tail(([bn[r]] if lead else []) + [row[r] for row in inc], last_row[r], eps,
-                  None if tails is None else tails[r])
+                  None if tails is None else tails[r],
+                  None if tol is None else tol * bn[r])
             if inc
             else 0.0
             for r in range(rows)
@@ -477,8 +498,10 @@ def neumann(
         n = torch.linalg.vector_norm(v, dim=1)
         keep = n > limit
         v = v * keep.unsqueeze(1)
-        n = n * keep
+        # recorded unmasked: the increment a row freezes at keeps its norm (the row's error
+        # estimate is the tail from there), the zeros after it mark the row as frozen
         norms.append(n)
+        n = n * keep
         if due and _nothing_left(n):
             z.add_(v)
             break

@@ -213,3 +213,21 @@ def test_ritz_tail_python_and_numpy_agree():
             finite += 1
             assert got == pytest.approx(want, rel=1e-6)
     assert finite > 20
+
+
+@pytest.mark.parametrize("name", ["neumann", "rbp"])
+def test_a_row_frozen_by_backward_tol_keeps_its_tail_as_estimate(name):
+    """With tol, a row stops once its increment is at most tol ||b||; its estimate was 0 (the
+    zeros after freezing), below its true error. It is now the tail from the freezing
+    increment on, within a factor of the true error."""
+    gen = torch.Generator().manual_seed(13)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=DT))
+    jac = (q * torch.linspace(0.0, 0.9, 30, dtype=DT)) @ q.T
+    b = torch.randn(2, 30, generator=gen, dtype=DT)
+    cls = solvers.Neumann if name == "neumann" else solvers.RBP
+    sol = cls(max_iter=500, tol=1e-4).solve(solvers.AdjointOperator(lambda v: v @ jac), b)
+    want = torch.linalg.solve(torch.eye(30, dtype=DT) - jac.T, b.T).T
+    err = ((sol.z - want).norm(dim=1) / sol.z.norm(dim=1)).tolist()
+    assert sol.iterations < 500
+    for e, est in zip(err, sol.sample_errors, strict=True):
+        assert e > 1e-6 and e / 3 <= est <= 30 * e, (e, est)
