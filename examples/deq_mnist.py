@@ -48,17 +48,27 @@ class ConvDEQ(nn.Module):
         self.head = nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.Linear(channels * 49, 10))
         self.tol = tol
         self.last_info: rbp.FixedPointInfo | None = None
+        self.last_states: list[torch.Tensor] = []
 
-    def equilibrium(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
+    def equilibrium(self, x: torch.Tensor, z0: torch.Tensor | None = None,
+                    sample: int = 0) -> torch.Tensor:
+        """``z*`` (and, with ``sample = n``, the iterates ``z_2, z_4, .. z_2n`` of the plain
+        iteration from ``z0``, each with a phantom gradient, in ``self.last_states``)."""
         u = self.stem(x)
         z0 = torch.zeros_like(u) if z0 is None else z0
+
+        def f(z: torch.Tensor, u: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.conv(self.drop(z, m)) + u)
+
         with rbp.cached_norm(self):  # the normalised kernel once for this batch
             mask = self.drop.reset(z0)  # one dropout mask for this solve
             z, self.last_info = rbp.fixed_point(
-                lambda z, u, m: torch.tanh(self.conv(self.drop(z, m)) + u), z0, steps=60,
-                method="gmres", truncate=20, tol=self.tol, solver="anderson", batch_dim=0,
-                inputs=(u, mask), return_info=True,
+                f, z0, steps=60, method="gmres", truncate=20, tol=self.tol, solver="anderson",
+                batch_dim=0, inputs=(u, mask), return_info=True,
             )
+            self.last_states = [] if not sample else rbp.sample_trajectory(
+                f, z0, steps=2 * sample, indices=range(2, 2 * sample + 1, 2), k=2, damping=0.8,
+                inputs=(u, mask))
         return z
 
     def jacobian_penalty(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -126,6 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jac-penalty", type=_float_in(0.0, 1e3), default=0.0,
                         help="weight of the Jacobian penalty ||J||_F^2 / (state size) "
                         "(rbp.jacobian_penalty: keeps F contractive)")
+    parser.add_argument("--correction", type=_int_in(0, 30), default=0,
+                        help="fixed-point correction loss: also supervise the iterates z_2, "
+                        "z_4, .. z_2N of the plain iteration (rbp.sample_trajectory, weights "
+                        "0.8^(N+1-j), z* weighted 1); 0: off")
     parser.add_argument("--warm-start", action="store_true",
                         help="start each digit's solve from its last fixed point")
     parser.add_argument("--seed", type=_int_in(0), default=0)
@@ -157,12 +171,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             warnings.simplefilter("always", rbp.ConvergenceWarning)
             for ids in torch.randperm(args.train).split(args.batch):
                 z0 = cache.h0(torch.zeros(len(ids), *shape), ids) if cache is not None else None
-                z = model.equilibrium(x_train[ids], z0)
+                z = model.equilibrium(x_train[ids], z0, sample=args.correction)
                 loss = nn.functional.cross_entropy(model.head(z), y_train[ids])
+                if args.correction:  # Bai et al. 2022: the iterates' losses, z* weighted 1
+                    losses = [nn.functional.cross_entropy(model.head(s), y_train[ids])
+                              for s in model.last_states]
+                    total = rbp.correction_loss([*losses, loss], gamma=0.8)
+                else:
+                    total = loss
                 if args.jac_penalty > 0:
-                    loss = loss + args.jac_penalty * model.jacobian_penalty(x_train[ids], z)
+                    total = total + args.jac_penalty * model.jacobian_penalty(x_train[ids], z)
                 optimiser.zero_grad()
-                loss.backward()
+                total.backward()
                 optimiser.step()
                 if cache is not None:
                     cache.update(z, ids)

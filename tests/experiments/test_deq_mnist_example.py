@@ -24,9 +24,16 @@ def test_the_conv_deq_learns_without_convergence_warnings() -> None:
     assert out["rho"] < 0.9  # ||conv|| <= 3 * 0.25 / (1 - 0.1) bounds it by 0.83
 
 
+def test_the_correction_loss_trains_too() -> None:
+    module = _module()
+    out = module.main(["--epochs", "1", "--train", "300", "--correction", "2"])
+    assert out["convergence_warnings"] == 0 and out["accuracy"] > 0.2  # chance is 0.1
+
+
 @pytest.mark.parametrize("argv", [
     ["--epochs", "0"], ["--train", "4001"], ["--dropout", "1"], ["--dropout", "-0.1"],
     ["--tol", "0"], ["--scale", "nan"], ["--norm", "batch"], ["--channels", "x"],
+    ["--correction", "-1"], ["--jac-penalty", "-1"],
 ])
 def test_bad_options_are_argparse_errors(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
