@@ -99,6 +99,8 @@ class VariationalDropout(nn.Module):
         """``m * x`` with the mask drawn by :meth:`reset` (or the ``mask`` given)."""
         if not self.training or self.p == 0.0:
             return x
+        if mask is not None and not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a tensor from reset(), got {type(mask).__name__}")
         m = self.mask if mask is None else mask
         if m is None:
             raise RuntimeError(

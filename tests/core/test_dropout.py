@@ -78,6 +78,8 @@ def test_new_solve_new_mask_eval_identity_and_errors() -> None:
     assert abs(m1.mean().item() - 1.0) < 0.25  # E[m] = 1
     with pytest.raises(ValueError, match="shape"):
         drop(torch.randn(5, 50))
+    with pytest.raises(TypeError, match="mask must be a tensor"):
+        drop(x, 0.5)
     drop.eval()
     assert drop(x) is x
     drop.clear()
