@@ -169,7 +169,10 @@ def _tail(increments: list[float], znorm: float, eps: float, ritz: float | None 
         if 1 < k < len(increments) and 0.0 < increments[k - 1] <= frozen_below:
             est = _tail(increments[:k], znorm, eps)
             q = _rate(increments[:k])
-            return est / q if 0.0 < q < 1.0 and math.isfinite(est) else est
+            est = est / q if 0.0 < q < 1.0 and math.isfinite(est) else est
+            if ritz is not None and not math.isnan(ritz):  # the window ends at the freezing
+                est = max(est, (ritz + increments[k - 1]) / max(znorm, 1e-300))
+            return est
     if last == 0.0:
         return 0.0
     m = min(RATE_WINDOW, len(increments) - 1)
@@ -192,6 +195,38 @@ def _window_gram(window: list[Tensor] | None) -> Tensor | None:
     if w.dtype in (torch.float16, torch.bfloat16):
         w = w.float()
     return w @ w.mT
+
+
+class _Window:
+    """The last ``RATE_WINDOW + 1`` increments of a series, per row; a row that a tolerance
+    froze keeps the increments up to the one it froze at (its Ritz tail is taken there)."""
+
+    def __init__(self, first: Tensor | None = None) -> None:
+        self.items: deque[Tensor] = deque(maxlen=RATE_WINDOW + 1)
+        self.buf: Tensor | None = None  # (RATE_WINDOW + 1, rows, n) once a row can freeze
+        self.count = 0
+        if first is not None:
+            self.push(first, None)
+
+    def push(self, v: Tensor, alive: Tensor | None) -> None:
+        """Append ``v``; ``alive``: the rows still iterating (None: all), the others keep theirs."""
+        self.count += 1
+        if alive is None and self.buf is None:
+            self.items.append(v)
+            return
+        if self.buf is None:
+            size = RATE_WINDOW + 1
+            self.buf = v.new_zeros(size, *v.shape)
+            if self.items:
+                self.buf[size - len(self.items):] = torch.stack(list(self.items))
+        shifted = torch.cat([self.buf[1:], v[None]])
+        self.buf = shifted if alive is None else torch.where(alive[None, :, None], shifted,
+                                                             self.buf)
+
+    def tensors(self) -> list[Tensor]:
+        if self.buf is None:
+            return list(self.items)
+        return list(self.buf[-min(self.count, RATE_WINDOW + 1):])
 
 
 def _rate(increments: list[float]) -> float:
@@ -488,15 +523,19 @@ def neumann(
     bnorm = torch.linalg.vector_norm(b, dim=1)
     v, z = b, b.clone()
     norms: list[Tensor] = []  # increments' norms, read once at the end
-    window = deque([b], maxlen=RATE_WINDOW + 1)  # the last increments (Ritz tail)
+    estimate = _estimating(matvec)
+    window = _Window(b)  # the last increments (Ritz tail), kept per row up to its freezing
     limit = tol * bnorm
+    alive: Tensor | None = None
     t = 0
     for t in range(1, max_iter + 1):
         v = vjp(v)
-        window.append(v)
+        if estimate:
+            window.push(v, alive)
         due = _due(t, max_iter, check_every, tol)
         n = torch.linalg.vector_norm(v, dim=1)
         keep = n > limit
+        alive = keep
         v = v * keep.unsqueeze(1)
         # recorded unmasked: the increment a row freezes at keeps its norm (the row's error
         # estimate is the tail from there), the zeros after it mark the row as frozen
@@ -507,7 +546,7 @@ def neumann(
             break
         z.add_(v)
     return _finish(z, t, norms, bnorm, tol, lead=True, terms=t + 1,
-                   window=list(window) if _estimating(matvec) else None)
+                   window=window.tensors() if estimate else None)
 
 
 def _neumann_untoleranced(vjp: Matvec, b: Tensor, max_iter: int, estimate: bool = True
@@ -574,13 +613,13 @@ def fixed_point_iteration(
     active = None
     i = 0
     tail_from = _tail_start(max_iter, tol)
-    window: deque[Tensor] = deque(maxlen=RATE_WINDOW + 1)  # the last steps (Ritz tail)
+    window = _Window()  # the last steps (Ritz tail), kept per row up to its freezing
     for i in range(1, max_iter + 1):
         step = vjp(z) + b - z
         if active is not None:
             step = step * active.unsqueeze(1)
         if i >= tail_from - 1:
-            window.append(step)
+            window.push(step, active)
         z = z + step
         due = _due(i, max_iter, check_every, tol, first=2)
         if i <= 2 or i >= tail_from or due:
@@ -594,7 +633,7 @@ def fixed_point_iteration(
                 settled = True
                 break
     sol = _finish(z, i, norms, bnorm, tol, lead=len(norms) == 1, terms=i,
-                  window=list(window) if _estimating(matvec) else None)
+                  window=window.tensors() if _estimating(matvec) else None)
     if settled and sol.status == Status.MAX_ITER:  # stopped early: z is exact to round-off
         sol.status = Status.CONVERGED
     return sol
