@@ -17,8 +17,10 @@ round-robin so that load from other jobs falls on them alike.
 
     python benchmarks/citation_seeds.py [--quick] [--device cpu] [--threads 1 2] [--model ppr]
 
-prints a table and writes ``results/citation_seeds/bench[_ppr].json``. Seeds per hour is
-``3600 / (epochs x seconds per epoch per seed)`` with the protocol's epochs (2000; PPR 200).
+prints a table and writes ``results/citation_seeds/bench[_ppr|_gcn].json`` (``--model gcn``:
+20 epochs of the GCN baseline for S seeds, one call per seed against one batched call). Seeds
+per hour is ``3600 / (epochs x seconds per epoch per seed)`` with the protocol's epochs (2000;
+PPR 200).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rbp.apps.citation.baselines import GCNSettings, gcn_baseline, gcn_baseline_seeds
 from rbp.apps.citation.experiment import _paper_method
 from rbp.apps.citation.model import (
     GGNN,
@@ -122,6 +125,28 @@ def _ppr_batched(adj: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, metho
     return epoch
 
 
+def _gcn_single(x: torch.Tensor, d: Any, seeds: int, device: torch.device) -> Any:
+    """``gcn_baseline`` (20 epochs, the plain-torch backend) for each seed in turn."""
+    settings = GCNSettings(hidden=128, dropout=0.7, epochs=20)
+
+    def run() -> None:
+        for s in range(seeds):
+            gcn_baseline(x, d.labels, d.edge_index, d.num_classes,
+                         *split_labelled(d.labelled, s), s, settings, backend="torch",
+                         device=device)
+    return run
+
+
+def _gcn_batched(x: torch.Tensor, d: Any, seeds: int, device: torch.device) -> Any:
+    settings = GCNSettings(hidden=128, dropout=0.7, epochs=20)
+    splits = [split_labelled(d.labelled, s) for s in range(seeds)]
+
+    def run() -> None:
+        gcn_baseline_seeds(x, d.labels, d.edge_index, d.num_classes, splits,
+                           list(range(seeds)), settings, device=device)
+    return run
+
+
 def _floor(adj: torch.Tensor, h0: torch.Tensor, seeds: int) -> Any:
     """100 steps of the products alone: ``A [h_1 .. h_S]`` and two ``(S, N, H) x (S, H, 3H)``."""
     n, k = h0.shape
@@ -169,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="Planetoid folder (default: shipped Cora)")
-    p.add_argument("--model", choices=["paper", "ppr"], default="paper")
+    p.add_argument("--model", choices=["paper", "ppr", "gcn"], default="paper")
     p.add_argument("--out", type=Path, default=Path("results/citation_seeds"))
     args = p.parse_args(argv)
     try:
@@ -182,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.seeds or ([1, 2] if args.quick else [1, 2, 5, 10])
     repeats = args.repeats or (2 if args.quick else 3)
     d = load_planetoid("cora", args.data_dir)
+    if args.model == "gcn":
+        return _gcn_main(args, d, device, sizes, repeats)
     ppr = args.model == "ppr"
     epochs = 200 if ppr else EPOCHS
     adj = (normalised_adjacency if ppr else sum_adjacency)(d.edge_index, d.num_nodes).to(device)
@@ -223,6 +250,28 @@ def main(argv: list[str] | None = None) -> int:
     name = "bench_ppr.json" if ppr else "bench.json"
     (args.out / name).write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.out / name}")
+    return 0
+
+
+def _gcn_main(args: Any, d: Any, device: torch.device, sizes: list[int], repeats: int) -> int:
+    """The GCN baseline: 20 epochs of S seeds one call each against one batched call."""
+    x = d.features.to_sparse()
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for s in sizes:
+            t = _median_times({"single": _gcn_single(x, d, s, device),
+                               "batched": _gcn_batched(x, d, s, device)}, repeats, device)
+            rows.append({"threads": threads, "seeds": s, "single_s": t["single"],
+                         "batched_s": t["batched"], "x_single": t["batched"] / t["single"]})
+            print(f"threads {threads}  gcn, 20 epochs, S={s:2d}: one seed at a time "
+                  f"{t['single']:.2f} s, batched {t['batched']:.2f} s "
+                  f"(x{rows[-1]['x_single']:.2f})", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"model": "gcn", "device": str(device), "epochs": 20, "repeats": repeats,
+           "torch": torch.__version__, "rows": rows}
+    (args.out / "bench_gcn.json").write_text(json.dumps(doc, indent=1))
+    print(f"wrote {args.out / 'bench_gcn.json'}")
     return 0
 
 

@@ -137,7 +137,7 @@ class CitationConfig:
     threads: int = 1
     device: str = "auto"                  # auto (CUDA when available, else CPU), cpu, cuda:N
     # seeds trained together as one batched model (paper, ppr, the GCN baseline); None: all
-    # of a run's seeds, except paper and ppr on the CPU: one at a time (a batch is no faster)
+    # of a run's seeds on a GPU, one at a time on the CPU (where a batch is no faster)
     seed_batch: int | None = None
 
     def seed_list(self, dataset: str | None = None) -> list[int]:
@@ -708,11 +708,11 @@ def _prepare(cfg: CitationConfig, name: str, ctx: RunContext, device: torch.devi
     return g
 
 
-def _seed_batch(cfg: CitationConfig, model: str, seeds: list[int], device: torch.device) -> int:
+def _seed_batch(cfg: CitationConfig, seeds: list[int], device: torch.device) -> int:
     """Seeds per batched model: the setting, else all of them on a GPU and one on the CPU
     (measured, ``benchmarks/citation_seeds.py``: on the CPU the GG-NN's products already fill
     the core and a batch leaves the caches; the PPR GNN's gain in BPTT is lost in the
-    per-seed adjoint solves)."""
+    per-seed adjoint solves; the GCN's varies from 0.5x to 1.1x with the load)."""
     if cfg.seed_batch is not None:
         return cfg.seed_batch
     return len(seeds) if device.type != "cpu" else 1
@@ -741,8 +741,9 @@ def run(cfg: CitationConfig, ctx: RunContext) -> dict[str, Any]:
             "baselines": {}, "models": {}}
         ds_results[g.name] = entry
         for b in cfg.baselines:
-            if b == "gcn" and cfg.gcn_backend == "torch":   # seeds batched (0.53x per seed)
-                units = [u for grp in _seed_groups(seeds, cfg.seed_batch or len(seeds))
+            if b == "gcn" and cfg.gcn_backend == "torch":   # seeds batched
+                size = _seed_batch(cfg, seeds, g.device)
+                units = [u for grp in _seed_groups(seeds, size)
                          for u in _gcn_group(cfg, ctx, g, grp)]
             else:
                 units = [_baseline_unit(cfg, ctx, g, b, s) for s in seeds]
@@ -758,7 +759,7 @@ def run(cfg: CitationConfig, ctx: RunContext) -> dict[str, Any]:
             per: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
             entry["models"][model] = {}
             if model in BATCHED_MODELS:
-                for group in _seed_groups(seeds, _seed_batch(cfg, model, seeds, device)):
+                for group in _seed_groups(seeds, _seed_batch(cfg, seeds, device)):
                     for method in methods:
                         per[method] += _train_group(cfg, ctx, g, model, method, group)
                         entry["models"][model][method] = summarise(per[method])
