@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 
-from rbp import forward, methods, tree
+from rbp import forward, methods, solvers, tree
 from rbp.adjoint import Adjoint, attach_implicit_backward, functorch_active, refuse_functorch
 from rbp.diagnostics import FixedPointInfo, report
 from rbp.tree import State
@@ -98,7 +97,7 @@ def fixed_point(
         tol: forward tolerance: stop once ``||F(h) - h|| <= tol * ||F(h)||`` (``tol_mode=
             "relative"``) or ``<= tol`` (``"absolute"``), returning ``F(h)``; not reaching it
             within ``steps`` is reported per ``on_failure``. ``None``: run all ``steps``.
-        tol_mode: ``"relative"`` or ``"absolute"`` (see ``tol``).
+        tol_mode: ``"relative"`` or ``"absolute"`` (see ``tol``; refused without ``tol``).
         solver: forward solver: ``"iterate"`` (plain, or :class:`rbp.Iterate` with damping),
             ``"anderson"`` / :class:`rbp.Anderson`, ``"broyden"`` / :class:`rbp.Broyden`. The
             accelerated solvers run without a graph; the implicit methods then linearise at the
@@ -112,7 +111,8 @@ def fixed_point(
             the live samples along ``batch_dim``.
         best_iterate: return, per sample, the lowest-residual iterate the solve visited (and
             linearise there); flagged in ``info.best_iterate``.
-        check_every: test the stopping rule (one host synchronisation) every N iterations.
+        check_every: test the stopping rule (one host synchronisation) every N iterations
+            (refused without ``tol``).
         backward_tol: stop a backward iteration early once its increment (or residual) is at
             most ``backward_tol * ||g||``; ``None`` always runs ``truncate`` iterations.
         settle_tol: implicit methods assume a steady state; if
@@ -144,44 +144,33 @@ def fixed_point(
         rbp_init: initial guess z_0 of ``rbp``: ``"zeros"`` (default: the gradient is linear
             in the loss, zero for a zero loss) or ``"uniform"`` (U[0,1], the paper's Alg. 1).
         jvp: how ``cg`` obtains ``J v``: ``"double_vjp"`` (reverse-over-reverse on the graph of
-            the last step) or ``"func"`` (forward mode, ``torch.func.jvp``).
-        restart: GMRES restart length.
+            the last step) or ``"func"`` (forward mode, ``torch.func.jvp``). Refused for a
+            method (and fallback) that needs no ``J v``.
+        restart: GMRES restart length (refused unless ``method`` or ``fallback`` is
+            ``"gmres"``).
         trace: record ``||h_t - h_{t-1}||`` for every step in the info.
         estimate_error: in the backward pass, estimate ``||J||`` by power iteration and store
             the Prop. 2 bound on the relative error of the solve in the info (costs ~20
             Jacobian products per backward).
         return_info: return ``(h_T, info)`` with a :class:`FixedPointInfo`.
 
+    Every option is checked before anything runs (TypeError for a wrong type, ValueError for a
+    wrong value); an option the chosen method or solver would not use is refused, not ignored:
+    bptt/tbptt refuse ``backward_tol``, ``fallback``, ``estimate_error``, ``batch_dim``,
+    ``best_iterate`` and an accelerated solver. (``truncate`` with ``"bptt"``, ``rbp_init``
+    with another method, and ``settle_tol`` / ``max_backward_error`` with bptt/tbptt are
+    accepted so that one call can sweep the methods; they have no effect there.)
+
     Returns:
         ``h_T`` (same structure as ``h0``), or ``(h_T, info)``.
     """
-    given = (
-        time_varying, last_step, tol, tol_mode, batch_dim, inputs, best_iterate, check_every,
-        backward_tol, max_backward_error, settle_tol, on_failure, fallback, rbp_init, jvp,
-        restart, trace, estimate_error, return_info,
-    )
-    _validate_core(f, steps, method, truncate)
-    if any(map(operator.is_not, given, _DEFAULTS)):  # the defaults need no check
-        _validate_options(**dict(zip(_OPTION_NAMES, given, strict=True)))
-    if not isinstance(method, str):
-        methods.check_string_options(
-            method, truncate=truncate, backward_tol=backward_tol, rbp_init=rbp_init,
-            restart=restart,
-        )
-    how = methods.resolve(
-        method, truncate=truncate, tol=backward_tol, rbp_init=rbp_init, restart=restart
-    )
-    fallback_solver = None if fallback is None else methods.resolve_fallback(
-        fallback, truncate=truncate, tol=backward_tol, rbp_init=rbp_init, restart=restart
-    )
+    how, fallback_solver, solver = _validate(locals())  # the one place options are checked
     transformed = functorch_active()  # one cheap test; the messages only under a transform
     if transformed and how.implicit and torch.is_grad_enabled():
         refuse_functorch(how.name)
     method = how.name  # what the forward and the messages see
     if isinstance(how, methods.TBPTT):
         truncate = how.k
-        how.graph_steps(steps)  # k <= steps
-    solver = forward.as_solver(solver)
     if transformed:
         _refuse_functorch()
     info = FixedPointInfo(method=method, steps=steps, truncate=truncate)
@@ -230,22 +219,51 @@ def fixed_point(
     return (h, info) if return_info else h
 
 
-# The keyword options checked by _validate_options, in the order fixed_point passes them, and
-# their defaults (read off the signature; a test keeps the names in step with it).
-_OPTION_NAMES: tuple[str, ...] = (
-    "time_varying", "last_step", "tol", "tol_mode", "batch_dim", "inputs", "best_iterate",
-    "check_every", "backward_tol", "max_backward_error", "settle_tol", "on_failure", "fallback",
-    "rbp_init", "jvp", "restart", "trace", "estimate_error", "return_info",
+# The keyword options and their defaults, read off the signature (the names are written once,
+# there): an option equal to its default needs no check, so the common call checks only the
+# four arguments every call sets.
+_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
+    (name, p.default) for name, p in inspect.signature(fixed_point).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
 )
-_DEFAULTS: tuple[Any, ...] = tuple(
-    inspect.signature(fixed_point).parameters[name].default for name in _OPTION_NAMES
-)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "tol_mode": ("relative", "absolute"),
+    "on_failure": ("raise", "warn", "ignore"),
+    "rbp_init": ("uniform", "zeros"),
+    "jvp": ("double_vjp", "func"),
+}
 
 
-def _validate(f: Any, **o: Any) -> None:
-    """Type- and range-check every option of :func:`fixed_point`, naming the bad one."""
-    _validate_core(f, o["steps"], o["method"], o["truncate"])
-    _validate_options(**o)
+def _validate(o: dict[str, Any]) -> tuple[methods.Method, Any, forward.Solver]:
+    """Refuse every invalid option of :func:`fixed_point` and every combination that cannot run
+    or would be ignored: the one place options are checked, for :func:`fixed_point` at its call
+    and :class:`rbp.FixedPoint` at construction (:func:`check_options`). ``o``: the arguments
+    by name (``f``, ``steps``, ``method``, ``truncate`` and every keyword option).
+
+    A wrong type is a TypeError, a wrong value (or combination) a ValueError; each message names
+    the option. Returns the method value, the fallback solver (or ``None``) and the forward
+    solver value.
+    """
+    method = o["method"]
+    _validate_core(o["f"], o["steps"], method, o["truncate"])
+    given = any(o[name] is not default for name, default in _DEFAULTS)
+    if given:
+        _validate_options(o)
+    how = methods.resolve(method, truncate=o["truncate"], tol=o["backward_tol"],
+                          rbp_init=o["rbp_init"], restart=o["restart"])
+    if not isinstance(method, str):  # a value carries its own backward options
+        methods.check_string_options(method, truncate=o["truncate"],
+                                     backward_tol=o["backward_tol"], rbp_init=o["rbp_init"],
+                                     restart=o["restart"])
+    if isinstance(how, methods.TBPTT):
+        how.graph_steps(o["steps"])  # k <= steps
+    fallback = None if o["fallback"] is None else methods.resolve_fallback(
+        o["fallback"], truncate=o["truncate"], tol=o["backward_tol"], rbp_init=o["rbp_init"],
+        restart=o["restart"])
+    solver = forward.as_solver(o["solver"])
+    if given:
+        _refuse_combinations(o, how, fallback, solver)
+    return how, fallback, solver
 
 
 def _validate_core(f: Any, steps: Any, method: Any, truncate: Any) -> None:
@@ -261,8 +279,7 @@ def _validate_core(f: Any, steps: Any, method: Any, truncate: Any) -> None:
     if isinstance(method, str) and method not in METHODS:  # values check themselves
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     for name, value in (("steps", steps), ("truncate", truncate)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        _count(name, value)
     if method == "tbptt" and truncate > steps:
         raise ValueError(
             f"tbptt cannot back-propagate through truncate={truncate} steps of a "
@@ -270,12 +287,17 @@ def _validate_core(f: Any, steps: Any, method: Any, truncate: Any) -> None:
         )
 
 
-def _validate_options(**o: Any) -> None:
-    """The keyword options of :func:`fixed_point` (their defaults are valid)."""
+def _count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _validate_options(o: dict[str, Any]) -> None:
+    """Types and ranges of the keyword options (their defaults are valid)."""
     for name in ("restart", "check_every"):
-        value = o[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        _count(name, o[name])
     for name in ("time_varying", "best_iterate", "trace", "estimate_error", "return_info"):
         if not isinstance(o[name], bool):
             raise TypeError(f"{name} must be True or False, got {o[name]!r}")
@@ -289,22 +311,22 @@ def _validate_options(**o: Any) -> None:
             raise ValueError(
                 f"{name} must be positive and finite, or None (no test), got {value!r}"
             )
-    choices = {
-        "tol_mode": forward.TOL_MODES,
-        "on_failure": ("raise", "warn", "ignore"),
-        "rbp_init": ("uniform", "zeros"),
-        "jvp": ("double_vjp", "func"),
-    }
-    for name, allowed in choices.items():
-        if not isinstance(o[name], str) or o[name] not in allowed:
-            raise ValueError(
-                f"{name} must be one of {', '.join(map(repr, allowed))}, got {o[name]!r}"
-            )
+    for name, allowed in _CHOICES.items():
+        value = o[name]
+        if value not in allowed or not isinstance(value, str):
+            error = ValueError if isinstance(value, str) else TypeError
+            raise error(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     fallback = o["fallback"]
     if isinstance(fallback, str) and fallback not in IMPLICIT_METHODS:
         raise ValueError(
             f"fallback must be one of {', '.join(IMPLICIT_METHODS)} (a backward solver: the "
             f"forward graph is gone by then), got {fallback!r}"
+        )
+    if fallback is not None and not isinstance(fallback, str) and not (
+            solvers.is_solver(fallback) or isinstance(fallback, methods.Implicit)):
+        raise TypeError(
+            "fallback must be a backward solver name (rbp, cg, neumann, gmres) or a solver "
+            f"value such as rbp.solvers.GMRES(), got {type(fallback).__name__}"
         )
     if o["last_step"] is not None and not callable(o["last_step"]):
         raise TypeError(f"last_step must be callable or None, got {type(o['last_step']).__name__}")
@@ -318,20 +340,71 @@ def _validate_options(**o: Any) -> None:
         )
 
 
+def _refuse_combinations(o: dict[str, Any], how: methods.Method, fallback: Any,
+                         solver: forward.Solver) -> None:
+    """Options that cannot run together, or that the chosen method or solver would ignore."""
+    # the string names that the shortcut options configure
+    named = [name for name in (o["method"], o["fallback"]) if isinstance(name, str)]
+    if o["restart"] != 30 and "gmres" not in named:
+        _ignored("restart", o["restart"], "is the restart length of gmres (method='gmres' or "
+                 "fallback='gmres')")
+    uses_jvp = how.implicit and bool(getattr(how, "needs_jvp", False))
+    if o["jvp"] != "double_vjp" and not (uses_jvp or getattr(fallback, "needs_jvp", False)):
+        _ignored("jvp", o["jvp"], "is how cg obtains J v (method='cg' or fallback='cg'); "
+                 f"method {how.name!r} needs no J v")
+    if o["tol"] is None:
+        for name, default in (("tol_mode", "relative"), ("check_every", 1)):
+            if o[name] != default:
+                _ignored(name, o[name], "configures the forward's stopping test, which runs "
+                         "only with tol=...; set tol or leave it out")
+    if not how.implicit:  # bptt / tbptt back-propagate through the forward updates
+        for name, default in (("backward_tol", None), ("fallback", None),
+                              ("estimate_error", False)):
+            if o[name] is not default and not (name == "backward_tol" and fallback is not None):
+                _ignored(name, o[name], f"configures the implicit backward solve; method "
+                         f"{how.name!r} back-propagates through the forward updates")
+        _refuse_unrolled(how.name, solver, o["batch_dim"], o["best_iterate"])
+    if o["time_varying"] and (not isinstance(solver, forward.Iterate)
+                              or o["batch_dim"] is not None):
+        raise ValueError(
+            "time_varying=True changes the map every step, so it runs with solver='iterate' "
+            f"and batch_dim=None only (got solver={solver.name!r}, batch_dim={o['batch_dim']!r})"
+        )
+
+
+def _refuse_unrolled(method: str, solver: forward.Solver, batch_dim: Any, best: bool) -> None:
+    """bptt / tbptt keep the graph of the updates themselves: plain or damped iteration on the
+    whole batch only (refused whether grad is on or not, so that a model refused in training is
+    refused in evaluation too, and :class:`rbp.FixedPoint` can refuse it at construction)."""
+    if not isinstance(solver, forward.Iterate):
+        raise ValueError(
+            f"method={method!r} back-propagates through the forward updates, which it can "
+            f"do for solver='iterate' (plain or damped) only, not {solver.name!r}; use an "
+            "implicit method (e.g. 'neumann', 'gmres') with an accelerated solver"
+        )
+    for name, value in (("batch_dim", batch_dim), ("best_iterate", best or None)):
+        if value is not None:
+            raise ValueError(
+                f"method={method!r} with {name}={value!r} is not supported: it would "
+                "remove samples or iterates from a graph being back-propagated; use an "
+                f"implicit method, or {name}={'None' if name == 'batch_dim' else 'False'}"
+            )
+
+
+def _ignored(name: str, value: Any, what: str) -> None:
+    raise ValueError(f"{name}={value!r} would be ignored: {name} {what}")
+
+
 def check_options(f: Any, steps: Any, method: Any = "neumann", truncate: Any = 20,
                   **options: Any) -> None:
-    """Check the arguments of a future :func:`fixed_point` call without running it."""
+    """Check the arguments of a future :func:`fixed_point` call without running it: the same
+    :func:`_validate` as the call, so whatever the call would refuse is refused here."""
     try:
         bound = inspect.signature(fixed_point).bind(f, None, steps, method, truncate, **options)
     except TypeError as exc:
         raise TypeError(f"{exc}; see help(rbp.fixed_point) for its options") from None
     bound.apply_defaults()
-    values = dict(bound.arguments)
-    solver = values.pop("solver")
-    for name in ("f", "h0"):
-        values.pop(name)
-    _validate(f, **values)
-    forward.as_solver(solver)
+    _validate(dict(bound.arguments))
 
 
 def _refuse_functorch() -> None:

@@ -157,7 +157,7 @@ def as_solver(value: Any) -> Solver:
         return value
     if isinstance(value, str) and value in SOLVERS:
         return _DEFAULT_SOLVERS[value]
-    raise ValueError(
+    raise (ValueError if isinstance(value, str) else TypeError)(
         f"unknown solver {value!r}; use one of {', '.join(map(repr, SOLVERS))} or a value "
         "rbp.Iterate(damping=...), rbp.Anderson(m=..., beta=..., ridge=...) or "
         "rbp.Broyden(memory=..., replay=...)"
@@ -1119,8 +1119,6 @@ def run(
         fwd.update = update
         return _constant_if_nothing_to_differentiate(fwd)
 
-    _refuse_combinations(method, grad_on, implicit, solver, time_varying, batch_dim,
-                         best_iterate)
     if grad_on and not implicit:
         return _unroll_to_tol(step, h0, steps, method, truncate, tol, tol_mode, solver,
                               check_every, trace, info)
@@ -1168,36 +1166,6 @@ def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
                 todo.append(nxt)
     out = [o.detach() for o in fwd.h_out]
     return Forward(tree.unflatten(fwd.spec, out), [], out, fwd.spec, fwd.update, fwd.rows)
-
-
-def _refuse_combinations(
-    method: str,
-    grad_on: bool,
-    implicit: bool,
-    solver: Solver,
-    time_varying: bool,
-    batch_dim: int | None,
-    best_iterate: bool,
-) -> None:
-    if grad_on and not implicit:
-        if not isinstance(solver, Iterate):
-            raise ValueError(
-                f"method={method!r} back-propagates through the forward updates, which it can "
-                f"do for solver='iterate' (plain or damped) only, not {solver.name!r}; use an "
-                "implicit method (e.g. 'neumann', 'gmres') with an accelerated solver"
-            )
-        for name, value in (("batch_dim", batch_dim), ("best_iterate", best_iterate or None)):
-            if value is not None:
-                raise ValueError(
-                    f"method={method!r} with {name}={value!r} is not supported: it would "
-                    "remove samples or iterates from a graph being back-propagated; use an "
-                    f"implicit method, or {name}={'None' if name == 'batch_dim' else 'False'}"
-                )
-    if time_varying and (not isinstance(solver, Iterate) or batch_dim is not None):
-        raise ValueError(
-            "time_varying=True changes the map every step, so it runs with solver='iterate' "
-            f"and batch_dim=None only (got solver={solver.name!r}, batch_dim={batch_dim!r})"
-        )
 
 
 def _fill(info: Any, diff: float, scale: float, trace: list[float]) -> None:

@@ -1,0 +1,122 @@
+"""One place refuses options: an option that does not apply is refused, never ignored, and
+rbp.FixedPoint refuses at construction whatever rbp.fixed_point refuses at call."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from dynamics import DT, tanh_rnn
+
+import rbp
+
+REFUSED = [
+    # (positional method/truncate and options, error type, text the message must hold)
+    ({"method": "bptt", "solver": "anderson"}, ValueError, "solver='iterate'"),
+    ({"method": "tbptt", "truncate": 5, "solver": rbp.Broyden()}, ValueError, "'broyden'"),
+    ({"method": "bptt", "batch_dim": 0}, ValueError, "batch_dim=0 is not supported"),
+    ({"method": "tbptt", "truncate": 5, "best_iterate": True}, ValueError, "best_iterate"),
+    ({"method": "neumann", "restart": 10}, ValueError, "restart=10 would be ignored"),
+    ({"method": "cg", "restart": 10}, ValueError, "restart=10 would be ignored"),
+    ({"method": "neumann", "jvp": "func"}, ValueError, "jvp='func' would be ignored"),
+    ({"method": "gmres", "jvp": "func"}, ValueError, "method 'gmres' needs no J v"),
+    ({"method": rbp.JFB(), "jvp": "func"}, ValueError, "jvp='func' would be ignored"),
+    ({"tol_mode": "absolute"}, ValueError, "tol_mode='absolute' would be ignored"),
+    ({"check_every": 5}, ValueError, "check_every=5 would be ignored"),
+    ({"method": "bptt", "backward_tol": 1e-6}, ValueError, "backward_tol=1e-06 would be ignored"),
+    ({"method": "bptt", "fallback": "gmres"}, ValueError, "fallback='gmres' would be ignored"),
+    ({"method": "tbptt", "truncate": 5, "estimate_error": True}, ValueError, "estimate_error"),
+    ({"method": rbp.BPTT(), "truncate": 7}, ValueError, "truncate applies to the string"),
+    ({"method": rbp.TBPTT(11)}, ValueError, "truncate <= steps"),
+    ({"time_varying": True, "solver": "anderson", "tol": 1e-6}, ValueError, "time_varying=True"),
+    ({"steps": 2.0}, TypeError, "steps must be an integer >= 1, got 2.0"),
+    ({"truncate": "5"}, TypeError, "truncate must be an integer"),
+    ({"method": None}, TypeError, "bptt, tbptt, rbp, cg, neumann, gmres"),
+    ({"solver": 3}, TypeError, "unknown solver 3"),
+    ({"tol_mode": 1}, TypeError, "tol_mode must be one of"),
+    ({"on_failure": None}, TypeError, "on_failure must be one of"),
+    ({"fallback": 3.0}, TypeError, "fallback must be a backward solver name"),
+]
+
+
+def _args(options):
+    o = {"steps": 10, "method": "neumann", "truncate": 20 if "method" in options else 5,
+         **options}
+    return o.pop("steps"), o.pop("method"), o.pop("truncate"), o
+
+
+@pytest.mark.parametrize(("options", "error", "match"), REFUSED, ids=lambda v: repr(v)[:50])
+def test_fixed_point_refuses(options, error, match):
+    p = tanh_rnn()
+    steps, method, truncate, rest = _args(options)
+    with pytest.raises(error) as caught:
+        rbp.fixed_point(p.f, p.h0, steps, method, truncate, **rest)
+    assert match in str(caught.value)
+
+
+class _Cell(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Linear(4, 4).double()
+
+    def forward(self, x, h):
+        return torch.tanh(0.5 * self.w(h) + x)
+
+
+@pytest.mark.parametrize(("options", "error", "match"), REFUSED, ids=lambda v: repr(v)[:50])
+def test_fixed_point_module_refuses_the_same_at_construction(options, error, match):
+    steps, method, truncate, rest = _args(options)
+    with pytest.raises(error) as caught:
+        rbp.FixedPoint(_Cell(), steps, method, truncate, **rest)
+    assert match in str(caught.value)
+
+
+def test_the_issue_example_fails_at_construction_not_at_the_first_call():
+    with pytest.raises(ValueError, match="solver='iterate'"):
+        rbp.FixedPoint(_Cell(), 10, "bptt", solver="anderson")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "gmres", "restart": 10},
+        {"method": "neumann", "fallback": "gmres", "restart": 10},
+        {"method": "cg", "jvp": "func"},
+        {"method": "neumann", "fallback": "cg", "jvp": "func"},
+        {"method": rbp.Implicit(rbp.solvers.CGNormal(max_iter=5)), "truncate": 20,
+         "jvp": "func"},
+        {"tol": 1e-8, "tol_mode": "absolute", "check_every": 3},
+        {"method": "bptt", "fallback": None, "settle_tol": None},
+        {"method": "tbptt", "truncate": 5, "solver": rbp.Iterate(damping=0.3)},
+    ],
+    ids=repr,
+)
+def test_options_that_apply_are_accepted(options):
+    p = tanh_rnn()
+    steps, method, truncate, rest = _args({"steps": 50, **options})
+    h = rbp.fixed_point(p.f, p.h0, steps, method, truncate, on_failure="ignore", **rest)
+    h.sum().backward()
+    rbp.FixedPoint(_Cell(), steps, method, truncate, **rest)
+
+
+def test_bptt_refusals_hold_without_grad_too():
+    # refused whatever the grad mode, so a model refused in training is refused in eval
+    p = tanh_rnn()
+    with torch.no_grad(), pytest.raises(ValueError, match="solver='iterate'"):
+        rbp.fixed_point(p.f, p.h0, 10, "bptt", solver="anderson", tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [p.name for p in inspect.signature(rbp.fixed_point).parameters.values()
+     if p.kind is inspect.Parameter.KEYWORD_ONLY],
+)
+def test_every_keyword_option_is_checked_and_named(name):
+    # a value of a type no option takes is refused with a message naming the option
+    p = tanh_rnn()
+    weird = object()
+    with pytest.raises((TypeError, ValueError)) as caught:
+        rbp.fixed_point(p.f, torch.zeros(8, dtype=DT), 10, **{name: weird})
+    text = str(caught.value)
+    assert name in text or (name == "solver" and "unknown solver" in text), text
