@@ -333,3 +333,24 @@ def test_experiment_gcn_seeds_batched(tmp_path: Path) -> None:
     for a, b in zip(*rows, strict=True):
         assert (a["seed"], a["test_acc"], a["best_epoch"]) == (b["seed"], b["test_acc"],
                                                                b["best_epoch"])
+
+
+def test_ppr_forward_to_a_tolerance_with_warm_starts(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """fp_tol turns the PPR forward into a solve (fewer steps than the budget, recorded per
+    seed); fp_warm_start starts each training solve at the last fixed point and reaches the
+    same accuracy; a warm start without a tolerance is refused (it would change the state, not
+    the work)."""
+    common = ["--set", "models=[ppr]", "--set", "fp_methods=[neumann]", "--set",
+              "fp_tol=1e-4", "--set", "fp_steps=300", "--set", "fp_epochs=6",
+              "--set", "fp_dropout=0.0", "--set", "num_seeds=1"]
+    cold = _run(tmp_path, "cold", *common)
+    warm = _run(tmp_path, "warm", *common, "--set", "fp_warm_start=true")
+    a, b = (doc["datasets"]["cora"]["models"]["ppr"]["neumann"]["per_seed"][0]
+            for doc in (cold, warm))
+    assert 1 < a["forward_steps_mean"] < 300 and 1 < b["forward_steps_mean"] < 300
+    assert a["forward_steps_mean"] != b["forward_steps_mean"]   # it did start elsewhere
+    assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01)
+    code = cli.main(["citation", "--quick", "--out", str(tmp_path / "bad"), "--dry-run",
+                     "--set", "fp_warm_start=true"])
+    assert code != 0 and "fp_warm_start needs fp_tol" in capsys.readouterr().err

@@ -110,6 +110,8 @@ class CitationConfig:
     fp_truncate: int | None = None        # None: from fp_bound; else K explicitly
     fp_steps: int | None = None           # None: K + 1 forward steps
     fp_backward_tol: float | None = 1e-3  # implicit backward solves stop at this rel. increment
+    fp_tol: float | None = None           # ppr: forward to this rel. residual (fp_steps: budget)
+    fp_warm_start: bool = False           # ppr: each training forward starts at the last one's
     fp_hidden: int = 64
     fp_dropout: float = 0.5
     fp_row_normalise: bool = False        # features x_i / sum_j x_ij
@@ -260,6 +262,14 @@ class CitationConfig:
                 raise ConfigError(f"setting '{key}' must be positive, got {getattr(self, key)}")
         if self.fp_backward_tol is not None and not self.fp_backward_tol > 0:
             raise ConfigError("setting 'fp_backward_tol' must be positive or null")
+        if self.fp_tol is not None and not self.fp_tol > 0:
+            raise ConfigError("setting 'fp_tol' must be positive or null")
+        if self.fp_warm_start and self.fp_tol is None:
+            raise ConfigError("fp_warm_start needs fp_tol: with a fixed number of steps a warm "
+                              "start changes the state reached, not the work done")
+        if (self.fp_tol is not None or self.fp_warm_start) and "ignn" in self.models:
+            raise ConfigError("fp_tol and fp_warm_start apply to the ppr model only; drop ignn "
+                              "from models or unset them")
         fp_ints = {"fp_hidden": self.fp_hidden, "fp_epochs": self.fp_epochs,
                    "fp_val_every": self.fp_val_every, "gcn_hidden": self.gcn_hidden,
                    "gcn_epochs": self.gcn_epochs, "fp_truncate": self.fp_truncate or 1,
@@ -333,7 +343,8 @@ def _unit_settings(cfg: CitationConfig, model: str) -> dict[str, Any]:
         return {"steps": cfg.fp_steps or k + 1, "truncate": k, "epochs": cfg.fp_epochs,
                 "val_every": cfg.fp_val_every, "rate": rate,
                 "prop2_bound": rate ** (k + 1) / (1.0 - rate),
-                "backward_tol": cfg.fp_backward_tol, "hidden": cfg.fp_hidden,
+                "backward_tol": cfg.fp_backward_tol, "tol": cfg.fp_tol,
+                "warm_start": cfg.fp_warm_start, "hidden": cfg.fp_hidden,
                 "dropout": cfg.fp_dropout, "lr": cfg.fp_lr, "weight_decay": cfg.fp_weight_decay,
                 "row_normalise": cfg.fp_row_normalise}
     return {"steps": cfg.injected_steps, "truncate": cfg.injected_truncate,
@@ -479,6 +490,9 @@ def _unit_result(hist: dict[str, Any], seed: int, method: str, model: str, datas
         # ||h_T - h_T-1|| / ||h_T||: last training step, and eval forward at the reported epoch
         "final_rel_diff": hist.get("train_rel_diff"),
         "best_rel_diff": rel[best] if best < len(rel) else None,
+        # evaluations of F per training forward (fixed steps, or a solve to a tolerance)
+        "forward_steps_mean": (float(np.mean(hist["forward_steps"]))
+                               if hist.get("forward_steps") else None),
     }
 
 
@@ -515,10 +529,13 @@ def _build_group(cfg: CitationConfig, g: _Graph, model: str, method: str, seeds:
     net = SeedBatchedPPR.from_seeds(d.num_features, cfg.fp_hidden, d.num_classes, seeds,
                                     cfg.fp_alpha, cfg.fp_dropout, device=dev).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.fp_lr, weight_decay=cfg.fp_weight_decay)
+    warm = rbp.WarmStart() if cfg.fp_warm_start else None
 
     def forward_ppr(trace: bool) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
+        # the warm start serves the training forwards; evaluation starts cold (H)
         return net(g.adj_norm, g.x_fp, s_cfg["steps"], method, s_cfg["truncate"], trace=trace,
-                   on_failure=cfg.on_failure, backward_tol=s_cfg["backward_tol"])
+                   on_failure=cfg.on_failure, backward_tol=s_cfg["backward_tol"],
+                   tol=cfg.fp_tol, warm=warm if net.training else None)
     return net, opt, net.generators, forward_ppr
 
 
@@ -601,6 +618,9 @@ def _train_group(
                                               f"epoch {epoch}")
                 hist["train_loss"].append(loss_v[i])
                 hist["train_rel_diff"] = diffs[i]
+                steps_i = info.forward_steps
+                hist.setdefault("forward_steps", []).append(
+                    int(steps_i[i] if isinstance(steps_i, list) else steps_i))
             epoch += 1
             if epoch % s_cfg["val_every"] == 0 or epoch == s_cfg["epochs"]:
                 evaluate(epoch)

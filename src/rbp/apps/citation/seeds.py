@@ -239,11 +239,15 @@ class SeedBatchedPPR(nn.Module):
     def forward(
         self, adj: torch.Tensor, x: torch.Tensor, steps: int, method: str, truncate: int,
         trace: bool = False, on_failure: str = "ignore", backward_tol: float | None = None,
+        tol: float | None = None, warm: rbp.WarmStart | None = None,
     ) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
         """Logits ``(S, N, C) = Z_T`` after ``steps`` steps from ``Z_0 = H``, and the info.
 
-        The implicit methods solve each seed's adjoint on its own (``batch_dim=0``), so
-        ``backward_tol`` stops each seed's solve as a lone run's solve stops.
+        The implicit methods solve each seed's adjoint (and, with ``tol``, its forward) on its
+        own (``batch_dim=0``), so ``backward_tol`` and ``tol`` stop each seed as a lone run's
+        solve stops. ``tol``: the forward stops at ``||F(Z) - Z|| <= tol ||F(Z)||`` (``steps``
+        the budget). ``warm``: start from the fixed point of the last call that used it
+        (``Z_0 = H`` on the first) and store this call's.
         """
         h = self.head(x)
         how: dict[str, Any] = {"truncate": truncate}
@@ -251,7 +255,13 @@ class SeedBatchedPPR(nn.Module):
             how["batch_dim"] = 0
             if backward_tol is not None:
                 how["backward_tol"] = backward_tol
-        return rbp.fixed_point(
-            lambda z, hh: self.step(adj, z, hh), h.detach(), steps, method=method, trace=trace,
+        if tol is not None:
+            how["tol"] = tol
+        start = h.detach() if warm is None else warm.h0(h.detach())
+        z, info = rbp.fixed_point(
+            lambda z, hh: self.step(adj, z, hh), start, steps, method=method, trace=trace,
             on_failure=on_failure, return_info=True, inputs=(h,), **how,
         )
+        if warm is not None:
+            warm.update(z)
+        return z, info
