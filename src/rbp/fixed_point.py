@@ -54,7 +54,7 @@ def fixed_point(
     last_step: Callable[..., State] | None = None,
     tol: float | None = None,
     tol_mode: Literal["relative", "absolute"] = "relative",
-    solver: str | forward.Solver = "iterate",
+    solver: str | forward.ForwardSolver = "iterate",
     batch_dim: int | None = None,
     inputs: Sequence[Any] = (),
     best_iterate: bool = False,
@@ -234,7 +234,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _validate(o: dict[str, Any]) -> tuple[methods.Method, Any, forward.Solver]:
+def _validate(o: dict[str, Any]) -> tuple[methods.Method, Any, forward.ForwardSolver]:
     """Refuse every invalid option of :func:`fixed_point` and every combination that cannot run
     or would be ignored: the one place options are checked, for :func:`fixed_point` at its call
     and :class:`rbp.FixedPoint` at construction (:func:`check_options`). ``o``: the arguments
@@ -341,7 +341,7 @@ def _validate_options(o: dict[str, Any]) -> None:
 
 
 def _refuse_combinations(o: dict[str, Any], how: methods.Method, fallback: Any,
-                         solver: forward.Solver) -> None:
+                         solver: Any) -> None:
     """Options that cannot run together, or that the chosen method or solver would ignore."""
     # the string names that the shortcut options configure
     named = [name for name in (o["method"], o["fallback"]) if isinstance(name, str)]
@@ -368,19 +368,21 @@ def _refuse_combinations(o: dict[str, Any], how: methods.Method, fallback: Any,
                               or o["batch_dim"] is not None):
         raise ValueError(
             "time_varying=True changes the map every step, so it runs with solver='iterate' "
-            f"and batch_dim=None only (got solver={solver.name!r}, batch_dim={o['batch_dim']!r})"
+            f"and batch_dim=None only (got solver={forward.solver_name(solver)!r}, "
+            f"batch_dim={o['batch_dim']!r})"
         )
 
 
-def _refuse_unrolled(method: str, solver: forward.Solver, batch_dim: Any, best: bool) -> None:
+def _refuse_unrolled(method: str, solver: Any, batch_dim: Any, best: bool) -> None:
     """bptt / tbptt keep the graph of the updates themselves: plain or damped iteration on the
     whole batch only (refused whether grad is on or not, so that a model refused in training is
     refused in evaluation too, and :class:`rbp.FixedPoint` can refuse it at construction)."""
     if not isinstance(solver, forward.Iterate):
         raise ValueError(
             f"method={method!r} back-propagates through the forward updates, which it can "
-            f"do for solver='iterate' (plain or damped) only, not {solver.name!r}; use an "
-            "implicit method (e.g. 'neumann', 'gmres') with an accelerated solver"
+            "do for solver='iterate' (plain or damped) only, not "
+            f"{forward.solver_name(solver)!r}; use an implicit method (e.g. 'neumann', "
+            "'gmres') with an accelerated solver"
         )
     for name, value in (("batch_dim", batch_dim), ("best_iterate", best or None)):
         if value is not None:

@@ -163,9 +163,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def is_core(module: str) -> bool:
-    """``rbp`` and its top-level modules (fixed_point, methods, solvers, diagnostics...)."""
-    return module == "rbp" or (module.count(".") == 1 and not module.startswith(
-        ("rbp.runner", "rbp.apps", "rbp.data")))
+    """``rbp``, its top-level modules (fixed_point, methods, solvers, diagnostics...) and the
+    forward package ``rbp.forward.*``."""
+    return module == "rbp" or module.startswith("rbp.forward.") or (
+        module.count(".") == 1 and not module.startswith(("rbp.runner", "rbp.apps", "rbp.data")))
 
 
 def group_of(module: str) -> str:
@@ -227,9 +228,22 @@ def architecture_doc(graph: dict[str, dict[str, list[str]]]) -> str:
         mermaid(graph),
         "```",
         "",
-        "- **core**: `rbp` and its top-level modules (`fixed_point`, `methods`, `solvers`,",
-        "  `diagnostics`, `tree`, `module`, ...); imports torch, NumPy and the standard",
-        "  library only: `pip install torch-rbp`.",
+        "- **core**: `rbp`, its top-level modules (`fixed_point`, `methods`, `solvers`,",
+        "  `diagnostics`, `tree`, `module`, ...) and the `rbp.forward` package; imports torch,",
+        "  NumPy and the standard library only: `pip install torch-rbp`.",
+        "",
+        "  Inside the core, `fixed_point` checks every option in one place (`_validate`, also",
+        "  what `rbp.FixedPoint` runs at construction), resolves the method value",
+        "  (`methods`), runs the forward (`rbp.forward`) and attaches the implicit backward",
+        "  (`adjoint`, `solvers`). `rbp.forward` is a package: `protocol` says what a forward",
+        "  solver is (a value with `init(x, max_evals)` whose state has `step(x, fx, g)` over",
+        "  the live rows and `keep(rows)` for when rows leave); `iterate`, `anderson` and",
+        "  `broyden` are one solver each; `loop` is the one loop that runs any of them with",
+        "  per-sample stopping, the best iterate and the stopping test; `unroll` is the exact",
+        "  T-step paths (the paper's unroll, bptt/tbptt with tol); `rows` the row layout and",
+        "  the checks of `f`; `run` chooses the path; `result` and `report` the record it",
+        "  returns and the messages. A solver of your own written against `protocol` runs",
+        "  per sample like the built-in ones.",
         "- **experiment kit**: `pip install \"torch-rbp[experiments]\"`: `rbp.data` (loaders),",
         "  `rbp.apps.*` (the paper's three applications, using the core's public API) and",
         "  `rbp.runner`, in layers; each imports only the layers above it:",

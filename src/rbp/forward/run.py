@@ -1,0 +1,232 @@
+"""The forward of :func:`rbp.fixed_point`: the paper's unroll, or a solve then one step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from rbp import tree
+from rbp.forward.iterate import Iterate
+from rbp.forward.loop import solve
+from rbp.forward.protocol import ForwardSolver, solver_name
+from rbp.forward.result import Forward, _diff_norm, _fill, _norm, check_finite
+from rbp.forward.rows import (
+    _slice_inputs,
+    call_map,
+    check_inputs,
+    check_rows_independent,
+    from_rows,
+    layout,
+    row_differences,
+    to_rows,
+)
+from rbp.forward.unroll import _unroll_tensor, _unroll_to_tol, unroll
+from rbp.tree import State
+
+Tensor = torch.Tensor
+
+
+def is_plain(solver: Any) -> bool:
+    return isinstance(solver, Iterate) and solver.damping == 0.0
+
+
+def step_map(
+    f: Callable[..., State],
+    steps: int,
+    time_varying: bool,
+    last_step: Callable[..., State] | None,
+    inputs: Sequence[Any],
+) -> Callable[[State, int], State]:
+    """The update at step t, ``F_t(h)``: ``last_step(h, *inputs)`` at ``t = steps - 1`` when
+    given, else ``f(h, t, *inputs)`` (``time_varying``) or ``f(h, *inputs)``."""
+
+    def update(h: State, t: int) -> State:
+        if t == steps - 1 and last_step is not None:
+            return last_step(h, *inputs)
+        return f(h, t, *inputs) if time_varying else f(h, *inputs)
+
+    return update
+
+
+def run(
+    f: Callable[..., State],
+    h0: State,
+    steps: int,
+    *,
+    method: str,
+    truncate: int,
+    implicit: bool,
+    time_varying: bool,
+    last_step: Callable[..., State] | None,
+    tol: float | None,
+    tol_mode: str,
+    solver: ForwardSolver,
+    batch_dim: int | None,
+    inputs: Sequence[Any],
+    best_iterate: bool,
+    check_every: int,
+    trace: bool,
+    info: Any,
+) -> Forward:
+    """The forward of :func:`rbp.fixed_point`; fills the forward fields of ``info``.
+
+    ``implicit``: the gradient method differentiates the fixed point (an adjoint is attached
+    by the caller at ``(h_in, h_out)``); otherwise, with grad enabled, the method back-propagates
+    through the updates (bptt, tbptt).
+    """
+    grad_on = torch.is_grad_enabled()
+    if grad_on and not implicit and method not in ("bptt", "tbptt"):
+        raise ValueError(
+            f"method {method!r} is neither implicit nor 'bptt'/'tbptt': the forward does not "
+            "know which updates to keep a graph for"
+        )
+    paper = tol is None and is_plain(solver) and batch_dim is None and not best_iterate
+    graph_steps = truncate if method == "tbptt" else 1  # the updates that keep a graph
+    if not grad_on or method == "bptt":
+        graph_steps = steps
+    if (
+        paper and not trace and not time_varying and last_step is None
+        and isinstance(h0, Tensor) and h0.is_floating_point() and isinstance(inputs, tuple)
+    ):  # the paper's setting on a tensor state: what most training steps run
+        info.solver = solver_name(solver)
+        fwd, diff, scale = _unroll_tensor(
+            f, h0, inputs, steps, graph_steps, detach=grad_on and method != "bptt",
+            require_grad_input=grad_on and implicit, method=method,
+        )
+        _fill(info, diff, scale, [])
+        info.forward_steps, info.forward_residual, info.row_updates = steps, diff, steps
+        fwd.update = step_map(f, steps, time_varying, last_step, inputs)
+        return _constant_if_nothing_to_differentiate(fwd)
+    h0_leaves, spec = tree.flatten(h0, "h0")
+    batch = layout(h0_leaves, spec, batch_dim).batch if batch_dim is not None else None
+    inputs, in_dims = check_inputs(inputs, batch_dim, batch)
+    info.solver = solver_name(solver)
+
+    update = step_map(f, steps, time_varying, last_step, inputs)
+
+    def step(h: State, t: int) -> State:
+        return call_map(update, h, t)
+
+    if paper:
+        fast = None
+        if not time_varying:
+            fast = (lambda h: f(h, *inputs)) if inputs else f
+        fwd, diffs, scale = unroll(
+            step, h0, steps, graph_steps, detach=grad_on and method != "bptt",
+            require_grad_input=grad_on and implicit, trace=trace, method=method, fast=fast,
+        )
+        _fill(info, diffs[-1], scale, diffs if trace else [])
+        info.forward_steps, info.forward_residual = steps, diffs[-1]
+        info.row_updates = steps
+        fwd.update = update
+        return _constant_if_nothing_to_differentiate(fwd)
+
+    if grad_on and not implicit:
+        return _unroll_to_tol(step, h0, steps, method, truncate, tol, tol_mode, solver,
+                              check_every, trace, info)
+    fwd = _solve_then_step(step, f, h0, steps, method, implicit and grad_on, time_varying,
+                           last_step, tol, tol_mode, solver, batch_dim, inputs, in_dims,
+                           best_iterate, check_every, trace, info)
+    fwd.update = update
+    return _constant_if_nothing_to_differentiate(fwd)
+
+
+def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
+    """Detach ``h_out`` when its graph reaches no leaf but ``h_in`` (f uses no parameter).
+
+    Then, as for any function of constants, the returned state does not require grad, instead
+    of carrying an adjoint that would deliver gradients to nobody. The graph of the one step is
+    walked on every call (it stops at the first parameter, ~1.5 us on a small map): a cache
+    keyed by the map's code was wrong for two closures of one factory, one using a parameter.
+    """
+    outs = fwd.h_out
+    if not fwd.h_in or not (outs[0].requires_grad or any(o.requires_grad for o in outs)):
+        return fwd
+    own = {id(leaf) for leaf in fwd.h_in}
+    seen: set[int] = set()
+    todo = [o.grad_fn for o in fwd.h_out if o.grad_fn is not None]
+    while todo:
+        for nxt, _ in todo.pop().next_functions:
+            if nxt is None or id(nxt) in seen:
+                continue
+            seen.add(id(nxt))
+            if type(nxt) is torch._C._functions.AccumulateGrad:  # a leaf: h_in or a weight
+                if id(nxt.variable) not in own:  # reaches a parameter or an input: keep
+                    return fwd
+            else:
+                todo.append(nxt)
+    out = [o.detach() for o in fwd.h_out]
+    return Forward(tree.unflatten(fwd.spec, out), [], out, fwd.spec, fwd.update, fwd.rows)
+
+
+def _solve_then_step(
+    step: Callable[[State, int], State],
+    f: Callable[..., State],
+    h0: State,
+    steps: int,
+    method: str,
+    attach: bool,
+    time_varying: bool,
+    last_step: Callable[..., State] | None,
+    tol: float | None,
+    tol_mode: str,
+    solver: ForwardSolver,
+    batch_dim: int | None,
+    inputs: Sequence[Any],
+    in_dims: Sequence[int],
+    best_iterate: bool,
+    check_every: int,
+    trace: bool,
+    info: Any,
+) -> Forward:
+    """Solve without a graph, then apply the map once more at the returned iterate ``h_in``."""
+    h0_leaves, spec = tree.flatten(h0, "h0")
+    lay = layout(h0_leaves, spec, batch_dim)
+    calls = [0]
+    expected: dict[int, list[Tensor]] = {}
+
+    def fmap(x: Tensor, rows: Tensor | None) -> Tensor:
+        leaves = from_rows(x, lay)
+        h = tree.unflatten(spec, leaves)
+        args = _slice_inputs(inputs, in_dims, rows)
+        out = call_map(f, h, calls[0], *args) if time_varying else call_map(f, h, *args)
+        calls[0] += 1
+        if x.shape[0] not in expected:  # first call at this batch size: check fully
+            tree.check_same_structure(spec, leaves, out, calls[0] - 1)
+            expected[x.shape[0]] = leaves
+        return to_rows(tree.flatten(out)[0], lay)
+
+    x0 = to_rows([leaf.detach() for leaf in h0_leaves], lay)
+    with torch.no_grad():
+        fx0 = fmap(x0, None)
+    if batch_dim is not None:
+        check_rows_independent(fmap, x0, fx0, batch_dim)
+    rs = solve(fmap, x0, solver, max_evals=steps, tol=tol, tol_mode=tol_mode,
+               check_every=check_every, best_iterate=best_iterate, trace=trace, fx0=fx0,
+               what="fixed_point")
+    h_in = [leaf.detach() for leaf in from_rows(rs.x, lay)]
+    if attach:
+        h_in = [leaf.requires_grad_() for leaf in h_in]
+    if attach or last_step is not None:
+        t = steps - 1
+        with torch.set_grad_enabled(attach):
+            out = step(tree.unflatten(spec, h_in), t)
+        out_leaves = tree.check_same_structure(spec, h0_leaves, out, t)
+    else:
+        out_leaves = from_rows(rs.fx, lay)
+    check_finite(out_leaves, method, max(rs.evaluations))
+    diff = _diff_norm(out_leaves, h_in).item()
+    _fill(info, diff, _norm(out_leaves), rs.trace)
+    rows = row_differences(out_leaves, h_in, lay) if attach else None
+    per_sample = batch_dim is not None
+    info.forward_steps = rs.evaluations if per_sample else rs.evaluations[0]
+    info.forward_residual = rs.residual if per_sample else rs.residual[0]
+    if tol is not None:
+        info.tol_reached = rs.reached if per_sample else rs.reached[0]
+    info.best_iterate = rs.best if per_sample else rs.best[0]
+    info.solver_fallbacks = rs.fallbacks
+    info.row_updates = rs.row_updates
+    return Forward(tree.unflatten(spec, out_leaves), h_in if attach else [], out_leaves, spec,
+                   rows=rows)
