@@ -173,7 +173,6 @@ def fixed_point(
         truncate = how.k
     if transformed:
         _refuse_functorch()
-    info = FixedPointInfo(method=method, steps=steps, truncate=truncate)
 
     grad_on = torch.is_grad_enabled()
     implicit = grad_on and how.implicit
@@ -181,8 +180,9 @@ def fixed_point(
         f, h0, steps, method=method, truncate=truncate, implicit=how.implicit,
         time_varying=time_varying, last_step=last_step, tol=tol, tol_mode=tol_mode,
         solver=solver, batch_dim=batch_dim, inputs=inputs, best_iterate=best_iterate,
-        check_every=check_every, trace=trace, info=info,
+        check_every=check_every, trace=trace,
     )
+    info = _info(method, steps, truncate, fwd.measured)
     h, h_in_leaves, out_leaves, spec = fwd.h, fwd.h_in, fwd.h_out, fwd.spec
     if tol is not None:
         message = forward.unreached_message(info, tol, tol_mode, steps)
@@ -217,6 +217,20 @@ def fixed_point(
         )
         h = tree.unflatten(spec, out_leaves)
     return (h, info) if return_info else h
+
+
+def _info(method: str, steps: int, truncate: int, m: forward.Measured | None) -> FixedPointInfo:
+    """The :class:`FixedPointInfo` of a call, from what the forward measured: the one place its
+    forward fields are written (the backward appends to ``info.backward`` later)."""
+    assert m is not None  # every forward path records what it measured
+    return FixedPointInfo(
+        method=method, steps=steps, truncate=truncate, forward_trace=m.forward_trace,
+        final_difference=m.final_difference,
+        relative_final_difference=m.relative_final_difference, solver=m.solver,
+        forward_steps=m.forward_steps, forward_residual=m.forward_residual,
+        tol_reached=m.tol_reached, best_iterate=m.best_iterate,
+        solver_fallbacks=m.solver_fallbacks, row_updates=m.row_updates,
+    )
 
 
 # The keyword options and their defaults, read off the signature (the names are written once,

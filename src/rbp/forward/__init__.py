@@ -35,7 +35,7 @@ from rbp.forward.protocol import (
     solver_name,
 )
 from rbp.forward.report import steps_taken, unreached_message, unsettled_message, worst_ratio
-from rbp.forward.result import Forward, check_finite
+from rbp.forward.result import Forward, Measured, check_finite, measured
 from rbp.forward.rows import (
     Layout,
     call_map,
@@ -73,9 +73,9 @@ def as_solver(value: Any) -> ForwardSolver:
 
 __all__ = [
     "SOLVERS", "TOL_MODES", "Anderson", "Broyden", "Forward", "ForwardSolver", "Iterate",
-    "Layout", "RowSolve", "Solver", "SolverState", "_AndersonState", "_BroydenState",
+    "Layout", "Measured", "RowSolve", "Solver", "SolverState", "_AndersonState", "_BroydenState",
     "_IterateState", "as_solver", "call_map", "check_finite", "check_inputs",
-    "check_rows_independent", "from_rows", "is_forward_solver", "is_plain", "layout",
+    "check_rows_independent", "from_rows", "is_forward_solver", "is_plain", "layout", "measured",
     "row_differences", "run", "solve", "solver_name", "step_map", "steps_taken", "to_rows",
     "unreached_message", "unroll", "unsettled_message", "worst_ratio",
 ]

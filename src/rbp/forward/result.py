@@ -26,6 +26,33 @@ class Forward:
     update: Callable[[State, int], State] | None = None  # F_t(h), as run() applied it
     # per row of the settle check: (||h_T - h_T-1||, ||h_T||), see row_differences
     rows: tuple[Any, ...] | None = None
+    measured: Measured | None = None  # what the forward measured (every path sets it)
+
+
+@dataclass
+class Measured:
+    """What the forward measured, field for field the forward part of
+    :class:`rbp.FixedPointInfo` (which :func:`rbp.fixed_point` builds from it in one place).
+    Per-sample fields are lists with ``batch_dim``."""
+
+    solver: str
+    forward_steps: int | list[int]  # evaluations of F that produced the returned state
+    forward_residual: float | list[float]  # ||F(h_in) - h_in|| at the returned h_in
+    final_difference: float  # ||h_out - h_in|| over the whole state
+    relative_final_difference: float  # the same divided by ||h_out||
+    forward_trace: list[float]  # ||h_t - h_t-1|| per step (trace=True), else empty
+    row_updates: int  # sum over iterations of the rows F was evaluated on
+    tol_reached: bool | list[bool] | None = None  # None: no forward tol was given
+    best_iterate: bool | list[bool] = False  # an earlier, lower-residual iterate was returned
+    solver_fallbacks: int = 0  # accelerated steps replaced by a plain step (summed over rows)
+
+
+def measured(solver: str, diff: float, scale: float, trace: list[float],
+             steps: int | list[int], residual: float | list[float], row_updates: int,
+             **rest: Any) -> Measured:
+    """The record from the last difference ``diff``, ``||h_out|| = scale`` and the rest."""
+    return Measured(solver, steps, residual, diff, diff / max(scale, 1e-30), trace, row_updates,
+                    **rest)
 
 
 def _diff_norm(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -43,9 +70,3 @@ def check_finite(leaves: Sequence[Tensor], method: str, steps: int) -> None:
             f"fixed_point: the forward state is not finite after {steps} steps: the map diverges. "
             "Check that f is a contraction (e.g. smaller weights or a damped update)."
         )
-
-
-def _fill(info: Any, diff: float, scale: float, trace: list[float]) -> None:
-    info.final_difference = diff
-    info.relative_final_difference = diff / max(scale, 1e-30)
-    info.forward_trace = trace

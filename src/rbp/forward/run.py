@@ -11,7 +11,7 @@ from rbp import tree
 from rbp.forward.iterate import Iterate
 from rbp.forward.loop import solve
 from rbp.forward.protocol import ForwardSolver, solver_name
-from rbp.forward.result import Forward, _diff_norm, _fill, _norm, check_finite
+from rbp.forward.result import Forward, _diff_norm, _norm, check_finite, measured
 from rbp.forward.rows import (
     _slice_inputs,
     call_map,
@@ -68,9 +68,8 @@ def run(
     best_iterate: bool,
     check_every: int,
     trace: bool,
-    info: Any,
 ) -> Forward:
-    """The forward of :func:`rbp.fixed_point`; fills the forward fields of ``info``.
+    """The forward of :func:`rbp.fixed_point`; what it measured is ``.measured``.
 
     ``implicit``: the gradient method differentiates the fixed point (an adjoint is attached
     by the caller at ``(h_in, h_out)``); otherwise, with grad enabled, the method back-propagates
@@ -90,19 +89,16 @@ def run(
         paper and not trace and not time_varying and last_step is None
         and isinstance(h0, Tensor) and h0.is_floating_point() and isinstance(inputs, tuple)
     ):  # the paper's setting on a tensor state: what most training steps run
-        info.solver = solver_name(solver)
         fwd, diff, scale = _unroll_tensor(
             f, h0, inputs, steps, graph_steps, detach=grad_on and method != "bptt",
             require_grad_input=grad_on and implicit, method=method,
         )
-        _fill(info, diff, scale, [])
-        info.forward_steps, info.forward_residual, info.row_updates = steps, diff, steps
+        fwd.measured = measured(solver_name(solver), diff, scale, [], steps, diff, steps)
         fwd.update = step_map(f, steps, time_varying, last_step, inputs)
         return _constant_if_nothing_to_differentiate(fwd)
     h0_leaves, spec = tree.flatten(h0, "h0")
     batch = layout(h0_leaves, spec, batch_dim).batch if batch_dim is not None else None
     inputs, in_dims = check_inputs(inputs, batch_dim, batch)
-    info.solver = solver_name(solver)
 
     update = step_map(f, steps, time_varying, last_step, inputs)
 
@@ -117,18 +113,17 @@ def run(
             step, h0, steps, graph_steps, detach=grad_on and method != "bptt",
             require_grad_input=grad_on and implicit, trace=trace, method=method, fast=fast,
         )
-        _fill(info, diffs[-1], scale, diffs if trace else [])
-        info.forward_steps, info.forward_residual = steps, diffs[-1]
-        info.row_updates = steps
+        fwd.measured = measured(solver_name(solver), diffs[-1], scale, diffs if trace else [],
+                                steps, diffs[-1], steps)
         fwd.update = update
         return _constant_if_nothing_to_differentiate(fwd)
 
     if grad_on and not implicit:
         return _unroll_to_tol(step, h0, steps, method, truncate, tol, tol_mode, solver,
-                              check_every, trace, info)
+                              check_every, trace)
     fwd = _solve_then_step(step, f, h0, steps, method, implicit and grad_on, time_varying,
                            last_step, tol, tol_mode, solver, batch_dim, inputs, in_dims,
-                           best_iterate, check_every, trace, info)
+                           best_iterate, check_every, trace)
     fwd.update = update
     return _constant_if_nothing_to_differentiate(fwd)
 
@@ -158,7 +153,8 @@ def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
             else:
                 todo.append(nxt)
     out = [o.detach() for o in fwd.h_out]
-    return Forward(tree.unflatten(fwd.spec, out), [], out, fwd.spec, fwd.update, fwd.rows)
+    return Forward(tree.unflatten(fwd.spec, out), [], out, fwd.spec, fwd.update, fwd.rows,
+                   fwd.measured)
 
 
 def _solve_then_step(
@@ -179,7 +175,6 @@ def _solve_then_step(
     best_iterate: bool,
     check_every: int,
     trace: bool,
-    info: Any,
 ) -> Forward:
     """Solve without a graph, then apply the map once more at the returned iterate ``h_in``."""
     h0_leaves, spec = tree.flatten(h0, "h0")
@@ -218,15 +213,11 @@ def _solve_then_step(
         out_leaves = from_rows(rs.fx, lay)
     check_finite(out_leaves, method, max(rs.evaluations))
     diff = _diff_norm(out_leaves, h_in).item()
-    _fill(info, diff, _norm(out_leaves), rs.trace)
     rows = row_differences(out_leaves, h_in, lay) if attach else None
-    per_sample = batch_dim is not None
-    info.forward_steps = rs.evaluations if per_sample else rs.evaluations[0]
-    info.forward_residual = rs.residual if per_sample else rs.residual[0]
-    if tol is not None:
-        info.tol_reached = rs.reached if per_sample else rs.reached[0]
-    info.best_iterate = rs.best if per_sample else rs.best[0]
-    info.solver_fallbacks = rs.fallbacks
-    info.row_updates = rs.row_updates
+    one = (lambda v: v) if batch_dim is not None else (lambda v: v[0])  # per sample, or not
+    record = measured(
+        solver_name(solver), diff, _norm(out_leaves), rs.trace, one(rs.evaluations),
+        one(rs.residual), rs.row_updates, tol_reached=None if tol is None else one(rs.reached),
+        best_iterate=one(rs.best), solver_fallbacks=rs.fallbacks)
     return Forward(tree.unflatten(spec, out_leaves), h_in if attach else [], out_leaves, spec,
-                   rows=rows)
+                   rows=rows, measured=record)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from rbp import tree
 from rbp.forward.iterate import Iterate
 from rbp.forward.report import _worst
-from rbp.forward.result import Forward, _diff_norm, _fill, _norm, check_finite
+from rbp.forward.result import Forward, _diff_norm, _norm, check_finite, measured
 from rbp.forward.rows import call_map, row_differences
 from rbp.tree import State
 
@@ -202,7 +201,6 @@ def _unroll_to_tol(
     solver: Iterate,
     check_every: int,
     trace: bool,
-    info: Any,
 ) -> Forward:
     """bptt / tbptt with a tolerance or damping: stop at tol, back-propagate through the updates.
 
@@ -250,8 +248,6 @@ def _unroll_to_tol(
         h_in = leaves
     check_finite(out_leaves, method, k + 1)
     diff = _diff_norm(out_leaves, h_in).item()
-    _fill(info, diff, _norm(out_leaves), norms if trace else [])
-    info.forward_steps, info.forward_residual = k + 1, diff
-    info.tol_reached = reached if tol is not None else None
-    info.row_updates = k + 1
-    return Forward(tree.unflatten(spec, out_leaves), [], out_leaves, spec)
+    record = measured(solver.name, diff, _norm(out_leaves), norms if trace else [], k + 1, diff,
+                      k + 1, tol_reached=reached if tol is not None else None)
+    return Forward(tree.unflatten(spec, out_leaves), [], out_leaves, spec, measured=record)
