@@ -165,9 +165,10 @@ def _paper_rbp_start(method: str) -> dict[str, Any]:
     return {"rbp_init": "uniform"} if method == "rbp" else {}
 
 
-def _backward_tol(value: float | None) -> dict[str, Any]:
-    """``backward_tol=value`` for :func:`rbp.fixed_point`, or nothing when ``value`` is None."""
-    return {} if value is None else {"backward_tol": value}
+def _backward_tol(value: float | None, method: str) -> dict[str, Any]:
+    """``backward_tol=value`` for :func:`rbp.fixed_point`, or nothing when ``value`` is None
+    or ``method`` back-propagates through the updates (bptt, tbptt: no backward solve)."""
+    return {} if value is None or method in ("bptt", "tbptt") else {"backward_tol": value}
 
 
 def row_normalise(features: torch.Tensor) -> torch.Tensor:
@@ -350,7 +351,8 @@ class PPRGNN(nn.Module):
         h = self.mlp(x)
         return rbp.fixed_point(
             lambda z: self.step(adj, h, z), h.detach(), steps, method=method, truncate=truncate,
-            trace=trace, on_failure=on_failure, return_info=True, **_backward_tol(backward_tol),
+            trace=trace, on_failure=on_failure, return_info=True,
+            **_backward_tol(backward_tol, method),
         )
 
 
@@ -403,6 +405,7 @@ class IGNN(nn.Module):
         z0 = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype, device=x.device)
         z, info = rbp.fixed_point(
             lambda z: self.step(adj, w, u, z), z0, steps, method=method, truncate=truncate,
-            trace=trace, on_failure=on_failure, return_info=True, **_backward_tol(backward_tol),
+            trace=trace, on_failure=on_failure, return_info=True,
+            **_backward_tol(backward_tol, method),
         )
         return self.out(self.drop(z)), info
