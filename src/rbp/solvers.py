@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -199,34 +198,46 @@ def _window_gram(window: list[Tensor] | None) -> Tensor | None:
 
 class _Window:
     """The last ``RATE_WINDOW + 1`` increments of a series, per row; a row that a tolerance
-    froze keeps the increments up to the one it froze at (its Ritz tail is taken there)."""
+    froze keeps the increments up to the one it froze at (its Ritz tail is taken there).
+
+    A ring of ``RATE_WINDOW + 1`` slots written in place: push ``t`` goes to slot
+    ``t mod size`` for the rows still alive (one masked write of one slot per push), and each
+    row's window is put in order once, when :meth:`tensors` reads it.
+    """
 
     def __init__(self, first: Tensor | None = None) -> None:
-        self.items: deque[Tensor] = deque(maxlen=RATE_WINDOW + 1)
-        self.buf: Tensor | None = None  # (RATE_WINDOW + 1, rows, n) once a row can freeze
+        self.size = RATE_WINDOW + 1
+        self.buf: Tensor | None = None      # (size, rows, n)
+        self.taken: Tensor | None = None    # (rows,): pushes each row has taken
         self.count = 0
         if first is not None:
             self.push(first, None)
 
     def push(self, v: Tensor, alive: Tensor | None) -> None:
         """Append ``v``; ``alive``: the rows still iterating (None: all), the others keep theirs."""
-        self.count += 1
-        if alive is None and self.buf is None:
-            self.items.append(v)
-            return
         if self.buf is None:
-            size = RATE_WINDOW + 1
-            self.buf = v.new_zeros(size, *v.shape)
-            if self.items:
-                self.buf[size - len(self.items):] = torch.stack(list(self.items))
-        shifted = torch.cat([self.buf[1:], v[None]])
-        self.buf = shifted if alive is None else torch.where(alive[None, :, None], shifted,
-                                                             self.buf)
+            self.buf = v.new_zeros(self.size, *v.shape)
+            self.taken = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
+        slot = self.count % self.size
+        if alive is None:
+            self.buf[slot] = v
+            self.taken += 1
+        else:
+            self.buf[slot] = torch.where(alive[:, None], v, self.buf[slot])
+            self.taken += alive
+        self.count += 1
 
     def tensors(self) -> list[Tensor]:
-        if self.buf is None:
-            return list(self.items)
-        return list(self.buf[-min(self.count, RATE_WINDOW + 1):])
+        """Each row's last ``min(pushes, size)`` increments, oldest first (zeros before a
+        row's first push)."""
+        if self.buf is None or self.taken is None:
+            return []
+        k = min(self.count, self.size)
+        j = torch.arange(self.size - k, self.size, device=self.taken.device)
+        push = self.taken[None, :] - self.size + j[:, None]          # (k, rows): push index
+        slots = (push % self.size)[:, :, None].expand(k, *self.buf.shape[1:])
+        out = self.buf.gather(0, slots)
+        return list(torch.where((push >= 0)[:, :, None], out, 0.0))
 
 
 def _rate(increments: list[float]) -> float:
@@ -613,12 +624,13 @@ def fixed_point_iteration(
     active = None
     i = 0
     tail_from = _tail_start(max_iter, tol)
+    estimate = _estimating(matvec)
     window = _Window()  # the last steps (Ritz tail), kept per row up to its freezing
     for i in range(1, max_iter + 1):
         step = vjp(z) + b - z
         if active is not None:
             step = step * active.unsqueeze(1)
-        if i >= tail_from - 1:
+        if estimate and i >= tail_from - 1:
             window.push(step, active)
         z = z + step
         due = _due(i, max_iter, check_every, tol, first=2)
@@ -633,7 +645,7 @@ def fixed_point_iteration(
                 settled = True
                 break
     sol = _finish(z, i, norms, bnorm, tol, lead=len(norms) == 1, terms=i,
-                  window=window.tensors() if _estimating(matvec) else None)
+                  window=window.tensors() if estimate else None)
     if settled and sol.status == Status.MAX_ITER:  # stopped early: z is exact to round-off
         sol.status = Status.CONVERGED
     return sol
