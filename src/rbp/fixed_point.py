@@ -101,7 +101,10 @@ def fixed_point(
         solver: forward solver: ``"iterate"`` (plain, or :class:`rbp.Iterate` with damping),
             ``"anderson"`` / :class:`rbp.Anderson`, ``"broyden"`` / :class:`rbp.Broyden`. The
             accelerated solvers run without a graph; the implicit methods then linearise at the
-            state they stop at. bptt/tbptt back-propagate through ``"iterate"`` only.
+            state they stop at. bptt/tbptt back-propagate through ``"iterate"`` only. Your own
+            solver: a value with ``name`` and ``init(x, max_evals)`` whose state has
+            ``step(x, fx, g)`` and ``keep(rows)`` (:mod:`rbp.forward.protocol`); it runs per
+            sample like the built-in ones.
         batch_dim: the dim of every state leaf (and input) that indexes independent samples:
             each sample stops when it has converged and is removed from later calls of ``f``,
             which then receives only the live samples (and the matching rows of ``inputs``).
@@ -168,7 +171,7 @@ def fixed_point(
     transformed = functorch_active()  # one cheap test; the messages only under a transform
     if transformed and how.implicit and torch.is_grad_enabled():
         refuse_functorch(how.name)
-    method = how.name  # what the forward and the messages see
+    method = how.name  # what the info and the messages see; the forward gets the value
     if isinstance(how, methods.TBPTT):
         truncate = how.k
     if transformed:
@@ -177,10 +180,9 @@ def fixed_point(
     grad_on = torch.is_grad_enabled()
     implicit = grad_on and how.implicit
     fwd = forward.run(
-        f, h0, steps, method=method, truncate=truncate, implicit=how.implicit,
-        time_varying=time_varying, last_step=last_step, tol=tol, tol_mode=tol_mode,
-        solver=solver, batch_dim=batch_dim, inputs=inputs, best_iterate=best_iterate,
-        check_every=check_every, trace=trace,
+        f, h0, steps, method=how, time_varying=time_varying, last_step=last_step, tol=tol,
+        tol_mode=tol_mode, solver=solver, batch_dim=batch_dim, inputs=inputs,
+        best_iterate=best_iterate, check_every=check_every, trace=trace,
     )
     info = _info(method, steps, truncate, fwd.measured)
     h, h_in_leaves, out_leaves, spec = fwd.h, fwd.h_in, fwd.h_out, fwd.spec

@@ -30,6 +30,7 @@ class Method:
 
     name: str = "method"
     implicit: bool = False
+    keeps_h0: bool = False  # back-propagates through every update into h0 (bptt)
 
     def graph_steps(self, steps: int) -> int:
         """How many of the ``steps`` forward updates keep an autograd graph."""
@@ -41,6 +42,7 @@ class BPTT(Method):
     """Back-propagation through all forward steps: exact for the unroll, O(T) memory."""
 
     name = "bptt"
+    keeps_h0 = True
 
     def graph_steps(self, steps: int) -> int:
         return steps

@@ -55,9 +55,7 @@ def run(
     h0: State,
     steps: int,
     *,
-    method: str,
-    truncate: int,
-    implicit: bool,
+    method: Any,
     time_varying: bool,
     last_step: Callable[..., State] | None,
     tol: float | None,
@@ -71,27 +69,23 @@ def run(
 ) -> Forward:
     """The forward of :func:`rbp.fixed_point`; what it measured is ``.measured``.
 
-    ``implicit``: the gradient method differentiates the fixed point (an adjoint is attached
-    by the caller at ``(h_in, h_out)``); otherwise, with grad enabled, the method back-propagates
-    through the updates (bptt, tbptt).
+    ``method``: the method value (:mod:`rbp.methods`). An implicit one differentiates the fixed
+    point (an adjoint is attached by the caller at ``(h_in, h_out)``); otherwise, with grad
+    enabled, the method back-propagates through its ``graph_steps(steps)`` last updates (into
+    ``h0`` too when ``method.keeps_h0``: bptt).
     """
     grad_on = torch.is_grad_enabled()
-    if grad_on and not implicit and method not in ("bptt", "tbptt"):
-        raise ValueError(
-            f"method {method!r} is neither implicit nor 'bptt'/'tbptt': the forward does not "
-            "know which updates to keep a graph for"
-        )
+    implicit, name = method.implicit, method.name
     paper = tol is None and is_plain(solver) and batch_dim is None and not best_iterate
-    graph_steps = truncate if method == "tbptt" else 1  # the updates that keep a graph
-    if not grad_on or method == "bptt":
-        graph_steps = steps
+    graph_steps = method.graph_steps(steps) if grad_on else steps  # updates keeping a graph
+    detach = grad_on and not method.keeps_h0
     if (
         paper and not trace and not time_varying and last_step is None
         and isinstance(h0, Tensor) and h0.is_floating_point() and isinstance(inputs, tuple)
     ):  # the paper's setting on a tensor state: what most training steps run
         fwd, diff, scale = _unroll_tensor(
-            f, h0, inputs, steps, graph_steps, detach=grad_on and method != "bptt",
-            require_grad_input=grad_on and implicit, method=method,
+            f, h0, inputs, steps, graph_steps, detach=detach,
+            require_grad_input=grad_on and implicit, method=name,
         )
         fwd.measured = measured(solver_name(solver), diff, scale, [], steps, diff, steps)
         fwd.update = step_map(f, steps, time_varying, last_step, inputs)
@@ -110,8 +104,8 @@ def run(
         if not time_varying:
             fast = (lambda h: f(h, *inputs)) if inputs else f
         fwd, diffs, scale = unroll(
-            step, h0, steps, graph_steps, detach=grad_on and method != "bptt",
-            require_grad_input=grad_on and implicit, trace=trace, method=method, fast=fast,
+            step, h0, steps, graph_steps, detach=detach,
+            require_grad_input=grad_on and implicit, trace=trace, method=name, fast=fast,
         )
         fwd.measured = measured(solver_name(solver), diffs[-1], scale, diffs if trace else [],
                                 steps, diffs[-1], steps)
@@ -119,9 +113,10 @@ def run(
         return _constant_if_nothing_to_differentiate(fwd)
 
     if grad_on and not implicit:
-        return _unroll_to_tol(step, h0, steps, method, truncate, tol, tol_mode, solver,
+        window = None if method.keeps_h0 else graph_steps
+        return _unroll_to_tol(step, h0, steps, name, window, tol, tol_mode, solver,
                               check_every, trace)
-    fwd = _solve_then_step(step, f, h0, steps, method, implicit and grad_on, time_varying,
+    fwd = _solve_then_step(step, f, h0, steps, name, implicit and grad_on, time_varying,
                            last_step, tol, tol_mode, solver, batch_dim, inputs, in_dims,
                            best_iterate, check_every, trace)
     fwd.update = update

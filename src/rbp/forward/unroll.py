@@ -195,7 +195,7 @@ def _unroll_to_tol(
     h0: State,
     steps: int,
     method: str,
-    truncate: int,
+    graph_steps: int | None,
     tol: float | None,
     tol_mode: str,
     solver: Iterate,
@@ -204,14 +204,15 @@ def _unroll_to_tol(
 ) -> Forward:
     """bptt / tbptt with a tolerance or damping: stop at tol, back-propagate through the updates.
 
-    tbptt keeps the last ``truncate`` inputs (no graph) and recomputes those updates with a graph
-    once it stops: memory O(K), the same gradient as keeping their graph all along.
+    ``graph_steps=None`` (bptt) keeps the graph of every update, from ``h0``; tbptt keeps the
+    last ``graph_steps`` inputs (no graph) and recomputes those updates with a graph once it
+    stops: memory O(K), the same gradient as keeping their graph all along.
     """
     assert isinstance(solver, Iterate)
     damping = solver.damping
     h0_leaves, spec = tree.flatten(h0, "h0")
-    bptt = method == "bptt"
-    window: deque[tuple[int, list[Tensor]]] = deque(maxlen=truncate)
+    bptt = graph_steps is None  # through every update, into h0
+    window: deque[tuple[int, list[Tensor]]] = deque(maxlen=graph_steps)
     leaves = list(h0_leaves)
     norms: list[float] = []
     reached = False
