@@ -31,6 +31,7 @@ from rbp.diagnostics import (
     power_iteration_norm,
     report,
 )
+from rbp.forward.rows import Layout, describe, from_rows, to_rows
 from rbp.methods import Implicit, _Damped, _Identity
 from rbp.tree import State
 
@@ -51,47 +52,6 @@ _ENGINE_RUN_BACKWARD: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
 _ENGINE_DIRECT: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
     getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None
 )
-
-
-@dataclass(frozen=True)
-class Rows:
-    """How state leaves map to the rows of the adjoint matrix (and back)."""
-
-    shapes: tuple[torch.Size, ...]
-    dims: tuple[int, ...] | None
-    sizes: tuple[int, ...]
-    batch: int
-
-    @staticmethod
-    def of(leaves: Sequence[Tensor], batch_dim: int | None) -> Rows:
-        shapes = tuple(leaf.shape for leaf in leaves)
-        if batch_dim is None:
-            return Rows(shapes, None, tuple(leaf.numel() for leaf in leaves), 1)
-        dims, batch = tree.batch_axes(leaves, batch_dim)
-        return Rows(shapes, dims, tuple(leaf.numel() // batch for leaf in leaves), batch)
-
-    def to_rows(self, leaves: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-        if self.dims is None:
-            parts = [leaf.reshape(1, -1) for leaf in leaves]
-        else:
-            parts = [
-                leaf.movedim(d, 0).reshape(self.batch, -1)
-                for leaf, d in zip(leaves, self.dims, strict=True)
-            ]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return out.to(dtype)
-
-    def from_rows(self, x: Tensor, dtypes: Sequence[torch.dtype]) -> list[Tensor]:
-        parts = [x] if len(self.sizes) == 1 else list(x.split(self.sizes, dim=1))
-        if self.dims is None:
-            return [
-                p.reshape(s).to(dt) for p, s, dt in zip(parts, self.shapes, dtypes, strict=True)
-            ]
-        out = []
-        for p, s, d, dt in zip(parts, self.shapes, self.dims, dtypes, strict=True):
-            rest = s[:d] + s[d + 1 :]
-            out.append(p.reshape(self.batch, *rest).movedim(0, d).to(dt))
-        return out
 
 
 @dataclass
@@ -133,12 +93,12 @@ class Adjoint:
             len(h_out) == 1 and len(h_in) == 1 and self.batch_dim is None and out0.requires_grad
         )
         out_dtype = out0.dtype
-        rows: Rows | None = None
+        rows: Layout | None = None
 
-        def layout() -> Rows:  # built on first use: the single-leaf products never need it
+        def layout() -> Layout:  # built on first use: the single-leaf products never need it
             nonlocal rows
             if rows is None:
-                rows = Rows.of(h_out, self.batch_dim)
+                rows = describe(h_out, None, self.batch_dim)  # the forward's row layout
             return rows
 
         work = torch.promote_types(out_dtype, torch.float32)
@@ -152,7 +112,7 @@ class Adjoint:
             g_leaves = [
                 torch.zeros_like(o) if g is None else g for g, o in zip(grads, h_out, strict=True)
             ]
-            b = layout().to_rows(g_leaves, work)
+            b = to_rows(g_leaves, layout(), work)
             live = [i for i, o in enumerate(h_out) if o.requires_grad]
         cast = out_dtype != work
         row_shape = b.shape
@@ -187,7 +147,7 @@ class Adjoint:
             return gi.reshape(1, -1).to(work) if cast else gi.reshape(1, -1)
 
         def vjp(v: Tensor) -> Tensor:
-            vs = layout().from_rows(v, [o.dtype for o in h_out])
+            vs = from_rows(v, layout(), [o.dtype for o in h_out])
             out = torch.autograd.grad(
                 [h_out[i] for i in live],
                 h_in,
@@ -196,15 +156,15 @@ class Adjoint:
                 allow_unused=True,
                 materialize_grads=True,
             )
-            return layout().to_rows(out, work)
+            return to_rows(out, layout(), work)
 
         jvp_cache: dict[str, Callable[[Tensor], Tensor]] = {}
 
         def jvp(v: Tensor) -> Tensor:
             if "f" not in jvp_cache:
                 jvp_cache["f"] = self._make_jvp(h_in, h_out, live)
-            vs = layout().from_rows(v, [x.dtype for x in h_in])
-            return layout().to_rows(jvp_cache["f"](vs), work)
+            vs = from_rows(v, layout(), [x.dtype for x in h_in])
+            return to_rows(jvp_cache["f"](vs), layout(), work)
 
         op = solvers.AdjointOperator(vjp_single if single else vjp, jvp,
                                      estimate=self.max_backward_error is not None)
@@ -264,7 +224,7 @@ class Adjoint:
         if single:
             z = solution.z.reshape(out0.shape)
             return [z.to(out_dtype) if cast else z]
-        return layout().from_rows(solution.z, [o.dtype for o in h_out])
+        return from_rows(solution.z, layout(), [o.dtype for o in h_out])
 
     def _check_stable(
         self, vjp: Callable[[Tensor], Tensor], b: Tensor, name: str, record: BackwardInfo

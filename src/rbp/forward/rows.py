@@ -39,6 +39,12 @@ def layout(leaves: Sequence[Tensor], spec: Any, batch_dim: int | None) -> Layout
                 f"a forward solve needs every state leaf of one dtype and device; leaf {i} is "
                 f"{leaf.dtype} on {leaf.device}, leaf 0 {first.dtype} on {first.device}"
             )
+    return describe(leaves, spec, batch_dim)
+
+
+def describe(leaves: Sequence[Tensor], spec: Any, batch_dim: int | None) -> Layout:
+    """The layout of the leaves (one batch size along ``batch_dim``), whatever their dtypes: the
+    one row layout of the forward and of the adjoint (:mod:`rbp.adjoint`)."""
     shapes = tuple(tuple(leaf.shape) for leaf in leaves)
     if batch_dim is None:
         return Layout(spec, shapes, None, tuple(leaf.numel() for leaf in leaves), 1)
@@ -47,8 +53,9 @@ def layout(leaves: Sequence[Tensor], spec: Any, batch_dim: int | None) -> Layout
     return Layout(spec, shapes, dims, sizes, batch)
 
 
-def to_rows(leaves: Sequence[Tensor], lay: Layout) -> Tensor:
-    """``(b, n)`` matrix of the leaves: one row per sample (or one row in all)."""
+def to_rows(leaves: Sequence[Tensor], lay: Layout, dtype: torch.dtype | None = None) -> Tensor:
+    """``(b, n)`` matrix of the leaves: one row per sample (or one row in all), in ``dtype``
+    when given."""
     if lay.dims is None:
         parts = [leaf.reshape(1, -1) for leaf in leaves]
     else:
@@ -56,19 +63,25 @@ def to_rows(leaves: Sequence[Tensor], lay: Layout) -> Tensor:
             leaf.movedim(d, 0).reshape(leaf.shape[d], -1)
             for leaf, d in zip(leaves, lay.dims, strict=True)
         ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out if dtype is None else out.to(dtype)
 
 
-def from_rows(x: Tensor, lay: Layout) -> list[Tensor]:
-    """Leaves of the rows ``x`` (any number of rows when there is a batch dim)."""
+def from_rows(x: Tensor, lay: Layout, dtypes: Sequence[torch.dtype] | None = None
+              ) -> list[Tensor]:
+    """Leaves of the rows ``x`` (any number of rows when there is a batch dim), leaf ``i`` in
+    ``dtypes[i]`` when given."""
     parts = [x] if len(lay.sizes) == 1 else list(x.split(lay.sizes, dim=1))
     if lay.dims is None:
-        return [p.reshape(s) for p, s in zip(parts, lay.shapes, strict=True)]
-    out = []
-    for p, s, d in zip(parts, lay.shapes, lay.dims, strict=True):
-        rest = s[:d] + s[d + 1 :]
-        out.append(p.reshape(x.shape[0], *rest).movedim(0, d))
-    return out
+        out = [p.reshape(s) for p, s in zip(parts, lay.shapes, strict=True)]
+    else:
+        out = []
+        for p, s, d in zip(parts, lay.shapes, lay.dims, strict=True):
+            rest = s[:d] + s[d + 1 :]
+            out.append(p.reshape(x.shape[0], *rest).movedim(0, d))
+    if dtypes is None:
+        return out
+    return [leaf.to(dt) for leaf, dt in zip(out, dtypes, strict=True)]
 
 
 def _leaves_of(state: State) -> list[Tensor]:
