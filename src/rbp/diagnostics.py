@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import torch
 
@@ -50,6 +51,28 @@ def report(on_failure: str, message: str) -> None:
         while frame.f_back is not None and _internal(frame.f_code.co_filename):
             frame, level = frame.f_back, level + 1
         warnings.warn(message, ConvergenceWarning, stacklevel=level)
+
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """The one integer check of the core's options: TypeError unless an ``int`` (a bool is not),
+    ValueError below ``minimum``; the message names the option."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_real(name: str, value: Any) -> float:
+    """The one real-number check: TypeError unless an ``int``/``float`` (not a bool),
+    ValueError unless finite; the message names the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
 
 
 class Status(StrEnum):

@@ -36,6 +36,7 @@ import torch
 from rbp import forward, methods, solvers, tree
 from rbp.adjoint import Adjoint, attach_implicit_backward, functorch_active, refuse_functorch
 from rbp.diagnostics import FixedPointInfo, report
+from rbp.diagnostics import check_count as _count
 from rbp.tree import State
 
 METHODS: tuple[str, ...] = ("bptt", "tbptt", "rbp", "cg", "neumann", "gmres")
@@ -301,13 +302,6 @@ def _validate_core(f: Any, steps: Any, method: Any, truncate: Any) -> None:
             f"tbptt cannot back-propagate through truncate={truncate} steps of a "
             f"{steps}-step run; use truncate <= steps (truncate == steps is bptt)"
         )
-
-
-def _count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _validate_options(o: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from rbp.diagnostics import Status
+from rbp.diagnostics import Status, check_count
 
 Tensor = torch.Tensor
 Matvec = Callable[[Tensor], Tensor]
@@ -126,8 +126,7 @@ def _vjp_of(matvec: Matvec) -> Matvec:
 
 
 def _check_int(name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_count(name, value, low)
 
 
 def _check_tol(value: Any) -> None:

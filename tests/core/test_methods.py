@@ -156,7 +156,7 @@ def test_user_solver_that_is_wrong_is_reported():
     ("make", "error", "match"),
     [
         (lambda: rbp.TBPTT(0), ValueError, "TBPTT k must be an integer >= 1"),
-        (lambda: rbp.TBPTT(2.0), ValueError, "TBPTT k must be an integer"),
+        (lambda: rbp.TBPTT(2.0), TypeError, "TBPTT k must be an integer"),
         (lambda: rbp.Phantom(0), ValueError, "Phantom k must be an integer >= 1"),
         (lambda: rbp.Phantom(3, 0.0), ValueError, r"damping must be a number in \(0, 1\]"),
         (lambda: rbp.Phantom(3, float("nan")), ValueError, "damping"),

@@ -120,3 +120,24 @@ def test_every_keyword_option_is_checked_and_named(name):
         rbp.fixed_point(p.f, torch.zeros(8, dtype=DT), 10, **{name: weird})
     text = str(caught.value)
     assert name in text or (name == "solver" and "unknown solver" in text), text
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: rbp.fixed_point(lambda h: 0.5 * h, torch.ones(2, dtype=DT), v),
+        lambda v: rbp.FixedPoint(_Cell(), 10, restart=v, method="gmres"),
+        lambda v: rbp.solvers.GMRES(restart=v),
+        lambda v: rbp.solvers.Neumann(max_iter=v),
+        lambda v: rbp.TBPTT(v),
+        lambda v: rbp.Anderson(m=v),
+        lambda v: rbp.Broyden(memory=v),
+    ],
+    ids=["steps", "module-restart", "GMRES", "Neumann", "TBPTT", "Anderson", "Broyden"],
+)
+def test_one_integer_check_everywhere(make):
+    # a float is a wrong type (TypeError), zero a wrong value (ValueError), with one message
+    with pytest.raises(TypeError, match=r"must be an integer >= 1, got 2.5 \(float\)"):
+        make(2.5)
+    with pytest.raises(ValueError, match="must be an integer >= 1, got 0"):
+        make(0)

@@ -245,6 +245,7 @@ def test_status_names_and_messages():
     [
         (lambda: solvers.Neumann(max_iter=0), "max_iter must be an integer >= 1"),
         (lambda: solvers.Neumann(max_iter=2.5), "max_iter must be an integer"),
+        (lambda: solvers.Neumann(max_iter=2.5), r"got 2.5 \(float\)"),
         (lambda: solvers.RBP(max_iter=True), "max_iter must be an integer"),
         (lambda: solvers.GMRES(restart=2.5), "restart must be an integer"),
         (lambda: solvers.GMRES(restart=0), "restart must be an integer >= 1"),
@@ -256,7 +257,8 @@ def test_status_names_and_messages():
     ],
 )
 def test_bad_solver_options_are_refused_at_construction(make, match):
-    with pytest.raises(ValueError, match=match):
+    # a wrong type is a TypeError, a wrong value a ValueError
+    with pytest.raises((TypeError, ValueError), match=match):
         make()
 
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rbp.forward.protocol import _count, _real, _replace_rows
+from rbp.diagnostics import check_count as _count
+from rbp.diagnostics import check_real as _real
+from rbp.forward.protocol import _replace_rows
 
 Tensor = torch.Tensor
 

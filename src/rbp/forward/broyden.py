@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rbp.forward.protocol import _count, _replace_rows, _row_norm
+from rbp.diagnostics import check_count as _count
+from rbp.forward.protocol import _replace_rows, _row_norm
 
 Tensor = torch.Tensor
 

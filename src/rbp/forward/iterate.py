@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rbp.forward.protocol import _real
+from rbp.diagnostics import check_real as _real
 
 Tensor = torch.Tensor
 

@@ -19,7 +19,6 @@ every solver but plain iteration (the solver's arithmetic stays in the state's d
 
 from __future__ import annotations
 
-import math
 from typing import Any, Protocol
 
 import torch
@@ -51,20 +50,6 @@ def is_forward_solver(value: Any) -> bool:
 
 def solver_name(solver: Any) -> str:
     return str(getattr(solver, "name", type(solver).__name__))
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _count(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _row_norm(x: Tensor) -> Tensor:
