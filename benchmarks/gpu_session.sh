@@ -13,6 +13,9 @@
 #   DEVICE=cpu QUICK=1 OUT=/tmp/out DATA=../shared/data bash benchmarks/gpu_session.sh
 #                                                              # the same script, tiny, on a CPU
 # DATA must hold mnist/t10k-*-idx*-ubyte.gz and planetoid/ind.pubmed.* (Cora ships with rbp).
+# On a GPU machine that receives a copy of the checkout, put those files in a folder of the
+# checkout that git ignores and pass DATA=<that folder>; RUNS=results/citation/full continues
+# the tracked CPU runs (their finished seeds are kept; seed_batch=10 regroups the rest).
 # Without an installed package the script runs the source tree (PYTHONPATH=src).
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
