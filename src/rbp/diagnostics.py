@@ -153,6 +153,8 @@ class FixedPointInfo:
     steps: int
     truncate: int
     forward_trace: list[float] = field(default_factory=list)
+    # forward_trace[i] / ||h_t|| (a solver: / ||F(x_k)||), the same steps (trace=True)
+    relative_forward_trace: list[float] = field(default_factory=list)
     final_difference: float = math.nan
     relative_final_difference: float = math.nan
     # the settle check's worst ||h_T - h_T-1|| / ||h_T|| over samples (batch_dim) or rows of

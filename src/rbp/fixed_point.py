@@ -152,7 +152,9 @@ def fixed_point(
             method (and fallback) that needs no ``J v``.
         restart: GMRES restart length (refused unless ``method`` or ``fallback`` is
             ``"gmres"``).
-        trace: record ``||h_t - h_{t-1}||`` for every step in the info.
+        trace: record ``||h_t - h_{t-1}||`` for every step in the info (``forward_trace``; for a
+            solver ``||F(x_k) - x_k||`` per iteration) and the same divided by ``||h_t||``
+            (``||F(x_k)||``) in ``relative_forward_trace``.
         estimate_error: in the backward pass, estimate ``||J||`` by power iteration and store
             the Prop. 2 bound on the relative error of the solve in the info (costs ~20
             Jacobian products per backward).
@@ -228,6 +230,7 @@ def _info(method: str, steps: int, truncate: int, m: forward.Measured | None) ->
     assert m is not None  # every forward path records what it measured
     return FixedPointInfo(
         method=method, steps=steps, truncate=truncate, forward_trace=m.forward_trace,
+        relative_forward_trace=m.relative_forward_trace,
         final_difference=m.final_difference,
         relative_final_difference=m.relative_final_difference, solver=m.solver,
         forward_steps=m.forward_steps, forward_residual=m.forward_residual,

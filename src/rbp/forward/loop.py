@@ -30,6 +30,7 @@ class RowSolve:
     fallbacks: int  # row-iterations where the accelerated step was replaced by a plain step
     row_updates: int  # sum over iterations of the number of live rows
     trace: list[float]  # ||F(x_k) - x_k|| over the live rows, per iteration (if asked)
+    scale_trace: list[float]  # ||F(x_k)|| over the same rows (if asked)
 
 
 def solve(
@@ -99,7 +100,8 @@ class _Out:
         self.best[rows] = flag[idx]
         self.reached[rows] = met[idx]
 
-    def result(self, fallbacks: Tensor, row_updates: int, norms: list[Tensor]) -> RowSolve:
+    def result(self, fallbacks: Tensor, row_updates: int, norms: list[Tensor],
+               scales: list[Tensor]) -> RowSolve:
         return RowSolve(
             x=self.x,
             fx=self.fx,
@@ -111,6 +113,7 @@ class _Out:
             fallbacks=int(fallbacks),
             row_updates=row_updates,
             trace=torch.stack(norms).double().tolist() if norms else [],
+            scale_trace=torch.stack(scales).double().tolist() if scales else [],
         )
 
 
@@ -167,12 +170,14 @@ def _solve(
     fallbacks = x0.new_zeros((), dtype=torch.long)
     row_updates = n_live = x0.shape[0]
     norms: list[Tensor] = []
+    scales: list[Tensor] = []
     k = 0  # x is the k-th iterate; k + 1 evaluations spent on each live row
     while True:
         g = fx - x
         res = _row_norm(g)
         if trace:
             norms.append(torch.linalg.vector_norm(res))
+            scales.append(torch.linalg.vector_norm(fx))
         if best is not None:
             best.update(x, fx, res, k)
         last = k + 1 >= max_evals
@@ -204,7 +209,7 @@ def _solve(
         k += 1
         fx = fmap(x, live)
         row_updates += n_live
-    return out.result(fallbacks, row_updates, norms)
+    return out.result(fallbacks, row_updates, norms, scales)
 
 
 def _autocast_enabled(device_type: str) -> bool:

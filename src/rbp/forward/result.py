@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,14 +45,25 @@ class Measured:
     tol_reached: bool | list[bool] | None = None  # None: no forward tol was given
     best_iterate: bool | list[bool] = False  # an earlier, lower-residual iterate was returned
     solver_fallbacks: int = 0  # accelerated steps replaced by a plain step (summed over rows)
+    # forward_trace over ||h_t|| (a solver: over ||F(x_k)||), the same steps (trace=True)
+    relative_forward_trace: list[float] = field(default_factory=list)
 
 
 def measured(solver: str, diff: float, scale: float, trace: list[float],
              steps: int | list[int], residual: float | list[float], row_updates: int,
-             **rest: Any) -> Measured:
-    """The record from the last difference ``diff``, ``||h_out|| = scale`` and the rest."""
+             trace_scales: Sequence[float] = (), **rest: Any) -> Measured:
+    """The record from the last difference ``diff``, ``||h_out|| = scale`` and the rest;
+    ``trace_scales``: the norm beside each ``trace`` entry (its relative trace)."""
+    relative = [d / s if s > 0 else (0.0 if d == 0 else math.inf)
+                for d, s in zip(trace, trace_scales, strict=False)]
     return Measured(solver, steps, residual, diff, diff / max(scale, 1e-30), trace, row_updates,
-                    **rest)
+                    relative_forward_trace=relative, **rest)
+
+
+def state_norm(a: Sequence[Tensor]) -> Tensor:
+    """``||a||`` over the leaves, as a float64 CPU tensor (read later with the others)."""
+    total = sum(x.detach().double().pow(2).sum() for x in a)
+    return torch.as_tensor(total).sqrt().to("cpu", torch.float64)
 
 
 def _diff_norm(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

@@ -103,12 +103,12 @@ def run(
         fast = None
         if not time_varying:
             fast = (lambda h: f(h, *inputs)) if inputs else f
-        fwd, diffs, scale = unroll(
+        fwd, diffs, scale, scales = unroll(
             step, h0, steps, graph_steps, detach=detach,
             require_grad_input=grad_on and implicit, trace=trace, method=name, fast=fast,
         )
         fwd.measured = measured(solver_name(solver), diffs[-1], scale, diffs if trace else [],
-                                steps, diffs[-1], steps)
+                                steps, diffs[-1], steps, trace_scales=scales)
         fwd.update = update
         return _constant_if_nothing_to_differentiate(fwd)
 
@@ -213,6 +213,7 @@ def _solve_then_step(
     record = measured(
         solver_name(solver), diff, _norm(out_leaves), rs.trace, one(rs.evaluations),
         one(rs.residual), rs.row_updates, tol_reached=None if tol is None else one(rs.reached),
-        best_iterate=one(rs.best), solver_fallbacks=rs.fallbacks)
+        best_iterate=one(rs.best), solver_fallbacks=rs.fallbacks,
+        trace_scales=rs.scale_trace)
     return Forward(tree.unflatten(spec, out_leaves), h_in if attach else [], out_leaves, spec,
                    rows=rows, measured=record)

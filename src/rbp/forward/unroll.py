@@ -12,7 +12,7 @@ import torch
 from rbp import tree
 from rbp.forward.iterate import Iterate
 from rbp.forward.report import _worst
-from rbp.forward.result import Forward, _diff_norm, _norm, check_finite, measured
+from rbp.forward.result import Forward, _diff_norm, _norm, check_finite, measured, state_norm
 from rbp.forward.rows import call_map, row_differences
 from rbp.tree import State
 
@@ -30,21 +30,22 @@ def unroll(
     trace: bool,
     method: str,
     fast: Callable[[State], State] | None = None,
-) -> tuple[Forward, list[float], float]:
+) -> tuple[Forward, list[float], float, list[float]]:
     """The paper's forward: ``steps`` updates, the last ``graph_steps`` of them with a graph.
 
     Returns the forward, the differences ``||h_t - h_{t-1}||`` (all with ``trace``, else the
-    last) and ``||h_T||``. ``detach`` cuts the graph to earlier steps; ``require_grad_input``
-    makes the input of the graph steps a leaf with ``requires_grad`` (what the implicit methods
-    differentiate). ``fast(h)``, if given, is the same update as ``step(h, t)`` without checks:
-    it runs the steps between the first, the first graph step and the last, which ``step`` runs
-    with the structure and in-place checks (f is one map, so checking each step again would
-    only cost time).
+    last), ``||h_T||`` and (with ``trace``) ``||h_t||`` at every step. ``detach`` cuts the graph
+    to earlier steps; ``require_grad_input`` makes the input of the graph steps a leaf with
+    ``requires_grad`` (what the implicit methods differentiate). ``fast(h)``, if given, is the
+    same update as ``step(h, t)`` without checks: it runs the steps between the first, the first
+    graph step and the last, which ``step`` runs with the structure and in-place checks (f is
+    one map, so checking each step again would only cost time).
     """
     h0_leaves, spec = tree.flatten(h0, "h0")
     free_steps = steps - graph_steps
     checked = sorted({0, free_steps, steps - 1})
     norms: list[Tensor] = []
+    scales: list[Tensor] = []
 
     def advance(h: State, lo: int, hi: int) -> tuple[State, State]:
         """Steps ``lo .. hi-1``: the last state, and the input of the last checked step (of
@@ -56,7 +57,9 @@ def unroll(
                 if t in checked:
                     tree.check_same_structure(spec, h0_leaves, h, t)
                 if trace:
-                    norms.append(_diff_norm(tree.flatten(h)[0], tree.flatten(prev)[0]))
+                    leaves = tree.flatten(h)[0]
+                    norms.append(_diff_norm(leaves, tree.flatten(prev)[0]))
+                    scales.append(state_norm(leaves))
             return h, prev
         t = lo  # unchecked runs go through fast in a tight loop; prev is only kept at a
         try:  # checked step, and hi-1 is one
@@ -102,7 +105,8 @@ def unroll(
     scale = math.sqrt(sum(squares))
     if not (math.isfinite(diffs[-1]) and math.isfinite(scale)):
         check_finite(out, method, steps)
-    return Forward(h, h_in, out, spec, rows=rows), diffs, scale
+    trace_scales = torch.stack(scales).tolist() if scales else []
+    return Forward(h, h_in, out, spec, rows=rows), diffs, scale, trace_scales
 
 
 def _unroll_tensor(
@@ -215,6 +219,7 @@ def _unroll_to_tol(
     window: deque[tuple[int, list[Tensor]]] = deque(maxlen=graph_steps)
     leaves = list(h0_leaves)
     norms: list[float] = []
+    scales: list[float] = []
     reached = False
     k = 0
     for k in range(steps):
@@ -228,6 +233,8 @@ def _unroll_to_tol(
         if trace or check or last:
             diff = _diff_norm(out_leaves, leaves).item()
             norms.append(diff)
+            if trace:
+                scales.append(state_norm(out_leaves).item())
             if not math.isfinite(diff):
                 check_finite(out_leaves, method, k + 1)
             if check:
@@ -250,5 +257,6 @@ def _unroll_to_tol(
     check_finite(out_leaves, method, k + 1)
     diff = _diff_norm(out_leaves, h_in).item()
     record = measured(solver.name, diff, _norm(out_leaves), norms if trace else [], k + 1, diff,
-                      k + 1, tol_reached=reached if tol is not None else None)
+                      k + 1, tol_reached=reached if tol is not None else None,
+                      trace_scales=scales)
     return Forward(tree.unflatten(spec, out_leaves), [], out_leaves, spec, measured=record)
