@@ -29,7 +29,7 @@ from .model import (
     sparse_dropout_matmul,
     symmetric_spmm,
 )
-from .seeds import _dropout
+from .seeds import _dropout, build_per_seed
 
 __all__ = ["BASELINES", "GCN_BACKENDS", "GCNSettings", "SeedBatchedGCN", "gcn_baseline",
            "gcn_baseline_seeds", "have_pyg", "logreg_baseline"]
@@ -206,22 +206,12 @@ class SeedBatchedGCN(nn.Module):
                    dropout: float, adj: torch.Tensor,
                    device: torch.device | str = "cpu") -> SeedBatchedGCN:
         net = cls(in_features, hidden, num_classes, len(seeds), dropout, adj)
-        state = torch.random.get_rng_state()
-        try:
-            for i, s in enumerate(seeds):
-                torch.manual_seed(s)
-                one = _TorchGCN(in_features, hidden, num_classes, dropout, adj)
-                gen = torch.Generator(device=device)
-                if gen.device.type == "cpu":
-                    gen.set_state(torch.random.get_rng_state())
-                else:
-                    gen.manual_seed(s)
-                net.generators.append(gen)
-                with torch.no_grad():
-                    net.w1[i].copy_(one.lin1.weight)
-                    net.w2[i].copy_(one.lin2.weight.T)
-        finally:
-            torch.random.set_rng_state(state)
+        singles, net.generators = build_per_seed(
+            seeds, lambda: _TorchGCN(in_features, hidden, num_classes, dropout, adj), device)
+        with torch.no_grad():
+            for i, one in enumerate(singles):
+                net.w1[i].copy_(one.lin1.weight)
+                net.w2[i].copy_(one.lin2.weight.T)
         return net
 
     def _spread(self, h: torch.Tensor) -> torch.Tensor:

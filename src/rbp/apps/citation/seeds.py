@@ -29,7 +29,8 @@ from .model import (
     symmetric_spmm,
 )
 
-__all__ = ["KRYLOV", "SeedBatchedGGNN", "SeedBatchedPPR", "SeededUniformRBP"]
+__all__ = ["KRYLOV", "SeedBatchedGGNN", "SeedBatchedPPR", "SeededUniformRBP",
+           "build_per_seed"]
 
 #: Backward methods whose iterates couple the seeds unless each seed is solved on its own.
 KRYLOV = ("cg", "gmres")
@@ -62,14 +63,7 @@ class SeedBatchedGGNN(nn.Module):
         """One batched model whose seed ``i`` is ``GGNN(hidden, num_classes)`` under
         ``torch.manual_seed(seeds[i])``."""
         net = cls(hidden, num_classes, len(seeds))
-        singles = []
-        state = torch.random.get_rng_state()
-        try:
-            for s in seeds:
-                torch.manual_seed(s)
-                singles.append(GGNN(hidden, num_classes))
-        finally:
-            torch.random.set_rng_state(state)
+        singles, _ = build_per_seed(seeds, lambda: GGNN(hidden, num_classes))
         net.load_singles(singles)
         return net
 
@@ -148,6 +142,30 @@ class SeededUniformRBP:
         return rbp.solvers.fixed_point_iteration(matvec, b, max_iter=self.max_iter, z0=z0)
 
 
+def build_per_seed(seeds: list[int], build: Any, device: torch.device | str = "cpu"
+                   ) -> tuple[list[Any], list[torch.Generator]]:
+    """``build()`` once per seed after ``torch.manual_seed(seed)`` (on the CPU), and a
+    generator per seed on ``device`` for that seed's later draws: on the CPU it starts where
+    the default generator stands after the build (the draws a lone run of the seed makes next);
+    elsewhere it is seeded by the seed (a GPU draws other numbers than the CPU anyway). The
+    default generator is left as it was."""
+    state = torch.random.get_rng_state()
+    built, gens = [], []
+    try:
+        for s in seeds:
+            torch.manual_seed(s)
+            built.append(build())
+            gen = torch.Generator(device=device)
+            if gen.device.type == "cpu":
+                gen.set_state(torch.random.get_rng_state())
+            else:
+                gen.manual_seed(s)
+            gens.append(gen)
+    finally:
+        torch.random.set_rng_state(state)
+    return built, gens
+
+
 def _dropout(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """``F.dropout(x, p)`` drawing its mask from ``generator`` (the same ops, so the same mask
     as ``F.dropout`` from a default generator in that state)."""
@@ -189,20 +207,8 @@ class SeedBatchedPPR(nn.Module):
         (on the CPU); its dropout generator on ``device`` (on a GPU seeded by the seed: a GPU
         draws other masks than the CPU anyway)."""
         net = cls(in_features, hidden, num_classes, len(seeds), alpha, dropout)
-        state = torch.random.get_rng_state()
-        singles = []
-        try:
-            for s in seeds:
-                torch.manual_seed(s)
-                singles.append(PPRGNN(in_features, hidden, num_classes, alpha, dropout))
-                gen = torch.Generator(device=device)
-                if gen.device.type == "cpu":
-                    gen.set_state(torch.random.get_rng_state())
-                else:
-                    gen.manual_seed(s)
-                net.generators.append(gen)
-        finally:
-            torch.random.set_rng_state(state)
+        singles, net.generators = build_per_seed(
+            seeds, lambda: PPRGNN(in_features, hidden, num_classes, alpha, dropout), device)
         with torch.no_grad():
             for i, m in enumerate(singles):
                 first, last = m.mlp[0].lin, m.mlp[3]
