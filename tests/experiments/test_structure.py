@@ -163,9 +163,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def is_core(module: str) -> bool:
-    """``rbp``, its top-level modules (fixed_point, methods, solvers, diagnostics...) and the
-    forward package ``rbp.forward.*``."""
-    return module == "rbp" or module.startswith("rbp.forward.") or (
+    """``rbp``, its top-level modules (fixed_point, methods, diagnostics...) and the core's
+    packages ``rbp.forward.*`` and ``rbp.solvers.*``."""
+    return module == "rbp" or module.startswith(("rbp.forward.", "rbp.solvers.")) or (
         module.count(".") == 1 and not module.startswith(("rbp.runner", "rbp.apps", "rbp.data")))
 
 
@@ -229,7 +229,8 @@ def architecture_doc(graph: dict[str, dict[str, list[str]]]) -> str:
         "```",
         "",
         "- **core**: `rbp`, its top-level modules (`fixed_point`, `methods`, `solvers`,",
-        "  `diagnostics`, `tree`, `module`, ...) and the `rbp.forward` package; imports torch,",
+        "  `diagnostics`, `tree`, `module`, ...) and the `rbp.forward` and `rbp.solvers`",
+        "  packages; imports torch,",
         "  NumPy and the standard library only: `pip install torch-rbp`.",
         "",
         "  Inside the core, `fixed_point` checks every option in one place (`_validate`, also",
@@ -243,7 +244,10 @@ def architecture_doc(graph: dict[str, dict[str, list[str]]]) -> str:
         "  T-step paths (the paper's unroll, bptt/tbptt with tol); `rows` the row layout and",
         "  the checks of `f`; `run` chooses the path; `result` and `report` the record it",
         "  returns and the messages. A solver of your own written against `protocol` runs",
-        "  per sample like the built-in ones.",
+        "  per sample like the built-in ones. `rbp.solvers` (the adjoint's linear solvers):",
+        "  `protocol` (`Solution`, the operator `matvec`), `series` (Neumann, RBP), `krylov`",
+        "  (CG on the normal equations, GMRES), `estimates` (their error estimates and",
+        "  statuses) and `values` (the solvers as values).",
         "- **experiment kit**: `pip install \"torch-rbp[experiments]\"`: `rbp.data` (loaders),",
         "  `rbp.apps.*` (the paper's three applications, using the core's public API) and",
         "  `rbp.runner`, in layers; each imports only the layers above it:",
