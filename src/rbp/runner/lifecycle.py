@@ -311,7 +311,7 @@ class RunContext:
         except ValueError:
             return
         new = json.loads(now)
-        diff = settings_differences(old, new)
+        diff = settings_differences(with_new_defaults(old, self.config), new)
         if diff:
             shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}"
                               for k in diff[:6])
@@ -373,6 +373,29 @@ def settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in keys if old_j.get(k, "<unset>") != new_j.get(k, "<unset>")]
 
 
+def with_new_defaults(old: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """``old`` settings plus every setting of ``cfg`` they lack that ``cfg`` holds at its
+    default: a setting added since a run started, left at its default, is what the run ran
+    with (so the run still resumes)."""
+    if not (dataclasses.is_dataclass(cfg) and isinstance(old, dict)):
+        return old
+    new = to_jsonable(config_to_dict(cfg))
+    added = {f.name: new[f.name] for f in dataclasses.fields(cfg)
+             if f.name not in old and f.name in new and _at_default(cfg, f)}
+    return {**added, **old}
+
+
+def _at_default(cfg: Any, f: dataclasses.Field) -> bool:
+    """Whether field ``f`` of settings ``cfg`` holds its declared default."""
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return False
+    return to_jsonable(getattr(cfg, f.name)) == to_jsonable(default)
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -407,6 +430,7 @@ def _check_resume(out: Path, prev: dict[str, Any] | None, cfg: Any, name: str) -
     if not isinstance(old, dict):
         return
     new = config_to_dict(cfg)
+    old = with_new_defaults(old, cfg)
     diff = settings_differences(old, new)
     if diff:
         old_j, new_j = to_jsonable(old), to_jsonable(new)
