@@ -390,82 +390,6 @@ def _trace_epochs(epochs: int, val_every: int, points: int) -> set[int]:
     return {evals[i] for i in pick}
 
 
-def _train_unit(
-    cfg: CitationConfig, ctx: RunContext, g: _Graph, model: str, method: str, seed: int,
-) -> dict[str, Any]:
-    """Train one (dataset, model, method, seed) unit; return its result record."""
-    tag = f"{g.name}_{model}_{method}_s{seed}"
-    prior = ctx.finished(tag)
-    if prior is not None:
-        return prior
-    state = ctx.load(tag)
-    s = _unit_settings(cfg, model)
-    d = g.data
-    train, val, test = (i.to(g.device) for i in split_labelled(d.labelled, seed))
-    seed_everything(seed)
-    net, opt = _build(cfg, g, model)
-    hist: dict[str, Any] = {"train_loss": [], "eval_epochs": [], "val_acc": [], "test_acc": [],
-                            "traces": [], "backward_status": {}, "train_time_s": 0.0}
-    epoch = 0
-    if state:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        hist = state["history"]
-        epoch = state["epoch"]
-        set_rng_state(state["rng"])
-    trace_at = _trace_epochs(s["epochs"], s["val_every"], cfg.trace_points)
-
-    def evaluate(ep: int) -> None:
-        net.eval()
-        with torch.no_grad():
-            logits, info = _forward(net, g, model, method, s, ep in trace_at, cfg.on_failure)
-        hist["eval_epochs"].append(ep)
-        hist["val_acc"].append(_accuracy(logits, g.labels, val))
-        hist["test_acc"].append(_accuracy(logits, g.labels, test))
-        hist.setdefault("rel_diff", []).append(info.relative_final_difference)
-        if ep in trace_at:
-            hist["traces"].append({"epoch": ep, "diff_norm": list(info.forward_trace)})
-        net.train()
-
-    if epoch == 0 and not hist["eval_epochs"]:
-        evaluate(0)
-    net.train()
-    with progress(s["epochs"], desc=tag, enabled=ctx.progress, initial=epoch) as bar:
-        while epoch < s["epochs"]:
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            if "saved_mb" not in hist:   # graph memory of one training forward
-                saved = _SavedBytes()
-                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-                    logits, info = _forward(net, g, model, method, s, False, cfg.on_failure)
-                hist["saved_mb"] = saved.megabytes
-            else:
-                logits, info = _forward(net, g, model, method, s, False, cfg.on_failure)
-            loss = F.cross_entropy(logits[train], g.labels[train])
-            loss.backward()
-            opt.step()
-            hist["train_time_s"] += time.perf_counter() - t0
-            for b in info.backward:
-                hist["backward_status"][b.status] = hist["backward_status"].get(b.status, 0) + 1
-            loss_v = float(loss.detach())
-            if not np.isfinite(loss_v):
-                raise rbp.DivergenceError(f"{tag}: non-finite training loss at epoch {epoch}")
-            hist["train_loss"].append(loss_v)
-            hist["train_rel_diff"] = info.relative_final_difference
-            epoch += 1
-            if epoch % s["val_every"] == 0 or epoch == s["epochs"]:
-                evaluate(epoch)
-            bar.update()
-            bar.set_postfix(loss=f"{loss_v:.3f}", val=f"{hist['val_acc'][-1]:.3f}")
-            if ctx.should_checkpoint(epoch) and epoch < s["epochs"]:
-                ctx.save(tag, {"epoch": epoch, "model": net.state_dict(),
-                               "optim": opt.state_dict(), "history": hist, "rng": rng_state()})
-            ctx.tick()
-    result = _unit_result(hist, seed, method, model, g.name, (train, val, test), s)
-    ctx.finish(tag, result)
-    return result
-
-
 def _unit_result(hist: dict[str, Any], seed: int, method: str, model: str, dataset: str,
                  split: tuple[torch.Tensor, ...], s: dict[str, Any],
                  seed_batch: int = 1) -> dict[str, Any]:
@@ -515,6 +439,15 @@ def _build_group(cfg: CitationConfig, g: _Graph, model: str, method: str, seeds:
     """The batched model of ``seeds``, its optimiser, the seeds' generators and its forward
     (``trace -> (logits (S, N, C), info)``)."""
     d, dev = g.data, g.device
+    if model not in BATCHED_MODELS:   # one seed's own model, drawing from the global generator
+        (seed,) = seeds
+        seed_everything(seed)
+        one, opt_one = _build(cfg, g, model)
+
+        def forward_one(trace: bool) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
+            logits, info = _forward(one, g, model, method, s_cfg, trace, cfg.on_failure)
+            return logits[None], info
+        return one, opt_one, [], forward_one
     if model == "paper":
         net: Any = SeedBatchedGGNN.from_seeds(cfg.hidden[g.name], d.num_classes, seeds).to(dev)
         opt: Any = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -543,8 +476,8 @@ def _train_group(
     cfg: CitationConfig, ctx: RunContext, g: _Graph, model: str, method: str,
     seeds: list[int],
 ) -> list[dict[str, Any]]:
-    """Train ``model`` (one of :data:`BATCHED_MODELS`) for ``seeds`` as one batched model; one
-    result per seed.
+    """Train ``model`` for ``seeds`` as one batched model (:data:`BATCHED_MODELS`; the others
+    one seed at a time, ``seeds`` of one); one result per seed.
 
     Each seed keeps its own weights (built as a lone run of that seed builds them), training
     split, and random draws, so the results equal those of the seeds run one by one. Seeds
@@ -571,13 +504,14 @@ def _train_group(
         hists, epoch = state["history"], state["epoch"]
         for gen, st in zip(gens, state["generators"], strict=True):
             gen.set_state(st)
+        set_rng_state(state["rng"])
     trace_at = _trace_epochs(s_cfg["epochs"], s_cfg["val_every"], cfg.trace_points)
 
     def evaluate(ep: int) -> None:
         net.eval()
         with torch.no_grad():
             logits, info = forward(ep in trace_at)
-        diffs = _per_seed_rel_diff(info, len(todo))
+        diffs = _per_seed_rel_diff(info, len(todo), model in BATCHED_MODELS)
         for i, (hist, (_, val, test)) in enumerate(zip(hists, splits, strict=True)):
             hist["eval_epochs"].append(ep)
             hist["val_acc"].append(_accuracy(logits[i], labels, val))
@@ -608,7 +542,7 @@ def _train_group(
             opt.step()
             share = (time.perf_counter() - t0) / len(todo)
             loss_v = losses.detach().cpu().tolist()
-            diffs = _per_seed_rel_diff(info, len(todo))
+            diffs = _per_seed_rel_diff(info, len(todo), model in BATCHED_MODELS)
             for i, hist in enumerate(hists):
                 hist["train_time_s"] += share
                 for b in info.backward:
@@ -630,7 +564,8 @@ def _train_group(
             if ctx.should_checkpoint(epoch) and epoch < s_cfg["epochs"]:
                 ctx.save(tag, {"epoch": epoch, "model": net.state_dict(),
                                "optim": opt.state_dict(), "history": hists,
-                               "generators": [gen.get_state() for gen in gens]})
+                               "generators": [gen.get_state() for gen in gens],
+                               "rng": rng_state()})
             ctx.tick()
     for i, s in enumerate(todo):
         done[s] = _unit_result(hists[i], s, method, model, g.name, splits[i], s_cfg,
@@ -640,11 +575,12 @@ def _train_group(
     return [done[s] for s in seeds]
 
 
-def _per_seed_rel_diff(info: rbp.FixedPointInfo, seeds: int) -> list[float]:
-    """``||h_T - h_T-1|| / ||h_T||`` as the seeds see it: the batch's worst seed where the
-    solve measured it per seed, else the ratio over all seeds' states together."""
+def _per_seed_rel_diff(info: rbp.FixedPointInfo, seeds: int, batched: bool) -> list[float]:
+    """``||h_T - h_T-1|| / ||h_T||`` as the seeds see it: for a batched model the batch's worst
+    seed where the solve measured it per seed, else the ratio over the whole state."""
     worst = info.worst_relative_difference
-    return [worst if worst == worst else info.relative_final_difference] * seeds
+    ratio = worst if batched and worst == worst else info.relative_final_difference
+    return [ratio] * seeds
 
 
 def _baseline_unit(cfg: CitationConfig, ctx: RunContext, g: _Graph, name: str,
@@ -778,16 +714,10 @@ def run(cfg: CitationConfig, ctx: RunContext) -> dict[str, Any]:
                 methods = cfg.injected_methods or cfg.methods
             per: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
             entry["models"][model] = {}
-            if model in BATCHED_MODELS:
-                for group in _seed_groups(seeds, _seed_batch(cfg, seeds, device)):
-                    for method in methods:
-                        per[method] += _train_group(cfg, ctx, g, model, method, group)
-                        entry["models"][model][method] = summarise(per[method])
-                        ctx.write_results(results)
-                continue
-            for seed in seeds:
+            size = _seed_batch(cfg, seeds, device) if model in BATCHED_MODELS else 1
+            for group in _seed_groups(seeds, size):
                 for method in methods:
-                    per[method].append(_train_unit(cfg, ctx, g, model, method, seed))
+                    per[method] += _train_group(cfg, ctx, g, model, method, group)
                     entry["models"][model][method] = summarise(per[method])
                     ctx.write_results(results)
     results["figures"] = [str(p.name) for p in write_figures(ctx.out_dir, results)]
