@@ -79,15 +79,29 @@ class Adjoint:
         h_out: list[Tensor],
         grads: Sequence[Tensor | None],
     ) -> list[Tensor]:
-        name = self.method.name
         if torch.is_grad_enabled():
+            name = self.method.name
+            how = ("rbp.Implicit(rbp.solvers.GMRES(max_iter=K), second_order=True) (or another "
+                   "solver)" if self.method.accurate else "an exact implicit method, e.g. "
+                   "rbp.Implicit(rbp.solvers.GMRES(max_iter=K), second_order=True)")
             raise RuntimeError(
                 f"{name}: second derivatives (backward with create_graph=True, e.g. a gradient "
-                "penalty or meta-learning) are not supported through the implicit methods: the "
-                "adjoint solve is not differentiable and the dependence of h* on the parameters "
-                "is not in the graph. Use one of the methods that support double backward: "
+                "penalty or meta-learning) need the fixed point built for them: pass "
+                f"method={how}, which differentiates the adjoint solve implicitly at O(1) "
+                "memory; or use a method that back-propagates through the steps: "
                 f"{', '.join(DOUBLE_BACKWARD_METHODS)}."
             )
+        return self.solve(h_in, h_out, grads)
+
+    def solve(
+        self,
+        h_in: list[Tensor],
+        h_out: list[Tensor],
+        grads: Sequence[Tensor | None],
+    ) -> list[Tensor]:
+        """``z = (I - J^T)^{-1} g`` on the graph ``h_out = F(h_in)``, checked and recorded in the
+        info (``grads``: ``g`` per leaf of ``h_out``)."""
+        name = self.method.name
         out0, in0 = h_out[0], h_in[0]
         single = (
             len(h_out) == 1 and len(h_in) == 1 and self.batch_dim is None and out0.requires_grad
@@ -406,14 +420,18 @@ def functorch_active() -> bool:
 
 
 def refuse_functorch(name: str) -> None:
-    """Raise a clear error when an implicit method runs under a ``torch.func`` transform."""
-    if functorch_active():
+    """Raise a clear error when an implicit method runs under a reverse-mode ``torch.func``
+    transform (grad, vjp, jacrev, vmap ...); ``torch.func.jvp`` alone is supported."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    jvp = torch._C._functorch.TransformType.Jvp
+    if any(i.key() != jvp for i in stack):
         raise RuntimeError(
             f"fixed_point with the implicit method {name!r} cannot run under torch.func "
-            "transforms (grad, vmap, jacrev, ...): its adjoint is a hook that runs autograd "
-            "inside the backward, which the transforms cannot trace. Use torch.autograd.grad / "
-            ".backward() around "
-            "fixed_point, or method='bptt' / 'tbptt' under torch.func."
+            "grad, vjp, jacrev or vmap: its adjoint is a hook that runs autograd inside the "
+            "backward, which those transforms cannot trace. Use torch.autograd.grad / "
+            ".backward() around fixed_point (create_graph=True works with "
+            "rbp.Implicit(solver, second_order=True)), torch.func.jvp (forward mode), or "
+            "method='bptt' / 'tbptt' under torch.func."
         )
 
 

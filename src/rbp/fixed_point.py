@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 
-from rbp import forward, methods, solvers, tree
+from rbp import forward, higher_order, methods, solvers, tree
 from rbp.adjoint import Adjoint, attach_implicit_backward, functorch_active, refuse_functorch
 from rbp.diagnostics import FixedPointInfo, report
 from rbp.diagnostics import check_count as _count
@@ -170,10 +170,13 @@ def fixed_point(
     Returns:
         ``h_T`` (same structure as ``h0``), or ``(h_T, info)``.
     """
-    how, fallback_solver, solver = _validate(locals())  # the one place options are checked
+    arguments = dict(locals())
+    how, fallback_solver, solver = _validate(arguments)  # the one place options are checked
     transformed = functorch_active()  # one cheap test; the messages only under a transform
     if transformed and how.implicit and torch.is_grad_enabled():
-        refuse_functorch(how.name)
+        refuse_functorch(how.name)  # all but torch.func.jvp
+        with torch.no_grad():  # jvp: the tangent is solved for; no reverse graph inside it
+            return fixed_point(**arguments)
     method = how.name  # what the info and the messages see; the forward gets the value
     if isinstance(how, methods.TBPTT):
         truncate = how.k
@@ -182,6 +185,8 @@ def fixed_point(
 
     grad_on = torch.is_grad_enabled()
     implicit = grad_on and how.implicit
+    second_order = implicit and getattr(how, "second_order", False)
+    since = higher_order.sequence_mark() if second_order else 0
     fwd = forward.run(
         f, h0, steps, method=how, time_varying=time_varying, last_step=last_step, tol=tol,
         tol_mode=tol_mode, solver=solver, batch_dim=batch_dim, inputs=inputs,
@@ -195,8 +200,6 @@ def fixed_point(
             report(on_failure, message)
 
     if implicit:
-        update = fwd.update
-        assert update is not None  # run() sets it on every path that returns a graph
         info.worst_relative_difference = forward.worst_ratio(
             fwd.rows, info.relative_final_difference)
         if settle_tol is not None and info.worst_relative_difference > settle_tol:
@@ -204,23 +207,32 @@ def fixed_point(
                                                 batch_dim)
             if message is not None:
                 report(on_failure, f"fixed_point: {message}")
-        out_leaves = attach_implicit_backward(
-            h_in_leaves,
-            out_leaves,
-            Adjoint(
-                method=how,
-                fallback=fallback_solver,
-                on_failure=on_failure,
-                jvp_mode=jvp,
-                estimate_error=estimate_error,
-                info=info,
-                map_at_fixed_point=lambda state: update(state, steps - 1),
-                spec=spec,
-                max_backward_error=max_backward_error,
-                batch_dim=batch_dim,
-            ),
+    adjoint = None
+    if implicit or (how.implicit and higher_order.forward_mode_active()):
+        if fwd.update is None:  # no graph was kept (grad off): forward mode only
+            fwd.update = forward.step_map(f, steps, time_varying, last_step, inputs)
+        update = fwd.update
+        adjoint = Adjoint(
+            method=how,
+            fallback=fallback_solver,
+            on_failure=on_failure,
+            jvp_mode=jvp,
+            estimate_error=estimate_error,
+            info=info,
+            map_at_fixed_point=lambda state: update(state, steps - 1),
+            spec=spec,
+            max_backward_error=max_backward_error,
+            batch_dim=batch_dim,
         )
+    if implicit:
+        assert adjoint is not None
+        if second_order:
+            out_leaves = higher_order.attach(h_in_leaves, out_leaves, adjoint, inputs, since)
+        else:
+            out_leaves = attach_implicit_backward(h_in_leaves, out_leaves, adjoint)
         h = tree.unflatten(spec, out_leaves)
+    if adjoint is not None and higher_order.forward_mode_active():
+        h = tree.unflatten(spec, higher_order.implicit_tangent(adjoint, tree.flatten(h)[0]))
     return (h, info) if return_info else h
 
 

@@ -73,10 +73,14 @@ class Implicit(Method):
 
     ``solver``: a :mod:`rbp.solvers` value (``Neumann``, ``RBP``, ``CGNormal``, ``GMRES``) or any
     object with ``solve(matvec, b)`` / callable ``solver(matvec, b)`` (protocol in
-    :mod:`rbp.solvers`).
+    :mod:`rbp.solvers`). ``second_order=True``: ``backward(create_graph=True)`` then gives the
+    derivatives of this gradient (gradient penalties, hypergradients of hypergradients), the
+    solve differentiated implicitly by one more solve of ``(I - J) u = v``, at O(1) memory
+    (:mod:`rbp.higher_order`); the forward records which tensors ``f`` reads.
     """
 
     solver: Any
+    second_order: bool = False
     implicit = True
     accurate = True  # its error estimate is checked against max_backward_error
 
@@ -86,6 +90,8 @@ class Implicit(Method):
                 "Implicit(solver): solver must have a solve(matvec, b) method or be callable "
                 f"as solver(matvec, b), got {type(self.solver).__name__}"
             )
+        if not isinstance(self.second_order, bool):
+            raise TypeError(f"second_order must be True or False, got {self.second_order!r}")
 
     @property
     def name(self) -> str:  # type: ignore[override]

@@ -504,7 +504,11 @@ def _train_group(
         hists, epoch = state["history"], state["epoch"]
         for gen, st in zip(gens, state["generators"], strict=True):
             gen.set_state(st)
-        set_rng_state(state["rng"])
+        if "rng" in state:  # absent from checkpoints of batched models written before it was kept
+            set_rng_state(state["rng"])
+        elif model not in BATCHED_MODELS:
+            raise RuntimeError(f"checkpoint {tag} lacks the random state this model needs; "
+                               "delete it to restart this model, or run without --resume")
     trace_at = _trace_epochs(s_cfg["epochs"], s_cfg["val_every"], cfg.trace_points)
 
     def evaluate(ep: int) -> None:
