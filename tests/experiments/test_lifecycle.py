@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from rbp.data import atomic as atomic_mod
 from rbp.runner import checkpoint as ckpt_mod
 from rbp.runner import cli, read_json, register, rng_state, set_rng_state, unregister
 from rbp.runner.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
@@ -123,11 +124,11 @@ def test_interrupt_inside_a_checkpoint_write_keeps_the_previous_one(
     before = path.read_bytes()
     if where == "mid-write":
         real = os.fdopen
-        monkeypatch.setattr(ckpt_mod.os, "fdopen", lambda fd, mode: _HalfWriter(real(fd, mode)))
+        monkeypatch.setattr(atomic_mod.os, "fdopen", lambda fd, mode: _HalfWriter(real(fd, mode)))
     else:
         def fsync(fd: int) -> None:
             raise KeyboardInterrupt
-        monkeypatch.setattr(ckpt_mod.os, "fsync", fsync)
+        monkeypatch.setattr(atomic_mod.os, "fsync", fsync)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 6, "x": torch.arange(50_000.0)})
     monkeypatch.undo()
@@ -167,7 +168,7 @@ def test_run_interrupted_inside_a_checkpoint_write_resumes_to_the_same_numbers(
 ) -> None:
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert _run(full) == 0
-    real, calls = ckpt_mod.os.fsync, [0]
+    real, calls = atomic_mod.os.fsync, [0]
 
     def fsync(fd: int) -> None:
         if ".a.pt." in os.readlink(f"/proc/self/fd/{fd}"):
@@ -176,7 +177,7 @@ def test_run_interrupted_inside_a_checkpoint_write_resumes_to_the_same_numbers(
                 raise KeyboardInterrupt
         real(fd)
 
-    monkeypatch.setattr(ckpt_mod.os, "fsync", fsync)
+    monkeypatch.setattr(atomic_mod.os, "fsync", fsync)
     assert _run(cut) == 130
     monkeypatch.undo()
     assert load_checkpoint(cut / "checkpoints" / "a.pt")["step"] == 6

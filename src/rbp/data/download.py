@@ -15,8 +15,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from rbp.runner.checkpoint import atomic_write
-
+from .atomic import atomic_write
 from .errors import DataError
 
 __all__ = [
@@ -93,7 +92,7 @@ def fetch_verified(
 
 
 def write_atomically(path: Path, payload: bytes) -> Path:
-    """Write ``payload`` to ``path`` through :func:`rbp.runner.checkpoint.atomic_write`.
+    """Write ``payload`` to ``path`` through :func:`rbp.data.atomic.atomic_write`.
 
     An interrupt or a crash leaves the previous ``path`` (if any) untouched and no temporary
     file behind. Raises :class:`DataError` naming the folder when it cannot be written.

@@ -26,12 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rbp.runner.checkpoint import (
-    load_checkpoint,
-    remove_stale_tmp,
-    save_checkpoint,
-    seed_everything,
-)
+from rbp.data.atomic import remove_stale_tmp
+from rbp.runner.checkpoint import load_checkpoint, save_checkpoint, seed_everything
 from rbp.runner.config import config_to_dict
 from rbp.runner.progress import get_logger
 from rbp.runner.results import (

@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from rbp.data.atomic import atomic_write
 from rbp.runner.aggregate import SWEEP_FILE, aggregate, summarize
-from rbp.runner.checkpoint import atomic_write
 from rbp.runner.results import CHECKPOINT_DIR, RESULTS_FILE, read_json
 from rbp.runner.stats import MeanStd
 from rbp.runner.tables import TABLE_SUFFIX, Table, read_table

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rbp.runner.checkpoint import atomic_write
+from rbp.data.atomic import atomic_write
 
 __all__ = [
     "CHECKPOINT_DIR",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rbp.runner.checkpoint import atomic_write
+from rbp.data.atomic import atomic_write
 from rbp.runner.results import write_json
 
 __all__ = ["TABLE_SUFFIX", "Table", "read_table", "write_table"]
