@@ -33,16 +33,18 @@ def _polish(
     Returns the solution, its true relative residuals, and ``||A r|| / ||r||`` per row (an
     upper estimate of ``sigma_min(A)`` along the residual, the direction the Krylov space has
     resolved least; ``A r = A z' - b + r`` costs no product; inf where ``r = 0``). With a right
-    preconditioner ``M`` (``matvec`` is then ``A M``): ``||A M r|| / ||M r||``.
+    preconditioner ``M`` (``z`` in the space of ``A z = b``, ``r`` in the preconditioned one):
+    the step is ``M r``, and the probe ``||A M r|| / ||M r||``.
     """
     basis, coef = cycle
     r = torch.einsum("bk,kbn->bn", coef, basis)
-    polished = z + r
+    step = r if precondition is None else precondition(r)  # (A step = A z' - b + r either way)
+    polished = z + step
     scale = torch.where(bnorm > 0, bnorm, 1.0)
     a_polished = matvec(polished)
     res = (a_polished - b).norm(dim=1)
     errors = torch.where(bnorm > 0, res / bnorm.clamp_min(torch.finfo(b.dtype).tiny), res)
-    rn = r.norm(dim=1) if precondition is None else precondition(r).norm(dim=1)
+    rn = step.norm(dim=1)
     probe = torch.where(rn > 0, (a_polished - b + r).norm(dim=1) / torch.where(rn > 0, rn, 1.0),
                         torch.inf)
     keep = errors <= estimate / scale
@@ -52,25 +54,14 @@ def _polish(
     return torch.where(keep[:, None], polished, z), torch.where(keep, errors, plain), probe
 
 
-class _RightPreconditioned:
-    """``v -> A M v``, keeping the operator's ``estimate`` flag."""
-
-    def __init__(self, matvec: Matvec, precondition: Matvec) -> None:
-        self.matvec, self.precondition = matvec, precondition
-        self.estimate = _estimating(matvec)
-
-    def __call__(self, v: Tensor) -> Tensor:
-        return self.matvec(self.precondition(v))
-
-
-def _against_gram(r: Tensor, basis: Tensor, cols: Tensor, precondition: Matvec) -> Tensor:
-    """``R L^{-T}`` per row, ``L L^T`` the Gram matrix of ``M V`` (the cycle's basis ``V``
-    mapped by the preconditioner): its singular values are ``||R c|| / ||M V c||`` at their
-    extremes, so its smallest estimates ``sigma_min(A)`` over the space ``M V`` searched.
+def _against_gram(r: Tensor, mapped: Tensor, cols: Tensor) -> Tensor:
+    """``R L^{-T}`` per row, ``L L^T`` the Gram matrix of ``M V`` (``mapped``: the cycle's
+    basis ``V`` mapped by the preconditioner): its singular values are ``||R c|| / ||M V c||``
+    at their extremes, so its smallest estimates ``sigma_min(A)`` over the space ``M V`` searched.
     Columns built after a row's breakdown (zero in ``V``) get an identity block."""
     j = r.shape[-1]
     wide = _wide(r)
-    mv = torch.stack([precondition(basis[i]) for i in range(j)], 1).to(wide)  # (rows, j, n)
+    mv = mapped.transpose(0, 1).to(wide)  # (rows, j, n): M V, kept from the Arnoldi products
     gram = mv @ mv.mT
     idx = torch.arange(j, device=r.device)
     dead = idx[None, :] >= cols[:, None]
@@ -280,16 +271,15 @@ def gmres(
     of the cycles' Hessenberg matrices and ``||A r|| / ||r||`` along the last residual.
 
     ``precondition``: a right preconditioner ``M ~ A^{-1}`` (no product: e.g. SHINE's
-    ``-H^T``): GMRES then runs on ``A M y = b`` and returns ``z = M y`` (``z0`` is refused with
-    it); the residuals are those of ``A z = b``, and ``sigma`` estimates ``sigma_min(A)`` over
+    ``-H^T``; one application per iteration and one for the last step): GMRES then runs on
+    ``A M y = b`` and returns ``z = M y`` (``z0`` is refused with it); the residuals are those
+    of ``A z = b``, and ``sigma`` estimates ``sigma_min(A)`` over
     the space searched, ``min ||A M V c|| / ||M V c||`` (a generalised singular value of the
     Hessenberg matrix against the Gram matrix of ``M V``), and ``||A M r|| / ||M r||``.
     """
     b = _rows(b)
-    if precondition is not None:
-        if z0 is not None:
-            raise ValueError("gmres: z0 and precondition together are not supported")
-        plain, matvec = matvec, _RightPreconditioned(matvec, precondition)
+    if precondition is not None and z0 is not None:
+        raise ValueError("gmres: z0 and precondition together are not supported")
     estimate = _estimating(matvec)
     rows, n = b.shape
     bnorm = b.norm(dim=1)
@@ -310,6 +300,8 @@ def gmres(
         first = False
         m = min(restart, max_iter - done)
         basis = b.new_zeros(m + 1, rows, n)
+        # with a preconditioner: M v_j, so that z = z + M V y and the estimate need no more
+        mapped = basis if precondition is None else b.new_zeros(m, rows, n)
         basis[0] = r / torch.where(beta > 0, beta, 1.0).unsqueeze(1)
         r_mat = b.new_zeros(rows, m, m)
         rot = torch.eye(m + 1, dtype=b.dtype, device=b.device).repeat(rows, 1, 1)
@@ -318,7 +310,11 @@ def gmres(
         j_end = 0
         for j in range(m):
             cols = cols + alive
-            w = matvec(basis[j])
+            if precondition is None:
+                w = matvec(basis[j])
+            else:
+                mapped[j] = precondition(basis[j])
+                w = matvec(mapped[j])
             done += 1
             v = basis[: j + 1]
             h = torch.einsum("kbn,bn->bk", v, w)
@@ -355,7 +351,7 @@ def gmres(
         if j_end and estimate:  # sigma_min of the cycle's Hessenberg matrix (R's: its QR)
             r_cycle = r_mat[:, :j_end, :j_end]
             if precondition is not None:  # against the Gram matrix of M V: sigma_min in z
-                r_cycle = _against_gram(r_cycle, basis[:j_end], cols, precondition)
+                r_cycle = _against_gram(r_cycle, mapped[:j_end], cols)
             smin = torch.minimum(smin, _hessenberg_smin(r_cycle, cols))
         diag = torch.diagonal(r_mat[:, :j_end, :j_end], dim1=1, dim2=2)
         rhs = beta.unsqueeze(1) * rot[:, :j_end, 0]
@@ -363,7 +359,7 @@ def gmres(
         tri = r_mat[:, :j_end, :j_end] + torch.diag_embed(torch.where(usable, 0.0, 1.0))
         rhs = torch.where(usable, rhs, 0.0)
         y = torch.linalg.solve_triangular(tri, rhs.unsqueeze(2), upper=True).squeeze(2)
-        z = z + torch.einsum("bk,kbn->bn", y, basis[:j_end])
+        z = z + torch.einsum("bk,kbn->bn", y, mapped[:j_end])
         last = norms[-1]
         # the cycle's residual b - A z = V_{j+1} Q^T (g_{j+1} e_{j+1}), from the basis alone
         coef = (beta * rot[:, j_end, 0]).unsqueeze(1) * rot[:, j_end, : j_end + 1]
@@ -377,8 +373,6 @@ def gmres(
         smin = torch.minimum(smin, probe.to(smin.dtype))
     else:
         errors = _true_errors(matvec, z, b, bnorm)
-    if precondition is not None:
-        z, matvec = precondition(z), plain
     sol = _finish(z, done, norms, bnorm, tol, true_errors=errors)
     if sol.status == Status.GROWING:  # GMRES residuals never grow; equal means no progress
         sol.status = Status.STALLED
