@@ -231,3 +231,17 @@ def test_gmres_with_an_exact_preconditioner_converges_at_once():
     want = torch.linalg.solve(a, b[..., None])[..., 0]
     assert sol.iterations == 1 and rel(sol.z, want) <= 1e-12
     assert sol.error_estimate <= 1e-12
+
+
+def test_restarted_preconditioned_gmres_and_shine_as_fallback():
+    p = problem(1, nonnormal=True)
+    want = exact_z(p)
+    got, info = shine_z(p, rbp.Implicit(solvers.SHINE(refine=80, restart=6, tol=1e-12)))
+    assert rel(got, want) <= 1e-8 and info.backward[0].status.ok
+    # a Neumann series of 2 terms is reported, and SHINE+GMRES re-solves it
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        got, info = shine_z(p, rbp.Implicit(solvers.Neumann(max_iter=2)),
+                            fallback=solvers.SHINE(refine=40, tol=1e-12))
+    assert info.backward[0].fell_back_to == "shine"
+    assert rel(got, want) <= 1e-8
