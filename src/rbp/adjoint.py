@@ -72,6 +72,7 @@ class Adjoint:
     info: FixedPointInfo
     map_at_fixed_point: Callable[[State], State]
     spec: Any
+    inverse_estimate: Any = None  # the forward's inverse-Jacobian estimate (SHINE reads it)
 
     def __call__(
         self,
@@ -181,7 +182,8 @@ class Adjoint:
             return to_rows(jvp_cache["f"](vs), layout(), work)
 
         op = solvers.AdjointOperator(vjp_single if single else vjp, jvp,
-                                     estimate=self.max_backward_error is not None)
+                                     estimate=self.max_backward_error is not None,
+                                     inverse_estimate=self.inverse_estimate)
         solution = _solve(self.method.solver, op, b, name)
         record = BackwardInfo(
             method=name,
@@ -329,7 +331,8 @@ class Adjoint:
 
 # Solvers whose Solution is taken as it comes: rbp's own (their estimates are documented in
 # docs/guarantees.md; exact types, not subclasses, which may override solve).
-_TRUSTED = (solvers.Neumann, solvers.RBP, solvers.CGNormal, solvers.GMRES, _Identity, _Damped)
+_TRUSTED = (solvers.Neumann, solvers.RBP, solvers.CGNormal, solvers.GMRES, solvers.SHINE,
+            _Identity, _Damped)
 
 
 @contextlib.contextmanager

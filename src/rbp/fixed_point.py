@@ -37,6 +37,7 @@ from rbp import forward, higher_order, methods, solvers, tree
 from rbp.adjoint import Adjoint, attach_implicit_backward, functorch_active, refuse_functorch
 from rbp.diagnostics import FixedPointInfo, report
 from rbp.diagnostics import check_count as _count
+from rbp.solvers import shine
 from rbp.tree import State
 
 METHODS: tuple[str, ...] = ("bptt", "tbptt", "rbp", "cg", "neumann", "gmres")
@@ -223,6 +224,8 @@ def fixed_point(
             spec=spec,
             max_backward_error=max_backward_error,
             batch_dim=batch_dim,
+            inverse_estimate=fwd.inverse_estimate
+            if shine.uses_estimate(how, fallback_solver) else None,
         )
     if implicit:
         assert adjoint is not None
@@ -293,6 +296,7 @@ def _validate(o: dict[str, Any]) -> tuple[methods.Method, Any, forward.ForwardSo
         o["fallback"], truncate=o["truncate"], tol=o["backward_tol"], rbp_init=o["rbp_init"],
         restart=o["restart"])
     solver = forward.as_solver(o["solver"])
+    shine.check_forward(how, fallback, solver)
     if given:
         _refuse_combinations(o, how, fallback, solver)
     return how, fallback, solver

@@ -30,6 +30,9 @@ class Broyden:
 
     memory: int = 50
     replay: int | None = None
+    # its state hands its final inverse-Jacobian estimate per sample to the backward
+    # (:class:`rbp.solvers.SHINE`): ``state.inverse_estimate()``
+    gives_inverse_estimate = True
 
     def __post_init__(self) -> None:
         _count("Broyden(memory=...)", self.memory)
@@ -75,12 +78,30 @@ class _BroydenState:
         self.tiny = 1e3 * torch.finfo(x.dtype).eps
         self.max_cond = 1.0 / (100.0 * torch.finfo(x.dtype).eps)
         self.prev: tuple[Tensor, Tensor, Tensor] | None = None  # (dx, g, H g) of the last step
+        # which sample each live row is, and the final terms of the samples that have left:
+        # (samples, us, vs) per departure, the inverse estimate the backward may reuse
+        self.samples = torch.arange(b, device=x.device)
+        self.left: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def keep(self, rows: Tensor) -> None:
+        gone = torch.ones(self.samples.shape[0], dtype=torch.bool, device=rows.device)
+        gone[rows] = False
+        out = gone.nonzero()[:, 0]
+        if out.numel():  # the leaving rows' terms: their final estimate (a copy of theirs only)
+            self.left.append((self.samples[out], self.us[out, : self.k], self.vs[out, : self.k]))
+        self.samples = self.samples[rows]
         self.us, self.vs = self.us[rows], self.vs[rows]
         self.dxs, self.dgs = self.dxs[rows], self.dgs[rows]
         if self.prev is not None:
             self.prev = tuple(t[rows] for t in self.prev)  # type: ignore[assignment]
+
+    def inverse_estimate(self) -> InverseEstimate:
+        """The final ``H ~ (dg/dx)^{-1}`` of every sample (those still live and those that
+        left), assembled only when read: see :class:`InverseEstimate`."""
+        return InverseEstimate(
+            [*self.left, (self.samples, self.us[:, : self.k], self.vs[:, : self.k])],
+            int(self.samples.shape[0]) + sum(int(s.shape[0]) for s, _, _ in self.left),
+        )
 
     def _h(self, y: Tensor) -> Tensor:
         """``H y = -y + U^T (V y)``, using the ``k`` terms in use."""
@@ -174,3 +195,51 @@ class _BroydenState:
         dx = _replace_rows(bad, g, dx)
         self.prev = (dx, g, _replace_rows(bad, -g, hg))
         return x + dx, bad if skipped is None else skipped | bad
+
+
+class InverseEstimate:
+    """A forward solve's final estimate ``H = -I + U^T V`` of the inverse Jacobian of
+    ``g(x) = F(x) - x``, one per row of the forward (sample, or the whole state), in the
+    forward's row layout (:func:`rbp.forward.to_rows`).
+
+    ``parts``: ``(samples, us, vs)`` with the rows ``samples`` of the output and their terms
+    ``us``, ``vs`` of shape ``(len(samples), k, n)`` (``k`` may differ between parts; a zero term
+    adds nothing). Assembled into ``(b, k_max, n)`` factors on the first :meth:`factors` call.
+    """
+
+    def __init__(self, parts: list[tuple[Tensor, Tensor, Tensor]], rows: int) -> None:
+        self.parts = parts
+        self.rows = rows
+        self._factors: tuple[Tensor, Tensor] | None = None
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(us, vs)`` of shape ``(rows, k, n)``, row i the terms of output row i."""
+        if self._factors is None:
+            k = max(u.shape[1] for _, u, _ in self.parts)
+            ref = self.parts[-1][1]
+            us = ref.new_zeros(self.rows, k, ref.shape[2])
+            vs = torch.zeros_like(us)
+            for samples, u, v in self.parts:
+                us[samples, : u.shape[1]] = u
+                vs[samples, : v.shape[1]] = v
+            self._factors = (us, vs)
+            self.parts = []
+        return self._factors
+
+    @property
+    def rank(self) -> int:
+        """The number of terms ``k`` (the most any row used)."""
+        if self._factors is not None:
+            return int(self._factors[0].shape[1])
+        return max(int(u.shape[1]) for _, u, _ in self.parts)
+
+    def transpose_apply(self, y: Tensor) -> Tensor:
+        """``H^T y = -y + V^T (U y)`` per row, in ``y``'s dtype."""
+        us, vs = self.factors()
+        if us.shape[1] == 0:
+            return -y
+        if us.dtype != y.dtype or us.device != y.device:  # once: the backward's work dtype
+            us, vs = us.to(y), vs.to(y)
+            self._factors = (us, vs)
+        coef = torch.bmm(y[:, None], us.transpose(1, 2))  # (b, 1, k)
+        return torch.baddbmm(y[:, None], coef, vs, beta=-1)[:, 0]

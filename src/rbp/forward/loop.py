@@ -5,6 +5,7 @@ for what a solver supplies)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +32,9 @@ class RowSolve:
     row_updates: int  # sum over iterations of the number of live rows
     trace: list[float]  # ||F(x_k) - x_k|| over the live rows, per iteration (if asked)
     scale_trace: list[float]  # ||F(x_k)|| over the same rows (if asked)
+    # the solver's final inverse-Jacobian estimate per row, if its state gives one
+    # (``state.inverse_estimate()``: Broyden's, for the SHINE backward)
+    estimate: Any = None
 
 
 def solve(
@@ -209,7 +213,10 @@ def _solve(
         k += 1
         fx = fmap(x, live)
         row_updates += n_live
-    return out.result(fallbacks, row_updates, norms, scales)
+    rs = out.result(fallbacks, row_updates, norms, scales)
+    estimate = getattr(state, "inverse_estimate", None)
+    rs.estimate = estimate() if callable(estimate) else None
+    return rs
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -27,6 +27,8 @@ class Forward:
     # per row of the settle check: (||h_T - h_T-1||, ||h_T||), see row_differences
     rows: tuple[Any, ...] | None = None
     measured: Measured | None = None  # what the forward measured (every path sets it)
+    # the forward solver's inverse-Jacobian estimate per row (Broyden's), for the SHINE backward
+    inverse_estimate: Any = None
 
 
 @dataclass

@@ -216,4 +216,4 @@ def _solve_then_step(
         best_iterate=one(rs.best), solver_fallbacks=rs.fallbacks,
         trace_scales=rs.scale_trace)
     return Forward(tree.unflatten(spec, out_leaves), h_in if attach else [], out_leaves, spec,
-                   rows=rows, measured=record)
+                   rows=rows, measured=record, inverse_estimate=rs.estimate)

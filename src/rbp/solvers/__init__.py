@@ -3,6 +3,7 @@
 One module each: :mod:`~rbp.solvers.protocol` (the protocol, :class:`Solution`, the operator),
 :mod:`~rbp.solvers.series` (Neumann, RBP's fixed-point iteration),
 :mod:`~rbp.solvers.krylov` (CG on the normal equations, GMRES),
+:mod:`~rbp.solvers.shine` (SHINE: the Broyden forward's inverse estimate, alone or with GMRES),
 :mod:`~rbp.solvers.estimates` (their a-posteriori error estimates and statuses) and
 :mod:`~rbp.solvers.values` (the solvers as values).
 
@@ -64,10 +65,11 @@ from rbp.solvers.series import (  # noqa: F401
     fixed_point_iteration,
     neumann,
 )
+from rbp.solvers.shine import SHINE  # noqa: F401
 from rbp.solvers.values import GMRES, RBP, SOLVERS, CGNormal, Neumann  # noqa: F401
 
 __all__ = [
-    "GMRES", "RBP", "SOLVERS", "AdjointOperator", "CGNormal", "Matvec", "Neumann", "Solution",
-    "Solver", "conjugate_gradient_normal", "fixed_point_iteration", "gmres", "is_solver",
-    "neumann",
+    "GMRES", "RBP", "SHINE", "SOLVERS", "AdjointOperator", "CGNormal", "Matvec", "Neumann",
+    "Solution", "Solver", "conjugate_gradient_normal", "fixed_point_iteration", "gmres",
+    "is_solver", "neumann",
 ]

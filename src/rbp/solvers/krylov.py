@@ -21,7 +21,7 @@ def _true_errors(matvec: Matvec, z: Tensor, b: Tensor, bnorm: Tensor) -> Tensor:
 
 def _polish(
     matvec: Matvec, z: Tensor, b: Tensor, bnorm: Tensor, cycle: tuple[Tensor, Tensor],
-    estimate: Tensor,
+    estimate: Tensor, precondition: Matvec | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One free Richardson step after GMRES: ``z' = z + r = b + J^T z``, per row if it helps.
 
@@ -32,16 +32,19 @@ def _polish(
     is at most GMRES's estimate ``||r||``; elsewhere (J expands r) ``z`` is, at one more product.
     Returns the solution, its true relative residuals, and ``||A r|| / ||r||`` per row (an
     upper estimate of ``sigma_min(A)`` along the residual, the direction the Krylov space has
-    resolved least; ``A r = A z' - b + r`` costs no product; inf where ``r = 0``).
+    resolved least; ``A r = A z' - b + r`` costs no product; inf where ``r = 0``). With a right
+    preconditioner ``M`` (``z`` in the space of ``A z = b``, ``r`` in the preconditioned one):
+    the step is ``M r``, and the probe ``||A M r|| / ||M r||``.
     """
     basis, coef = cycle
     r = torch.einsum("bk,kbn->bn", coef, basis)
-    polished = z + r
+    step = r if precondition is None else precondition(r)  # (A step = A z' - b + r either way)
+    polished = z + step
     scale = torch.where(bnorm > 0, bnorm, 1.0)
     a_polished = matvec(polished)
     res = (a_polished - b).norm(dim=1)
     errors = torch.where(bnorm > 0, res / bnorm.clamp_min(torch.finfo(b.dtype).tiny), res)
-    rn = r.norm(dim=1)
+    rn = step.norm(dim=1)
     probe = torch.where(rn > 0, (a_polished - b + r).norm(dim=1) / torch.where(rn > 0, rn, 1.0),
                         torch.inf)
     keep = errors <= estimate / scale
@@ -49,6 +52,26 @@ def _polish(
         return polished, errors, probe
     plain = _true_errors(matvec, z, b, bnorm)
     return torch.where(keep[:, None], polished, z), torch.where(keep, errors, plain), probe
+
+
+def _against_gram(r: Tensor, mapped: Tensor, cols: Tensor) -> Tensor:
+    """``R L^{-T}`` per row, ``L L^T`` the Gram matrix of ``M V`` (``mapped``: the cycle's
+    basis ``V`` mapped by the preconditioner): its singular values are ``||R c|| / ||M V c||``
+    at their extremes, so its smallest estimates ``sigma_min(A)`` over the space ``M V`` searched.
+    Columns built after a row's breakdown (zero in ``V``) get an identity block."""
+    j = r.shape[-1]
+    wide = _wide(r)
+    mv = mapped.transpose(0, 1).to(wide)  # (rows, j, n): M V, kept from the Arnoldi products
+    gram = mv @ mv.mT
+    idx = torch.arange(j, device=r.device)
+    dead = idx[None, :] >= cols[:, None]
+    keep = ~(dead[:, :, None] | dead[:, None, :])
+    gram = torch.where(keep, gram, 0.0) + torch.diag_embed(dead.to(wide))
+    low, info = torch.linalg.cholesky_ex(gram)
+    bad = info != 0  # a numerically singular Gram matrix (M nearly rank-deficient on V)
+    low = torch.where(bad[:, None, None], torch.eye(j, dtype=wide, device=r.device), low)
+    out = torch.linalg.solve_triangular(low, r.to(wide).mT, upper=False)  # L^{-1} R^T
+    return out.mT.to(r.dtype)  # R L^{-T}: the same singular values, R's dead columns kept
 
 
 def _error_from_residual(
@@ -228,8 +251,11 @@ def gmres(
     tol: float | None = None,
     restart: int = 30,
     check_every: int = 10,
+    z0: Tensor | None = None,
+    precondition: Matvec | None = None,
 ) -> Solution:
-    """GMRES(restart) on ``(I - J^T) z = b`` from ``z = 0``, one Krylov space per row.
+    """GMRES(restart) on ``(I - J^T) z = b`` from ``z = 0`` (or ``z0``: one more product, for
+    its residual), one Krylov space per row.
 
     Minimises each row's residual ``||b - A z||`` over its Krylov space (Arnoldi with classical
     Gram-Schmidt twice, Givens rotations kept as one orthogonal matrix per row), so it needs no
@@ -243,26 +269,39 @@ def gmres(
     (breakdown on a singular system). Error estimate: the true relative residual (kept in
     ``sample_residuals``) times ``||b|| / (sigma ||z||)``, ``sigma`` the smallest singular value
     of the cycles' Hessenberg matrices and ``||A r|| / ||r||`` along the last residual.
+
+    ``precondition``: a right preconditioner ``M ~ A^{-1}`` (no product: e.g. SHINE's
+    ``-H^T``; one application per iteration and one for the last step): GMRES then runs on
+    ``A M y = b`` and returns ``z = M y`` (``z0`` is refused with it); the residuals are those
+    of ``A z = b``, and ``sigma`` estimates ``sigma_min(A)`` over
+    the space searched, ``min ||A M V c|| / ||M V c||`` (a generalised singular value of the
+    Hessenberg matrix against the Gram matrix of ``M V``), and ``||A M r|| / ||M r||``.
     """
     b = _rows(b)
+    if precondition is not None and z0 is not None:
+        raise ValueError("gmres: z0 and precondition together are not supported")
     estimate = _estimating(matvec)
     rows, n = b.shape
     bnorm = b.norm(dim=1)
     eps = torch.finfo(b.dtype).eps
-    z = torch.zeros_like(b)
+    z = torch.zeros_like(b) if z0 is None else z0
     norms: list[Tensor] = []
     broke = torch.zeros(rows, dtype=torch.bool, device=b.device)
     done = 0
+    first = z0 is not None  # the first cycle starts from the residual of z0
     smin = torch.full((rows,), math.inf, dtype=_wide(b), device=b.device)
     cycle: tuple[Tensor, Tensor] | None = None  # the last cycle's basis and residual in it
     while done < max_iter:
-        r = b - matvec(z) if done else b
+        r = b - matvec(z) if done or first else b
         cycle = None  # z already holds the last cycle; r is its residual
         beta = r.norm(dim=1)
-        if done and bool((beta <= (tol or 0.0) * bnorm).all()):
+        if (done or first) and bool((beta <= (tol or 0.0) * bnorm).all()):
             break
+        first = False
         m = min(restart, max_iter - done)
         basis = b.new_zeros(m + 1, rows, n)
+        # with a preconditioner: M v_j, so that z = z + M V y and the estimate need no more
+        mapped = basis if precondition is None else b.new_zeros(m, rows, n)
         basis[0] = r / torch.where(beta > 0, beta, 1.0).unsqueeze(1)
         r_mat = b.new_zeros(rows, m, m)
         rot = torch.eye(m + 1, dtype=b.dtype, device=b.device).repeat(rows, 1, 1)
@@ -271,7 +310,11 @@ def gmres(
         j_end = 0
         for j in range(m):
             cols = cols + alive
-            w = matvec(basis[j])
+            if precondition is None:
+                w = matvec(basis[j])
+            else:
+                mapped[j] = precondition(basis[j])
+                w = matvec(mapped[j])
             done += 1
             v = basis[: j + 1]
             h = torch.einsum("kbn,bn->bk", v, w)
@@ -306,14 +349,17 @@ def gmres(
                 if bool(stop.all()) or not bool(torch.isfinite(norms[-1]).all()):
                     break
         if j_end and estimate:  # sigma_min of the cycle's Hessenberg matrix (R's: its QR)
-            smin = torch.minimum(smin, _hessenberg_smin(r_mat[:, :j_end, :j_end], cols))
+            r_cycle = r_mat[:, :j_end, :j_end]
+            if precondition is not None:  # against the Gram matrix of M V: sigma_min in z
+                r_cycle = _against_gram(r_cycle, mapped[:j_end], cols)
+            smin = torch.minimum(smin, _hessenberg_smin(r_cycle, cols))
         diag = torch.diagonal(r_mat[:, :j_end, :j_end], dim1=1, dim2=2)
         rhs = beta.unsqueeze(1) * rot[:, :j_end, 0]
         usable = diag.abs() > 1e-300
         tri = r_mat[:, :j_end, :j_end] + torch.diag_embed(torch.where(usable, 0.0, 1.0))
         rhs = torch.where(usable, rhs, 0.0)
         y = torch.linalg.solve_triangular(tri, rhs.unsqueeze(2), upper=True).squeeze(2)
-        z = z + torch.einsum("bk,kbn->bn", y, basis[:j_end])
+        z = z + torch.einsum("bk,kbn->bn", y, mapped[:j_end])
         last = norms[-1]
         # the cycle's residual b - A z = V_{j+1} Q^T (g_{j+1} e_{j+1}), from the basis alone
         coef = (beta * rot[:, j_end, 0]).unsqueeze(1) * rot[:, j_end, : j_end + 1]
@@ -323,7 +369,7 @@ def gmres(
         if bool((~alive | (last <= (tol if tol is not None else 0.0) * bnorm)).all()):
             break
     if cycle is not None:
-        z, errors, probe = _polish(matvec, z, b, bnorm, cycle, norms[-1])
+        z, errors, probe = _polish(matvec, z, b, bnorm, cycle, norms[-1], precondition)
         smin = torch.minimum(smin, probe.to(smin.dtype))
     else:
         errors = _true_errors(matvec, z, b, bnorm)

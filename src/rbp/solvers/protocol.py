@@ -71,9 +71,12 @@ def is_solver(value: Any) -> bool:
 class AdjointOperator:
     """``A v = v - J^T v`` on ``(batch, n)`` rows, with ``vjp = J^T`` and ``rmatvec = A^T``."""
 
-    def __init__(self, vjp: Matvec, jvp: Matvec | None = None, estimate: bool = True) -> None:
+    def __init__(self, vjp: Matvec, jvp: Matvec | None = None, estimate: bool = True,
+                 inverse_estimate: Any = None) -> None:
         self.vjp = vjp
         self.jvp = jvp
+        # the forward's estimate of (dg/dh)^{-1}, g = F(h) - h, per row (Broyden's; SHINE reads it)
+        self.inverse_estimate = inverse_estimate
         # False: the caller reads statuses only, so the built-in solvers skip the conditioning
         # and Ritz estimates of their error (their sample_errors are then residuals / the
         # mean-rate tail, as before those estimates existed)
