@@ -92,6 +92,11 @@ class Implicit(Method):
             )
         if not isinstance(self.second_order, bool):
             raise TypeError(f"second_order must be True or False, got {self.second_order!r}")
+        if self.second_order and getattr(self.solver, "name", None) == "shine":
+            raise ValueError(
+                "second_order=True with rbp.solvers.SHINE: the second-order solve, (I - J) u = "
+                "v, has no forward estimate to reuse; use GMRES, CGNormal, Neumann or RBP"
+            )
 
     @property
     def name(self) -> str:  # type: ignore[override]

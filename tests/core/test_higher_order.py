@@ -167,6 +167,8 @@ def test_refusals_name_what_works():
         torch.autograd.grad(p.loss(h), p.params, create_graph=True)
     with pytest.raises(TypeError, match="second_order"):
         rbp.Implicit(rbp.solvers.GMRES(), second_order=1)
+    with pytest.raises(ValueError, match="SHINE"):
+        rbp.Implicit(rbp.solvers.SHINE(refine=5), second_order=True)
     # third derivatives
     h = rbp.fixed_point(p.f, p.h0, p.steps, second_order("gmres"))
     (gw, _) = torch.autograd.grad(p.loss(h), p.params, create_graph=True)
