@@ -207,8 +207,8 @@ class Adjoint:
             else:
                 report(
                     self.on_failure,
-                    f"{message}. Try fallback='gmres', a larger truncate, more forward steps, "
-                    "or a contractive f.",
+                    f"{message}. Try checks=rbp.Checks(fallback='gmres'), a larger truncate, "
+                    "more forward steps, or a contractive f.",
                 )
         if not self.method.accurate:
             self._check_stable(op.vjp, b, name, record)
