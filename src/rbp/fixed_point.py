@@ -84,8 +84,8 @@ def fixed_point(
             tol=1e-8, restart=20)``, ``rbp.solvers.CGNormal(jvp="func")``, or your own with
             ``solve(matvec, b)``), ``rbp.JFB()``, ``rbp.Phantom(k, damping)``. A value carries
             its own options (``truncate`` with a value is refused, unless it is the value's
-            own K);
-            :func:`rbp.methods.from_name` builds the value of a name with solver options.
+            own K); :func:`rbp.methods.from_name` builds the value of a name with solver
+            options (``from_name("rbp", 10, init="uniform")``).
         truncate: K of a string method. tbptt: the number of steps back-propagated
             (1 <= K <= steps); implicit methods: the number of backward iterations
             (Jacobian-vector products).
@@ -100,7 +100,7 @@ def fixed_point(
             (:mod:`rbp.forward.protocol`); it runs per sample like the built-in ones.
         tol: forward tolerance, the shortcut for the solver's own: ``solver="anderson",
             tol=1e-6`` is ``solver=rbp.Anderson(tol=1e-6)``. Stop once
-            ``||F(h) - h|| <= tol * ||F(h)||`` (relative; ``rbp.Iterate(tol=..,
+            ``||F(h) - h|| <= tol * ||F(h)||`` (relative; ``rbp.Iterate(tol=...,
             tol_mode="absolute")`` for ``<= tol``), returning ``F(h)``; not reaching it within
             ``steps`` is reported per ``checks.on_failure``. ``None``: the solver's own
             (``None``: run all ``steps``). Refused with a solver value that has its own.
@@ -283,6 +283,9 @@ def _stopping(solver: Any, tol: float | None) -> _Stop:
 def _jvp_mode(how: methods.Method, fallback: Any) -> str:
     """How ``J v`` is obtained: the ``jvp`` of the backward solvers that need ``J v`` (CG)."""
     solver = getattr(how, "solver", None) if how.implicit else None
+    if fallback is None:  # the common case, without the set
+        return str(getattr(solver, "jvp", "double_vjp")) if getattr(
+            solver, "needs_jvp", False) else "double_vjp"
     modes = {str(getattr(s, "jvp", "double_vjp")) for s in (solver, fallback)
              if s is not None and getattr(s, "needs_jvp", False)}
     if len(modes) > 1:
