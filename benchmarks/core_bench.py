@@ -275,15 +275,14 @@ class Method:
 
 def _rbp_method(method: str) -> Method:
     def make(p: Problem, steps: int, k: int) -> Forward:
-        kwargs: dict[str, Any] = {"rbp_init": "zeros"} if method == "rbp" else {}
         truncate = 1 if method == "bptt" else k
 
         def forward() -> Tensor:
-            return rbp.fixed_point(p.f, p.h0, steps, method=method, truncate=truncate, **kwargs)
+            return rbp.fixed_point(p.f, p.h0, steps, method=method, truncate=truncate)
 
         return forward
 
-    notes = {"rbp": "rbp_init='zeros'", "cg": "K iterations = K vjp + K jvp (double vjp)"}
+    notes = {"rbp": "init='zeros'", "cg": "K iterations = K vjp + K jvp (double vjp)"}
     return Method(f"rbp.{method}", "rbp", make, uses_k=method != "bptt", note=notes.get(method, ""))
 
 
@@ -617,10 +616,12 @@ def paired_overhead(
 
     Alternation puts both under the same background load; the paired ratio is the median of
     the per-pair ratios of total time. Forward and backward are timed separately, in wall and
-    in process CPU time (which leaves out the time the process waits for a core)."""
+    in process CPU time (which leaves out the time the process waits for a core).
+    ``rbp_kwargs``: options of the call's :class:`rbp.Checks` (e.g. ``max_backward_error=None``)."""
     if rbp_kwargs:
         def ours() -> Tensor:
-            return rbp.fixed_point(p.f, p.h0, steps, "neumann", k, **rbp_kwargs)
+            return rbp.fixed_point(p.f, p.h0, steps, "neumann", k,
+                                   checks=rbp.Checks(**rbp_kwargs))
     else:
         ours = next(m for m in METHODS if m.name == "rbp.neumann").make(p, steps, k)
     hand = _hand_neumann(p, steps, k)

@@ -175,8 +175,8 @@ def run_rbp(solver: Any, batch_dim: int | None) -> Runner:
 
     def run(p: Problem, tol: float, counter: Counter) -> tuple[Tensor, int]:
         h, info = rbp.fixed_point(
-            counter, p.h0, MAX_ITERS, tol=tol, solver=solver, batch_dim=batch_dim,
-            inputs=p.inputs, on_failure="ignore", settle_tol=None, return_info=True,
+            counter, p.h0, MAX_ITERS, tol=tol, solver=solver, batch_dim=batch_dim, inputs=p.inputs,
+            checks=rbp.Checks(on_failure="ignore", settle_tol=None), return_info=True,
         )
         steps = info.forward_steps
         return h, max(steps) if isinstance(steps, list) else steps
@@ -277,9 +277,11 @@ def round_off_floor(p: Problem, twin: Problem, steps: int = 20) -> float:
     ``steps`` plain steps of ``p``; the median over them of the batch-maximum relative residual.
     A tolerance below it is met, or not, by chance."""
     with torch.no_grad():
-        h, _ = rbp.fixed_point(twin.f, twin.h0, MAX_ITERS, tol=1e-13, solver="broyden",
-                               batch_dim=0, inputs=twin.inputs, on_failure="ignore",
-                               settle_tol=None, return_info=True)
+        h, _ = rbp.fixed_point(
+            twin.f, twin.h0, MAX_ITERS, tol=1e-13, solver="broyden", batch_dim=0,
+            inputs=twin.inputs, checks=rbp.Checks(on_failure="ignore", settle_tol=None),
+            return_info=True,
+        )
     return statistics.median(plain_residuals(p, h.to(p.h0.dtype), steps))
 
 

@@ -75,7 +75,8 @@ def _rbp(solver: Callable[[int], Any], per_sample: bool, steps: int, tol: float,
         if not per_sample:
             def whole() -> tuple[Tensor, Any]:
                 return rbp.fixed_point(p.f, p.h0, steps, method=method, solver=rbp.Broyden(),
-                                       tol=tol, on_failure="ignore", return_info=True)
+                                       tol=tol, checks=rbp.Checks(on_failure="ignore"),
+                                       return_info=True)
             return whole
         xi = p.input_index
         args = list(p.args)
@@ -88,8 +89,8 @@ def _rbp(solver: Callable[[int], Any], per_sample: bool, steps: int, tol: float,
 
         def forward() -> tuple[Tensor, Any]:
             return rbp.fixed_point(f, p.h0, steps, method=method, solver=rbp.Broyden(), tol=tol,
-                                   batch_dim=0, inputs=(args[xi],), on_failure="ignore",
-                                   return_info=True)
+                                   batch_dim=0, inputs=(args[xi],),
+                                   checks=rbp.Checks(on_failure="ignore"), return_info=True)
 
         return forward
 

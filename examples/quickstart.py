@@ -38,8 +38,8 @@ class EquilibriumClassifier(nn.Module):
         w = 0.9 * self.recur.weight  # computed once per batch, not once per step
 
         h = rbp.fixed_point(
-            lambda h: torch.tanh(h @ w.T + u), torch.zeros_like(u), steps=30,
-            method=self.method, truncate=self.truncate, settle_tol=1e-2,
+            lambda h: torch.tanh(h @ w.T + u), torch.zeros_like(u), steps=30, method=self.method,
+            truncate=self.truncate, checks=rbp.Checks(settle_tol=1e-2),
         )
         return self.readout(h)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rbp import diagnostics, forward, methods, solvers
+    from rbp.checks import Checks
     from rbp.diagnostics import (
         BackwardInfo,
         ConvergenceWarning,
@@ -45,6 +46,7 @@ __all__ = [
     "Anderson",
     "BackwardInfo",
     "Broyden",
+    "Checks",
     "ConvergenceWarning",
     "DivergenceError",
     "FixedPoint",
@@ -84,6 +86,7 @@ _WHERE: dict[str, str] = {
     **dict.fromkeys(("Anderson", "Broyden", "Iterate"), "rbp.forward"),
     **dict.fromkeys(("BPTT", "JFB", "TBPTT", "Implicit", "Phantom"), "rbp.methods"),
     "FixedPoint": "rbp.module",
+    "Checks": "rbp.checks",
     "jacobian_penalty": "rbp.regularisers",
     "RadiusEstimate": "rbp.monitor",
     "ResidualMonitor": "rbp.monitor",
@@ -101,7 +104,7 @@ _WHERE: dict[str, str] = {
 
 
 # core submodules that ``import rbp`` used to bind as attributes (reachable as rbp.tree, ...)
-_SUBMODULES = ("adjoint", "module", "regularisers", "tree")
+_SUBMODULES = ("adjoint", "checks", "module", "regularisers", "tree")
 
 
 def __getattr__(name: str) -> Any:

@@ -58,6 +58,7 @@ _ENGINE_DIRECT: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
 class Adjoint:
     """Solves ``(I - J^T) z = g`` at the fixed point for the method, reporting failures.
 
+    ``jvp_mode``: the ``jvp`` of the backward solver that needs ``J v`` (``CGNormal(jvp=...)``).
     ``max_backward_error``: the solve is reported per ``on_failure`` when its a-posteriori error
     estimate exceeds it (``None``: only statuses are checked).
     """
@@ -222,8 +223,8 @@ class Adjoint:
             else:
                 report(
                     self.on_failure,
-                    f"{message}. Try fallback='gmres', a larger truncate, more forward steps, "
-                    "or a contractive f.",
+                    f"{message}. Try checks=rbp.Checks(fallback='gmres'), a larger truncate, "
+                    "more forward steps, or a contractive f.",
                 )
         if not self.method.accurate:
             self._check_stable(op.vjp, b, name, record)
@@ -347,8 +348,8 @@ def _name_jvp_func() -> Any:
         raise RuntimeError(
             f"{exc}. cg obtains J v by differentiating the backward of the last step "
             "(jvp='double_vjp', the default), which a step compiled by torch.compile cannot "
-            "give; pass jvp='func' to fixed_point / rbp.FixedPoint (forward-mode J v through "
-            "torch.func.jvp), or use method='gmres', which needs no J v."
+            "give; pass method=rbp.solvers.CGNormal(max_iter=..., jvp='func') (forward-mode "
+            "J v through torch.func.jvp), or use method='gmres', which needs no J v."
         ) from exc
 
 

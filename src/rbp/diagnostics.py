@@ -144,9 +144,9 @@ class BackwardInfo:
 class FixedPointInfo:
     """Diagnostics of one :func:`rbp.fixed_point` call.
 
-    ``forward_trace[t-1] = ||h_t - h_{t-1}||`` over all state leaves (filled when ``trace=True``);
-    ``final_difference`` is the last entry, always computed. ``backward`` gains one entry per
-    backward pass through the implicit methods.
+    ``forward_trace[t-1] = ||h_t - h_{t-1}||`` over all state leaves (filled with
+    ``rbp.Checks(trace=True)``); ``final_difference`` is the last entry, always computed.
+    ``backward`` gains one entry per backward pass through the implicit methods.
     """
 
     method: str

@@ -1,7 +1,7 @@
 """Gradients through the steady state of a recurrence ``h_{t+1} = F(h_t)``.
 
 :func:`fixed_point` runs ``steps`` updates of ``f`` and returns the last state ``h_T``, standing in
-for ``h* = F(h*)`` (with ``tol`` it solves for ``h*`` instead, see :mod:`rbp.forward`). What
+for ``h* = F(h*)`` (with a ``tol`` it solves for ``h*`` instead, see :mod:`rbp.forward`). What
 ``loss(h_T).backward()`` then puts in the ``.grad`` of every tensor that ``f`` uses (parameters
 and inputs alike) depends on ``method``:
 
@@ -21,7 +21,7 @@ For the implicit methods (all but bptt/tbptt) the gradient is ``z^T dF/dw`` with
 
 Index correspondence (Prop. 1): on a trajectory that is constant over its last K+1 states,
 ``neumann`` with ``truncate=K`` (K products, K+1 terms) equals ``tbptt`` with ``truncate=K+1``,
-and ``rbp`` with ``rbp_init="zeros"`` and ``truncate=K+1`` equals both.
+and ``rbp`` (its default zero start) with ``truncate=K+1`` equals both.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import torch
 
-from rbp import forward, higher_order, methods, solvers, tree
+from rbp import forward, higher_order, methods, tree
 from rbp.adjoint import Adjoint, attach_implicit_backward, functorch_active, refuse_functorch
+from rbp.checks import DEFAULT as DEFAULT_CHECKS
+from rbp.checks import Checks
 from rbp.diagnostics import FixedPointInfo, report
 from rbp.diagnostics import check_count as _count
 from rbp.solvers import shine
@@ -42,7 +44,6 @@ from rbp.tree import State
 
 METHODS: tuple[str, ...] = ("bptt", "tbptt", "rbp", "cg", "neumann", "gmres")
 IMPLICIT_METHODS: tuple[str, ...] = ("rbp", "cg", "neumann", "gmres")
-OnFailure = Literal["raise", "warn", "ignore"]
 
 
 def fixed_point(
@@ -52,28 +53,21 @@ def fixed_point(
     method: str | methods.Method = "neumann",
     truncate: int = 20,
     *,
-    time_varying: bool = False,
-    last_step: Callable[..., State] | None = None,
-    tol: float | None = None,
-    tol_mode: Literal["relative", "absolute"] = "relative",
     solver: str | forward.ForwardSolver = "iterate",
+    tol: float | None = None,
     batch_dim: int | None = None,
     inputs: Sequence[Any] = (),
-    best_iterate: bool = False,
-    check_every: int = 1,
-    backward_tol: float | None = None,
-    max_backward_error: float | None = 1e-2,
-    settle_tol: float | None = 1e-3,
-    on_failure: OnFailure = "warn",
-    fallback: Any = None,
-    rbp_init: Literal["uniform", "zeros"] = "zeros",
-    jvp: Literal["double_vjp", "func"] = "double_vjp",
-    restart: int = 30,
-    trace: bool = False,
-    estimate_error: bool = False,
+    time_varying: bool = False,
+    last_step: Callable[..., State] | None = None,
+    checks: Checks | None = None,
     return_info: bool = False,
 ) -> State | tuple[State, FixedPointInfo]:
     """Run ``h_{t+1} = f(h_t)`` for ``steps`` updates; differentiate ``h_T`` by ``method``.
+
+    Every option lives on what it configures: the forward's stopping rule on the forward
+    solver value (``rbp.Anderson(tol=..., tol_mode=..., check_every=..., best_iterate=...)``),
+    the backward's on the method or backward solver value (``rbp.solvers.GMRES(max_iter=...,
+    tol=..., restart=...)``), the checks and what they report on ``checks=rbp.Checks(...)``.
 
     Args:
         f: one update. Called ``f(h, *inputs)``, or ``f(h, t, *inputs)`` with
@@ -83,104 +77,71 @@ def fixed_point(
             that uses nothing requiring grad returns a state that does not require grad.
         h0: initial state: a floating tensor or a tuple/list/dict of them. Only ``bptt``
             differentiates with respect to ``h0`` (at a fixed point it does not matter).
-        steps: number of forward updates T >= 1; with ``tol`` (or another solver) the most
+        steps: number of forward updates T >= 1; with a ``tol`` (or another solver) the most
             evaluations of ``f`` the forward solve may spend.
         method: one of :data:`METHODS`, or a value: ``rbp.BPTT()``, ``rbp.TBPTT(k)``,
-            ``rbp.Implicit(solver)`` (``solver`` from :mod:`rbp.solvers` or your own with
+            ``rbp.Implicit(solver)`` or the bare ``solver`` (from :mod:`rbp.solvers`, e.g.
+            ``rbp.solvers.RBP(max_iter=10, init="uniform")``, ``rbp.solvers.GMRES(max_iter=40,
+            tol=1e-8, restart=20)``, ``rbp.solvers.CGNormal(jvp="func")``, or your own with
             ``solve(matvec, b)``), ``rbp.JFB()``, ``rbp.Phantom(k, damping)``. A value carries
-            its own options; ``truncate``, ``backward_tol``, ``rbp_init`` and ``restart`` apply
-            to the string names.
-        truncate: K. tbptt: the number of steps back-propagated (1 <= K <= steps);
-            implicit methods: the number of backward iterations (Jacobian-vector products).
-        time_varying: pass the step index to ``f`` (e.g. a fresh mini-batch per step).
-        last_step: map used for the final update ``h_T = last_step(h_{T-1})`` by every
-            method, so it is the map whose Jacobian the implicit methods invert (e.g. the
-            full-batch step of a training run). Default: ``f`` at step ``T-1``.
-        tol: forward tolerance: stop once ``||F(h) - h|| <= tol * ||F(h)||`` (``tol_mode=
-            "relative"``) or ``<= tol`` (``"absolute"``), returning ``F(h)``; not reaching it
-            within ``steps`` is reported per ``on_failure``. ``None``: run all ``steps``.
-        tol_mode: ``"relative"`` or ``"absolute"`` (see ``tol``; refused without ``tol``).
-        solver: forward solver: ``"iterate"`` (plain, or :class:`rbp.Iterate` with damping),
-            ``"anderson"`` / :class:`rbp.Anderson`, ``"broyden"`` / :class:`rbp.Broyden`. The
-            accelerated solvers run without a graph; the implicit methods then linearise at the
-            state they stop at. bptt/tbptt back-propagate through ``"iterate"`` only. Your own
-            solver: a value with ``name`` and ``init(x, max_evals)`` whose state has
-            ``step(x, fx, g)`` and ``keep(rows)`` (:mod:`rbp.forward.protocol`); it runs per
-            sample like the built-in ones.
+            its own options (``truncate`` with a value is refused, unless it is the value's
+            own K); :func:`rbp.methods.from_name` builds the value of a name with solver
+            options (``from_name("rbp", 10, init="uniform")``).
+        truncate: K of a string method. tbptt: the number of steps back-propagated
+            (1 <= K <= steps); implicit methods: the number of backward iterations
+            (Jacobian-vector products).
+        solver: forward solver: ``"iterate"`` / :class:`rbp.Iterate` (plain, or damped),
+            ``"anderson"`` / :class:`rbp.Anderson`, ``"broyden"`` / :class:`rbp.Broyden`; each
+            value carries its stopping options (``tol``, ``tol_mode``, ``check_every``,
+            ``best_iterate``: :class:`rbp.forward.Stopping`). The accelerated solvers run
+            without a graph; the implicit methods then linearise at the state they stop at.
+            bptt/tbptt back-propagate through ``"iterate"`` only (and refuse
+            ``best_iterate``). Your own solver: a value with ``name`` and
+            ``init(x, max_evals)`` whose state has ``step(x, fx, g)`` and ``keep(rows)``
+            (:mod:`rbp.forward.protocol`); it runs per sample like the built-in ones.
+        tol: forward tolerance, the shortcut for the solver's own: ``solver="anderson",
+            tol=1e-6`` is ``solver=rbp.Anderson(tol=1e-6)``. Stop once
+            ``||F(h) - h|| <= tol * ||F(h)||`` (relative; ``rbp.Iterate(tol=...,
+            tol_mode="absolute")`` for ``<= tol``), returning ``F(h)``; not reaching it within
+            ``steps`` is reported per ``checks.on_failure``. ``None``: the solver's own
+            (``None``: run all ``steps``). Refused with a solver value that has its own.
         batch_dim: the dim of every state leaf (and input) that indexes independent samples:
             each sample stops when it has converged and is removed from later calls of ``f``,
             which then receives only the live samples (and the matching rows of ``inputs``).
             ``f`` must treat samples independently; one sub-batch check refuses one that does
-            not. ``None`` (default): the state is one system.
+            not. ``None`` (default): the state is one system. Refused with bptt/tbptt.
         inputs: tensors passed to ``f`` after the state; with ``batch_dim`` they are sliced to
             the live samples along ``batch_dim``.
-        best_iterate: return, per sample, the lowest-residual iterate the solve visited (and
-            linearise there); flagged in ``info.best_iterate``.
-        check_every: test the stopping rule (one host synchronisation) every N iterations
-            (refused without ``tol``).
-        backward_tol: stop a backward iteration early once its increment (or residual) is at
-            most ``backward_tol * ||g||``; ``None`` always runs ``truncate`` iterations.
-        settle_tol: implicit methods assume a steady state; if
-            ``||h_T - h_{T-1}|| > settle_tol * ||h_T||`` this is reported per ``on_failure``.
-            The ratio is checked per sample: with ``batch_dim``, per sample (all leaves of it
-            together); without, per index of dim 0 of every state leaf of two or more dims (a
-            batch-first state is checked sample by sample; a 2-D state that is one system is
-            checked row by row, each row's norm floored at the rms row norm so that a row near
-            zero is not held to its own scale) and over the whole leaf for a leaf of fewer
-            dims. With ``tol_mode="absolute"`` a row whose ``||h_T - h_{T-1}|| <= tol`` counts as
-            settled (a fixed point at zero has no meaningful relative change). The worst ratio
-            is ``info.worst_relative_difference``. ``None`` disables the check.
-        on_failure: what to do when the forward has not settled or a backward solve grows,
-            stalls or diverges: ``"raise"`` (:class:`DivergenceError`), ``"warn"``
-            (:class:`ConvergenceWarning`) or ``"ignore"``. A non-finite forward state always
-            raises.
-        max_backward_error: report (per ``on_failure``) an implicit solve whose a-posteriori
-            estimate of the relative error ``||z_K - z|| / ||z_K||`` of the adjoint exceeds
-            this (Neumann / RBP: the series' tail extrapolated from its last increments, Ritz
-            values included; CG / GMRES: the true relative residual divided by a Krylov
-            estimate of ``sigma_min(I - J^T)``; user solvers: the true relative residual of
-            their ``z``, re-measured by the core). What it guarantees and where it can fail:
-            ``docs/guarantees.md``. ``None``: check statuses only. JFB and phantom gradients
-            are inexact by design and never checked (an unstable fixed point is still
-            reported for them).
-        fallback: a backward solver (name or :mod:`rbp.solvers` value) to re-solve with when
-            the backward solve fails or exceeds ``max_backward_error`` (e.g. ``"gmres"``); the
-            failure is then a warning, unless the fallback fails too (then per ``on_failure``).
-        rbp_init: initial guess z_0 of ``rbp``: ``"zeros"`` (default: the gradient is linear
-            in the loss, zero for a zero loss) or ``"uniform"`` (U[0,1], the paper's Alg. 1).
-        jvp: how ``cg`` obtains ``J v``: ``"double_vjp"`` (reverse-over-reverse on the graph of
-            the last step) or ``"func"`` (forward mode, ``torch.func.jvp``). Refused for a
-            method (and fallback) that needs no ``J v``.
-        restart: GMRES restart length (refused unless ``method`` or ``fallback`` is
-            ``"gmres"``).
-        trace: record ``||h_t - h_{t-1}||`` for every step in the info (``forward_trace``; for a
-            solver ``||F(x_k) - x_k||`` per iteration) and the same divided by ``||h_t||``
-            (``||F(x_k)||``) in ``relative_forward_trace``.
-        estimate_error: in the backward pass, estimate ``||J||`` by power iteration and store
-            the Prop. 2 bound on the relative error of the solve in the info (costs ~20
-            Jacobian products per backward).
+        time_varying: pass the step index to ``f`` (e.g. a fresh mini-batch per step).
+        last_step: map used for the final update ``h_T = last_step(h_{T-1})`` by every
+            method, so it is the map whose Jacobian the implicit methods invert (e.g. the
+            full-batch step of a training run). Default: ``f`` at step ``T-1``.
+        checks: what is checked and recorded, and what a failed check does:
+            :class:`rbp.Checks` (``settle_tol``, ``max_backward_error``, ``on_failure``,
+            ``fallback``, ``estimate_error``, ``trace``); ``None``: ``rbp.Checks()``.
+            bptt/tbptt refuse its ``fallback`` and ``estimate_error``.
         return_info: return ``(h_T, info)`` with a :class:`FixedPointInfo`.
 
     Every option is checked before anything runs (TypeError for a wrong type, ValueError for a
-    wrong value); an option the chosen method or solver would not use is refused, not ignored:
-    bptt/tbptt refuse ``backward_tol``, ``fallback``, ``estimate_error``, ``batch_dim``,
-    ``best_iterate`` and an accelerated solver. (``truncate`` with ``"bptt"``, ``rbp_init``
-    with another method, and ``settle_tol`` / ``max_backward_error`` with bptt/tbptt are
-    accepted so that one call can sweep the methods; they have no effect there.)
+    wrong value); the values check their own options when they are built. An option the chosen
+    method or solver would not use is refused, not ignored (the message names it).
 
     Returns:
         ``h_T`` (same structure as ``h0``), or ``(h_T, info)``.
     """
     arguments = dict(locals())
-    how, fallback_solver, solver = _validate(arguments)  # the one place options are checked
+    call = _validate(arguments)  # the one place options are checked
+    how, stop, checks = call.how, call.stop, call.checks
     transformed = functorch_active()  # one cheap test; the messages only under a transform
     if transformed and how.implicit and torch.is_grad_enabled():
         refuse_functorch(how.name)  # all but torch.func.jvp
         with torch.no_grad():  # jvp: the tangent is solved for; no reverse graph inside it
             return fixed_point(**arguments)
-    method = how.name  # what the info and the messages see; the forward gets the value
     if isinstance(how, methods.TBPTT):
         truncate = how.k
+    elif not isinstance(method, str):
+        truncate = methods.own_k(how) or truncate  # the K of a solver value
+    method = how.name  # what the info and the messages see; the forward gets the value
     if transformed:
         _refuse_functorch()
 
@@ -189,25 +150,26 @@ def fixed_point(
     second_order = implicit and getattr(how, "second_order", False)
     since = higher_order.sequence_mark() if second_order else 0
     fwd = forward.run(
-        f, h0, steps, method=how, time_varying=time_varying, last_step=last_step, tol=tol,
-        tol_mode=tol_mode, solver=solver, batch_dim=batch_dim, inputs=inputs,
-        best_iterate=best_iterate, check_every=check_every, trace=trace,
+        f, h0, steps, method=how, time_varying=time_varying, last_step=last_step, tol=stop.tol,
+        tol_mode=stop.tol_mode, solver=call.solver, batch_dim=batch_dim, inputs=inputs,
+        best_iterate=stop.best_iterate, check_every=stop.check_every, trace=checks.trace,
     )
     info = _info(method, steps, truncate, fwd.measured)
     h, h_in_leaves, out_leaves, spec = fwd.h, fwd.h_in, fwd.h_out, fwd.spec
-    if tol is not None:
-        message = forward.unreached_message(info, tol, tol_mode, steps)
+    if stop.tol is not None:
+        message = forward.unreached_message(info, stop.tol, stop.tol_mode, steps)
         if message is not None:
-            report(on_failure, message)
+            report(checks.on_failure, message)
 
     if implicit:
         info.worst_relative_difference = forward.worst_ratio(
             fwd.rows, info.relative_final_difference)
+        settle_tol = checks.settle_tol
         if settle_tol is not None and info.worst_relative_difference > settle_tol:
-            message = forward.unsettled_message(fwd.rows, info, settle_tol, tol, tol_mode,
-                                                batch_dim)
+            message = forward.unsettled_message(fwd.rows, info, settle_tol, stop.tol,
+                                                stop.tol_mode, batch_dim)
             if message is not None:
-                report(on_failure, f"fixed_point: {message}")
+                report(checks.on_failure, f"fixed_point: {message}")
     adjoint = None
     if implicit or (how.implicit and higher_order.forward_mode_active()):
         if fwd.update is None:  # no graph was kept (grad off): forward mode only
@@ -215,17 +177,17 @@ def fixed_point(
         update = fwd.update
         adjoint = Adjoint(
             method=how,
-            fallback=fallback_solver,
-            on_failure=on_failure,
-            jvp_mode=jvp,
-            estimate_error=estimate_error,
+            fallback=call.fallback,
+            on_failure=checks.on_failure,
+            jvp_mode=call.jvp,
+            estimate_error=checks.estimate_error,
             info=info,
             map_at_fixed_point=lambda state: update(state, steps - 1),
             spec=spec,
-            max_backward_error=max_backward_error,
+            max_backward_error=checks.max_backward_error,
             batch_dim=batch_dim,
             inverse_estimate=fwd.inverse_estimate
-            if shine.uses_estimate(how, fallback_solver) else None,
+            if shine.uses_estimate(how, call.fallback) else None,
         )
     if implicit:
         assert adjoint is not None
@@ -261,45 +223,93 @@ _DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
     (name, p.default) for name, p in inspect.signature(fixed_point).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY
 )
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "tol_mode": ("relative", "absolute"),
-    "on_failure": ("raise", "warn", "ignore"),
-    "rbp_init": ("uniform", "zeros"),
-    "jvp": ("double_vjp", "func"),
-}
 
 
-def _validate(o: dict[str, Any]) -> tuple[methods.Method, Any, forward.ForwardSolver]:
+class _Stop(NamedTuple):
+    """The forward's stopping rule: the solver value's own, or the ``tol`` shortcut."""
+
+    tol: float | None = None
+    tol_mode: str = "relative"
+    check_every: int = 1
+    best_iterate: bool = False
+
+
+class _Call(NamedTuple):
+    """A checked call: the method, fallback and forward solver values, the stopping rule, the
+    checks and how J v is obtained."""
+
+    how: methods.Method
+    fallback: Any
+    solver: forward.ForwardSolver
+    stop: _Stop
+    checks: Checks
+    jvp: str
+
+
+_NO_STOP = _Stop()
+
+
+def _validate(o: dict[str, Any]) -> _Call:
     """Refuse every invalid option of :func:`fixed_point` and every combination that cannot run
     or would be ignored: the one place options are checked, for :func:`fixed_point` at its call
     and :class:`rbp.FixedPoint` at construction (:func:`check_options`). ``o``: the arguments
-    by name (``f``, ``steps``, ``method``, ``truncate`` and every keyword option).
+    by name (``f``, ``steps``, ``method``, ``truncate`` and every keyword option). The values
+    (solvers, methods, :class:`rbp.Checks`) have checked their own options when built.
 
     A wrong type is a TypeError, a wrong value (or combination) a ValueError; each message names
-    the option. Returns the method value, the fallback solver (or ``None``) and the forward
-    solver value.
+    the option.
     """
     method = o["method"]
     _validate_core(o["f"], o["steps"], method, o["truncate"])
     given = any(o[name] is not default for name, default in _DEFAULTS)
     if given:
         _validate_options(o)
-    how = methods.resolve(method, truncate=o["truncate"], tol=o["backward_tol"],
-                          rbp_init=o["rbp_init"], restart=o["restart"])
+    how = methods.resolve(method, truncate=o["truncate"])
     if not isinstance(method, str):  # a value carries its own backward options
-        methods.check_string_options(method, truncate=o["truncate"],
-                                     backward_tol=o["backward_tol"], rbp_init=o["rbp_init"],
-                                     restart=o["restart"])
+        methods.check_string_options(method, truncate=o["truncate"])
     if isinstance(how, methods.TBPTT):
         how.graph_steps(o["steps"])  # k <= steps
-    fallback = None if o["fallback"] is None else methods.resolve_fallback(
-        o["fallback"], truncate=o["truncate"], tol=o["backward_tol"], rbp_init=o["rbp_init"],
-        restart=o["restart"])
+    checks = DEFAULT_CHECKS if o["checks"] is None else o["checks"]
+    fallback = None if checks.fallback is None else methods.resolve_fallback(
+        checks.fallback, truncate=o["truncate"])
     solver = forward.as_solver(o["solver"])
     shine.check_forward(how, fallback, solver)
+    stop = _stopping(solver, o["tol"]) if given else _NO_STOP
+    jvp = _jvp_mode(how, fallback)
     if given:
-        _refuse_combinations(o, how, fallback, solver)
-    return how, fallback, solver
+        _refuse_combinations(o, how, checks, solver, stop)
+    return _Call(how, fallback, solver, stop, checks, jvp)
+
+
+def _stopping(solver: Any, tol: float | None) -> _Stop:
+    """The stopping rule of ``solver`` (a :class:`rbp.forward.Stopping` value carries one),
+    with the ``tol`` shortcut filled in; both a ``tol`` and a solver's own is refused."""
+    if not isinstance(solver, forward.Stopping):
+        return _NO_STOP if tol is None else _Stop(tol)
+    if tol is not None and solver.tol is not None:
+        raise ValueError(
+            f"tol={tol!r} with solver={solver!r}, which has its own tol={solver.tol!r}: give the "
+            "tolerance once (on the solver value, or as tol= with a solver name or a value "
+            "without one)"
+        )
+    return _Stop(solver.tol if tol is None else tol, solver.tol_mode, solver.check_every,
+                 solver.best_iterate)
+
+
+def _jvp_mode(how: methods.Method, fallback: Any) -> str:
+    """How ``J v`` is obtained: the ``jvp`` of the backward solvers that need ``J v`` (CG)."""
+    solver = getattr(how, "solver", None) if how.implicit else None
+    if fallback is None:  # the common case, without the set
+        return str(getattr(solver, "jvp", "double_vjp")) if getattr(
+            solver, "needs_jvp", False) else "double_vjp"
+    modes = {str(getattr(s, "jvp", "double_vjp")) for s in (solver, fallback)
+             if s is not None and getattr(s, "needs_jvp", False)}
+    if len(modes) > 1:
+        raise ValueError(
+            f"the method ({solver!r}) and the fallback ({fallback!r}) obtain J v differently "
+            "(jvp='double_vjp' and jvp='func'); give them the same jvp"
+        )
+    return modes.pop() if modes else "double_vjp"
 
 
 def _validate_core(f: Any, steps: Any, method: Any, truncate: Any) -> None:
@@ -325,37 +335,20 @@ def _validate_core(f: Any, steps: Any, method: Any, truncate: Any) -> None:
 
 def _validate_options(o: dict[str, Any]) -> None:
     """Types and ranges of the keyword options (their defaults are valid)."""
-    for name in ("restart", "check_every"):
-        _count(name, o[name])
-    for name in ("time_varying", "best_iterate", "trace", "estimate_error", "return_info"):
+    for name in ("time_varying", "return_info"):
         if not isinstance(o[name], bool):
             raise TypeError(f"{name} must be True or False, got {o[name]!r}")
-    for name in ("tol", "backward_tol", "max_backward_error", "settle_tol"):
-        value = o[name]
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be positive (a number) or None, got {value!r}")
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(
-                f"{name} must be positive and finite, or None (no test), got {value!r}"
-            )
-    for name, allowed in _CHOICES.items():
-        value = o[name]
-        if value not in allowed or not isinstance(value, str):
-            error = ValueError if isinstance(value, str) else TypeError
-            raise error(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    fallback = o["fallback"]
-    if isinstance(fallback, str) and fallback not in IMPLICIT_METHODS:
-        raise ValueError(
-            f"fallback must be one of {', '.join(IMPLICIT_METHODS)} (a backward solver: the "
-            f"forward graph is gone by then), got {fallback!r}"
-        )
-    if fallback is not None and not isinstance(fallback, str) and not (
-            solvers.is_solver(fallback) or isinstance(fallback, methods.Implicit)):
+    tol = o["tol"]
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+            raise TypeError(f"tol must be positive (a number) or None, got {tol!r}")
+        if not (math.isfinite(tol) and tol > 0):
+            raise ValueError(f"tol must be positive and finite, or None (no test), got {tol!r}")
+    if o["checks"] is not None and not isinstance(o["checks"], Checks):
         raise TypeError(
-            "fallback must be a backward solver name (rbp, cg, neumann, gmres) or a solver "
-            f"value such as rbp.solvers.GMRES(), got {type(fallback).__name__}"
+            "checks must be an rbp.Checks(settle_tol=..., max_backward_error=..., "
+            f"on_failure=..., fallback=..., estimate_error=..., trace=...) or None, got "
+            f"{o['checks']!r}"
         )
     if o["last_step"] is not None and not callable(o["last_step"]):
         raise TypeError(f"last_step must be callable or None, got {type(o['last_step']).__name__}")
@@ -369,30 +362,17 @@ def _validate_options(o: dict[str, Any]) -> None:
         )
 
 
-def _refuse_combinations(o: dict[str, Any], how: methods.Method, fallback: Any,
-                         solver: Any) -> None:
+def _refuse_combinations(o: dict[str, Any], how: methods.Method, checks: Checks,
+                         solver: Any, stop: _Stop) -> None:
     """Options that cannot run together, or that the chosen method or solver would ignore."""
-    # the string names that the shortcut options configure
-    named = [name for name in (o["method"], o["fallback"]) if isinstance(name, str)]
-    if o["restart"] != 30 and "gmres" not in named:
-        _ignored("restart", o["restart"], "is the restart length of gmres (method='gmres' or "
-                 "fallback='gmres')")
-    uses_jvp = how.implicit and bool(getattr(how, "needs_jvp", False))
-    if o["jvp"] != "double_vjp" and not (uses_jvp or getattr(fallback, "needs_jvp", False)):
-        _ignored("jvp", o["jvp"], "is how cg obtains J v (method='cg' or fallback='cg'); "
-                 f"method {how.name!r} needs no J v")
-    if o["tol"] is None:
-        for name, default in (("tol_mode", "relative"), ("check_every", 1)):
-            if o[name] != default:
-                _ignored(name, o[name], "configures the forward's stopping test, which runs "
-                         "only with tol=...; set tol or leave it out")
     if not how.implicit:  # bptt / tbptt back-propagate through the forward updates
-        for name, default in (("backward_tol", None), ("fallback", None),
-                              ("estimate_error", False)):
-            if o[name] is not default and not (name == "backward_tol" and fallback is not None):
-                _ignored(name, o[name], f"configures the implicit backward solve; method "
-                         f"{how.name!r} back-propagates through the forward updates")
-        _refuse_unrolled(how.name, solver, o["batch_dim"], o["best_iterate"])
+        for name, value in (("fallback", checks.fallback),
+                            ("estimate_error", checks.estimate_error or None)):
+            if value is not None:
+                _ignored(name, value, f"configures the implicit backward "
+                         f"solve; method {how.name!r} back-propagates through the forward "
+                         "updates")
+        _refuse_unrolled(how.name, solver, o["batch_dim"], stop.best_iterate)
     if o["time_varying"] and (not isinstance(solver, forward.Iterate)
                               or o["batch_dim"] is not None):
         raise ValueError(
@@ -415,15 +395,16 @@ def _refuse_unrolled(method: str, solver: Any, batch_dim: Any, best: bool) -> No
         )
     for name, value in (("batch_dim", batch_dim), ("best_iterate", best or None)):
         if value is not None:
+            what = "batch_dim" if name == "batch_dim" else "the solver's best_iterate"
             raise ValueError(
-                f"method={method!r} with {name}={value!r} is not supported: it would "
+                f"method={method!r} with {what}={value!r} is not supported: it would "
                 "remove samples or iterates from a graph being back-propagated; use an "
                 f"implicit method, or {name}={'None' if name == 'batch_dim' else 'False'}"
             )
 
 
 def _ignored(name: str, value: Any, what: str) -> None:
-    raise ValueError(f"{name}={value!r} would be ignored: {name} {what}")
+    raise ValueError(f"Checks({name}={value!r}) would be ignored: {name} {what}")
 
 
 def check_options(f: Any, steps: Any, method: Any = "neumann", truncate: Any = 20,

@@ -7,7 +7,8 @@ state ``h_T ~ h*`` and return ``z^T dF/dw``; :class:`Implicit` gets ``z`` from a
 :class:`JFB` and :class:`Phantom` use a fixed cheap ``z`` and are inexact by design.
 
 The string names remain shortcuts: ``"neumann"`` is ``Implicit(Neumann(max_iter=truncate))``
-and so on (:func:`resolve`).
+and so on (:func:`resolve`); :func:`from_name` builds the same value with options of its
+backward solver (``from_name("rbp", 10, init="uniform")``).
 """
 
 from __future__ import annotations
@@ -172,46 +173,57 @@ class Phantom(Implicit):
 STRING_METHODS: tuple[str, ...] = ("bptt", "tbptt", "rbp", "cg", "neumann", "gmres")
 
 
-def solver_from_name(
-    name: str, *, truncate: int, tol: float | None, rbp_init: str, restart: int
-) -> Any:
-    """The solver value a string shortcut stands for."""
+def solver_from_name(name: str, *, truncate: int) -> Any:
+    """The solver value a string shortcut stands for: ``truncate`` iterations, default options."""
     if name == "neumann":
-        return solvers.Neumann(max_iter=truncate, tol=tol)
+        return solvers.Neumann(max_iter=truncate)
     if name == "rbp":
-        return solvers.RBP(max_iter=truncate, tol=tol, init=rbp_init)
+        return solvers.RBP(max_iter=truncate)
     if name == "cg":
-        return solvers.CGNormal(max_iter=truncate, tol=tol)
+        return solvers.CGNormal(max_iter=truncate)
     if name == "gmres":
-        return solvers.GMRES(max_iter=truncate, tol=tol, restart=min(restart, truncate))
+        return solvers.GMRES(max_iter=truncate, restart=min(30, truncate))
     raise ValueError(
         f"unknown backward solver {name!r}; choose one of rbp, cg, neumann, gmres or pass a solver"
     )
 
 
-def resolve(
-    method: Any,
-    *,
-    truncate: int,
-    tol: float | None = None,
-    rbp_init: str = "zeros",
-    restart: int = 30,
-) -> Method:
-    """A method value from a string shortcut, a method value, or a bare solver value.
+def from_name(name: str, truncate: int = 20, **options: Any) -> Method:
+    """The value a string method stands for, with options of its backward solver.
 
-    String options (``truncate``, ``tol``, ``rbp_init``, ``restart``) apply to strings only; a
-    value carries its own.
+    ``from_name("rbp", 10, init="uniform")`` is ``Implicit(rbp.solvers.RBP(max_iter=10,
+    init="uniform"))``; ``from_name("gmres", 40, tol=1e-8, restart=20)``,
+    ``from_name("cg", 20, jvp="func")`` likewise. bptt / tbptt have no backward solver, so
+    options are refused for them (``from_name("tbptt", k)`` is ``TBPTT(k)``); an option the
+    solver does not have is refused by the solver (TypeError).
     """
+    if name in ("bptt", "tbptt"):
+        if options:
+            raise ValueError(
+                f"{', '.join(options)} would be ignored: method {name!r} back-propagates through "
+                "the forward updates and has no backward solver"
+            )
+        return BPTT() if name == "bptt" else TBPTT(truncate)
+    if not isinstance(name, str) or name not in solvers.SOLVERS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(STRING_METHODS)}")
+    if name == "gmres" and "restart" not in options:
+        options["restart"] = min(30, truncate)
+    return Implicit(solvers.SOLVERS[name](max_iter=truncate, **options))
+
+
+def resolve(method: Any, *, truncate: int) -> Method:
+    """A method value from a string shortcut (``truncate``: its K), a method value, or a bare
+    solver value. A value carries its own options."""
     if isinstance(method, Method):
         return method
     if isinstance(method, str):
         if method in STRING_METHODS:
             try:  # the values are frozen: built once per distinct set of options
-                return _from_string(method, truncate, tol, rbp_init, restart)
+                return _from_string(method, truncate)
             except TypeError as exc:
                 if "unhashable" not in str(exc):
                     raise
-            return _from_string.__wrapped__(method, truncate, tol, rbp_init, restart)
+            return _from_string.__wrapped__(method, truncate)
         raise ValueError(
             f"unknown method {method!r}; choose one of {', '.join(STRING_METHODS)} or a value "
             "such as rbp.BPTT(), rbp.TBPTT(k), rbp.Implicit(rbp.solvers.GMRES()), rbp.JFB(), "
@@ -226,39 +238,39 @@ def resolve(
 
 
 @functools.lru_cache(maxsize=256)
-def _from_string(
-    method: str, truncate: int, tol: float | None, rbp_init: str, restart: int
-) -> Method:
+def _from_string(method: str, truncate: int) -> Method:
     if method == "bptt":
         return BPTT()
     if method == "tbptt":
         return TBPTT(truncate)
-    return Implicit(
-        solver_from_name(method, truncate=truncate, tol=tol, rbp_init=rbp_init, restart=restart)
+    return Implicit(solver_from_name(method, truncate=truncate))
+
+
+def own_k(method: Any) -> int | None:
+    """The K a method value carries (``TBPTT(k)``, a solver's ``max_iter``), or ``None``."""
+    if isinstance(method, TBPTT):
+        return method.k
+    solver = method.solver if isinstance(method, Implicit) else method
+    k = getattr(solver, "max_iter", None)
+    return k if isinstance(k, int) else None
+
+
+def check_string_options(method: Any, *, truncate: int) -> None:
+    """Refuse ``truncate`` given together with a method value (it would be ignored), unless it
+    is the value's own K (``from_name(name, k, ...)`` passed on with ``truncate=k``)."""
+    if isinstance(method, str) or truncate == 20 or truncate == own_k(method):
+        return
+    raise ValueError(
+        "truncate applies to the string method names only; a method value carries its own "
+        "options (e.g. rbp.TBPTT(k), rbp.Implicit(rbp.solvers.GMRES(max_iter=40, tol=1e-8, "
+        f"restart=20)), rbp.solvers.RBP(max_iter=k, init='uniform')); got method={method!r} "
+        f"with truncate={truncate!r}"
     )
 
 
-STRING_DEFAULTS = {"truncate": 20, "backward_tol": None, "rbp_init": "zeros", "restart": 30}
-
-
-def check_string_options(method: Any, **options: Any) -> None:
-    """Refuse string-method options given together with a method value (they would be ignored)."""
-    if isinstance(method, str):
-        return
-    given = [k for k, v in options.items() if k in STRING_DEFAULTS and v != STRING_DEFAULTS[k]]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)} applies to the string method names only; a method value "
-            f"carries its own options (e.g. rbp.Implicit(rbp.solvers.GMRES(max_iter=40, "
-            f"tol=1e-8, restart=20)), rbp.TBPTT(k), rbp.solvers.RBP(init='uniform')); got "
-            f"method={method!r} with {', '.join(f'{k}={options[k]!r}' for k in given)}"
-        )
-
-
-def resolve_fallback(
-    fallback: Any, *, truncate: int, tol: float | None, rbp_init: str, restart: int
-) -> Any:
-    """``None``, a solver name or a solver value -> ``None`` or a solver value."""
+def resolve_fallback(fallback: Any, *, truncate: int) -> Any:
+    """``None``, a solver name (``truncate`` iterations) or a solver value -> ``None`` or a
+    solver value."""
     if fallback is None:
         return None
     if isinstance(fallback, str):
@@ -267,9 +279,7 @@ def resolve_fallback(
                 "fallback must be one of rbp, cg, neumann, gmres (a backward solver: the "
                 f"forward graph is gone by then) or a solver value, got {fallback!r}"
             )
-        return solver_from_name(
-            fallback, truncate=truncate, tol=tol, rbp_init=rbp_init, restart=restart
-        )
+        return solver_from_name(fallback, truncate=truncate)
     if isinstance(fallback, Implicit) and fallback.accurate:
         return fallback.solver
     if solvers.is_solver(fallback) and not isinstance(fallback, Method):

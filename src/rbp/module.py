@@ -17,15 +17,17 @@ class FixedPoint(nn.Module):
     ``cell`` is any module called ``cell(x, h) -> h`` (input first, as ``torch.nn.GRUCell``);
     with ``time_varying=True`` it is called ``cell(x, h, t)``. ``x`` reaches the cell through
     :func:`rbp.fixed_point`'s ``inputs``, so with ``batch_dim`` it is sliced to the live samples.
-    Every other keyword option of :func:`rbp.fixed_point` is accepted and checked here, at
-    construction; the :class:`~rbp.FixedPointInfo` of the last call is ``layer.last_info``.
+    Every other keyword option of :func:`rbp.fixed_point` (``solver``, ``tol``, ``batch_dim``,
+    ``time_varying``, ``last_step``, ``checks``) is accepted and checked here, at construction,
+    by the same check as the call (the values, e.g. :class:`rbp.Checks`, check themselves when
+    built); the :class:`~rbp.FixedPointInfo` of the last call is ``layer.last_info``.
     """
 
     def __init__(
         self,
         cell: nn.Module,
         steps: int,
-        method: str = "neumann",
+        method: Any = "neumann",
         truncate: int = 20,
         **options: Any,
     ) -> None:

@@ -115,11 +115,12 @@ def sample_trajectory(
             h = tree.check_same_structure(spec, h, f(tree.unflatten(spec, h), *inputs), t)
     out: list[State] = []
     if method is not None:
+        from rbp.checks import Checks
         from rbp.fixed_point import fixed_point  # not at import: rbp.fixed_point is the function
 
         for i in chosen:
             out.append(fixed_point(f, tree.unflatten(spec, kept[i]), 1, method, truncate,
-                                   settle_tol=None, inputs=inputs))
+                                   checks=Checks(settle_tol=None), inputs=inputs))
         return out
     with torch.enable_grad():
         for i in chosen:

@@ -29,11 +29,14 @@ def linear(rho: float, n: int = 4):
 @pytest.mark.parametrize("method", ["neumann", "rbp"])
 def test_inaccurate_truncation_warns_and_raises(method, rho):
     _, x, f = linear(rho)
-    h = rbp.fixed_point(f, torch.zeros(4, dtype=DT), 1, method, 20, settle_tol=None)
+    h = rbp.fixed_point(
+        f, torch.zeros(4, dtype=DT), 1, method, 20, checks=rbp.Checks(settle_tol=None),
+    )
     with pytest.warns(rbp.ConvergenceWarning, match=method):
         h.sum().backward()
     h = rbp.fixed_point(
-        f, torch.zeros(4, dtype=DT), 1, method, 20, settle_tol=None, on_failure="raise"
+        f, torch.zeros(4, dtype=DT), 1, method, 20,
+        checks=rbp.Checks(settle_tol=None, on_failure="raise"),
     )
     with pytest.raises(rbp.DivergenceError, match=method):
         h.sum().backward()
@@ -44,21 +47,17 @@ def test_contractive_case_stays_silent_and_is_accurate(method):
     p = tanh_rnn()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = method_gradients(p, method, steps=200, truncate=40, on_failure="raise")
+        got = method_gradients(
+            p, method, steps=200, truncate=40, checks=rbp.Checks(on_failure="raise"),
+        )
     assert max_rel_error(got, exact_gradients(p)) <= 1e-6
 
 
 def test_error_estimate_is_in_the_info_and_bounds_the_real_error():
     _, x, f = linear(0.9)
     h, info = rbp.fixed_point(
-        f,
-        torch.zeros(4, dtype=DT),
-        1,
-        "neumann",
-        20,
-        settle_tol=None,
-        on_failure="ignore",
-        return_info=True,
+        f, torch.zeros(4, dtype=DT), 1, "neumann", 20,
+        checks=rbp.Checks(settle_tol=None, on_failure="ignore"), return_info=True,
     )
     h.sum().backward()
     real = abs(x.grad[0].item() - 10.0) / x.grad[0].item()
@@ -70,14 +69,8 @@ def test_threshold_is_user_settable():
     _, _, f = linear(0.9)
     for limit, should_raise in ((1.0, False), (1e-3, True), (None, False)):
         h = rbp.fixed_point(
-            f,
-            torch.zeros(4, dtype=DT),
-            1,
-            "neumann",
-            20,
-            settle_tol=None,
-            on_failure="raise",
-            max_backward_error=limit,
+            f, torch.zeros(4, dtype=DT), 1, "neumann", 20,
+            checks=rbp.Checks(settle_tol=None, on_failure="raise", max_backward_error=limit),
         )
         if should_raise:
             with pytest.raises(rbp.DivergenceError, match="max_backward_error"):
@@ -88,7 +81,9 @@ def test_threshold_is_user_settable():
 
 def test_krylov_error_estimate_is_the_true_residual():
     p = tanh_rnn()
-    h, info = rbp.fixed_point(p.f, p.h0, 200, "gmres", 3, on_failure="ignore", return_info=True)
+    h, info = rbp.fixed_point(
+        p.f, p.h0, 200, "gmres", 3, checks=rbp.Checks(on_failure="ignore"), return_info=True,
+    )
     p.loss(h).backward()
     record = info.backward[0]
     # recompute ||(I - J^T) z - g|| / ||g|| densely
@@ -113,19 +108,14 @@ def test_krylov_error_estimate_is_the_true_residual():
 def test_singular_system_is_not_converged():
     _, _, f = linear(1.0)
     h, info = rbp.fixed_point(
-        f,
-        torch.zeros(4, dtype=DT),
-        1,
-        "gmres",
-        5,
-        settle_tol=None,
-        on_failure="ignore",
-        return_info=True,
+        f, torch.zeros(4, dtype=DT), 1, "gmres", 5,
+        checks=rbp.Checks(settle_tol=None, on_failure="ignore"), return_info=True,
     )
     h.sum().backward()
     assert info.backward[0].status == "breakdown"
     h = rbp.fixed_point(
-        f, torch.zeros(4, dtype=DT), 1, "cg", 5, settle_tol=None, on_failure="raise"
+        f, torch.zeros(4, dtype=DT), 1, "cg", 5,
+        checks=rbp.Checks(settle_tol=None, on_failure="raise"),
     )
     with pytest.raises(rbp.DivergenceError, match="breakdown"):
         h.sum().backward()
@@ -134,19 +124,14 @@ def test_singular_system_is_not_converged():
 def test_failed_fallback_under_raise_raises():
     _, x, f = linear(1.0)  # singular: no solver can succeed
     h = rbp.fixed_point(
-        f,
-        torch.zeros(4, dtype=DT),
-        1,
-        "neumann",
-        10,
-        settle_tol=None,
-        fallback="gmres",
-        on_failure="raise",
+        f, torch.zeros(4, dtype=DT), 1, "neumann", 10,
+        checks=rbp.Checks(settle_tol=None, fallback="gmres", on_failure="raise"),
     )
     with pytest.raises(rbp.DivergenceError, match="fallback gmres failed too"):
         h.sum().backward()
     h = rbp.fixed_point(
-        f, torch.zeros(4, dtype=DT), 1, "neumann", 10, settle_tol=None, fallback="gmres"
+        f, torch.zeros(4, dtype=DT), 1, "neumann", 10,
+        checks=rbp.Checks(settle_tol=None, fallback="gmres"),
     )
     with pytest.warns(rbp.ConvergenceWarning, match="failed too"):
         h.sum().backward()
@@ -174,7 +159,7 @@ def test_zero_residual_stops_at_once_without_false_warnings(method, k):
 @pytest.mark.parametrize("method", IMPLICIT)
 def test_nan_in_the_backward_is_a_clear_divergence(method):
     p = tanh_rnn()
-    h = rbp.fixed_point(p.f, p.h0, 200, method, 10, on_failure="raise")
+    h = rbp.fixed_point(p.f, p.h0, 200, method, 10, checks=rbp.Checks(on_failure="raise"))
     with pytest.raises(rbp.DivergenceError, match="diverged"):
         (h * torch.tensor(math.nan, dtype=DT)).sum().backward()
 
@@ -192,7 +177,7 @@ def test_rbp_default_start_is_linear_in_the_loss():
     assert max_rel_error([1e6 * q.grad for q in p.params], base) <= 1e-12
     for q in p.params:
         q.grad = None
-    h = rbp.fixed_point(p.f, p.h0, 200, "rbp", 5, on_failure="ignore")
+    h = rbp.fixed_point(p.f, p.h0, 200, "rbp", 5, checks=rbp.Checks(on_failure="ignore"))
     (0.0 * p.loss(h)).backward()
     assert all(torch.equal(q.grad, torch.zeros_like(q)) for q in p.params)
 
@@ -201,11 +186,14 @@ def test_paper_uniform_start_is_an_option():
     p = tanh_rnn()
     torch.manual_seed(0)
     uniform = method_gradients(
-        p, "rbp", steps=200, truncate=3, rbp_init="uniform", on_failure="ignore"
+        p, rbp.solvers.RBP(max_iter=3, init="uniform"), steps=200,
+        checks=rbp.Checks(on_failure="ignore"),
     )
-    zeros = method_gradients(p, "rbp", steps=200, truncate=3, on_failure="ignore")
+    zeros = method_gradients(
+        p, "rbp", steps=200, truncate=3, checks=rbp.Checks(on_failure="ignore"),
+    )
     assert max_rel_error(uniform, zeros) > 1e-3  # the start matters at small K
-    long = method_gradients(p, "rbp", steps=200, truncate=120, rbp_init="uniform")
+    long = method_gradients(p, rbp.solvers.RBP(max_iter=120, init="uniform"), steps=200)
     assert max_rel_error(long, exact_gradients(p)) <= 1e-8
 
 
@@ -268,15 +256,8 @@ def test_per_sample_solve_equals_each_sample_alone(method):
         return torch.tanh(h @ w.T + xb)
 
     h, info = rbp.fixed_point(
-        f,
-        torch.zeros_like(x),
-        300,
-        method,
-        6,
-        batch_dim=0,
-        inputs=(x,),
-        on_failure="ignore",
-        return_info=True,
+        f, torch.zeros_like(x), 300, method, 6, batch_dim=0, inputs=(x,),
+        checks=rbp.Checks(on_failure="ignore"), return_info=True,
     )
     (0.5 * (h - target).pow(2).sum()).backward()
     batched_w, batched_x = w.grad.clone(), x.grad.clone()
@@ -287,13 +268,8 @@ def test_per_sample_solve_equals_each_sample_alone(method):
         w.grad = x.grad = None
         xi = x[i : i + 1]
         hi, infoi = rbp.fixed_point(
-            lambda h, xi=xi: torch.tanh(h @ w.T + xi),
-            torch.zeros_like(xi),
-            300,
-            method,
-            6,
-            on_failure="ignore",
-            return_info=True,
+            lambda h, xi=xi: torch.tanh(h @ w.T + xi), torch.zeros_like(xi), 300, method, 6,
+            checks=rbp.Checks(on_failure="ignore"), return_info=True,
         )
         (0.5 * (hi - target[i : i + 1]).pow(2).sum()).backward()
         sum_w += w.grad
@@ -308,14 +284,8 @@ def test_per_sample_gmres_is_more_accurate_than_one_space_for_the_batch():
     def loss_grads(batch_dim):
         w.grad = x.grad = None
         h = rbp.fixed_point(
-            lambda h, xb: torch.tanh(h @ w.T + xb),
-            torch.zeros_like(x),
-            300,
-            "gmres",
-            4,
-            batch_dim=batch_dim,
-            inputs=(x,),
-            on_failure="ignore",
+            lambda h, xb: torch.tanh(h @ w.T + xb), torch.zeros_like(x), 300, "gmres", 4,
+            batch_dim=batch_dim, inputs=(x,), checks=rbp.Checks(on_failure="ignore"),
         )
         (0.5 * (h - target).pow(2).sum()).backward()
         return [w.grad.clone(), x.grad.clone()]
@@ -356,13 +326,8 @@ def test_autocast_bfloat16_forward_float32_adjoint():
         w.grad = x.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             h, info = rbp.fixed_point(
-                lambda h: torch.tanh(h @ w.T + x).float(),
-                torch.zeros(batch, n),
-                60,
-                "neumann",
-                20,
-                return_info=True,
-                settle_tol=None,
+                lambda h: torch.tanh(h @ w.T + x).float(), torch.zeros(batch, n), 60, "neumann", 20,
+                return_info=True, checks=rbp.Checks(settle_tol=None),
             )
         (0.5 * (h - target).pow(2).sum()).backward()
         return [w.grad.clone(), x.grad.clone()], info
@@ -425,14 +390,8 @@ def test_value_methods_keep_constant_memory(method):
 def test_an_inaccurate_truncation_falls_back_and_is_then_exact():
     _, x, f = linear(0.99)
     h, info = rbp.fixed_point(
-        f,
-        torch.zeros(4, dtype=DT),
-        1,
-        "neumann",
-        20,
-        settle_tol=None,
-        fallback="gmres",
-        return_info=True,
+        f, torch.zeros(4, dtype=DT), 1, "neumann", 20,
+        checks=rbp.Checks(settle_tol=None, fallback="gmres"), return_info=True,
     )
     with pytest.warns(rbp.ConvergenceWarning, match="max_backward_error.*fell back to gmres"):
         h.sum().backward()
@@ -443,15 +402,8 @@ def test_an_inaccurate_truncation_falls_back_and_is_then_exact():
 def test_per_sample_backward_tol_stops_each_sample():
     w, x, target = _batched_rnn()
     h, info = rbp.fixed_point(
-        lambda h, xb: torch.tanh(h @ w.T + xb),
-        torch.zeros_like(x),
-        300,
-        "gmres",
-        50,
-        batch_dim=0,
-        inputs=(x,),
-        backward_tol=1e-9,
-        return_info=True,
+        lambda h, xb: torch.tanh(h @ w.T + xb), torch.zeros_like(x), 300,
+        rbp.solvers.GMRES(max_iter=50, tol=1e-9), 50, batch_dim=0, inputs=(x,), return_info=True,
     )
     (0.5 * (h - target).pow(2).sum()).backward()
     record = info.backward[0]

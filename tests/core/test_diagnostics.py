@@ -16,9 +16,9 @@ PATHS = {
     # the forward paths of fixed_point: the paper's unroll (tensor fast path, general path),
     # a solve (whole state, per sample), bptt/tbptt to a tolerance
     "unroll-tensor": {},
-    "unroll-trace": {"trace": True},
+    "unroll-trace": {"checks": rbp.Checks(trace=True)},
     "solve": {"tol": 1e-10, "solver": "anderson"},
-    "solve-best": {"tol": 1e-10, "best_iterate": True},
+    "solve-best": {"solver": rbp.Iterate(tol=1e-10, best_iterate=True)},
     "bptt-tol": {"method": "bptt", "tol": 1e-10},
     "tbptt-damped": {"method": "tbptt", "truncate": 5, "solver": rbp.Iterate(damping=0.2)},
 }
@@ -44,10 +44,12 @@ def test_every_path_fills_the_forward_fields(options):
     assert info.relative_final_difference == pytest.approx(info.final_difference / scale)
     assert info.row_updates == info.forward_steps  # one row, every step
     assert info.solver == rbp.forward.as_solver(options.get("solver", "iterate")).name
-    assert (info.tol_reached is None) == ("tol" not in options)
-    if "tol" in options:
+    tol = options.get("tol", getattr(options.get("solver"), "tol", None))
+    assert (info.tol_reached is None) == (tol is None)
+    if tol is not None:
         assert info.tol_reached is True and info.forward_residual <= 1e-10 * scale * 1.01
-    assert (len(info.forward_trace) == 200) == bool(options.get("trace"))
+    trace = options.get("checks", rbp.Checks()).trace
+    assert (len(info.forward_trace) == 200) == trace
     if options["method"] == "neumann":
         assert info.worst_relative_difference >= info.relative_final_difference
         h.sum().backward()
@@ -59,9 +61,11 @@ def test_every_path_fills_the_forward_fields(options):
 def test_per_sample_fields_are_lists():
     w = 0.5 * torch.eye(3, dtype=DT)
     rate = torch.tensor([0.1, 0.5, 0.9], dtype=DT)
-    h, info = rbp.fixed_point(lambda h, a: a[:, None] * torch.tanh(h @ w) + 1,
-                              torch.zeros(3, 3, dtype=DT), 400, tol=1e-10, batch_dim=0,
-                              inputs=(rate,), best_iterate=True, return_info=True)
+    h, info = rbp.fixed_point(
+        lambda h, a: a[:, None] * torch.tanh(h @ w) + 1, torch.zeros(3, 3, dtype=DT), 400,
+        batch_dim=0, inputs=(rate,), return_info=True,
+        solver=rbp.Iterate(tol=1e-10, best_iterate=True),
+    )
     for name in ("forward_steps", "forward_residual", "tol_reached", "best_iterate"):
         assert isinstance(getattr(info, name), list) and len(getattr(info, name)) == 3, name
     assert info.forward_steps == sorted(info.forward_steps)
@@ -72,7 +76,9 @@ def test_per_sample_fields_are_lists():
 def test_an_unreached_tolerance_is_reported_from_the_info():
     p = tanh_rnn()
     with pytest.warns(rbp.ConvergenceWarning, match="did not reach tol=1e-14"):
-        _, info = rbp.fixed_point(p.f, p.h0, 3, tol=1e-14, settle_tol=None, return_info=True)
+        _, info = rbp.fixed_point(
+            p.f, p.h0, 3, tol=1e-14, checks=rbp.Checks(settle_tol=None), return_info=True,
+        )
     assert info.tol_reached is False and info.forward_steps == 3
 
 

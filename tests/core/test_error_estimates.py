@@ -57,7 +57,7 @@ def test_fallback_gmres_fires_on_a_hidden_slow_mode():
     case = error_panel.two_time_scales(slow_share=0.0005)
     plain = error_panel.run(case, "neumann", 10)
     assert plain.z_error > 0.02 and plain.reported
-    fixed = error_panel.run(case, "neumann", 10, fallback="gmres")
+    fixed = error_panel.run(case, "neumann", 10, checks=rbp.Checks(fallback="gmres"))
     assert fixed.z_error < 1e-8  # GMRES(10) is exact on two distinct eigenvalues
 
 
@@ -145,8 +145,10 @@ def test_user_solver_that_modifies_b_is_measured_against_the_original():
         b.mul_(0.0)  # "uses b as workspace", then solves the system it now sees
         return torch.zeros_like(b)
 
-    h, info = rbp.fixed_point(f, torch.zeros(6, dtype=DT), 400, rbp.Implicit(destructive),
-                              on_failure="ignore", return_info=True)
+    h, info = rbp.fixed_point(
+        f, torch.zeros(6, dtype=DT), 400, rbp.Implicit(destructive),
+        checks=rbp.Checks(on_failure="ignore"), return_info=True,
+    )
     h.sum().backward()
     assert info.backward[0].error_estimate == pytest.approx(1.0)  # z = 0 against g != 0
 
@@ -156,10 +158,10 @@ def test_without_max_backward_error_the_estimates_are_skipped():
     recorded estimate is then the residual (Krylov) or the mean-rate tail (series)."""
     case = error_panel.two_time_scales(slow_share=0.005)
     checked = error_panel.run(case, "gmres", 1)
-    quiet = error_panel.run(case, "gmres", 1, max_backward_error=None)
+    quiet = error_panel.run(case, "gmres", 1, checks=rbp.Checks(max_backward_error=None))
     assert not quiet.reported and checked.reported
     assert quiet.estimate < checked.estimate
-    series = error_panel.run(case, "neumann", 10, max_backward_error=None)
+    series = error_panel.run(case, "neumann", 10, checks=rbp.Checks(max_backward_error=None))
     assert series.z_error > 0.15 and series.estimate < 0.01 and not series.reported
 
 
@@ -175,9 +177,10 @@ def test_per_sample_estimates_single_out_the_sample_with_a_hidden_slow_mode():
     fast = torch.randn(3, 20, generator=gen, dtype=DT) @ q[:, 1:].T
     g = fast / fast.norm(dim=1, keepdim=True)
     g[1] = 0.995 * g[1] + 0.005 * q[:, 0]
-    h, info = rbp.fixed_point(lambda h, c: h @ a + c, torch.zeros(3, 21, dtype=DT), 3000,
-                              "neumann", 10, batch_dim=0, inputs=(c,), tol=1e-13,
-                              on_failure="ignore", return_info=True)
+    h, info = rbp.fixed_point(
+        lambda h, c: h @ a + c, torch.zeros(3, 21, dtype=DT), 3000, "neumann", 10, batch_dim=0,
+        inputs=(c,), tol=1e-13, checks=rbp.Checks(on_failure="ignore"), return_info=True,
+    )
     (g * h).sum().backward()
     want = torch.linalg.solve(torch.eye(21, dtype=DT) - a.T, g.T).T  # z per sample
     err = ((c.grad - want).norm(dim=1) / c.grad.norm(dim=1)).tolist()

@@ -110,7 +110,8 @@ def test_last_step_is_the_linearisation_map_of_implicit_methods():
         return torch.tanh(0.5 * w @ h + x)
 
     h = rbp.fixed_point(
-        f, p.h0, 30, "neumann", 200, time_varying=True, last_step=last, settle_tol=None
+        f, p.h0, 30, "neumann", 200, time_varying=True, last_step=last,
+        checks=rbp.Checks(settle_tol=None),
     )
     assert seen == list(range(29))  # the last update used `last`, not f
     p.loss(h).backward()
@@ -157,7 +158,9 @@ def test_input_gradient_and_module_wrapper():
 
 def test_trace_and_info():
     p = tanh_rnn()
-    h, info = rbp.fixed_point(p.f, p.h0, 40, "neumann", 5, trace=True, return_info=True)
+    h, info = rbp.fixed_point(
+        p.f, p.h0, 40, "neumann", 5, checks=rbp.Checks(trace=True), return_info=True,
+    )
     assert len(info.forward_trace) == 40
     assert info.forward_trace[-1] < info.forward_trace[0]
     assert info.final_difference == info.forward_trace[-1]
@@ -168,7 +171,9 @@ def test_trace_and_info():
 
 def test_tol_stops_backward_early():
     p = tanh_rnn()
-    h, info = rbp.fixed_point(p.f, p.h0, 200, "neumann", 500, backward_tol=1e-10, return_info=True)
+    h, info = rbp.fixed_point(
+        p.f, p.h0, 200, rbp.solvers.Neumann(max_iter=500, tol=1e-10), 500, return_info=True,
+    )
     p.loss(h).backward()
     record = info.backward[0]
     assert record.status == "converged" and record.iterations < 500
@@ -195,11 +200,14 @@ def _expanding(rho: float = 1.3):
 @pytest.mark.parametrize("method", ["neumann", "rbp"])
 def test_growing_backward_series_is_reported(method):
     a, x, f = _expanding()
-    h = rbp.fixed_point(f, torch.zeros(4, dtype=DT), 1, method, 10, settle_tol=None)
+    h = rbp.fixed_point(
+        f, torch.zeros(4, dtype=DT), 1, method, 10, checks=rbp.Checks(settle_tol=None),
+    )
     with pytest.warns(rbp.ConvergenceWarning, match="growing|diverged"):
         h.sum().backward()
     h = rbp.fixed_point(
-        f, torch.zeros(4, dtype=DT), 1, method, 10, settle_tol=None, on_failure="raise"
+        f, torch.zeros(4, dtype=DT), 1, method, 10,
+        checks=rbp.Checks(settle_tol=None, on_failure="raise"),
     )
     with pytest.raises(rbp.DivergenceError, match=method):
         h.sum().backward()
@@ -208,14 +216,8 @@ def test_growing_backward_series_is_reported(method):
 def test_fallback_to_gmres_recovers_exact_gradient():
     a, x, f = _expanding()
     h = rbp.fixed_point(
-        f,
-        torch.zeros(4, dtype=DT),
-        1,
-        "neumann",
-        10,
-        settle_tol=None,
-        fallback="gmres",
-        return_info=True,
+        f, torch.zeros(4, dtype=DT), 1, "neumann", 10,
+        checks=rbp.Checks(settle_tol=None, fallback="gmres"), return_info=True,
     )
     h, info = h
     with pytest.warns(rbp.ConvergenceWarning, match="fell back to gmres"):
@@ -230,10 +232,10 @@ def test_unsettled_forward_is_reported():
     with pytest.warns(rbp.ConvergenceWarning, match="not settled"):
         rbp.fixed_point(p.f, p.h0, 2, "neumann")
     with pytest.raises(rbp.DivergenceError, match="not settled"):
-        rbp.fixed_point(p.f, p.h0, 2, "neumann", on_failure="raise")
+        rbp.fixed_point(p.f, p.h0, 2, "neumann", checks=rbp.Checks(on_failure="raise"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rbp.fixed_point(p.f, p.h0, 2, "neumann", settle_tol=None)
+        rbp.fixed_point(p.f, p.h0, 2, "neumann", checks=rbp.Checks(settle_tol=None))
         rbp.fixed_point(p.f, p.h0, 2, "bptt")  # exact for the unroll: nothing to report
 
 
@@ -250,8 +252,8 @@ def test_divergent_map_raises():
         ({"truncate": 0}, ValueError, "truncate must be an integer >= 1"),
         ({"steps": 0}, ValueError, "steps must be an integer >= 1"),
         ({"steps": 5, "method": "tbptt", "truncate": 6}, ValueError, "truncate <= steps"),
-        ({"fallback": "bptt"}, ValueError, "fallback must be one of"),
-        ({"on_failure": "explode"}, ValueError, "on_failure"),
+        ({"checks": rbp.Checks(fallback="gmres"), "method": "bptt"}, ValueError, "fallback"),
+        ({"checks": "explode"}, TypeError, "checks"),
         ({"tol": -1.0}, ValueError, "tol must be positive"),
     ],
 )
@@ -311,9 +313,13 @@ def test_warnings_point_at_the_users_line(how):
             layer = rbp.FixedPoint(lambda x, h: p.f(h) + 0 * x, steps=2, truncate=5)
             h = layer(torch.zeros(()), p.h0)
         elif how == "tol":
-            h = rbp.fixed_point(p.f, p.h0, 2, "neumann", 5, tol=1e-12, settle_tol=None)
+            h = rbp.fixed_point(
+                p.f, p.h0, 2, "neumann", 5, tol=1e-12, checks=rbp.Checks(settle_tol=None),
+            )
         else:
-            h = rbp.fixed_point(p.f, p.h0, 200, "neumann", 1, max_backward_error=1e-12)
+            h = rbp.fixed_point(
+                p.f, p.h0, 200, "neumann", 1, checks=rbp.Checks(max_backward_error=1e-12),
+            )
         here = len(caught)
         if how == "grad":
             torch.autograd.grad(h.sum(), p.params)  # backward: a 1-term series is inaccurate

@@ -117,8 +117,9 @@ def test_steps_without_tol_reproduce_version_0_exactly():
                 for q in p.params:
                     q.grad = None
                 h, info = rbp.fixed_point(
-                    p.f, p.h0.clone(), t, method, 20, settle_tol=None, rbp_init="zeros",
-                    on_failure="ignore", max_backward_error=None, return_info=True,
+                    p.f, p.h0.clone(), t, method, 20, return_info=True,
+                    checks=rbp.Checks(settle_tol=None, on_failure="ignore",
+                                      max_backward_error=None),
                 )
                 assert torch.equal(h.detach(), plain), (p.name, t, method)
                 assert info.final_difference == pytest.approx(plain_diff, rel=1e-12)
@@ -147,10 +148,12 @@ def test_tol_modes(mode):
     p = tanh_rnn()
     scale = 1e3
     f = lambda h: scale * p.f(h / scale)  # noqa: E731  (same dynamics, state 1000x larger)
-    _, info = rbp.fixed_point(f, p.h0, 500, "neumann", tol=1e-8, tol_mode=mode,
-                              return_info=True)
-    _, ref = rbp.fixed_point(p.f, p.h0, 500, "neumann", tol=1e-8, tol_mode=mode,
-                             return_info=True)
+    _, info = rbp.fixed_point(
+        f, p.h0, 500, "neumann", return_info=True, solver=rbp.Iterate(tol=1e-8, tol_mode=mode),
+    )
+    _, ref = rbp.fixed_point(
+        p.f, p.h0, 500, "neumann", return_info=True, solver=rbp.Iterate(tol=1e-8, tol_mode=mode),
+    )
     if mode == "relative":  # scale-free
         assert info.forward_steps == ref.forward_steps
     else:  # 1000x larger residuals need more steps to fall below the same absolute tol
@@ -161,8 +164,9 @@ def test_tol_modes(mode):
 def test_check_every_tests_only_every_n_steps():
     p = tanh_rnn()
     _, one = rbp.fixed_point(p.f, p.h0, 500, "neumann", tol=1e-9, return_info=True)
-    h, five = rbp.fixed_point(p.f, p.h0, 500, "neumann", tol=1e-9, check_every=5,
-                              return_info=True)
+    h, five = rbp.fixed_point(
+        p.f, p.h0, 500, "neumann", return_info=True, solver=rbp.Iterate(tol=1e-9, check_every=5),
+    )
     assert five.forward_steps % 5 == 0
     assert one.forward_steps <= five.forward_steps < one.forward_steps + 5
     assert torch.equal(h.detach(), rbp.fixed_point(p.f, p.h0, five.forward_steps).detach())
@@ -311,12 +315,16 @@ def test_a_map_without_fixed_point_is_a_divergence_error(solver):
     a = torch.ones(4, dtype=DT, requires_grad=True)
     f = lambda h: a * h * h + h + 1  # noqa: E731
     with pytest.raises(rbp.DivergenceError, match="not finite|did not reach tol"):
-        rbp.fixed_point(f, torch.zeros(4, dtype=DT), 400, "neumann", tol=1e-8, solver=solver,
-                        on_failure="raise")
+        rbp.fixed_point(
+            f, torch.zeros(4, dtype=DT), 400, "neumann", tol=1e-8, solver=solver,
+            checks=rbp.Checks(on_failure="raise"),
+        )
     if solver == "iterate":
         with pytest.raises(rbp.DivergenceError, match="not finite"):
-            rbp.fixed_point(f, torch.zeros(4, dtype=DT), 400, "neumann", tol=1e-8,
-                            solver=solver, on_failure="ignore")
+            rbp.fixed_point(
+                f, torch.zeros(4, dtype=DT), 400, "neumann", tol=1e-8, solver=solver,
+                checks=rbp.Checks(on_failure="ignore"),
+            )
 
 
 def test_accelerated_solvers_find_a_repelling_fixed_point_iteration_cannot():
@@ -336,15 +344,19 @@ def test_accelerated_solvers_find_a_repelling_fixed_point_iteration_cannot():
 def test_unreached_tol_goes_through_on_failure():
     p = tanh_rnn()
     with pytest.warns(rbp.ConvergenceWarning, match="did not reach tol=1e-12"):
-        _, info = rbp.fixed_point(p.f, p.h0, 5, "neumann", tol=1e-12, settle_tol=None,
-                                  return_info=True)
+        _, info = rbp.fixed_point(
+            p.f, p.h0, 5, "neumann", tol=1e-12, checks=rbp.Checks(settle_tol=None),
+            return_info=True,
+        )
     assert info.tol_reached is False and info.forward_steps == 5
     with pytest.raises(rbp.DivergenceError, match="did not reach tol"):
-        rbp.fixed_point(p.f, p.h0, 5, "neumann", tol=1e-12, on_failure="raise")
+        rbp.fixed_point(p.f, p.h0, 5, "neumann", tol=1e-12, checks=rbp.Checks(on_failure="raise"))
     f, w, x, s, h0 = _batch_problem()
     with pytest.warns(rbp.ConvergenceWarning, match="for [1-5] of 6 samples"):
-        rbp.fixed_point(f, h0, 12, "neumann", tol=1e-12, batch_dim=0, inputs=(x, s),
-                        settle_tol=None)
+        rbp.fixed_point(
+            f, h0, 12, "neumann", tol=1e-12, batch_dim=0, inputs=(x, s),
+            checks=rbp.Checks(settle_tol=None),
+        )
 
 
 def test_best_iterate_returns_the_argmin_of_the_residual():
@@ -363,8 +375,10 @@ def test_best_iterate_returns_the_argmin_of_the_residual():
     j = min(range(steps), key=res.__getitem__)
     assert j != steps - 1  # the construction works
     with pytest.warns(rbp.ConvergenceWarning, match="did not reach"):
-        h, info = rbp.fixed_point(f, h0, steps, "gmres", 10, tol=1e-14, best_iterate=True,
-                                  settle_tol=None, return_info=True)
+        h, info = rbp.fixed_point(
+            f, h0, steps, "gmres", 10, checks=rbp.Checks(settle_tol=None), return_info=True,
+            solver=rbp.Iterate(tol=1e-14, best_iterate=True),
+        )
     assert info.best_iterate is True
     assert torch.equal(h.detach(), hs[j + 1])  # F(h_j)
     assert info.forward_residual == pytest.approx(res[j], rel=1e-14)
@@ -406,7 +420,7 @@ def test_unrolled_methods_refuse_accelerated_solvers_clearly(method):
     with pytest.raises(ValueError, match="batch_dim"):
         rbp.fixed_point(p.f, p.h0[None], 50, method, 5, batch_dim=0)
     with pytest.raises(ValueError, match="best_iterate"):
-        rbp.fixed_point(p.f, p.h0, 50, method, 5, tol=1e-8, best_iterate=True)
+        rbp.fixed_point(p.f, p.h0, 50, method, 5, solver=rbp.Iterate(tol=1e-8, best_iterate=True))
 
 
 def test_time_varying_needs_plain_iteration():
@@ -660,9 +674,11 @@ def test_best_iterate_per_sample_is_each_samples_argmin():
             res.append((fh - hs[-1]).norm(dim=1))
             hs.append(fh)
         res_t = torch.stack(res)  # (steps, batch)
-        h, info = rbp.fixed_point(f, h0, 6, tol=1e-300, tol_mode="absolute", batch_dim=0,
-                                  inputs=(x, s), best_iterate=True, on_failure="ignore",
-                                  return_info=True)
+        h, info = rbp.fixed_point(
+            f, h0, 6, batch_dim=0, inputs=(x, s), checks=rbp.Checks(on_failure="ignore"),
+            return_info=True,
+            solver=rbp.Iterate(tol=1e-300, tol_mode="absolute", best_iterate=True),
+        )
     best = res_t.argmin(0)
     for b in range(3):
         assert torch.equal(h[b], hs[best[b] + 1][b])
@@ -692,8 +708,10 @@ def test_low_precision_states_run_every_solver():
 
 def test_one_step_budget_with_tol():
     p = tanh_rnn()
-    h, info = rbp.fixed_point(p.f, p.h0, 1, "neumann", tol=1e-3, solver="broyden",
-                              on_failure="ignore", settle_tol=None, return_info=True)
+    h, info = rbp.fixed_point(
+        p.f, p.h0, 1, "neumann", tol=1e-3, solver="broyden",
+        checks=rbp.Checks(on_failure="ignore", settle_tol=None), return_info=True,
+    )
     assert info.forward_steps == 1 and info.tol_reached is False
     assert torch.equal(h.detach(), p.f(p.h0).detach())
 
@@ -765,11 +783,17 @@ def test_checked_steps_catch_in_place_and_shape_changes(when):
 def test_time_varying_and_inputs_take_the_same_path_as_closures():
     p = tanh_rnn()
     c = torch.randn(8, dtype=DT)
-    want = rbp.fixed_point(lambda h: p.f(h) + 0.1 * c, p.h0, 30, "neumann", settle_tol=None)
-    got = rbp.fixed_point(lambda h, x: p.f(h) + 0.1 * x, p.h0, 30, "neumann", inputs=(c,),
-                          settle_tol=None)
-    tv = rbp.fixed_point(lambda h, t: p.f(h) + 0.1 * c, p.h0, 30, "neumann",
-                         time_varying=True, settle_tol=None)
+    want = rbp.fixed_point(
+        lambda h: p.f(h) + 0.1 * c, p.h0, 30, "neumann", checks=rbp.Checks(settle_tol=None),
+    )
+    got = rbp.fixed_point(
+        lambda h, x: p.f(h) + 0.1 * x, p.h0, 30, "neumann", inputs=(c,),
+        checks=rbp.Checks(settle_tol=None),
+    )
+    tv = rbp.fixed_point(
+        lambda h, t: p.f(h) + 0.1 * c, p.h0, 30, "neumann", time_varying=True,
+        checks=rbp.Checks(settle_tol=None),
+    )
     assert torch.equal(want.detach(), got.detach()) and torch.equal(want.detach(), tv.detach())
 
 

@@ -19,15 +19,14 @@ def test_long_limit_reaches_exact_gradient(problem, method):
     """Long unrolls / long series: every method reaches the exact dL/dw and dL/dx to 1e-8."""
     steps = problem.steps
     k = {"bptt": 1, "tbptt": steps, "cg": max(60, problem.series)}.get(method, problem.series)
-    kwargs = {"rbp_init": "zeros"} if method == "rbp" else {}
-    got = method_gradients(problem, method, steps=steps, truncate=k, **kwargs)
+    got = method_gradients(problem, method, steps=steps, truncate=k)
     want = exact_gradients(problem)
     assert max_rel_error(got, want) <= 1e-8
 
 
 def test_rbp_uniform_init_converges_to_exact(problem):
     got = method_gradients(
-        problem, "rbp", steps=problem.steps, truncate=problem.series, rbp_init="uniform"
+        problem, rbp.solvers.RBP(max_iter=problem.series, init="uniform"), steps=problem.steps
     )
     assert max_rel_error(got, exact_gradients(problem)) <= 1e-8
 
@@ -40,7 +39,7 @@ def test_truncation_is_an_approximation_that_improves_with_k(method):
     want = exact_gradients(p)
     errors = [
         max_rel_error(
-            method_gradients(p, method, steps=p.steps, truncate=k, rbp_init="zeros"), want
+            method_gradients(p, rbp.solvers.RBP(max_iter=k, init="zeros"), steps=p.steps), want
         )
         if method == "rbp"
         else max_rel_error(method_gradients(p, method, steps=p.steps, truncate=k), want)
@@ -74,7 +73,9 @@ def test_gmres_beats_cg_on_slow_non_normal_dynamics():
     want = exact_gradients(p)
     err = {
         m: max_rel_error(
-            method_gradients(p, m, steps=p.steps, truncate=15, on_failure="ignore"), want
+            method_gradients(
+                p, m, steps=p.steps, truncate=15, checks=rbp.Checks(on_failure="ignore"),
+            ), want
         )
         for m in ("cg", "gmres")
     }
@@ -86,8 +87,8 @@ def test_cg_forward_mode_jvp_matches_double_vjp(method):
     from dynamics import gru
 
     p = gru()
-    a = method_gradients(p, method, steps=p.steps, truncate=10, jvp="double_vjp")
-    b = method_gradients(p, method, steps=p.steps, truncate=10, jvp="func")
+    a = method_gradients(p, rbp.solvers.CGNormal(max_iter=10, jvp="double_vjp"), steps=p.steps)
+    b = method_gradients(p, rbp.solvers.CGNormal(max_iter=10, jvp="func"), steps=p.steps)
     assert max_rel_error(a, b) <= 1e-10
 
 
@@ -121,7 +122,7 @@ def test_cuda_matches_cpu(method):
     x = p.params[1].detach().cuda().requires_grad_()
     torch.manual_seed(0)
     h = rbp.fixed_point(
-        lambda h: torch.tanh(w @ h + x), p.h0.cuda(), 200, method, 60, rbp_init="zeros"
+        lambda h: torch.tanh(w @ h + x), p.h0.cuda(), 200, method, 60
     )
     p.loss(h.cpu()).backward()
     assert torch.allclose(w.grad.cpu(), cpu[0], atol=1e-6)

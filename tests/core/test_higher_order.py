@@ -229,7 +229,7 @@ def test_jvp_is_the_implicit_tangent_at_the_returned_state():
 
     def fn(w, method):
         return rbp.fixed_point(lambda h: torch.tanh(w @ h + x), torch.zeros(5, dtype=DT), 6,
-                               method, 60, on_failure="ignore")
+                               method, 60, checks=rbp.Checks(on_failure="ignore"))
 
     h = fn(w, "bptt")
     jac = torch.autograd.functional.jacobian(lambda h: torch.tanh(w @ h + x), h)
@@ -265,7 +265,7 @@ def test_forward_mode_reports_a_failed_tangent_solve():
     def fn(w):  # J = 0.5 at every h: contractive forward; a 2-term series is far off
         return rbp.fixed_point(lambda h: w @ h + 1.0, torch.zeros(1, dtype=DT), 200,
                                rbp.Implicit(rbp.solvers.Neumann(max_iter=1)),
-                               on_failure="raise", max_backward_error=1e-6)
+                               checks=rbp.Checks(on_failure="raise", max_backward_error=1e-6))
 
     with pytest.raises(rbp.DivergenceError, match="forward mode"):
         torch.func.jvp(fn, (w,), (torch.ones(1, 1, dtype=DT),))

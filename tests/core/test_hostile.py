@@ -24,7 +24,7 @@ def _net(n: int = 8, scale: float = 0.1, seed: int = 0, dtype=DT):
 
 INFERENCE_CASES = {
     "unroll": {},
-    "trace": {"trace": True},
+    "trace": {"checks": rbp.Checks(trace=True)},
     "tol": {"tol": 1e-10},
     "anderson": {"tol": 1e-10, "solver": "anderson"},
     "broyden": {"tol": 1e-10, "solver": "broyden"},
@@ -80,8 +80,10 @@ def test_autocast_with_accelerated_solvers(dtype, solver):
 
     h0 = torch.zeros(4, 16)
     with torch.autocast("cpu", dtype=dtype):
-        want = rbp.fixed_point(f, h0, 200, tol=1e-2, settle_tol=None)
-        got = rbp.fixed_point(f, h0, 200, tol=1e-2, solver=solver, settle_tol=None)
+        want = rbp.fixed_point(f, h0, 200, tol=1e-2, checks=rbp.Checks(settle_tol=None))
+        got = rbp.fixed_point(
+            f, h0, 200, tol=1e-2, solver=solver, checks=rbp.Checks(settle_tol=None),
+        )
     assert got.dtype == torch.float32
     assert (got - want).norm() <= 5e-2 * want.norm()
     got.sum().backward()
@@ -94,8 +96,10 @@ def test_autocast_with_accelerated_solvers(dtype, solver):
 @pytest.mark.parametrize("memory", [1, 2, 4])
 def test_broyden_non_finite_iterate_is_a_divergence_error(memory):
     with pytest.raises(rbp.DivergenceError, match="not finite"):
-        rbp.fixed_point(lambda h: 3 * torch.sqrt(h) - 4, torch.linspace(0.5, 2, 5, dtype=DT),
-                        40, tol=1e-9, solver=rbp.Broyden(memory=memory), check_every=10)
+        rbp.fixed_point(
+            lambda h: 3 * torch.sqrt(h) - 4, torch.linspace(0.5, 2, 5, dtype=DT), 40,
+            solver=rbp.Broyden(memory=memory, tol=1e-9, check_every=10),
+        )
 
 
 # ------------------------------------------------------------------ 4. the settle check per sample
@@ -116,16 +120,21 @@ def test_one_slow_sample_among_fast_ones_is_reported(options):
     options = dict(options)
     steps = options.pop("steps", 40)
     c, f, inputs = _rates_problem([0.3] * 120 + [0.995] + [0.3] * 79)
-    h, info = rbp.fixed_point(f, torch.zeros(200, 4, dtype=DT), steps, settle_tol=1e-3,
-                              on_failure="ignore", return_info=True, inputs=inputs, **options)
+    h, info = rbp.fixed_point(
+        f, torch.zeros(200, 4, dtype=DT), steps,
+        checks=rbp.Checks(settle_tol=1e-3, on_failure="ignore"), return_info=True, inputs=inputs,
+        **options,
+    )
     if "solver" not in options:
         assert info.relative_final_difference < 1e-3  # the whole-batch ratio says nothing
         h.sum().backward()
         assert abs(h[120] - 1).max() > 0.8  # 84 % away from h* = 1
         assert abs(c.grad[120] - 1).min() > 0.5  # d h*_i / d c_i = 1: the gradient is far off
     with pytest.warns(rbp.ConvergenceWarning, match=r"1 of 200 .*row 120"):
-        rbp.fixed_point(f, torch.zeros(200, 4, dtype=DT), steps, settle_tol=1e-3,
-                        inputs=inputs, **options)
+        rbp.fixed_point(
+            f, torch.zeros(200, 4, dtype=DT), steps, checks=rbp.Checks(settle_tol=1e-3),
+            inputs=inputs, **options,
+        )
 
 
 def test_settled_batch_gives_no_warning():
@@ -141,21 +150,29 @@ def test_absolute_tol_met_at_zero_fixed_point_is_no_false_alarm():
     w = torch.tensor(0.5, dtype=DT, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        h = rbp.fixed_point(lambda h: w * h, torch.ones(3, 2, dtype=DT), 200, tol=1e-9,
-                            tol_mode="absolute")
-        rbp.fixed_point(lambda h: w * h, torch.ones(3, 2, dtype=DT), 200, tol=1e-9,
-                        tol_mode="absolute", batch_dim=0)
+        h = rbp.fixed_point(
+            lambda h: w * h, torch.ones(3, 2, dtype=DT), 200,
+            solver=rbp.Iterate(tol=1e-9, tol_mode="absolute"),
+        )
+        rbp.fixed_point(
+            lambda h: w * h, torch.ones(3, 2, dtype=DT), 200, batch_dim=0,
+            solver=rbp.Iterate(tol=1e-9, tol_mode="absolute"),
+        )
     h.sum().backward()
     assert w.grad.abs() < 1e-8  # h* = 0: no dependence on w
     with pytest.warns(rbp.ConvergenceWarning, match="not settled"):  # the relative one does
-        rbp.fixed_point(lambda h: w * h, torch.ones(3, 2, dtype=DT), 20, tol=1e-9,
-                        tol_mode="absolute", on_failure="warn")
+        rbp.fixed_point(
+            lambda h: w * h, torch.ones(3, 2, dtype=DT), 20, checks=rbp.Checks(on_failure="warn"),
+            solver=rbp.Iterate(tol=1e-9, tol_mode="absolute"),
+        )
 
 
 def test_forward_messages_do_not_name_an_unchosen_backward_method():
     _, f = _net()
     with pytest.warns(rbp.ConvergenceWarning) as caught:
-        rbp.fixed_point(f, torch.zeros(8, dtype=DT), 2, tol=1e-12, settle_tol=None)
+        rbp.fixed_point(
+            f, torch.zeros(8, dtype=DT), 2, tol=1e-12, checks=rbp.Checks(settle_tol=None),
+        )
     assert all(str(w.message).startswith("fixed_point: the forward") for w in caught)
     with pytest.warns(rbp.ConvergenceWarning) as caught:  # the settle check is the forward's
         rbp.fixed_point(f, torch.zeros(8, dtype=DT), 2)
@@ -181,8 +198,10 @@ def test_jfb_and_phantom_report_an_unstable_fixed_point(method):
     assert info.backward[0].stability_rate == pytest.approx(2.0)
     assert not torch.allclose(c.grad, torch.ones(3, dtype=DT))  # meaningless indeed
     with pytest.raises(rbp.DivergenceError, match="unstable"):
-        rbp.fixed_point(lambda h: 2 * h - c, torch.zeros(3, dtype=DT), 20, method, tol=1e-10,
-                        solver="broyden", on_failure="raise").sum().backward()
+        rbp.fixed_point(
+            lambda h: 2 * h - c, torch.zeros(3, dtype=DT), 20, method, tol=1e-10, solver="broyden",
+            checks=rbp.Checks(on_failure="raise"),
+        ).sum().backward()
 
 
 @pytest.mark.parametrize("method", [rbp.JFB(), rbp.Phantom(4)])
@@ -306,8 +325,12 @@ def test_huge_solver_memory_is_sized_by_the_steps():
     h0 = torch.zeros(3, 16, dtype=DT)
     for big, small in ((rbp.Anderson(m=10**8), rbp.Anderson(m=5)),
                        (rbp.Broyden(memory=10**8), rbp.Broyden(memory=50))):
-        got = rbp.fixed_point(f, h0, 5, solver=big, tol=1e-12, on_failure="ignore")
-        want = rbp.fixed_point(f, h0, 5, solver=small, tol=1e-12, on_failure="ignore")
+        got = rbp.fixed_point(
+            f, h0, 5, solver=big, tol=1e-12, checks=rbp.Checks(on_failure="ignore"),
+        )
+        want = rbp.fixed_point(
+            f, h0, 5, solver=small, tol=1e-12, checks=rbp.Checks(on_failure="ignore"),
+        )
         assert torch.equal(got, want)
 
 
@@ -331,8 +354,10 @@ def test_compiled_step_with_cg_names_jvp_func():
     def step(h):
         return torch.tanh(h @ w + 1.0)
 
-    h = rbp.fixed_point(torch.compile(step, backend="aot_eager"), torch.zeros(8, dtype=DT),
-                        30, "cg", 5, settle_tol=None)
+    h = rbp.fixed_point(
+        torch.compile(step, backend="aot_eager"), torch.zeros(8, dtype=DT), 30, "cg", 5,
+        checks=rbp.Checks(settle_tol=None),
+    )
     with pytest.raises(RuntimeError, match="double backward.*jvp='func'"):
         h.sum().backward()
     torch._dynamo.reset()
@@ -378,7 +403,9 @@ def test_inference_mode_support_adds_no_graph_break_under_compile():
     torch._dynamo.reset()
     counters.clear()
     w, f = _net(scale=0.3)
-    run = torch.compile(lambda h0: rbp.fixed_point(f, h0, 10, "neumann", 5, settle_tol=None),
+    run = torch.compile(lambda h0: rbp.fixed_point(
+        f, h0, 10, "neumann", 5, checks=rbp.Checks(settle_tol=None),
+    ),
                         backend="aot_eager")
     run(torch.zeros(8, dtype=DT)).sum().backward()
     reasons = " ".join(str(k) for k in counters["graph_break"])

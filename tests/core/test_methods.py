@@ -147,7 +147,10 @@ def test_user_callable_returning_a_bad_result_is_refused():
 
 def test_user_solver_that_is_wrong_is_reported():
     p = tanh_rnn()
-    h = rbp.fixed_point(p.f, p.h0, 200, rbp.Implicit(lambda matvec, b: 0.5 * b), on_failure="raise")
+    h = rbp.fixed_point(
+        p.f, p.h0, 200, rbp.Implicit(lambda matvec, b: 0.5 * b),
+        checks=rbp.Checks(on_failure="raise"),
+    )
     with pytest.raises(rbp.DivergenceError, match="max_backward_error"):
         p.loss(h).backward()
 
@@ -175,10 +178,7 @@ def test_bad_method_values_are_refused_at_construction(make, error, match):
         ({"method": 3}, TypeError, "method must be a name"),
         ({"method": "adjoint"}, ValueError, "unknown method 'adjoint'"),
         ({"method": rbp.TBPTT(20), "steps": 5}, ValueError, "truncate <= steps"),
-        ({"fallback": "bptt"}, ValueError, "fallback must be"),
-        ({"fallback": rbp.JFB()}, ValueError, "fallback must be"),
-        ({"max_backward_error": -1.0}, ValueError, "max_backward_error"),
-        ({"max_backward_error": True}, TypeError, "max_backward_error"),
+        ({"method": rbp.solvers.RBP(max_iter=5), "truncate": 6}, ValueError, "applies to"),
     ],
 )
 def test_bad_method_arguments_of_fixed_point(kwargs, error, match):
@@ -188,17 +188,26 @@ def test_bad_method_arguments_of_fixed_point(kwargs, error, match):
         rbp.fixed_point(p.f, p.h0, **args)
 
 
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: rbp.Checks(fallback="bptt"), ValueError, "fallback must be"),
+        (lambda: rbp.Checks(fallback=rbp.JFB()), ValueError, "fallback must be"),
+        (lambda: rbp.Checks(max_backward_error=-1.0), ValueError, "max_backward_error"),
+        (lambda: rbp.Checks(max_backward_error=True), TypeError, "max_backward_error"),
+    ],
+)
+def test_bad_checks_are_refused_when_built(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
 def test_fallback_accepts_a_solver_value():
     a = (1.3 * torch.eye(4, dtype=DT)).requires_grad_()
     x = torch.ones(4, dtype=DT, requires_grad=True)
     h = rbp.fixed_point(
-        lambda h: a @ h + x,
-        torch.zeros(4, dtype=DT),
-        1,
-        "neumann",
-        10,
-        settle_tol=None,
-        fallback=solvers.GMRES(max_iter=10),
+        lambda h: a @ h + x, torch.zeros(4, dtype=DT), 1, "neumann", 10,
+        checks=rbp.Checks(settle_tol=None, fallback=solvers.GMRES(max_iter=10)),
     )
     with pytest.warns(rbp.ConvergenceWarning, match="fell back to gmres"):
         h.sum().backward()
@@ -207,22 +216,24 @@ def test_fallback_accepts_a_solver_value():
 
 def test_resolve_names():
     assert methods.resolve("tbptt", truncate=3) == rbp.TBPTT(3)
-    value = methods.resolve("gmres", truncate=10, restart=4)
+    value = methods.from_name("gmres", 10, restart=4)
     assert value.solver == solvers.GMRES(max_iter=10, restart=4)
+    assert methods.from_name("gmres", 10) == methods.resolve("gmres", truncate=10)
+    assert methods.from_name("rbp", 3, init="uniform").solver == solvers.RBP(3, init="uniform")
+    assert methods.from_name("tbptt", 4) == rbp.TBPTT(4)
     assert methods.resolve("rbp", truncate=2).solver.init == "zeros"
     assert repr(rbp.Phantom(3, 0.25)) == "Phantom(k=3, damping=0.25)"
 
 
 def test_string_options_with_a_value_are_refused():
     p = tanh_rnn()
-    for kwargs in (
-        {"truncate": 40},
-        {"backward_tol": 1e-6},
-        {"rbp_init": "uniform"},
-        {"restart": 5},
-    ):
-        with pytest.raises(ValueError, match="applies to the string method names only"):
-            rbp.fixed_point(p.f, p.h0, 10, rbp.Implicit(solvers.GMRES()), **kwargs)
+    with pytest.raises(ValueError, match="applies to the string method names only"):
+        rbp.fixed_point(p.f, p.h0, 10, rbp.Implicit(solvers.GMRES()), truncate=40)
+    # the value's own K is not ignored: accepted (from_name(name, k, ...) passed on with k)
+    rbp.fixed_point(p.f, p.h0, 10, rbp.Implicit(solvers.GMRES(max_iter=40)), truncate=40)
+    for name in ("backward_tol", "rbp_init", "restart"):  # options of the values now
+        with pytest.raises(TypeError, match=name):
+            rbp.fixed_point(p.f, p.h0, 10, rbp.Implicit(solvers.GMRES()), **{name: 5})
 
 
 def test_user_solution_without_errors_gets_the_true_residual_and_bad_status_is_refused():
@@ -232,12 +243,8 @@ def test_user_solution_without_errors_gets_the_true_residual_and_bad_status_is_r
     claims = solvers.Solution  # a user solver that says "converged" after doing nothing
 
     h, info = rbp.fixed_point(
-        p.f,
-        p.h0,
-        200,
-        rbp.Implicit(lambda m, b: claims(b, 1, [], Status.CONVERGED)),
-        on_failure="ignore",
-        return_info=True,
+        p.f, p.h0, 200, rbp.Implicit(lambda m, b: claims(b, 1, [], Status.CONVERGED)),
+        checks=rbp.Checks(on_failure="ignore"), return_info=True,
     )
     p.loss(h).backward()
     assert info.backward[0].error_estimate > 1e-2  # measured, not taken on trust
@@ -260,6 +267,6 @@ def test_string_methods_resolve_once_per_option_set():
     a = methods.resolve("neumann", truncate=7)
     assert a is methods.resolve("neumann", truncate=7)  # frozen value, cached
     assert a != methods.resolve("neumann", truncate=8)
-    assert methods.resolve("gmres", truncate=7, restart=3).solver.restart == 3
-    with pytest.raises(ValueError, match="tol must be a finite number"):
-        methods.resolve("rbp", truncate=3, tol=[1e-3])  # unhashable: still a clear message
+    assert methods.from_name("gmres", 7, restart=3).solver.restart == 3
+    with pytest.raises(TypeError, match="tol must be a finite number"):
+        methods.from_name("rbp", 3, tol=[1e-3])  # unhashable: still a clear message

@@ -16,28 +16,66 @@ REFUSED = [
     ({"method": "bptt", "solver": "anderson"}, ValueError, "solver='iterate'"),
     ({"method": "tbptt", "truncate": 5, "solver": rbp.Broyden()}, ValueError, "'broyden'"),
     ({"method": "bptt", "batch_dim": 0}, ValueError, "batch_dim=0 is not supported"),
-    ({"method": "tbptt", "truncate": 5, "best_iterate": True}, ValueError, "best_iterate"),
-    ({"method": "neumann", "restart": 10}, ValueError, "restart=10 would be ignored"),
-    ({"method": "cg", "restart": 10}, ValueError, "restart=10 would be ignored"),
-    ({"method": "neumann", "jvp": "func"}, ValueError, "jvp='func' would be ignored"),
-    ({"method": "gmres", "jvp": "func"}, ValueError, "method 'gmres' needs no J v"),
-    ({"method": rbp.JFB(), "jvp": "func"}, ValueError, "jvp='func' would be ignored"),
-    ({"tol_mode": "absolute"}, ValueError, "tol_mode='absolute' would be ignored"),
-    ({"check_every": 5}, ValueError, "check_every=5 would be ignored"),
-    ({"method": "bptt", "backward_tol": 1e-6}, ValueError, "backward_tol=1e-06 would be ignored"),
-    ({"method": "bptt", "fallback": "gmres"}, ValueError, "fallback='gmres' would be ignored"),
-    ({"method": "tbptt", "truncate": 5, "estimate_error": True}, ValueError, "estimate_error"),
+    ({"method": "tbptt", "truncate": 5, "solver": rbp.Iterate(best_iterate=True)}, ValueError,
+     "best_iterate"),
+    ({"method": "bptt", "checks": rbp.Checks(fallback="gmres")}, ValueError,
+     "Checks(fallback='gmres') would be ignored"),
+    ({"method": "tbptt", "truncate": 5, "checks": rbp.Checks(estimate_error=True)}, ValueError,
+     "Checks(estimate_error=True) would be ignored"),
     ({"method": rbp.BPTT(), "truncate": 7}, ValueError, "truncate applies to the string"),
+    ({"method": rbp.solvers.GMRES(max_iter=10), "truncate": 7}, ValueError,
+     "truncate applies to the string"),
     ({"method": rbp.TBPTT(11)}, ValueError, "truncate <= steps"),
     ({"time_varying": True, "solver": "anderson", "tol": 1e-6}, ValueError, "time_varying=True"),
+    ({"solver": rbp.Anderson(tol=1e-3), "tol": 1e-6}, ValueError, "has its own tol=0.001"),
+    ({"method": rbp.solvers.CGNormal(jvp="func"),
+      "checks": rbp.Checks(fallback=rbp.solvers.CGNormal())}, ValueError,
+     "obtain J v differently"),
     ({"steps": 2.0}, TypeError, "steps must be an integer >= 1, got 2.0"),
     ({"truncate": "5"}, TypeError, "truncate must be an integer"),
     ({"method": None}, TypeError, "bptt, tbptt, rbp, cg, neumann, gmres"),
     ({"solver": 3}, TypeError, "unknown solver 3"),
-    ({"tol_mode": 1}, TypeError, "tol_mode must be one of"),
-    ({"on_failure": None}, TypeError, "on_failure must be one of"),
-    ({"fallback": 3.0}, TypeError, "fallback must be a backward solver name"),
+    ({"checks": "raise"}, TypeError, "checks must be an rbp.Checks("),
 ]
+
+# An option that does not apply cannot even be written down: the values that do not use it
+# have no such field (the string shortcuts take none), and the ones that would ignore it
+# refuse it when built.
+REFUSED_VALUES = [
+    (lambda: rbp.solvers.Neumann(restart=10), TypeError, "restart"),
+    (lambda: rbp.solvers.CGNormal(restart=10), TypeError, "restart"),
+    (lambda: rbp.solvers.Neumann(jvp="func"), TypeError, "jvp"),
+    (lambda: rbp.solvers.GMRES(jvp="func"), TypeError, "jvp"),
+    (lambda: rbp.solvers.GMRES(init="uniform"), TypeError, "init"),
+    (lambda: rbp.Iterate(tol_mode="absolute"), ValueError,
+     "Iterate(tol_mode='absolute') would be ignored"),
+    (lambda: rbp.Anderson(check_every=5), ValueError, "Anderson(check_every=5) would be ignored"),
+    (lambda: rbp.methods.from_name("bptt", 5, tol=1e-6), ValueError, "tol would be ignored"),
+    (lambda: rbp.methods.from_name("neumann", 5, init="uniform"), TypeError, "init"),
+    (lambda: rbp.Checks(fallback=rbp.JFB()), ValueError, "fallback must be"),
+]
+
+
+@pytest.mark.parametrize(("make", "error", "match"), REFUSED_VALUES,
+                         ids=[m for _, _, m in REFUSED_VALUES])
+def test_values_refuse_what_they_would_ignore_when_built(make, error, match):
+    with pytest.raises(error) as caught:
+        make()
+    assert match in str(caught.value)
+
+
+def test_old_keyword_options_are_gone():
+    # the options now live on the values: passing one to fixed_point names it as unknown
+    p = tanh_rnn()
+    for name, value in (("backward_tol", 1e-6), ("rbp_init", "uniform"), ("restart", 10),
+                        ("jvp", "func"), ("tol_mode", "absolute"), ("check_every", 2),
+                        ("best_iterate", True), ("settle_tol", None), ("on_failure", "raise"),
+                        ("fallback", "gmres"), ("estimate_error", True), ("trace", True),
+                        ("max_backward_error", None)):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+            rbp.fixed_point(p.f, p.h0, 10, **{name: value})
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+            rbp.FixedPoint(_Cell(), 10, **{name: value})
 
 
 def _args(options):
@@ -80,14 +118,17 @@ def test_the_issue_example_fails_at_construction_not_at_the_first_call():
 @pytest.mark.parametrize(
     "options",
     [
-        {"method": "gmres", "restart": 10},
-        {"method": "neumann", "fallback": "gmres", "restart": 10},
-        {"method": "cg", "jvp": "func"},
-        {"method": "neumann", "fallback": "cg", "jvp": "func"},
-        {"method": rbp.Implicit(rbp.solvers.CGNormal(max_iter=5)), "truncate": 20,
-         "jvp": "func"},
-        {"tol": 1e-8, "tol_mode": "absolute", "check_every": 3},
-        {"method": "bptt", "fallback": None, "settle_tol": None},
+        {"method": rbp.solvers.GMRES(max_iter=20, restart=10)},
+        {"method": "neumann", "checks": rbp.Checks(fallback=rbp.solvers.GMRES(restart=10))},
+        {"method": rbp.solvers.CGNormal(jvp="func")},
+        {"method": "neumann",
+         "checks": rbp.Checks(fallback=rbp.solvers.CGNormal(jvp="func"))},
+        {"method": rbp.Implicit(rbp.solvers.CGNormal(max_iter=5, jvp="func")), "truncate": 5},
+        {"method": rbp.methods.from_name("rbp", 5, init="uniform"), "truncate": 5},
+        {"solver": rbp.Iterate(tol=1e-8, tol_mode="absolute", check_every=3)},
+        {"solver": "anderson", "tol": 1e-8},
+        {"solver": rbp.Broyden(best_iterate=True), "tol": 1e-8},
+        {"method": "bptt", "checks": rbp.Checks(fallback=None, settle_tol=None)},
         {"method": "tbptt", "truncate": 5, "solver": rbp.Iterate(damping=0.3)},
     ],
     ids=repr,
@@ -95,7 +136,8 @@ def test_the_issue_example_fails_at_construction_not_at_the_first_call():
 def test_options_that_apply_are_accepted(options):
     p = tanh_rnn()
     steps, method, truncate, rest = _args({"steps": 50, **options})
-    h = rbp.fixed_point(p.f, p.h0, steps, method, truncate, on_failure="ignore", **rest)
+    rest.setdefault("checks", rbp.Checks(on_failure="ignore"))
+    h = rbp.fixed_point(p.f, p.h0, steps, method, truncate, **rest)
     h.sum().backward()
     rbp.FixedPoint(_Cell(), steps, method, truncate, **rest)
 
@@ -126,7 +168,7 @@ def test_every_keyword_option_is_checked_and_named(name):
     "make",
     [
         lambda v: rbp.fixed_point(lambda h: 0.5 * h, torch.ones(2, dtype=DT), v),
-        lambda v: rbp.FixedPoint(_Cell(), 10, restart=v, method="gmres"),
+        lambda v: rbp.FixedPoint(_Cell(), 10, method=rbp.solvers.GMRES(restart=v)),
         lambda v: rbp.solvers.GMRES(restart=v),
         lambda v: rbp.solvers.Neumann(max_iter=v),
         lambda v: rbp.TBPTT(v),

@@ -18,7 +18,7 @@ def test_prop1_neumann_k_equals_tbptt_k_plus_1(make, k):
     p.h0 = h_star
     neumann = method_gradients(p, "neumann", steps=50, truncate=k)
     tbptt = method_gradients(p, "tbptt", steps=50, truncate=k + 1)
-    rbp_zero = method_gradients(p, "rbp", steps=50, truncate=k + 1, rbp_init="zeros")
+    rbp_zero = method_gradients(p, rbp.solvers.RBP(max_iter=k + 1, init="zeros"), steps=50)
     for a, b, c in zip(neumann, tbptt, rbp_zero, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
         assert torch.allclose(a, c, rtol=1e-12, atol=1e-13)
@@ -27,7 +27,9 @@ def test_prop1_neumann_k_equals_tbptt_k_plus_1(make, k):
 def test_prop1_differs_when_not_converged():
     """Off the fixed point the correspondence breaks: the test above can fail."""
     p = tanh_rnn()
-    neumann = method_gradients(p, "neumann", steps=3, truncate=2, settle_tol=None)
+    neumann = method_gradients(
+        p, "neumann", steps=3, truncate=2, checks=rbp.Checks(settle_tol=None),
+    )
     tbptt = method_gradients(p, "tbptt", steps=3, truncate=3)
     assert max((a - b).abs().max().item() for a, b in zip(neumann, tbptt, strict=True)) > 1e-6
 
@@ -63,7 +65,9 @@ def test_prop2_bound_holds(seed):
 def test_error_estimate_bounds_actual_error():
     """The Prop. 2 estimate from a power-iteration ||J|| bounds the true relative error of z."""
     p = tanh_rnn()
-    h, info = rbp.fixed_point(p.f, p.h0, 200, "neumann", 4, estimate_error=True, return_info=True)
+    h, info = rbp.fixed_point(
+        p.f, p.h0, 200, "neumann", 4, checks=rbp.Checks(estimate_error=True), return_info=True,
+    )
     p.loss(h).backward()
     record = info.backward[0]
     h_star = converge(p)

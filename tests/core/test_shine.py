@@ -65,7 +65,7 @@ def shine_z(p: dict, method, batch_dim: int | None = 0, rows=slice(None), **opti
     h, info = rbp.fixed_point(
         lambda h, x, c: f(h, x, c, p), torch.zeros_like(c), 300, method=method,
         solver=rbp.Broyden(), tol=1e-12, batch_dim=batch_dim, inputs=(x, c), return_info=True,
-        **options)
+        checks=rbp.Checks(**options) if options else None)
     (0.5 * (h - target).pow(2).sum()).backward()
     return c.grad, info
 
@@ -168,7 +168,7 @@ def test_per_sample_equals_one_by_one(solver):
 def test_refused_without_a_broyden_forward(solver):
     p = problem()
     for options in ({"method": rbp.Implicit(solvers.SHINE())},
-                    {"method": "gmres", "fallback": solvers.SHINE(refine=3)}):
+                    {"method": "gmres", "checks": rbp.Checks(fallback=solvers.SHINE(refine=3))}):
         with pytest.raises(ValueError, match="Broyden"):
             rbp.fixed_point(lambda h: f(h, p["x"], p["c"], p), torch.zeros(B, N, dtype=DT), 50,
                             solver=solver, tol=1e-8, **options)

@@ -35,7 +35,9 @@ def test_relative_trace_is_the_trace_over_the_state_norm(method: str, kwargs: di
     w, x = _problem()
     f = lambda h: torch.tanh(h @ w.T + x)  # noqa: E731
     h0 = torch.zeros(3, 6, dtype=DT)
-    _, info = rbp.fixed_point(f, h0, 40, method, 5, trace=True, return_info=True, **kwargs)
+    _, info = rbp.fixed_point(
+        f, h0, 40, method, 5, checks=rbp.Checks(trace=True), return_info=True, **kwargs,
+    )
     hs = _plain_iterates(f, h0, 41)
     n = len(info.forward_trace)
     assert n >= 5 and len(info.relative_forward_trace) == n
@@ -52,8 +54,10 @@ def test_solver_traces_with_anderson_are_residuals_over_the_image() -> None:
     w, x = _problem()
     f = lambda h: torch.tanh(h @ w.T + x)  # noqa: E731
     h0 = torch.zeros(3, 6, dtype=DT)
-    _, info = rbp.fixed_point(f, h0, 60, "gmres", 12, tol=1e-10, solver="anderson",
-                              trace=True, return_info=True)
+    _, info = rbp.fixed_point(
+        f, h0, 60, "gmres", 12, tol=1e-10, solver="anderson", checks=rbp.Checks(trace=True),
+        return_info=True,
+    )
     rel = info.relative_forward_trace
     assert len(rel) == len(info.forward_trace) >= 2
     assert rel[-1] <= 1e-10 < rel[0]

@@ -13,8 +13,11 @@ import rbp
 
 
 @dataclass(frozen=True)
-class Momentum:
-    """Picard with momentum (heavy ball): ``v <- beta v + (F(x) - x)``, ``x <- x + v``."""
+class Momentum(rbp.forward.Stopping):
+    """Picard with momentum (heavy ball): ``v <- beta v + (F(x) - x)``, ``x <- x + v``.
+
+    Subclassing :class:`rbp.forward.Stopping` gives it the stopping options (``tol``,
+    ``best_iterate``, ...); ``tol=`` works for any solver."""
 
     beta: float = 0.3
     name = "momentum"
@@ -73,8 +76,8 @@ def test_user_solver_returns_each_samples_best_iterate():
     solver = Momentum(beta=0.9)  # overshoots: the residual is not monotone
     with torch.no_grad():
         _, info = rbp.fixed_point(f, h0, 9, "neumann", tol=1e-14, batch_dim=0, inputs=inputs,
-                                  solver=solver, best_iterate=True, on_failure="ignore",
-                                  return_info=True)
+                                  solver=Momentum(beta=0.9, best_iterate=True),
+                                  checks=rbp.Checks(on_failure="ignore"), return_info=True)
         x, state, lowest = h0, solver.init(h0), torch.full((h0.shape[0],), torch.inf, dtype=DT)
         for _ in range(9):  # the same iteration by hand
             fx = f(x, *inputs)

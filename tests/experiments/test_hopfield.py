@@ -64,7 +64,7 @@ def test_inference_clamps_and_settles() -> None:
     m = _small(std=0.1)
     x = (torch.rand(m.n_visible) > 0.5).double()
     with torch.no_grad():
-        y, info = m(x, steps=50, trace=True)
+        y, info = m(x, steps=50, checks=rbp.Checks(trace=True))
     assert y.shape == (m.n_output,) and len(info.forward_trace) == 50
     assert info.forward_trace[-1] < 1e-10 < info.forward_trace[0]
     assert torch.allclose(m.output(m.initial_state(x), "sigmoid"), torch.full((3,), 0.5,
@@ -106,7 +106,7 @@ def test_neumann_matches_bptt_on_full_size_model() -> None:
     grads = {}
     for method in ("bptt", "neumann", "rbp"):
         m.zero_grad()
-        y, info = m(x, 50, method, 40, trace=True, rbp_init="zeros")
+        y, info = m(x, 50, method, 40, checks=rbp.Checks(trace=True))
         (y - x).abs().mean().backward()
         grads[method] = m.W.grad.clone()
         assert info.forward_trace[-1] < 1e-5 * info.forward_trace[0]

@@ -31,6 +31,7 @@ from rbp.forward.protocol import (
     TOL_MODES,
     ForwardSolver,
     SolverState,
+    Stopping,
     is_forward_solver,
     solver_name,
 )
@@ -65,16 +66,16 @@ def as_solver(value: Any) -> ForwardSolver:
         return value  # type: ignore[no-any-return]
     raise (ValueError if isinstance(value, str) else TypeError)(
         f"unknown solver {value!r}; use one of {', '.join(map(repr, SOLVERS))} or a value "
-        "rbp.Iterate(damping=...), rbp.Anderson(m=..., beta=..., ridge=...), "
-        "rbp.Broyden(memory=..., replay=...), or your own with init(x, max_evals) "
+        "rbp.Iterate(damping=..., tol=...), rbp.Anderson(m=..., beta=..., ridge=..., tol=...), "
+        "rbp.Broyden(memory=..., replay=..., tol=...), or your own with init(x, max_evals) "
         "(see rbp.forward.protocol)"
     )
 
 
 __all__ = [
     "SOLVERS", "TOL_MODES", "Anderson", "Broyden", "Forward", "ForwardSolver", "Iterate",
-    "Layout", "Measured", "RowSolve", "Solver", "SolverState", "_AndersonState", "_BroydenState",
-    "_IterateState", "as_solver", "call_map", "check_finite", "check_inputs",
+    "Layout", "Measured", "RowSolve", "Solver", "SolverState", "Stopping", "_AndersonState",
+    "_BroydenState", "_IterateState", "as_solver", "call_map", "check_finite", "check_inputs",
     "check_rows_independent", "from_rows", "is_forward_solver", "is_plain", "layout", "measured",
     "row_differences", "run", "solve", "solver_name", "step_map", "steps_taken", "to_rows",
     "unreached_message", "unroll", "unsettled_message", "worst_ratio",

@@ -9,13 +9,13 @@ import torch
 
 from rbp.diagnostics import check_count as _count
 from rbp.diagnostics import check_real as _real
-from rbp.forward.protocol import _replace_rows
+from rbp.forward.protocol import Stopping, _replace_rows
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class Anderson:
+class Anderson(Stopping):
     """Anderson acceleration (type II) over the last ``m`` iterates, per sample.
 
     ``x_{k+1} = sum_i a_i x_i + beta sum_i a_i g_i`` with ``g_i = F(x_i) - x_i`` and
@@ -38,6 +38,7 @@ class Anderson:
     ridge: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _count("Anderson(m=...)", self.m)
         beta = _real("Anderson(beta=...)", self.beta)
         if not 0.0 < beta <= 1.0:

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from rbp.diagnostics import check_count as _count
-from rbp.forward.protocol import _replace_rows, _row_norm
+from rbp.forward.protocol import Stopping, _replace_rows, _row_norm
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class Broyden:
+class Broyden(Stopping):
     """Limited-memory ("good") Broyden on ``g(x) = F(x) - x``, per sample.
 
     The inverse Jacobian of g is ``H = -I + sum_j u_j v_j^T`` with at most ``memory`` rank-one
@@ -35,6 +35,7 @@ class Broyden:
     gives_inverse_estimate = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _count("Broyden(memory=...)", self.memory)
         if self.replay is not None:
             _count("Broyden(replay=...)", self.replay)

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from rbp.diagnostics import check_real as _real
+from rbp.forward.protocol import Stopping
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class Iterate:
+class Iterate(Stopping):
     """Plain iteration ``h_{k+1} = (1 - damping) F(h_k) + damping h_k`` (0: the paper's).
 
     Assumes F is a contraction (or, damped, that the eigenvalues of ``J`` lie left of 1).
@@ -21,6 +22,7 @@ class Iterate:
     damping: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         d = _real("Iterate(damping=...)", self.damping)
         if not 0.0 <= d < 1.0:
             raise ValueError(f"Iterate(damping=...) must be in [0, 1), got {self.damping!r}")

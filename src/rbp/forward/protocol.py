@@ -19,12 +19,57 @@ every solver but plain iteration (the solver's arithmetic stays in the state's d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from rbp.diagnostics import check_count, check_real
+
 Tensor = torch.Tensor
 TOL_MODES: tuple[str, ...] = ("relative", "absolute")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stopping:
+    """The stopping options every built-in forward solver carries (keyword-only fields, checked
+    when the value is built; subclass it, as a frozen dataclass, to give your own solver them).
+
+    ``tol``: stop once ``||F(h) - h|| <= tol * ||F(h)||`` (``tol_mode="relative"``) or
+    ``<= tol`` (``"absolute"``); ``None``: spend all ``steps`` evaluations. ``check_every``:
+    test the stopping rule (one host synchronisation) every N iterations. ``best_iterate``:
+    return, per sample, the lowest-residual iterate the solve visited (and linearise there).
+    ``tol_mode`` and ``check_every`` configure the test, which runs only with a ``tol``: set
+    without one they are refused (they would be ignored).
+    """
+
+    tol: float | None = None
+    tol_mode: str = "relative"
+    check_every: int = 1
+    best_iterate: bool = False
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if self.tol is not None and check_real(f"{owner}(tol=...)", self.tol) <= 0:
+            raise ValueError(f"{owner}(tol=...) must be positive, or None, got {self.tol!r}")
+        if not isinstance(self.tol_mode, str):
+            raise TypeError(f"{owner}(tol_mode=...) must be one of "
+                            f"{', '.join(map(repr, TOL_MODES))}, got {self.tol_mode!r}")
+        if self.tol_mode not in TOL_MODES:
+            raise ValueError(f"{owner}(tol_mode=...) must be one of "
+                             f"{', '.join(map(repr, TOL_MODES))}, got {self.tol_mode!r}")
+        check_count(f"{owner}(check_every=...)", self.check_every)
+        if not isinstance(self.best_iterate, bool):
+            raise TypeError(f"{owner}(best_iterate=...) must be True or False, got "
+                            f"{self.best_iterate!r}")
+        if self.tol is None:
+            for name, default in (("tol_mode", "relative"), ("check_every", 1)):
+                value = getattr(self, name)
+                if value != default:
+                    raise ValueError(
+                        f"{owner}({name}={value!r}) would be ignored: {name} configures the "
+                        f"stopping test, which runs only with a tol; pass {owner}(tol=..., "
+                        f"{name}={value!r}) or leave {name} out")
 
 
 class SolverState(Protocol):

@@ -89,6 +89,6 @@ def unreached_message(info: Any, tol: float, tol_mode: str, steps: int) -> str |
     return (
         f"fixed_point: the forward did not reach tol={tol:g} ({tol_mode}) within steps={steps} "
         f"evaluations{where} (largest residual ||F(h) - h|| = {worst:.3g}, solver "
-        f"{info.solver!r}). Raise steps, {hint}or loosen tol; best_iterate=True returns the "
-        "lowest-residual iterate."
+        f"{info.solver!r}). Raise steps, {hint}or loosen tol; the solver's best_iterate=True "
+        "(e.g. rbp.Anderson(tol=..., best_iterate=True)) returns the lowest-residual iterate."
     )

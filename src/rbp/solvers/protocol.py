@@ -112,8 +112,9 @@ def _check_int(name: str, value: Any, low: int = 1) -> None:
 def _check_tol(value: Any) -> None:
     if value is None:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"tol must be a finite number > 0 or None, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"tol must be a finite number > 0 or None, got {value!r}")
 
 

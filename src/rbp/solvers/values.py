@@ -10,6 +10,8 @@ from rbp.solvers.krylov import conjugate_gradient_normal, gmres
 from rbp.solvers.protocol import Matvec, Solution, Tensor, _check_int, _check_tol
 from rbp.solvers.series import fixed_point_iteration, neumann
 
+JVP_MODES: tuple[str, ...] = ("double_vjp", "func")
+
 
 @dataclass(frozen=True)
 class _Options:
@@ -48,6 +50,8 @@ class RBP(_Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.init, str):
+            raise TypeError(f"init must be 'zeros' or 'uniform', got {self.init!r}")
         if self.init not in ("zeros", "uniform"):
             raise ValueError(f"init must be 'zeros' or 'uniform', got {self.init!r}")
 
@@ -60,10 +64,23 @@ class RBP(_Options):
 
 @dataclass(frozen=True)
 class CGNormal(_Options):
-    """CG on the normal equations (CG-RBP). Assumes ``I - J`` invertible; needs ``J v``."""
+    """CG on the normal equations (CG-RBP). Assumes ``I - J`` invertible; needs ``J v``.
 
+    ``jvp``: how ``J v`` is obtained: ``"double_vjp"`` (default: reverse-over-reverse on the graph
+    of the last step) or ``"func"`` (forward mode, ``torch.func.jvp``; for a step compiled by
+    ``torch.compile``, whose graph cannot be differentiated twice).
+    """
+
+    jvp: str = "double_vjp"
     name = "cg"
     needs_jvp = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.jvp, str):
+            raise TypeError(f"jvp must be 'double_vjp' or 'func', got {self.jvp!r}")
+        if self.jvp not in JVP_MODES:
+            raise ValueError(f"jvp must be 'double_vjp' or 'func', got {self.jvp!r}")
 
     def solve(self, matvec: Matvec, b: Tensor) -> Solution:
         return conjugate_gradient_normal(

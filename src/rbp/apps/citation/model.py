@@ -110,8 +110,8 @@ class GGNN(nn.Module):
     ) -> tuple[torch.Tensor, rbp.FixedPointInfo]:
         """Logits ``(N, C)`` after ``steps`` propagation steps, and the fixed-point info."""
         h, info = rbp.fixed_point(
-            lambda s: self.step(adj, s), h0, steps, method=method, truncate=truncate,
-            trace=trace, on_failure=on_failure, return_info=True, **_paper_rbp_start(method),
+            lambda s: self.step(adj, s), h0, steps, method=_uniform_rbp(method, truncate),
+            truncate=truncate, checks=_checks(on_failure, trace), return_info=True,
         )
         return self.out(h), info
 
@@ -140,8 +140,8 @@ class InjectedGNN(nn.Module):
         u = torch.relu(self.proj(self.drop(x)))
         h0 = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype, device=x.device)
         h, info = rbp.fixed_point(
-            lambda s: self.step(adj, u, s), h0, steps, method=method, truncate=truncate,
-            trace=trace, on_failure=on_failure, return_info=True, **_paper_rbp_start(method),
+            lambda s: self.step(adj, u, s), h0, steps, method=_uniform_rbp(method, truncate),
+            truncate=truncate, checks=_checks(on_failure, trace), return_info=True,
         )
         return self.out(self.drop(h)), info
 
@@ -159,16 +159,24 @@ def truncation_for(rate: float, bound: float) -> int:
     return max(1, k)
 
 
-def _paper_rbp_start(method: str) -> dict[str, Any]:
+def _uniform_rbp(method: Any, truncate: int) -> Any:
     """Original RBP in the paper's models starts from Alg. 1's ``z_0 ~ U[0, 1]`` (rbp's default
     start is zero), so their Table 1 rows keep the paper's algorithm."""
-    return {"rbp_init": "uniform"} if method == "rbp" else {}
+    return rbp.methods.from_name("rbp", truncate, init="uniform") if method == "rbp" else method
 
 
-def _backward_tol(value: float | None, method: str) -> dict[str, Any]:
-    """``backward_tol=value`` for :func:`rbp.fixed_point`, or nothing when ``value`` is None
-    or ``method`` back-propagates through the updates (bptt, tbptt: no backward solve)."""
-    return {} if value is None or method in ("bptt", "tbptt") else {"backward_tol": value}
+def _with_backward_tol(method: Any, truncate: int, value: float | None) -> Any:
+    """The method with its backward solver stopping at ``value`` (relative increment or
+    residual), or ``method`` itself when ``value`` is None or ``method`` back-propagates through
+    the updates (bptt, tbptt: no backward solve)."""
+    if value is None or not isinstance(method, str) or method in ("bptt", "tbptt"):
+        return method
+    return rbp.methods.from_name(method, truncate, tol=value)
+
+
+def _checks(on_failure: str, trace: bool) -> rbp.Checks:
+    """The checks of the apps' calls: report per ``on_failure``, record the trace if asked."""
+    return rbp.Checks(on_failure=on_failure, trace=trace)
 
 
 def row_normalise(features: torch.Tensor) -> torch.Tensor:
@@ -350,9 +358,9 @@ class PPRGNN(nn.Module):
         """
         h = self.mlp(x)
         return rbp.fixed_point(
-            lambda z: self.step(adj, h, z), h.detach(), steps, method=method, truncate=truncate,
-            trace=trace, on_failure=on_failure, return_info=True,
-            **_backward_tol(backward_tol, method),
+            lambda z: self.step(adj, h, z), h.detach(), steps,
+            method=_with_backward_tol(method, truncate, backward_tol), truncate=truncate,
+            checks=_checks(on_failure, trace), return_info=True,
         )
 
 
@@ -404,8 +412,8 @@ class IGNN(nn.Module):
         w = self.weight()
         z0 = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype, device=x.device)
         z, info = rbp.fixed_point(
-            lambda z: self.step(adj, w, u, z), z0, steps, method=method, truncate=truncate,
-            trace=trace, on_failure=on_failure, return_info=True,
-            **_backward_tol(backward_tol, method),
+            lambda z: self.step(adj, w, u, z), z0, steps,
+            method=_with_backward_tol(method, truncate, backward_tol), truncate=truncate,
+            checks=_checks(on_failure, trace), return_info=True,
         )
         return self.out(self.drop(z)), info

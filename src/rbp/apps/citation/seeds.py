@@ -24,7 +24,9 @@ from .model import (
     GGNN,
     PPRGNN,
     CSRPatternCache,
+    _checks,
     _SparseFeatureMatmul,
+    _with_backward_tol,
     is_sparse,
     symmetric_spmm,
 )
@@ -116,8 +118,9 @@ class SeedBatchedGGNN(nn.Module):
             # seed's block on its own anyway
             how["batch_dim"] = 0
         h, info = rbp.fixed_point(
-            lambda x, *w: self.step(adj, x, *w), start, steps, method=method, trace=trace,
-            on_failure=on_failure, return_info=True, inputs=self.gru_weights(), **how,
+            lambda x, *w: self.step(adj, x, *w), start, steps, method=method,
+            checks=_checks(on_failure, trace), return_info=True, inputs=self.gru_weights(),
+            **how,
         )
         return torch.baddbmm(self.bias_out, h, self.weight_out), info
 
@@ -259,14 +262,13 @@ class SeedBatchedPPR(nn.Module):
         how: dict[str, Any] = {"truncate": truncate}
         if method not in ("bptt", "tbptt"):
             how["batch_dim"] = 0
-            if backward_tol is not None:
-                how["backward_tol"] = backward_tol
+            method = _with_backward_tol(method, truncate, backward_tol)
         if tol is not None:
             how["tol"] = tol
         start = h.detach() if warm is None else warm.h0(h.detach())
         z, info = rbp.fixed_point(
-            lambda z, hh: self.step(adj, z, hh), start, steps, method=method, trace=trace,
-            on_failure=on_failure, return_info=True, inputs=(h,), **how,
+            lambda z, hh: self.step(adj, z, hh), start, steps, method=method,
+            checks=_checks(on_failure, trace), return_info=True, inputs=(h,), **how,
         )
         if warm is not None:
             warm.update(z)

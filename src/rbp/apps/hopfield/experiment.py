@@ -105,7 +105,8 @@ def _validate(
     """From the corrupted inputs (one batch): mean L1 of the outputs to the clean images, the
     same for the outputs binarised at 0.5, ``||H_t - H_{t-1}||_F`` per update, the outputs."""
     with torch.no_grad():
-        y, info = model(x_val, cfg.steps, "bptt", cfg.truncate, output=cfg.output, trace=True)
+        y, info = model(x_val, cfg.steps, "bptt", cfg.truncate, output=cfg.output,
+                        checks=rbp.Checks(trace=True))
         binary = (y >= 0.5).to(y.dtype)
     return (float((y - target).abs().mean()), float((binary - target).abs().mean()),
             list(info.forward_trace), y)
@@ -160,8 +161,10 @@ def train_method(
             opt.zero_grad(set_to_none=True)
             problem = None
             try:
-                y, info = model(x, cfg.steps, method, cfg.truncate, output=cfg.output,
-                                on_failure=cfg.on_failure, rbp_init=cfg.rbp_init)
+                how = (rbp.methods.from_name("rbp", cfg.truncate, init=cfg.rbp_init)
+                       if method == "rbp" else method)
+                y, info = model(x, cfg.steps, how, cfg.truncate, output=cfg.output,
+                                checks=rbp.Checks(on_failure=cfg.on_failure))
                 loss = (y - x).abs().mean()
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):

@@ -204,9 +204,10 @@ def meta_step(
             snapshot(steps, out)
         return out
 
+    how = rbp.methods.from_name("rbp", truncate, init=rbp_init) if method == "rbp" else method
     h_t, info = rbp.fixed_point(
-        f, initial_state(problem), steps, method, truncate, time_varying=True, last_step=last,
-        settle_tol=None, on_failure="ignore", rbp_init=rbp_init, return_info=True,
+        f, initial_state(problem), steps, how, truncate, time_varying=True, last_step=last,
+        checks=rbp.Checks(settle_tol=None, on_failure="ignore"), return_info=True,
     )
     n = len(h_t) // 2
     meta_loss = model.loss(h_t[:n], problem.x, problem.y)
