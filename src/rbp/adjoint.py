@@ -103,88 +103,19 @@ class Adjoint:
     ) -> list[Tensor]:
         """``z = (I - J^T)^{-1} g`` on the graph ``h_out = F(h_in)``, checked and recorded in the
         info (``grads``: ``g`` per leaf of ``h_out``)."""
-        name = self.method.name
-        out0, in0 = h_out[0], h_in[0]
-        single = (
-            len(h_out) == 1 and len(h_in) == 1 and self.batch_dim is None and out0.requires_grad
-        )
-        out_dtype = out0.dtype
-        rows: Layout | None = None
-
-        def layout() -> Layout:  # built on first use: the single-leaf products never need it
-            nonlocal rows
-            if rows is None:
-                rows = describe(h_out, None, self.batch_dim)  # the forward's row layout
-            return rows
-
-        work = torch.promote_types(out_dtype, torch.float32)
-        if single:  # the common case, set up without the row bookkeeping
-            g0 = grads[0]
-            b = (torch.zeros_like(out0) if g0 is None else g0).reshape(1, -1).to(work)
-            live = [0]
-        else:
-            for o in h_out[1:]:
-                work = torch.promote_types(work, o.dtype)
-            g_leaves = [
-                torch.zeros_like(o) if g is None else g for g, o in zip(grads, h_out, strict=True)
-            ]
-            b = to_rows(g_leaves, layout(), work)
-            live = [i for i, o in enumerate(h_out) if o.requires_grad]
-        cast = out_dtype != work
-        row_shape = b.shape
-        # The K products reuse one graph with arguments checked here, so they call the engine
-        # the way torch.autograd.grad does, without its per-call Python re-validation (~10 us
-        # a product); a tensor subclass, or a v of another shape, takes the public path.
-        direct = _ENGINE_DIRECT if out0.is_cpu else None
-        engine = (direct or _ENGINE_RUN_BACKWARD) if single else None
-        if engine is not None and torch.overrides.has_torch_function((out0, in0)):
-            engine = None
-        if engine is not None:
-            torch._C._set_grad_enabled(True)  # (the context manager costs more, once a call)
-            try:
-                out_row = out0.reshape(row_shape)  # grads arrive as rows: no reshape per product
-            finally:
-                torch._C._set_grad_enabled(False)
-
-        def vjp_single(v: Tensor) -> Tensor:  # the common case, without list bookkeeping
-            if engine is not None and v.shape == row_shape and v.dtype == work:
-                (gi,) = engine(
-                    (out_row,), (v.to(out_dtype) if cast else v,), True, False, (in0,), True,
-                    accumulate_grad=False,
-                )
-            else:
-                u = v.reshape(out0.shape)
-                (gi,) = torch.autograd.grad(
-                    out0, in0, u.to(out_dtype) if cast else u, retain_graph=True,
-                    allow_unused=True,
-                )
-            if gi is None:
-                return torch.zeros_like(v)
-            return gi.reshape(1, -1).to(work) if cast else gi.reshape(1, -1)
-
-        def vjp(v: Tensor) -> Tensor:
-            vs = from_rows(v, layout(), [o.dtype for o in h_out])
-            out = torch.autograd.grad(
-                [h_out[i] for i in live],
-                h_in,
-                [vs[i] for i in live],
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            return to_rows(out, layout(), work)
-
-        jvp_cache: dict[str, Callable[[Tensor], Tensor]] = {}
-
-        def jvp(v: Tensor) -> Tensor:
-            if "f" not in jvp_cache:
-                jvp_cache["f"] = self._make_jvp(h_in, h_out, live)
-            vs = from_rows(v, layout(), [x.dtype for x in h_in])
-            return to_rows(jvp_cache["f"](vs), layout(), work)
-
-        op = solvers.AdjointOperator(vjp_single if single else vjp, jvp,
+        rows = _AdjointRows(h_in, h_out, grads, self.batch_dim, self._make_jvp)
+        op = solvers.AdjointOperator(rows.vjp, rows.jvp,
                                      estimate=self.max_backward_error is not None,
                                      inverse_estimate=self.inverse_estimate)
+        solution = self._checked(op, rows.b, rows.work)
+        return rows.leaves(solution.z)
+
+    def _checked(self, op: solvers.AdjointOperator, b: Tensor, work: torch.dtype,
+                 what: str = "") -> solvers.Solution:
+        """Run the method's solver on ``op z = b`` (and the fallback, if it fails), report per
+        ``on_failure`` and append the record to the info, named ``"<method> (<what>)"`` for
+        another system than the adjoint's."""
+        name = f"{self.method.name} ({what})" if what else self.method.name
         solution = _solve(self.method.solver, op, b, name)
         record = BackwardInfo(
             method=name,
@@ -200,26 +131,7 @@ class Adjoint:
         if problem is not None:
             message = f"{name}: {problem}"
             if self.fallback is not None:
-                fb_name = str(getattr(self.fallback, "name", type(self.fallback).__name__))
-                solution = _solve(self.fallback, op, b, fb_name)
-                record.fell_back_to = fb_name
-                record.error_estimate = solution.error_estimate
-                record.relative_residual = _max_or_none(solution.sample_residuals)
-                record.sample_errors = (
-                    solution.sample_errors if self.batch_dim is not None else None
-                )
-                second = self._problem(solution, b)
-                if second is None:
-                    report(
-                        "warn" if self.on_failure != "ignore" else "ignore",
-                        f"{message}; fell back to {fb_name}: {solution.status} after "
-                        f"{solution.iterations} iterations",
-                    )
-                else:
-                    report(
-                        self.on_failure,
-                        f"{message}; the fallback {fb_name} failed too: {second}",
-                    )
+                solution = self._fall_back(op, b, message, record)
             else:
                 report(
                     self.on_failure,
@@ -229,19 +141,35 @@ class Adjoint:
         if not self.method.accurate:
             self._check_stable(op.vjp, b, name, record)
         if self.estimate_error:
+            assert op.jvp is not None
             record.jacobian_norm = power_iteration_norm(
-                lambda v: vjp(v.reshape(b.shape)).reshape(-1),
-                lambda v: jvp(v.reshape(b.shape)).reshape(-1),
+                lambda v: op.vjp(v.reshape(b.shape)).reshape(-1),
+                lambda v: op.jvp(v.reshape(b.shape)).reshape(-1),  # type: ignore[misc]
                 b.reshape(-1),
                 iters=10,
             )
             terms = solution.terms if solution.terms is not None else solution.iterations
             record.error_bound = neumann_relative_error_estimate(record.jacobian_norm, terms)
         self.info.backward.append(record)
-        if single:
-            z = solution.z.reshape(out0.shape)
-            return [z.to(out_dtype) if cast else z]
-        return from_rows(solution.z, layout(), [o.dtype for o in h_out])
+        return solution
+
+    def _fall_back(self, op: solvers.AdjointOperator, b: Tensor, message: str,
+                   record: BackwardInfo) -> solvers.Solution:
+        """Re-solve with the fallback solver after the method's solve failed (``message``)."""
+        fb_name = str(getattr(self.fallback, "name", type(self.fallback).__name__))
+        solution = _solve(self.fallback, op, b, fb_name)
+        record.fell_back_to = fb_name
+        record.error_estimate = solution.error_estimate
+        record.relative_residual = _max_or_none(solution.sample_residuals)
+        record.sample_errors = solution.sample_errors if self.batch_dim is not None else None
+        second = self._problem(solution, b)
+        if second is None:
+            report("warn" if self.on_failure != "ignore" else "ignore",
+                   f"{message}; fell back to {fb_name}: {solution.status} after "
+                   f"{solution.iterations} iterations")
+        else:
+            report(self.on_failure, f"{message}; the fallback {fb_name} failed too: {second}")
+        return solution
 
     def _check_stable(
         self, vjp: Callable[[Tensor], Tensor], b: Tensor, name: str, record: BackwardInfo
@@ -328,6 +256,108 @@ class Adjoint:
             return full
 
         return double_vjp
+
+
+class _AdjointRows:
+    """The adjoint's right-hand side ``b = g`` as ``(batch, n)`` rows (in float32 at least) and
+    the products ``J^T v`` / ``J v`` on rows, on the graph ``h_out = F(h_in)``."""
+
+    def __init__(self, h_in: list[Tensor], h_out: list[Tensor], grads: Sequence[Tensor | None],
+                 batch_dim: int | None,
+                 make_jvp: Callable[[list[Tensor], list[Tensor], list[int]],
+                                    Callable[[list[Tensor]], list[Tensor]]]) -> None:
+        self.h_in, self.h_out, self.batch_dim, self._make_jvp = h_in, h_out, batch_dim, make_jvp
+        out0 = h_out[0]
+        self.out_dtype = out0.dtype
+        self._layout: Layout | None = None
+        self._jvp: Callable[[list[Tensor]], list[Tensor]] | None = None
+        self.single = (len(h_out) == 1 and len(h_in) == 1 and batch_dim is None
+                       and out0.requires_grad)
+        work = torch.promote_types(self.out_dtype, torch.float32)
+        if self.single:  # the common case, set up without the row bookkeeping
+            g0 = grads[0]
+            self.b = (torch.zeros_like(out0) if g0 is None else g0).reshape(1, -1).to(work)
+            self.live = [0]
+            self._single = self._single_products(out0, h_in[0], work)
+        else:
+            for o in h_out[1:]:
+                work = torch.promote_types(work, o.dtype)
+            g_leaves = [torch.zeros_like(o) if g is None else g
+                        for g, o in zip(grads, h_out, strict=True)]
+            self.b = to_rows(g_leaves, self.layout(), work)
+            self.live = [i for i, o in enumerate(h_out) if o.requires_grad]
+            self._single = None
+        self.work = work
+
+    def layout(self) -> Layout:  # built on first use: the single-leaf products never need it
+        if self._layout is None:
+            self._layout = describe(self.h_out, None, self.batch_dim)  # the forward's layout
+        return self._layout
+
+    def _single_products(self, out0: Tensor, in0: Tensor, work: torch.dtype
+                         ) -> Callable[[Tensor], Tensor]:
+        """``J^T v`` for one leaf and one row. The K products reuse one graph with arguments
+        checked here, so they call the engine the way torch.autograd.grad does, without its
+        per-call Python re-validation (~10 us a product); a tensor subclass, or a v of another
+        shape, takes the public path."""
+        cast = self.out_dtype != work
+        row_shape = self.b.shape
+        direct = _ENGINE_DIRECT if out0.is_cpu else None
+        engine = direct or _ENGINE_RUN_BACKWARD
+        if engine is not None and torch.overrides.has_torch_function((out0, in0)):
+            engine = None
+        out_row = out0
+        if engine is not None:
+            torch._C._set_grad_enabled(True)  # (the context manager costs more, once a call)
+            try:
+                out_row = out0.reshape(row_shape)  # grads arrive as rows: no reshape per product
+            finally:
+                torch._C._set_grad_enabled(False)
+        out_dtype = self.out_dtype
+
+        def vjp_single(v: Tensor) -> Tensor:
+            if engine is not None and v.shape == row_shape and v.dtype == work:
+                (gi,) = engine(
+                    (out_row,), (v.to(out_dtype) if cast else v,), True, False, (in0,), True,
+                    accumulate_grad=False,
+                )
+            else:
+                u = v.reshape(out0.shape)
+                (gi,) = torch.autograd.grad(
+                    out0, in0, u.to(out_dtype) if cast else u, retain_graph=True,
+                    allow_unused=True,
+                )
+            if gi is None:
+                return torch.zeros_like(v)
+            return gi.reshape(1, -1).to(work) if cast else gi.reshape(1, -1)
+
+        return vjp_single
+
+    def vjp(self, v: Tensor) -> Tensor:
+        """``J^T v`` on rows (a method, not a stored bound method: no reference cycle keeps the
+        graph alive after the backward)."""
+        if self._single is not None:
+            return self._single(v)
+        h_out, live = self.h_out, self.live
+        vs = from_rows(v, self.layout(), [o.dtype for o in h_out])
+        out = torch.autograd.grad(
+            [h_out[i] for i in live], self.h_in, [vs[i] for i in live], retain_graph=True,
+            allow_unused=True, materialize_grads=True,
+        )
+        return to_rows(out, self.layout(), self.work)
+
+    def jvp(self, v: Tensor) -> Tensor:
+        if self._jvp is None:
+            self._jvp = self._make_jvp(self.h_in, self.h_out, self.live)
+        vs = from_rows(v, self.layout(), [x.dtype for x in self.h_in])
+        return to_rows(self._jvp(vs), self.layout(), self.work)
+
+    def leaves(self, z: Tensor) -> list[Tensor]:
+        """The rows ``z`` as leaves shaped and typed like ``h_out``."""
+        if self.single:
+            out = z.reshape(self.h_out[0].shape)
+            return [out.to(self.out_dtype) if self.out_dtype != self.work else out]
+        return from_rows(z, self.layout(), [o.dtype for o in self.h_out])
 
 
 # Solvers whose Solution is taken as it comes: rbp's own (their estimates are documented in

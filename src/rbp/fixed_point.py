@@ -162,43 +162,55 @@ def fixed_point(
             report(checks.on_failure, message)
 
     if implicit:
-        info.worst_relative_difference = forward.worst_ratio(
-            fwd.rows, info.relative_final_difference)
-        settle_tol = checks.settle_tol
-        if settle_tol is not None and info.worst_relative_difference > settle_tol:
-            message = forward.unsettled_message(fwd.rows, info, settle_tol, stop.tol,
-                                                stop.tol_mode, batch_dim)
-            if message is not None:
-                report(checks.on_failure, f"fixed_point: {message}")
-    adjoint = None
-    if implicit or (how.implicit and higher_order.forward_mode_active()):
+        _check_settled(fwd, info, checks, stop, batch_dim)
+    tangent = how.implicit and higher_order.forward_mode_active()
+    if implicit or tangent:
         if fwd.update is None:  # no graph was kept (grad off): forward mode only
             fwd.update = forward.step_map(f, steps, time_varying, last_step, inputs)
-        update = fwd.update
-        adjoint = Adjoint(
-            method=how,
-            fallback=call.fallback,
-            on_failure=checks.on_failure,
-            jvp_mode=call.jvp,
-            estimate_error=checks.estimate_error,
-            info=info,
-            map_at_fixed_point=lambda state: update(state, steps - 1),
-            spec=spec,
-            max_backward_error=checks.max_backward_error,
-            batch_dim=batch_dim,
-            inverse_estimate=fwd.inverse_estimate
-            if shine.uses_estimate(how, call.fallback) else None,
-        )
-    if implicit:
-        assert adjoint is not None
-        if second_order:
-            out_leaves = higher_order.attach(h_in_leaves, out_leaves, adjoint, inputs, since)
-        else:
-            out_leaves = attach_implicit_backward(h_in_leaves, out_leaves, adjoint)
-        h = tree.unflatten(spec, out_leaves)
-    if adjoint is not None and higher_order.forward_mode_active():
-        h = tree.unflatten(spec, higher_order.implicit_tangent(adjoint, tree.flatten(h)[0]))
+        adjoint = _adjoint(call, info, fwd, steps, batch_dim)
+        if implicit:
+            out_leaves = (higher_order.attach(h_in_leaves, out_leaves, adjoint, inputs, since)
+                          if second_order else
+                          attach_implicit_backward(h_in_leaves, out_leaves, adjoint))
+            h = tree.unflatten(spec, out_leaves)
+        if tangent:
+            h = tree.unflatten(spec, higher_order.implicit_tangent(adjoint, tree.flatten(h)[0]))
     return (h, info) if return_info else h
+
+
+def _check_settled(fwd: forward.Forward, info: FixedPointInfo, checks: Checks, stop: Any,
+                   batch_dim: int | None) -> None:
+    """The implicit methods assume a steady state: report (per ``checks.on_failure``) a last
+    step whose relative change exceeds ``checks.settle_tol``, per sample."""
+    info.worst_relative_difference = forward.worst_ratio(fwd.rows,
+                                                         info.relative_final_difference)
+    settle_tol = checks.settle_tol
+    if settle_tol is not None and info.worst_relative_difference > settle_tol:
+        message = forward.unsettled_message(fwd.rows, info, settle_tol, stop.tol, stop.tol_mode,
+                                            batch_dim)
+        if message is not None:
+            report(checks.on_failure, f"fixed_point: {message}")
+
+
+def _adjoint(call: Any, info: FixedPointInfo, fwd: forward.Forward, steps: int,
+             batch_dim: int | None) -> Adjoint:
+    """The backward of an implicit method, at the map of the last step."""
+    update, checks = fwd.update, call.checks
+    assert update is not None
+    return Adjoint(
+        method=call.how,
+        fallback=call.fallback,
+        on_failure=checks.on_failure,
+        jvp_mode=call.jvp,
+        estimate_error=checks.estimate_error,
+        info=info,
+        map_at_fixed_point=lambda state: update(state, steps - 1),
+        spec=fwd.spec,
+        max_backward_error=checks.max_backward_error,
+        batch_dim=batch_dim,
+        inverse_estimate=fwd.inverse_estimate
+        if shine.uses_estimate(call.how, call.fallback) else None,
+    )
 
 
 def _info(method: str, steps: int, truncate: int, m: forward.Measured | None) -> FixedPointInfo:

@@ -30,8 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from rbp import tree
-from rbp.adjoint import Adjoint, _solve
-from rbp.diagnostics import BackwardInfo, Status, report
+from rbp.adjoint import Adjoint
 from rbp.forward.rows import describe, from_rows, to_rows
 from rbp.solvers import AdjointOperator
 
@@ -252,19 +251,8 @@ class _AdjointNode(torch.autograd.Function):
 
 def _checked_solve(adjoint: Adjoint, op: AdjointOperator, v: list[Tensor], rows: Any,
                    work: torch.dtype, what: str) -> list[Tensor]:
-    """Solve ``op u = v`` with the method's solver, checked and recorded like the adjoint."""
-    b = to_rows(v, rows, work)
-    name = f"{adjoint.method.name} ({what})"
-    solution = _solve(adjoint.method.solver, op, b, name)
-    adjoint.info.backward.append(BackwardInfo(
-        method=name, iterations=solution.iterations, residuals=solution.residuals,
-        status=Status(solution.status), error_estimate=solution.error_estimate,
-        dtype=str(work).removeprefix("torch."),
-    ))
-    problem = adjoint._problem(solution, b)
-    if problem is not None:
-        report(adjoint.on_failure, f"{name}: {problem}. Try a larger truncate (max_iter), "
-               "more forward steps, or a contractive f.")
+    """Solve ``op u = v`` on rows, checked and recorded like the adjoint solve."""
+    solution = adjoint._checked(op, to_rows(v, rows, work), work, what)
     return from_rows(solution.z, rows, [t.dtype for t in v])
 
 
