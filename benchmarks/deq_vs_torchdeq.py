@@ -11,7 +11,7 @@ at most 60 evaluations of ``F``, and an implicit backward by fixed-point iterati
 ``y <- J^T y + g`` (40 iterations at most, TorchDEQ's default, stopping at a relative step of
 ``1e-4``). Once with rbp's kit (``rbp.weight_norm`` + ``rbp.cached_norm``,
 ``rbp.VariationalDropout2d``, ``rbp.fixed_point(..., solver=rbp.Anderson(m=6),
-method=rbp.Implicit(rbp.solvers.RBP(...)), batch_dim=0)``) and once with TorchDEQ's
+method=rbp.Implicit(rbp.linear.RBP(...)), batch_dim=0)``) and once with TorchDEQ's
 (``torchdeq.norm.apply_norm`` / ``reset_norm``, ``torchdeq.dropout.VariationalDropout2d`` /
 ``reset_dropout``, ``torchdeq.get_deq(f_solver="anderson", b_solver="fixed_point_iter",
 ift=True)``). The plain modules (stem, conv, head) are built once and deep-copied into both,
@@ -121,7 +121,7 @@ class RbpDEQ(nn.Module):
             z = rbp.fixed_point(
                 lambda z, u, m: torch.tanh(self.conv(self.drop(z, m)) + u), z0,
                 steps=F_MAX_ITER, tol=TOL, solver=rbp.Anderson(m=ANDERSON_M), batch_dim=0,
-                method=rbp.Implicit(rbp.solvers.RBP(max_iter=B_MAX_ITER, tol=B_TOL,
+                method=rbp.Implicit(rbp.linear.RBP(max_iter=B_MAX_ITER, tol=B_TOL,
                                                     check_every=1)),
                 inputs=(u, self.drop.reset(z0)),
             )

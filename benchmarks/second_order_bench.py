@@ -58,6 +58,7 @@ SIZES = {mode: {n: cb.SIZES[mode][n] for n in ("rnn", "gru")} for mode in ("full
 STEPS = {"full": (25, 100, 400), "quick": (10, 40)}
 KS = (10, 30, 100)
 TOL = 1e-12
+IGNORE = rbp.Checks(on_failure="ignore")
 NOTES = [
     "memory is what saved_tensors_hooks see: tensors autograd saves for backward, including "
     "those saved while the second-order node's backward builds its graphs (hooks_in_node)",
@@ -82,11 +83,11 @@ def configs(ks: list[int]) -> list[Config]:
     out = [Config("bptt", None, lambda: "bptt")]
     for k in ks:
         out += [
-            Config("gmres", k, lambda k=k: rbp.Implicit(rbp.solvers.GMRES(max_iter=k, tol=TOL),
+            Config("gmres", k, lambda k=k: rbp.Implicit(rbp.linear.GMRES(max_iter=k, tol=TOL),
                                                         second_order=True)),
-            Config("neumann", k, lambda k=k: rbp.Implicit(rbp.solvers.Neumann(max_iter=k),
+            Config("neumann", k, lambda k=k: rbp.Implicit(rbp.linear.Neumann(max_iter=k),
                                                           second_order=True)),
-            Config("cg", k, lambda k=k: rbp.Implicit(rbp.solvers.CGNormal(max_iter=k, tol=TOL),
+            Config("cg", k, lambda k=k: rbp.Implicit(rbp.linear.CGNormal(max_iter=k, tol=TOL),
                                                      second_order=True)),
         ]
     return out
@@ -100,7 +101,7 @@ def direction(p: cb.Problem, seed: int = 5) -> list[Tensor]:
 def hvp(p: cb.Problem, method: Any, steps: int, v: list[Tensor]
         ) -> tuple[list[Tensor], list[Tensor]]:
     """(g, d<g, v>/dtheta) with ``g = dL/dtheta`` through ``steps`` forward steps."""
-    h = rbp.fixed_point(p.f, p.h0, steps, method, on_failure="ignore")
+    h = rbp.fixed_point(p.f, p.h0, steps, method, checks=IGNORE)
     grads = torch.autograd.grad(p.loss(h), p.args, create_graph=True)
     inner = sum((g * vi).sum() for g, vi in zip(grads, v, strict=True))
     second = torch.autograd.grad(inner, p.args, allow_unused=True, materialize_grads=True)
@@ -142,7 +143,7 @@ def saved_memory(p: cb.Problem, method: Any, steps: int, v: list[Tensor]) -> dic
         return pack
 
     with torch.autograd.graph.saved_tensors_hooks(both(fwd, held), lambda t: t):
-        loss = p.loss(rbp.fixed_point(p.f, p.h0, steps, method, on_failure="ignore"))
+        loss = p.loss(rbp.fixed_point(p.f, p.h0, steps, method, checks=IGNORE))
     with torch.autograd.graph.saved_tensors_hooks(both(bwd1, held), lambda t: t):
         grads = torch.autograd.grad(loss, p.args, create_graph=True)
         inner = sum((g * vi).sum() for g, vi in zip(grads, v, strict=True))

@@ -121,14 +121,14 @@ def configs(ks: list[int], steps: int, tol: float, torchdeq: bool) -> list[Confi
         mode = "per-sample" if per_sample else "whole"
         out.append(Config("jfb", mode, 0, _rbp(lambda k: rbp.JFB(), per_sample, steps, tol, 0)))
         out.append(Config("shine", mode, 0,
-                          _rbp(lambda k: rbp.solvers.SHINE(), per_sample, steps, tol, 0)))
+                          _rbp(lambda k: rbp.linear.SHINE(), per_sample, steps, tol, 0)))
         for k in ks:
             out.append(Config("shine+gmres", mode, k, _rbp(
-                lambda k: rbp.solvers.SHINE(refine=k), per_sample, steps, tol, k)))
+                lambda k: rbp.linear.SHINE(refine=k), per_sample, steps, tol, k)))
             out.append(Config("shine-init+gmres", mode, k, _rbp(
-                lambda k: rbp.solvers.SHINE(refine=k, use="init"), per_sample, steps, tol, k)))
+                lambda k: rbp.linear.SHINE(refine=k, use="init"), per_sample, steps, tol, k)))
             out.append(Config("gmres", mode, k, _rbp(
-                lambda k: rbp.solvers.GMRES(max_iter=k), per_sample, steps, tol, k)))
+                lambda k: rbp.linear.GMRES(max_iter=k), per_sample, steps, tol, k)))
     if torchdeq:
         out += [Config("torchdeq.broyden", "whole", k, _torchdeq(steps, tol, k)) for k in ks]
     return out

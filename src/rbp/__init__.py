@@ -15,7 +15,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rbp import diagnostics, forward, methods, solvers
+    from rbp import diagnostics, forward, linear, methods
     from rbp.checks import Checks
     from rbp.diagnostics import (
         BackwardInfo,
@@ -60,7 +60,7 @@ __all__ = [
     "forward",
     "jacobian_penalty",
     "methods",
-    "solvers",
+    "linear",
     "VariationalDropout",
     "VariationalDropout2d",
     "WarmStart",
@@ -77,7 +77,7 @@ __all__ = [
 
 # public name -> the module that defines it (a submodule itself when the name is one)
 _WHERE: dict[str, str] = {
-    **dict.fromkeys(("diagnostics", "forward", "methods", "solvers"), ""),
+    **dict.fromkeys(("diagnostics", "forward", "methods", "linear"), ""),
     **dict.fromkeys(
         ("BackwardInfo", "ConvergenceWarning", "DivergenceError", "FixedPointInfo", "Status"),
         "rbp.diagnostics",

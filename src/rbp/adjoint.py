@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rbp import solvers, tree
+from rbp import linear, tree
 from rbp.diagnostics import (
     BackwardInfo,
     DivergenceError,
@@ -83,9 +83,9 @@ class Adjoint:
     ) -> list[Tensor]:
         if torch.is_grad_enabled():
             name = self.method.name
-            how = ("rbp.Implicit(rbp.solvers.GMRES(max_iter=K), second_order=True) (or another "
+            how = ("rbp.Implicit(rbp.linear.GMRES(max_iter=K), second_order=True) (or another "
                    "solver)" if self.method.accurate else "an exact implicit method, e.g. "
-                   "rbp.Implicit(rbp.solvers.GMRES(max_iter=K), second_order=True)")
+                   "rbp.Implicit(rbp.linear.GMRES(max_iter=K), second_order=True)")
             raise RuntimeError(
                 f"{name}: second derivatives (backward with create_graph=True, e.g. a gradient "
                 "penalty or meta-learning) need the fixed point built for them: pass "
@@ -104,14 +104,14 @@ class Adjoint:
         """``z = (I - J^T)^{-1} g`` on the graph ``h_out = F(h_in)``, checked and recorded in the
         info (``grads``: ``g`` per leaf of ``h_out``)."""
         rows = _AdjointRows(h_in, h_out, grads, self.batch_dim, self._make_jvp)
-        op = solvers.AdjointOperator(rows.vjp, rows.jvp,
+        op = linear.AdjointOperator(rows.vjp, rows.jvp,
                                      estimate=self.max_backward_error is not None,
                                      inverse_estimate=self.inverse_estimate)
         solution = self._checked(op, rows.b, rows.work)
         return rows.leaves(solution.z)
 
-    def _checked(self, op: solvers.AdjointOperator, b: Tensor, work: torch.dtype,
-                 what: str = "") -> solvers.Solution:
+    def _checked(self, op: linear.AdjointOperator, b: Tensor, work: torch.dtype,
+                 what: str = "") -> linear.Solution:
         """Run the method's solver on ``op z = b`` (and the fallback, if it fails), report per
         ``on_failure`` and append the record to the info, named ``"<method> (<what>)"`` for
         another system than the adjoint's."""
@@ -153,8 +153,8 @@ class Adjoint:
         self.info.backward.append(record)
         return solution
 
-    def _fall_back(self, op: solvers.AdjointOperator, b: Tensor, message: str,
-                   record: BackwardInfo) -> solvers.Solution:
+    def _fall_back(self, op: linear.AdjointOperator, b: Tensor, message: str,
+                   record: BackwardInfo) -> linear.Solution:
         """Re-solve with the fallback solver after the method's solve failed (``message``)."""
         fb_name = str(getattr(self.fallback, "name", type(self.fallback).__name__))
         solution = _solve(self.fallback, op, b, fb_name)
@@ -197,7 +197,7 @@ class Adjoint:
                 "fixed point.",
             )
 
-    def _problem(self, solution: solvers.Solution, b: Tensor) -> str | None:
+    def _problem(self, solution: linear.Solution, b: Tensor) -> str | None:
         """Why this solution cannot be trusted, or None."""
         status = Status(solution.status)
         last = solution.residuals[-1] if solution.residuals else 0.0
@@ -362,7 +362,7 @@ class _AdjointRows:
 
 # Solvers whose Solution is taken as it comes: rbp's own (their estimates are documented in
 # docs/guarantees.md; exact types, not subclasses, which may override solve).
-_TRUSTED = (solvers.Neumann, solvers.RBP, solvers.CGNormal, solvers.GMRES, solvers.SHINE,
+_TRUSTED = (linear.Neumann, linear.RBP, linear.CGNormal, linear.GMRES, linear.SHINE,
             _Identity, _Damped)
 
 
@@ -378,12 +378,12 @@ def _name_jvp_func() -> Any:
         raise RuntimeError(
             f"{exc}. cg obtains J v by differentiating the backward of the last step "
             "(jvp='double_vjp', the default), which a step compiled by torch.compile cannot "
-            "give; pass method=rbp.solvers.CGNormal(max_iter=..., jvp='func') (forward-mode "
+            "give; pass method=rbp.linear.CGNormal(max_iter=..., jvp='func') (forward-mode "
             "J v through torch.func.jvp), or use method='gmres', which needs no J v."
         ) from exc
 
 
-def _solve(solver: Any, op: solvers.AdjointOperator, b: Tensor, name: str) -> solvers.Solution:
+def _solve(solver: Any, op: linear.AdjointOperator, b: Tensor, name: str) -> linear.Solution:
     """Run a built-in or user solver and normalise its result to a :class:`Solution`.
 
     A user solver gets a copy of ``b`` (it may modify it), and whatever it returns is
@@ -391,14 +391,14 @@ def _solve(solver: Any, op: solvers.AdjointOperator, b: Tensor, name: str) -> so
     ``b`` (one product) is its error estimate; its own ``sample_errors`` are not trusted.
     """
     trusted = type(solver) in _TRUSTED
-    solve = solver.solve if solvers.is_solver(solver) else solver
+    solve = solver.solve if linear.is_solver(solver) else solver
     try:
         result = solve(op, b if trusted else b.clone())
     except torch.linalg.LinAlgError as exc:  # a user solver's dense solve, say
         raise DivergenceError(
             f"{name}: the backward solve failed in linear algebra: {exc}"
         ) from exc
-    if trusted and isinstance(result, solvers.Solution):
+    if trusted and isinstance(result, linear.Solution):
         return result
     z = result if isinstance(result, Tensor) else getattr(result, "z", None)
     if not isinstance(z, Tensor) or z.shape != b.shape:
@@ -409,7 +409,7 @@ def _solve(solver: Any, op: solvers.AdjointOperator, b: Tensor, name: str) -> so
         )
     z = z.to(b.dtype)
     bnorm = b.norm(dim=1)
-    errors = solvers._true_errors(op, z, b, bnorm).double().cpu().tolist()
+    errors = linear._true_errors(op, z, b, bnorm).double().cpu().tolist()
     finite = all(math.isfinite(e) for e in errors)
     status = getattr(result, "status", None)
     if status is None or not finite:
@@ -423,7 +423,7 @@ def _solve(solver: Any, op: solvers.AdjointOperator, b: Tensor, name: str) -> so
         ) from None
     residuals = [float(r) for r in getattr(result, "residuals", []) or []]
     iterations = int(getattr(result, "iterations", 0) or 0)
-    return solvers.Solution(z, iterations, residuals, status, errors, sample_residuals=errors)
+    return linear.Solution(z, iterations, residuals, status, errors, sample_residuals=errors)
 
 
 def _max_or_none(values: list[float] | None) -> float | None:

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from rbp import methods, solvers
+from rbp import linear, methods
 
 ON_FAILURE: tuple[str, ...] = ("raise", "warn", "ignore")
 BACKWARD_SOLVERS: tuple[str, ...] = ("rbp", "cg", "neumann", "gmres")
@@ -44,7 +44,7 @@ class Checks:
             or a backward solve grows, stalls or diverges: ``"raise"``
             (:class:`DivergenceError`), ``"warn"`` (:class:`ConvergenceWarning`) or
             ``"ignore"``. A non-finite forward state always raises.
-        fallback: a backward solver (name or :mod:`rbp.solvers` value) to re-solve with when
+        fallback: a backward solver (name or :mod:`rbp.linear` value) to re-solve with when
             the backward solve fails or exceeds ``max_backward_error`` (e.g. ``"gmres"``; a
             name runs ``truncate`` iterations); the failure is then a warning, unless the
             fallback fails too (then per ``on_failure``). Refused with bptt / tbptt.
@@ -94,13 +94,13 @@ class Checks:
                 isinstance(fallback, methods.Implicit) and fallback.accurate):
             raise ValueError(
                 "fallback must be a backward solver name (rbp, cg, neumann, gmres) or a solver "
-                f"value such as rbp.solvers.GMRES(); got {fallback!r}"
+                f"value such as rbp.linear.GMRES(); got {fallback!r}"
             )
         if fallback is not None and not isinstance(fallback, str) and not (
-                solvers.is_solver(fallback) or isinstance(fallback, methods.Implicit)):
+                linear.is_solver(fallback) or isinstance(fallback, methods.Implicit)):
             raise TypeError(
                 "fallback must be a backward solver name (rbp, cg, neumann, gmres) or a solver "
-                f"value such as rbp.solvers.GMRES(), got {type(fallback).__name__}"
+                f"value such as rbp.linear.GMRES(), got {type(fallback).__name__}"
             )
 
 

@@ -39,7 +39,7 @@ from rbp.checks import DEFAULT as DEFAULT_CHECKS
 from rbp.checks import Checks
 from rbp.diagnostics import FixedPointInfo, report
 from rbp.diagnostics import check_count as _count
-from rbp.solvers import shine
+from rbp.linear import shine
 from rbp.tree import State
 
 METHODS: tuple[str, ...] = ("bptt", "tbptt", "rbp", "cg", "neumann", "gmres")
@@ -66,7 +66,7 @@ def fixed_point(
 
     Every option lives on what it configures: the forward's stopping rule on the forward
     solver value (``rbp.Anderson(tol=..., tol_mode=..., check_every=..., best_iterate=...)``),
-    the backward's on the method or backward solver value (``rbp.solvers.GMRES(max_iter=...,
+    the backward's on the method or backward solver value (``rbp.linear.GMRES(max_iter=...,
     tol=..., restart=...)``), the checks and what they report on ``checks=rbp.Checks(...)``.
 
     Args:
@@ -80,9 +80,9 @@ def fixed_point(
         steps: number of forward updates T >= 1; with a ``tol`` (or another solver) the most
             evaluations of ``f`` the forward solve may spend.
         method: one of :data:`METHODS`, or a value: ``rbp.BPTT()``, ``rbp.TBPTT(k)``,
-            ``rbp.Implicit(solver)`` or the bare ``solver`` (from :mod:`rbp.solvers`, e.g.
-            ``rbp.solvers.RBP(max_iter=10, init="uniform")``, ``rbp.solvers.GMRES(max_iter=40,
-            tol=1e-8, restart=20)``, ``rbp.solvers.CGNormal(jvp="func")``, or your own with
+            ``rbp.Implicit(solver)`` or the bare ``solver`` (from :mod:`rbp.linear`, e.g.
+            ``rbp.linear.RBP(max_iter=10, init="uniform")``, ``rbp.linear.GMRES(max_iter=40,
+            tol=1e-8, restart=20)``, ``rbp.linear.CGNormal(jvp="func")``, or your own with
             ``solve(matvec, b)``), ``rbp.JFB()``, ``rbp.Phantom(k, damping)``. A value carries
             its own options (``truncate`` with a value is refused, unless it is the value's
             own K); :func:`rbp.methods.from_name` builds the value of a name with solver

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from rbp import tree
 from rbp.adjoint import Adjoint
 from rbp.forward.rows import describe, from_rows, to_rows
-from rbp.solvers import AdjointOperator
+from rbp.linear import AdjointOperator
 
 Tensor = torch.Tensor
 

@@ -3,7 +3,7 @@
 Two families. *Unrolled*: back-propagate through the forward steps themselves
 (:class:`BPTT`, :class:`TBPTT`). *Implicit*: keep a graph of one application of F at the last
 state ``h_T ~ h*`` and return ``z^T dF/dw``; :class:`Implicit` gets ``z`` from a linear solver of
-``(I - J^T) z = g`` (:mod:`rbp.solvers`, or any value with ``solve(matvec, b)``), while
+``(I - J^T) z = g`` (:mod:`rbp.linear`, or any value with ``solve(matvec, b)``), while
 :class:`JFB` and :class:`Phantom` use a fixed cheap ``z`` and are inexact by design.
 
 The string names remain shortcuts: ``"neumann"`` is ``Implicit(Neumann(max_iter=truncate))``
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rbp import solvers
+from rbp import linear
 from rbp.diagnostics import Status
 
 Tensor = torch.Tensor
@@ -57,7 +57,7 @@ class TBPTT(Method):
     name = "tbptt"
 
     def __post_init__(self) -> None:
-        solvers._check_int("TBPTT k", self.k)
+        linear._check_int("TBPTT k", self.k)
 
     def graph_steps(self, steps: int) -> int:
         if self.k > steps:
@@ -72,9 +72,9 @@ class TBPTT(Method):
 class Implicit(Method):
     """``z^T dF/dw`` with ``z`` from ``solver`` on ``(I - J^T) z = g`` at ``h_T``; O(1) memory.
 
-    ``solver``: a :mod:`rbp.solvers` value (``Neumann``, ``RBP``, ``CGNormal``, ``GMRES``) or any
+    ``solver``: a :mod:`rbp.linear` value (``Neumann``, ``RBP``, ``CGNormal``, ``GMRES``) or any
     object with ``solve(matvec, b)`` / callable ``solver(matvec, b)`` (protocol in
-    :mod:`rbp.solvers`). ``second_order=True``: ``backward(create_graph=True)`` then gives the
+    :mod:`rbp.linear`). ``second_order=True``: ``backward(create_graph=True)`` then gives the
     derivatives of this gradient (gradient penalties, hypergradients of hypergradients), the
     solve differentiated implicitly by one more solve of ``(I - J) u = v``, at O(1) memory
     (:mod:`rbp.higher_order`); the forward records which tensors ``f`` reads.
@@ -86,7 +86,7 @@ class Implicit(Method):
     accurate = True  # its error estimate is checked against max_backward_error
 
     def __post_init__(self) -> None:
-        if not (solvers.is_solver(self.solver) or callable(self.solver)):
+        if not (linear.is_solver(self.solver) or callable(self.solver)):
             raise TypeError(
                 "Implicit(solver): solver must have a solve(matvec, b) method or be callable "
                 f"as solver(matvec, b), got {type(self.solver).__name__}"
@@ -95,7 +95,7 @@ class Implicit(Method):
             raise TypeError(f"second_order must be True or False, got {self.second_order!r}")
         if self.second_order and getattr(self.solver, "name", None) == "shine":
             raise ValueError(
-                "second_order=True with rbp.solvers.SHINE: the second-order solve, (I - J) u = "
+                "second_order=True with rbp.linear.SHINE: the second-order solve, (I - J) u = "
                 "v, has no forward estimate to reuse; use GMRES, CGNormal, Neumann or RBP"
             )
 
@@ -112,8 +112,8 @@ class Implicit(Method):
 class _Identity:
     name = "jfb"
 
-    def solve(self, matvec: solvers.Matvec, b: Tensor) -> solvers.Solution:
-        return solvers.Solution(b, 0, [], Status.CONVERGED)
+    def solve(self, matvec: linear.Matvec, b: Tensor) -> linear.Solution:
+        return linear.Solution(b, 0, [], Status.CONVERGED)
 
 
 @dataclass(frozen=True)
@@ -122,14 +122,14 @@ class _Damped:
     damping: float
     name = "phantom"
 
-    def solve(self, matvec: solvers.Matvec, b: Tensor) -> solvers.Solution:
-        vjp = solvers._vjp_of(matvec)
+    def solve(self, matvec: linear.Matvec, b: Tensor) -> linear.Solution:
+        vjp = linear._vjp_of(matvec)
         lam = self.damping
         u, z = b, b.clone()
         for _ in range(self.k - 1):
             u = lam * vjp(u) + (1 - lam) * u
             z.add_(u)
-        return solvers.Solution(lam * z, self.k - 1, [], Status.MAX_ITER)
+        return linear.Solution(lam * z, self.k - 1, [], Status.MAX_ITER)
 
 
 class JFB(Implicit):
@@ -160,7 +160,7 @@ class Phantom(Implicit):
     accurate = False
 
     def __init__(self, k: int, damping: float = 0.5) -> None:
-        solvers._check_int("Phantom k", k)
+        linear._check_int("Phantom k", k)
         ok = isinstance(damping, (int, float)) and not isinstance(damping, bool)
         if not ok or not math.isfinite(damping) or not 0 < damping <= 1:
             raise ValueError(f"Phantom damping must be a number in (0, 1], got {damping!r}")
@@ -176,13 +176,13 @@ STRING_METHODS: tuple[str, ...] = ("bptt", "tbptt", "rbp", "cg", "neumann", "gmr
 def solver_from_name(name: str, *, truncate: int) -> Any:
     """The solver value a string shortcut stands for: ``truncate`` iterations, default options."""
     if name == "neumann":
-        return solvers.Neumann(max_iter=truncate)
+        return linear.Neumann(max_iter=truncate)
     if name == "rbp":
-        return solvers.RBP(max_iter=truncate)
+        return linear.RBP(max_iter=truncate)
     if name == "cg":
-        return solvers.CGNormal(max_iter=truncate)
+        return linear.CGNormal(max_iter=truncate)
     if name == "gmres":
-        return solvers.GMRES(max_iter=truncate, restart=min(30, truncate))
+        return linear.GMRES(max_iter=truncate, restart=min(30, truncate))
     raise ValueError(
         f"unknown backward solver {name!r}; choose one of rbp, cg, neumann, gmres or pass a solver"
     )
@@ -191,7 +191,7 @@ def solver_from_name(name: str, *, truncate: int) -> Any:
 def from_name(name: str, truncate: int = 20, **options: Any) -> Method:
     """The value a string method stands for, with options of its backward solver.
 
-    ``from_name("rbp", 10, init="uniform")`` is ``Implicit(rbp.solvers.RBP(max_iter=10,
+    ``from_name("rbp", 10, init="uniform")`` is ``Implicit(rbp.linear.RBP(max_iter=10,
     init="uniform"))``; ``from_name("gmres", 40, tol=1e-8, restart=20)``,
     ``from_name("cg", 20, jvp="func")`` likewise. bptt / tbptt have no backward solver, so
     options are refused for them (``from_name("tbptt", k)`` is ``TBPTT(k)``); an option the
@@ -204,11 +204,11 @@ def from_name(name: str, truncate: int = 20, **options: Any) -> Method:
                 "the forward updates and has no backward solver"
             )
         return BPTT() if name == "bptt" else TBPTT(truncate)
-    if not isinstance(name, str) or name not in solvers.SOLVERS:
+    if not isinstance(name, str) or name not in linear.SOLVERS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(STRING_METHODS)}")
     if name == "gmres" and "restart" not in options:
         options["restart"] = min(30, truncate)
-    return Implicit(solvers.SOLVERS[name](max_iter=truncate, **options))
+    return Implicit(linear.SOLVERS[name](max_iter=truncate, **options))
 
 
 def resolve(method: Any, *, truncate: int) -> Method:
@@ -226,10 +226,10 @@ def resolve(method: Any, *, truncate: int) -> Method:
             return _from_string.__wrapped__(method, truncate)
         raise ValueError(
             f"unknown method {method!r}; choose one of {', '.join(STRING_METHODS)} or a value "
-            "such as rbp.BPTT(), rbp.TBPTT(k), rbp.Implicit(rbp.solvers.GMRES()), rbp.JFB(), "
+            "such as rbp.BPTT(), rbp.TBPTT(k), rbp.Implicit(rbp.linear.GMRES()), rbp.JFB(), "
             "rbp.Phantom(k)"
         )
-    if solvers.is_solver(method):
+    if linear.is_solver(method):
         return Implicit(method)
     raise TypeError(
         f"method must be a name ({', '.join(STRING_METHODS)}) or a method value "
@@ -262,8 +262,8 @@ def check_string_options(method: Any, *, truncate: int) -> None:
         return
     raise ValueError(
         "truncate applies to the string method names only; a method value carries its own "
-        "options (e.g. rbp.TBPTT(k), rbp.Implicit(rbp.solvers.GMRES(max_iter=40, tol=1e-8, "
-        f"restart=20)), rbp.solvers.RBP(max_iter=k, init='uniform')); got method={method!r} "
+        "options (e.g. rbp.TBPTT(k), rbp.Implicit(rbp.linear.GMRES(max_iter=40, tol=1e-8, "
+        f"restart=20)), rbp.linear.RBP(max_iter=k, init='uniform')); got method={method!r} "
         f"with truncate={truncate!r}"
     )
 
@@ -282,9 +282,9 @@ def resolve_fallback(fallback: Any, *, truncate: int) -> Any:
         return solver_from_name(fallback, truncate=truncate)
     if isinstance(fallback, Implicit) and fallback.accurate:
         return fallback.solver
-    if solvers.is_solver(fallback) and not isinstance(fallback, Method):
+    if linear.is_solver(fallback) and not isinstance(fallback, Method):
         return fallback
     raise ValueError(
         "fallback must be a backward solver name (rbp, cg, neumann, gmres) or a solver value "
-        f"such as rbp.solvers.GMRES(); got {fallback!r}"
+        f"such as rbp.linear.GMRES(); got {fallback!r}"
     )

@@ -186,14 +186,14 @@ def test_paper_uniform_start_is_an_option():
     p = tanh_rnn()
     torch.manual_seed(0)
     uniform = method_gradients(
-        p, rbp.solvers.RBP(max_iter=3, init="uniform"), steps=200,
+        p, rbp.linear.RBP(max_iter=3, init="uniform"), steps=200,
         checks=rbp.Checks(on_failure="ignore"),
     )
     zeros = method_gradients(
         p, "rbp", steps=200, truncate=3, checks=rbp.Checks(on_failure="ignore"),
     )
     assert max_rel_error(uniform, zeros) > 1e-3  # the start matters at small K
-    long = method_gradients(p, rbp.solvers.RBP(max_iter=120, init="uniform"), steps=200)
+    long = method_gradients(p, rbp.linear.RBP(max_iter=120, init="uniform"), steps=200)
     assert max_rel_error(long, exact_gradients(p)) <= 1e-8
 
 
@@ -380,7 +380,7 @@ def _saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("method", [rbp.JFB(), rbp.Phantom(5), rbp.Implicit(rbp.solvers.GMRES())])
+@pytest.mark.parametrize("method", [rbp.JFB(), rbp.Phantom(5), rbp.Implicit(rbp.linear.GMRES())])
 def test_value_methods_keep_constant_memory(method):
     p = tanh_rnn(n=64)
     sizes = [_saved_bytes(lambda s=s: rbp.fixed_point(p.f, p.h0, s, method)) for s in (50, 500)]
@@ -403,7 +403,7 @@ def test_per_sample_backward_tol_stops_each_sample():
     w, x, target = _batched_rnn()
     h, info = rbp.fixed_point(
         lambda h, xb: torch.tanh(h @ w.T + xb), torch.zeros_like(x), 300,
-        rbp.solvers.GMRES(max_iter=50, tol=1e-9), 50, batch_dim=0, inputs=(x,), return_info=True,
+        rbp.linear.GMRES(max_iter=50, tol=1e-9), 50, batch_dim=0, inputs=(x,), return_info=True,
     )
     (0.5 * (h - target).pow(2).sum()).backward()
     record = info.backward[0]

@@ -45,7 +45,7 @@ class FixedPointNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ux = self.U(x)
         k = min(self.truncate, 20) if self.method == "tbptt" else self.truncate
-        how = rbp.solvers.CGNormal(max_iter=k, jvp=self.jvp) if self.method == "cg" else self.method
+        how = rbp.linear.CGNormal(max_iter=k, jvp=self.jvp) if self.method == "cg" else self.method
         h = rbp.fixed_point(lambda h: torch.tanh(h @ self.W.T + ux),
                             torch.zeros(x.shape[0], H, dtype=torch.float64), self.steps,
                             how, k, checks=rbp.Checks(settle_tol=None))
@@ -245,7 +245,7 @@ def test_torch_compile_of_the_step() -> None:
             for f in (step, torch.compile(step, backend="aot_eager")):
                 torch._dynamo.reset()
                 w.grad = None
-                how = rbp.solvers.CGNormal(max_iter=8, jvp=jvp) if method == "cg" else method
+                how = rbp.linear.CGNormal(max_iter=8, jvp=jvp) if method == "cg" else method
                 h = rbp.fixed_point(f, torch.zeros_like(x), 20, how, 8,
                                     checks=rbp.Checks(settle_tol=None))
                 if method == "cg" and jvp == "double_vjp" and f is not step:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import rbp
-from rbp import solvers
+from rbp import linear
 from rbp.diagnostics import Status
 
 DT = torch.float64
@@ -72,10 +72,10 @@ def test_series_estimate_sees_a_slow_mode_under_fast_ones():
     jac = (q * lam) @ q.T
     fast = q[:, 1:] @ torch.randn(20, generator=gen, dtype=DT)
     b = (0.9995 * fast / fast.norm() + 0.0005 * q[:, 0])[None]
-    op = solvers.AdjointOperator(lambda v: v @ jac)
+    op = linear.AdjointOperator(lambda v: v @ jac)
     want = torch.linalg.solve(torch.eye(21, dtype=DT) - jac.T, b[0])
-    for solver in (solvers.Neumann(max_iter=10), solvers.RBP(max_iter=11),
-                   solvers.Neumann(max_iter=10, tol=1e-12)):
+    for solver in (linear.Neumann(max_iter=10), linear.RBP(max_iter=11),
+                   linear.Neumann(max_iter=10, tol=1e-12)):
         sol = solver.solve(op, b)
         err = ((sol.z[0] - want).norm() / sol.z[0].norm()).item()
         assert err > 0.015
@@ -90,9 +90,9 @@ def test_krylov_estimate_is_residual_over_sigma_min():
     jac = torch.diag(1 - d)  # A = I - J^T = diag(d)
     gen = torch.Generator().manual_seed(4)
     b = torch.randn(1, 31, generator=gen, dtype=DT)
-    op = solvers.AdjointOperator(lambda v: v @ jac, lambda v: v @ jac.T)
+    op = linear.AdjointOperator(lambda v: v @ jac, lambda v: v @ jac.T)
     want = b / d
-    for solver in (solvers.GMRES(max_iter=1), solvers.CGNormal(max_iter=1)):
+    for solver in (linear.GMRES(max_iter=1), linear.CGNormal(max_iter=1)):
         sol = solver.solve(op, b)
         err = ((sol.z - want).norm() / sol.z.norm()).item()
         assert sol.error_estimate >= max(sol.sample_residuals)
@@ -123,8 +123,8 @@ def test_user_solution_with_sample_errors_is_re_measured():
     a, x, f = _linear()
 
     def clipped(matvec, b):
-        sol = solvers.GMRES(max_iter=20).solve(matvec, b)
-        return solvers.Solution(sol.z.clamp(-0.5, 0.5), sol.iterations, sol.residuals,
+        sol = linear.GMRES(max_iter=20).solve(matvec, b)
+        return linear.Solution(sol.z.clamp(-0.5, 0.5), sol.iterations, sol.residuals,
                                 Status.CONVERGED, [1e-16])
 
     h, info = rbp.fixed_point(f, torch.zeros(6, dtype=DT), 400, rbp.Implicit(clipped),
@@ -205,11 +205,11 @@ def test_ritz_tail_python_and_numpy_agree():
         v = [torch.randn(1, n, generator=gen, dtype=DT)]
         for _ in range(5):
             v.append(v[-1] @ jac)
-        windows.append(solvers._window_gram(v)[0].tolist())
-    batched = solvers._ritz_tails(windows, [1.0] * len(windows), 2.2e-16)
+        windows.append(linear._window_gram(v)[0].tolist())
+    batched = linear._ritz_tails(windows, [1.0] * len(windows), 2.2e-16)
     finite = 0
     for g, want in zip(windows, batched, strict=True):
-        got = solvers._ritz_tail_row(g, 1.0, 2.2e-16)
+        got = linear._ritz_tail_row(g, 1.0, 2.2e-16)
         if math.isinf(want) or math.isinf(got):
             assert math.isinf(want) and math.isinf(got)
         else:
@@ -227,8 +227,8 @@ def test_a_row_frozen_by_backward_tol_keeps_its_tail_as_estimate(name):
     q, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=DT))
     jac = (q * torch.linspace(0.0, 0.9, 30, dtype=DT)) @ q.T
     b = torch.randn(2, 30, generator=gen, dtype=DT)
-    cls = solvers.Neumann if name == "neumann" else solvers.RBP
-    sol = cls(max_iter=500, tol=1e-4).solve(solvers.AdjointOperator(lambda v: v @ jac), b)
+    cls = linear.Neumann if name == "neumann" else linear.RBP
+    sol = cls(max_iter=500, tol=1e-4).solve(linear.AdjointOperator(lambda v: v @ jac), b)
     want = torch.linalg.solve(torch.eye(30, dtype=DT) - jac.T, b.T).T
     err = ((sol.z - want).norm(dim=1) / sol.z.norm(dim=1)).tolist()
     assert sol.iterations < 500
@@ -249,8 +249,8 @@ def test_a_row_frozen_by_backward_tol_still_sees_a_hidden_slow_mode(name):
     fast = torch.randn(2, 20, generator=gen, dtype=DT) @ q[:, 1:].T
     b = fast / fast.norm(dim=1, keepdim=True)
     b[1] = 0.9995 * b[1] + 0.0005 * q[:, 0]
-    cls = solvers.Neumann if name == "neumann" else solvers.RBP
-    sol = cls(max_iter=300, tol=1e-3).solve(solvers.AdjointOperator(lambda v: v @ jac), b)
+    cls = linear.Neumann if name == "neumann" else linear.RBP
+    sol = cls(max_iter=300, tol=1e-3).solve(linear.AdjointOperator(lambda v: v @ jac), b)
     want = torch.linalg.solve(torch.eye(21, dtype=DT) - jac.T, b.T).T
     err = ((sol.z - want).norm(dim=1) / sol.z.norm(dim=1)).tolist()
     assert err[1] > 0.015 and sol.sample_errors[1] >= err[1] / 1.5

@@ -172,7 +172,7 @@ def test_trace_and_info():
 def test_tol_stops_backward_early():
     p = tanh_rnn()
     h, info = rbp.fixed_point(
-        p.f, p.h0, 200, rbp.solvers.Neumann(max_iter=500, tol=1e-10), 500, return_info=True,
+        p.f, p.h0, 200, rbp.linear.Neumann(max_iter=500, tol=1e-10), 500, return_info=True,
     )
     p.loss(h).backward()
     record = info.backward[0]

@@ -26,7 +26,7 @@ def test_long_limit_reaches_exact_gradient(problem, method):
 
 def test_rbp_uniform_init_converges_to_exact(problem):
     got = method_gradients(
-        problem, rbp.solvers.RBP(max_iter=problem.series, init="uniform"), steps=problem.steps
+        problem, rbp.linear.RBP(max_iter=problem.series, init="uniform"), steps=problem.steps
     )
     assert max_rel_error(got, exact_gradients(problem)) <= 1e-8
 
@@ -39,7 +39,7 @@ def test_truncation_is_an_approximation_that_improves_with_k(method):
     want = exact_gradients(p)
     errors = [
         max_rel_error(
-            method_gradients(p, rbp.solvers.RBP(max_iter=k, init="zeros"), steps=p.steps), want
+            method_gradients(p, rbp.linear.RBP(max_iter=k, init="zeros"), steps=p.steps), want
         )
         if method == "rbp"
         else max_rel_error(method_gradients(p, method, steps=p.steps, truncate=k), want)
@@ -87,8 +87,8 @@ def test_cg_forward_mode_jvp_matches_double_vjp(method):
     from dynamics import gru
 
     p = gru()
-    a = method_gradients(p, rbp.solvers.CGNormal(max_iter=10, jvp="double_vjp"), steps=p.steps)
-    b = method_gradients(p, rbp.solvers.CGNormal(max_iter=10, jvp="func"), steps=p.steps)
+    a = method_gradients(p, rbp.linear.CGNormal(max_iter=10, jvp="double_vjp"), steps=p.steps)
+    b = method_gradients(p, rbp.linear.CGNormal(max_iter=10, jvp="func"), steps=p.steps)
     assert max_rel_error(a, b) <= 1e-10
 
 

@@ -12,10 +12,10 @@ from dynamics import DT, gru, max_rel_error, tanh_rnn
 import rbp
 
 SOLVERS = {
-    "gmres": lambda: rbp.solvers.GMRES(max_iter=60, tol=1e-13),
-    "neumann": lambda: rbp.solvers.Neumann(max_iter=200),
-    "cg": lambda: rbp.solvers.CGNormal(max_iter=80, tol=1e-14),
-    "rbp": lambda: rbp.solvers.RBP(max_iter=200),
+    "gmres": lambda: rbp.linear.GMRES(max_iter=60, tol=1e-13),
+    "neumann": lambda: rbp.linear.Neumann(max_iter=200),
+    "cg": lambda: rbp.linear.CGNormal(max_iter=80, tol=1e-14),
+    "rbp": lambda: rbp.linear.RBP(max_iter=200),
 }
 
 
@@ -49,7 +49,7 @@ def test_first_order_equals_the_default_path():
     p = tanh_rnn()
     plain = torch.autograd.grad(p.loss(rbp.fixed_point(p.f, p.h0, p.steps, "gmres", 40)),
                                 p.params)
-    method = rbp.Implicit(rbp.solvers.GMRES(max_iter=40), second_order=True)
+    method = rbp.Implicit(rbp.linear.GMRES(max_iter=40), second_order=True)
     node = torch.autograd.grad(p.loss(rbp.fixed_point(p.f, p.h0, p.steps, method)), p.params)
     assert max_rel_error(list(node), list(plain)) < 1e-13
 
@@ -155,7 +155,7 @@ def test_the_second_order_solve_is_recorded_and_checked():
     # a series that cannot converge (rho(J) > 1) is reported in the second-order solve too
     w = (1.5 * torch.eye(3, dtype=DT)).requires_grad_()
     h = rbp.fixed_point(lambda h: 0.0 * h + w @ torch.ones(3, dtype=DT), torch.zeros(3, dtype=DT),
-                        5, rbp.Implicit(rbp.solvers.Neumann(max_iter=5), second_order=True))
+                        5, rbp.Implicit(rbp.linear.Neumann(max_iter=5), second_order=True))
     (gw,) = torch.autograd.grad(h.pow(2).sum(), w, create_graph=True)  # J = 0: fine
     assert torch.isfinite(torch.autograd.grad(gw.sum(), w)[0]).all()
 
@@ -166,9 +166,9 @@ def test_refusals_name_what_works():
     with pytest.raises(RuntimeError, match="second_order=True"):
         torch.autograd.grad(p.loss(h), p.params, create_graph=True)
     with pytest.raises(TypeError, match="second_order"):
-        rbp.Implicit(rbp.solvers.GMRES(), second_order=1)
+        rbp.Implicit(rbp.linear.GMRES(), second_order=1)
     with pytest.raises(ValueError, match="SHINE"):
-        rbp.Implicit(rbp.solvers.SHINE(refine=5), second_order=True)
+        rbp.Implicit(rbp.linear.SHINE(refine=5), second_order=True)
     # third derivatives
     h = rbp.fixed_point(p.f, p.h0, p.steps, second_order("gmres"))
     (gw, _) = torch.autograd.grad(p.loss(h), p.params, create_graph=True)
@@ -264,7 +264,7 @@ def test_forward_mode_reports_a_failed_tangent_solve():
 
     def fn(w):  # J = 0.5 at every h: contractive forward; a 2-term series is far off
         return rbp.fixed_point(lambda h: w @ h + 1.0, torch.zeros(1, dtype=DT), 200,
-                               rbp.Implicit(rbp.solvers.Neumann(max_iter=1)),
+                               rbp.Implicit(rbp.linear.Neumann(max_iter=1)),
                                checks=rbp.Checks(on_failure="raise", max_backward_error=1e-6))
 
     with pytest.raises(rbp.DivergenceError, match="forward mode"):

@@ -335,13 +335,13 @@ def test_huge_solver_memory_is_sized_by_the_steps():
 
 
 def test_rbp_with_a_huge_truncate_stops_when_z_stops_changing():
-    from rbp import solvers
+    from rbp import linear
 
     gen = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=DT))
     jac = 0.9 * q
     b = torch.randn(2, 20, dtype=DT, generator=gen)
-    sol = solvers.RBP(max_iter=10**6).solve(solvers.AdjointOperator(lambda v: v @ jac), b)
+    sol = linear.RBP(max_iter=10**6).solve(linear.AdjointOperator(lambda v: v @ jac), b)
     want = torch.linalg.solve(torch.eye(20, dtype=DT) - jac.T, b.T).T
     assert sol.iterations < 1000 and sol.status == "converged"
     assert ((sol.z - want).norm() / want.norm()).item() < 1e-13

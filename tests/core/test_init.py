@@ -31,7 +31,7 @@ def test_every_public_name_resolves_and_is_listed():
     for name in rbp.__all__:
         assert getattr(rbp, name) is not None, name
         assert name in dir(rbp)
-    assert callable(rbp.fixed_point) and rbp.solvers.__name__ == "rbp.solvers"
+    assert callable(rbp.fixed_point) and rbp.linear.__name__ == "rbp.linear"
     for name in ("adjoint", "module", "regularisers", "tree"):  # bound by the eager import once
         assert getattr(rbp, name).__name__ == f"rbp.{name}"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):

@@ -7,7 +7,7 @@ import torch
 from dynamics import DT, exact_gradients, max_rel_error, method_gradients, tanh_rnn
 
 import rbp
-from rbp import methods, solvers
+from rbp import linear, methods
 
 
 def _grads(p, method, steps=200, **kwargs):
@@ -19,10 +19,10 @@ def _grads(p, method, steps=200, **kwargs):
     [
         ("bptt", rbp.BPTT()),
         ("tbptt", rbp.TBPTT(7)),
-        ("neumann", rbp.Implicit(solvers.Neumann(max_iter=7))),
-        ("rbp", rbp.Implicit(solvers.RBP(max_iter=7))),
-        ("cg", rbp.Implicit(solvers.CGNormal(max_iter=7))),
-        ("gmres", rbp.Implicit(solvers.GMRES(max_iter=7))),
+        ("neumann", rbp.Implicit(linear.Neumann(max_iter=7))),
+        ("rbp", rbp.Implicit(linear.RBP(max_iter=7))),
+        ("cg", rbp.Implicit(linear.CGNormal(max_iter=7))),
+        ("gmres", rbp.Implicit(linear.GMRES(max_iter=7))),
     ],
 )
 def test_values_equal_their_string_shortcuts(name, value):
@@ -34,7 +34,7 @@ def test_values_equal_their_string_shortcuts(name, value):
 
 def test_a_bare_solver_value_is_an_implicit_method():
     p = tanh_rnn()
-    a = _grads(p, solvers.GMRES(max_iter=5))
+    a = _grads(p, linear.GMRES(max_iter=5))
     b = _grads(p, "gmres", truncate=5)
     assert max_rel_error(a, b) <= 1e-14
 
@@ -178,7 +178,7 @@ def test_bad_method_values_are_refused_at_construction(make, error, match):
         ({"method": 3}, TypeError, "method must be a name"),
         ({"method": "adjoint"}, ValueError, "unknown method 'adjoint'"),
         ({"method": rbp.TBPTT(20), "steps": 5}, ValueError, "truncate <= steps"),
-        ({"method": rbp.solvers.RBP(max_iter=5), "truncate": 6}, ValueError, "applies to"),
+        ({"method": rbp.linear.RBP(max_iter=5), "truncate": 6}, ValueError, "applies to"),
     ],
 )
 def test_bad_method_arguments_of_fixed_point(kwargs, error, match):
@@ -207,7 +207,7 @@ def test_fallback_accepts_a_solver_value():
     x = torch.ones(4, dtype=DT, requires_grad=True)
     h = rbp.fixed_point(
         lambda h: a @ h + x, torch.zeros(4, dtype=DT), 1, "neumann", 10,
-        checks=rbp.Checks(settle_tol=None, fallback=solvers.GMRES(max_iter=10)),
+        checks=rbp.Checks(settle_tol=None, fallback=linear.GMRES(max_iter=10)),
     )
     with pytest.warns(rbp.ConvergenceWarning, match="fell back to gmres"):
         h.sum().backward()
@@ -217,9 +217,9 @@ def test_fallback_accepts_a_solver_value():
 def test_resolve_names():
     assert methods.resolve("tbptt", truncate=3) == rbp.TBPTT(3)
     value = methods.from_name("gmres", 10, restart=4)
-    assert value.solver == solvers.GMRES(max_iter=10, restart=4)
+    assert value.solver == linear.GMRES(max_iter=10, restart=4)
     assert methods.from_name("gmres", 10) == methods.resolve("gmres", truncate=10)
-    assert methods.from_name("rbp", 3, init="uniform").solver == solvers.RBP(3, init="uniform")
+    assert methods.from_name("rbp", 3, init="uniform").solver == linear.RBP(3, init="uniform")
     assert methods.from_name("tbptt", 4) == rbp.TBPTT(4)
     assert methods.resolve("rbp", truncate=2).solver.init == "zeros"
     assert repr(rbp.Phantom(3, 0.25)) == "Phantom(k=3, damping=0.25)"
@@ -228,19 +228,19 @@ def test_resolve_names():
 def test_string_options_with_a_value_are_refused():
     p = tanh_rnn()
     with pytest.raises(ValueError, match="applies to the string method names only"):
-        rbp.fixed_point(p.f, p.h0, 10, rbp.Implicit(solvers.GMRES()), truncate=40)
+        rbp.fixed_point(p.f, p.h0, 10, rbp.Implicit(linear.GMRES()), truncate=40)
     # the value's own K is not ignored: accepted (from_name(name, k, ...) passed on with k)
-    rbp.fixed_point(p.f, p.h0, 10, rbp.Implicit(solvers.GMRES(max_iter=40)), truncate=40)
+    rbp.fixed_point(p.f, p.h0, 10, rbp.Implicit(linear.GMRES(max_iter=40)), truncate=40)
     for name in ("backward_tol", "rbp_init", "restart"):  # options of the values now
         with pytest.raises(TypeError, match=name):
-            rbp.fixed_point(p.f, p.h0, 10, rbp.Implicit(solvers.GMRES()), **{name: 5})
+            rbp.fixed_point(p.f, p.h0, 10, rbp.Implicit(linear.GMRES()), **{name: 5})
 
 
 def test_user_solution_without_errors_gets_the_true_residual_and_bad_status_is_refused():
     from rbp.diagnostics import Status
 
     p = tanh_rnn()
-    claims = solvers.Solution  # a user solver that says "converged" after doing nothing
+    claims = linear.Solution  # a user solver that says "converged" after doing nothing
 
     h, info = rbp.fixed_point(
         p.f, p.h0, 200, rbp.Implicit(lambda m, b: claims(b, 1, [], Status.CONVERGED)),

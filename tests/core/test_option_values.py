@@ -22,10 +22,10 @@ def _grads(p, method, truncate=20, **options):
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("neumann", rbp.solvers.Neumann(max_iter=12)),
-        ("rbp", rbp.solvers.RBP(max_iter=12, init="zeros")),
-        ("cg", rbp.solvers.CGNormal(max_iter=12, jvp="double_vjp")),
-        ("gmres", rbp.solvers.GMRES(max_iter=12, restart=12)),
+        ("neumann", rbp.linear.Neumann(max_iter=12)),
+        ("rbp", rbp.linear.RBP(max_iter=12, init="zeros")),
+        ("cg", rbp.linear.CGNormal(max_iter=12, jvp="double_vjp")),
+        ("gmres", rbp.linear.GMRES(max_iter=12, restart=12)),
         ("gmres", rbp.methods.from_name("gmres", 12)),
         ("tbptt", rbp.TBPTT(12)),
     ],
@@ -66,15 +66,15 @@ def test_moved_options_still_reach_the_exact_gradient():
     # by forward mode, GMRES's restart, and a fallback through rbp.Checks
     p = tanh_rnn()
     want = exact_gradients(p)
-    for method in (rbp.solvers.Neumann(max_iter=400, tol=1e-13),
-                   rbp.solvers.RBP(max_iter=400, tol=1e-13, init="uniform"),
-                   rbp.solvers.CGNormal(max_iter=60, jvp="func"),
-                   rbp.solvers.GMRES(max_iter=60, restart=5)):
+    for method in (rbp.linear.Neumann(max_iter=400, tol=1e-13),
+                   rbp.linear.RBP(max_iter=400, tol=1e-13, init="uniform"),
+                   rbp.linear.CGNormal(max_iter=60, jvp="func"),
+                   rbp.linear.GMRES(max_iter=60, restart=5)):
         got = method_gradients(p, method, steps=200)
         assert max_rel_error(got, want) <= 1e-8, method
     with pytest.warns(rbp.ConvergenceWarning, match="fell back to gmres"):
         got = method_gradients(p, "neumann", steps=200, truncate=2,
-                               checks=rbp.Checks(fallback=rbp.solvers.GMRES(max_iter=60)))
+                               checks=rbp.Checks(fallback=rbp.linear.GMRES(max_iter=60)))
     assert max_rel_error(got, want) <= 1e-8
 
 
@@ -90,7 +90,7 @@ def test_checks_reach_the_call():
 def test_a_module_takes_the_values_and_refuses_at_construction():
     cell = torch.nn.Linear(4, 4).double()
     layer = rbp.FixedPoint(lambda x, h: torch.tanh(0.5 * cell(h) + x), 100,
-                           rbp.solvers.GMRES(max_iter=30, tol=1e-10), solver=rbp.Anderson(),
+                           rbp.linear.GMRES(max_iter=30, tol=1e-10), solver=rbp.Anderson(),
                            tol=1e-10, checks=rbp.Checks(on_failure="raise", trace=True))
     h = layer(torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64))
     h.sum().backward()

@@ -18,7 +18,7 @@ def test_prop1_neumann_k_equals_tbptt_k_plus_1(make, k):
     p.h0 = h_star
     neumann = method_gradients(p, "neumann", steps=50, truncate=k)
     tbptt = method_gradients(p, "tbptt", steps=50, truncate=k + 1)
-    rbp_zero = method_gradients(p, rbp.solvers.RBP(max_iter=k + 1, init="zeros"), steps=50)
+    rbp_zero = method_gradients(p, rbp.linear.RBP(max_iter=k + 1, init="zeros"), steps=50)
     for a, b, c in zip(neumann, tbptt, rbp_zero, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
         assert torch.allclose(a, c, rtol=1e-12, atol=1e-13)

@@ -1,4 +1,4 @@
-"""SHINE: the backward reuses the Broyden forward's inverse-Jacobian estimate (rbp.solvers.SHINE).
+"""SHINE: the backward reuses the Broyden forward's inverse-Jacobian estimate (rbp.linear.SHINE).
 
 The map ``F(h) = tanh(h W^T + x U^T) + c`` with a per-sample bias ``c``: ``dF/dc = I``, so the
 gradient of ``c`` is the adjoint ``z`` itself, compared with a dense float64 solve of
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rbp
-from rbp import solvers
+from rbp import linear
 from rbp.diagnostics import DivergenceError
 
 DT = torch.float64
@@ -79,7 +79,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_shine_with_gmres_reaches_the_exact_gradient(use, batch_dim):
     p = problem()
     want = exact_z(p)
-    method = rbp.Implicit(solvers.SHINE(refine=2 * B * N, use=use, tol=1e-12))
+    method = rbp.Implicit(linear.SHINE(refine=2 * B * N, use=use, tol=1e-12))
     got, info = shine_z(p, method, batch_dim=batch_dim)
     assert rel(got, want) <= 1e-8
     record = info.backward[0]
@@ -95,8 +95,8 @@ def test_shine_preconditioned_gmres_needs_fewer_products_than_gmres(seed):
     want = exact_z(p)
     counts = {}
     for name, solver in (
-        ("shine", solvers.SHINE(refine=3 * N, tol=1e-10, check_every=1)),
-        ("gmres", solvers.GMRES(max_iter=3 * N, tol=1e-10, check_every=1)),
+        ("shine", linear.SHINE(refine=3 * N, tol=1e-10, check_every=1)),
+        ("gmres", linear.GMRES(max_iter=3 * N, tol=1e-10, check_every=1)),
     ):
         got, info = shine_z(p, rbp.Implicit(solver))
         assert rel(got, want) <= 1e-8, name
@@ -108,7 +108,7 @@ def test_shine_preconditioned_gmres_needs_fewer_products_than_gmres(seed):
 def test_pure_shine_reports_its_true_residual(batch_dim):
     """refine=0: z = -H^T g, and its error estimate is ||(I - J^T) z - g|| / ||g|| exactly."""
     p = problem()
-    got, info = shine_z(p, rbp.Implicit(solvers.SHINE()), batch_dim=batch_dim,
+    got, info = shine_z(p, rbp.Implicit(linear.SHINE()), batch_dim=batch_dim,
                         max_backward_error=None)
     # the true residual, densely, at the fixed point fixed_point linearised at
     h = torch.zeros(B, N, dtype=DT)
@@ -136,18 +136,18 @@ def test_pure_shine_reports_its_true_residual(batch_dim):
 def test_pure_shine_is_flagged_by_max_backward_error():
     p = problem()
     with pytest.raises(DivergenceError, match="max_backward_error"):
-        shine_z(p, rbp.Implicit(solvers.SHINE()), max_backward_error=1e-3, on_failure="raise")
+        shine_z(p, rbp.Implicit(linear.SHINE()), max_backward_error=1e-3, on_failure="raise")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got, info = shine_z(p, rbp.Implicit(solvers.SHINE()), max_backward_error=1e-3,
-                            fallback=solvers.GMRES(max_iter=60, tol=1e-12))
+        got, info = shine_z(p, rbp.Implicit(linear.SHINE()), max_backward_error=1e-3,
+                            fallback=linear.GMRES(max_iter=60, tol=1e-12))
     assert info.backward[0].fell_back_to == "gmres"
     assert any("fell back" in str(w.message) for w in caught)
     assert rel(got, exact_z(p)) <= 1e-8
 
 
-@pytest.mark.parametrize("solver", [solvers.SHINE(), solvers.SHINE(refine=6),
-                                    solvers.SHINE(refine=6, use="init")])
+@pytest.mark.parametrize("solver", [linear.SHINE(), linear.SHINE(refine=6),
+                                    linear.SHINE(refine=6, use="init")])
 def test_per_sample_equals_one_by_one(solver):
     """batch_dim=0 (rows leave the forward at different steps) gives each sample the z it gets
     alone: each sample's final estimate is kept when it leaves. (Up to round-off in the forward,
@@ -167,23 +167,23 @@ def test_per_sample_equals_one_by_one(solver):
 @pytest.mark.parametrize("solver", ["anderson", "iterate", rbp.Anderson(m=3)])
 def test_refused_without_a_broyden_forward(solver):
     p = problem()
-    for options in ({"method": rbp.Implicit(solvers.SHINE())},
-                    {"method": "gmres", "checks": rbp.Checks(fallback=solvers.SHINE(refine=3))}):
+    for options in ({"method": rbp.Implicit(linear.SHINE())},
+                    {"method": "gmres", "checks": rbp.Checks(fallback=linear.SHINE(refine=3))}):
         with pytest.raises(ValueError, match="Broyden"):
             rbp.fixed_point(lambda h: f(h, p["x"], p["c"], p), torch.zeros(B, N, dtype=DT), 50,
                             solver=solver, tol=1e-8, **options)
     with pytest.raises(ValueError, match="Broyden"):
         rbp.FixedPoint(lambda x, h: torch.tanh(h + x), steps=50,
-                       method=rbp.Implicit(solvers.SHINE()), solver=solver)
+                       method=rbp.Implicit(linear.SHINE()), solver=solver)
     with pytest.raises(ValueError, match="Broyden"):  # the default forward: plain iteration
-        rbp.fixed_point(lambda h: 0.5 * h, torch.ones(3), 5, method=solvers.SHINE())
+        rbp.fixed_point(lambda h: 0.5 * h, torch.ones(3), 5, method=linear.SHINE())
 
 
 def test_solve_without_an_estimate_is_refused():
     b = torch.ones(2, 3, dtype=DT)
-    op = solvers.AdjointOperator(lambda v: 0.5 * v)
+    op = linear.AdjointOperator(lambda v: 0.5 * v)
     with pytest.raises(ValueError, match="inverse-Jacobian estimate"):
-        solvers.SHINE().solve(op, b)
+        linear.SHINE().solve(op, b)
 
 
 @pytest.mark.parametrize(("options", "error"), [
@@ -195,7 +195,7 @@ def test_solve_without_an_estimate_is_refused():
 ])
 def test_bad_options_are_refused(options, error):
     with pytest.raises(error):
-        solvers.SHINE(**options)
+        linear.SHINE(**options)
 
 
 def test_fixed_point_module_with_shine():
@@ -209,7 +209,7 @@ def test_fixed_point_module_with_shine():
 
     x = torch.randn(B, N, dtype=DT) * torch.linspace(0.2, 2.0, B, dtype=DT)[:, None]
     grads = []
-    for solver in (solvers.SHINE(refine=40, tol=1e-12), solvers.GMRES(max_iter=40, tol=1e-12)):
+    for solver in (linear.SHINE(refine=40, tol=1e-12), linear.GMRES(max_iter=40, tol=1e-12)):
         layer = rbp.FixedPoint(step, steps=100, method=rbp.Implicit(solver),
                                solver=rbp.Broyden(), tol=1e-12, batch_dim=0)
         layer(x, torch.zeros(B, N, dtype=DT)).sum().backward()
@@ -224,9 +224,9 @@ def test_gmres_with_an_exact_preconditioner_converges_at_once():
     jac = 0.5 * torch.randn(2, N, N, dtype=DT, generator=gen) / N ** 0.5
     a = torch.eye(N, dtype=DT) - jac.transpose(1, 2)
     inv = torch.linalg.inv(a)
-    op = solvers.AdjointOperator(lambda v: torch.einsum("bij,bi->bj", jac, v))
+    op = linear.AdjointOperator(lambda v: torch.einsum("bij,bi->bj", jac, v))
     b = torch.randn(2, N, dtype=DT, generator=gen)
-    sol = solvers.gmres(op, b, max_iter=5, tol=1e-12, check_every=1,
+    sol = linear.gmres(op, b, max_iter=5, tol=1e-12, check_every=1,
                         precondition=lambda v: torch.einsum("bij,bj->bi", inv, v))
     want = torch.linalg.solve(a, b[..., None])[..., 0]
     assert sol.iterations == 1 and rel(sol.z, want) <= 1e-12
@@ -236,12 +236,12 @@ def test_gmres_with_an_exact_preconditioner_converges_at_once():
 def test_restarted_preconditioned_gmres_and_shine_as_fallback():
     p = problem(1, nonnormal=True)
     want = exact_z(p)
-    got, info = shine_z(p, rbp.Implicit(solvers.SHINE(refine=80, restart=6, tol=1e-12)))
+    got, info = shine_z(p, rbp.Implicit(linear.SHINE(refine=80, restart=6, tol=1e-12)))
     assert rel(got, want) <= 1e-8 and info.backward[0].status.ok
     # a Neumann series of 2 terms is reported, and SHINE+GMRES re-solves it
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        got, info = shine_z(p, rbp.Implicit(solvers.Neumann(max_iter=2)),
-                            fallback=solvers.SHINE(refine=40, tol=1e-12))
+        got, info = shine_z(p, rbp.Implicit(linear.Neumann(max_iter=2)),
+                            fallback=linear.SHINE(refine=40, tol=1e-12))
     assert info.backward[0].fell_back_to == "shine"
     assert rel(got, want) <= 1e-8

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rbp.solvers import RATE_WINDOW, _Window
+from rbp.linear import RATE_WINDOW, _Window
 
 
 def _reference(pushes: list[torch.Tensor], alive: list[torch.Tensor | None]) -> torch.Tensor:

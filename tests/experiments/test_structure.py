@@ -164,8 +164,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def is_core(module: str) -> bool:
     """``rbp``, its top-level modules (fixed_point, methods, diagnostics...) and the core's
-    packages ``rbp.forward.*`` and ``rbp.solvers.*``."""
-    return module == "rbp" or module.startswith(("rbp.forward.", "rbp.solvers.")) or (
+    packages ``rbp.forward.*`` and ``rbp.linear.*``."""
+    return module == "rbp" or module.startswith(("rbp.forward.", "rbp.linear.")) or (
         module.count(".") == 1 and not module.startswith(("rbp.runner", "rbp.apps", "rbp.data")))
 
 
@@ -229,7 +229,7 @@ def architecture_doc(graph: dict[str, dict[str, list[str]]]) -> str:
         "```",
         "",
         "- **core**: `rbp`, its top-level modules (`fixed_point`, `methods`, `solvers`,",
-        "  `diagnostics`, `tree`, `module`, ...) and the `rbp.forward` and `rbp.solvers`",
+        "  `diagnostics`, `tree`, `module`, ...) and the `rbp.forward` and `rbp.linear`",
         "  packages; imports torch,",
         "  NumPy and the standard library only: `pip install torch-rbp`.",
         "",
@@ -247,7 +247,7 @@ def architecture_doc(graph: dict[str, dict[str, list[str]]]) -> str:
         "  T-step paths (the paper's unroll, bptt/tbptt with tol); `rows` the row layout and",
         "  the checks of `f`; `run` chooses the path; `result` and `report` the record it",
         "  returns and the messages. A solver of your own written against `protocol` runs",
-        "  per sample like the built-in ones. `rbp.solvers` (the adjoint's linear solvers):",
+        "  per sample like the built-in ones. `rbp.linear` (the adjoint's linear solvers):",
         "  `protocol` (`Solution`, the operator `matvec`), `series` (Neumann, RBP), `krylov`",
         "  (CG on the normal equations, GMRES), `estimates` (their error estimates and",
         "  statuses) and `values` (the solvers as values).",
@@ -350,7 +350,7 @@ def test_the_core_imports_only_its_dependencies_and_the_standard_library(graph: 
             if not ok:
                 bad.append(f"{module} imports {dep} ({', '.join(where)})")
     assert not bad, "\n".join(bad)
-    assert {m for m in graph if is_core(m)} >= {"rbp", "rbp.fixed_point", "rbp.solvers"}
+    assert {m for m in graph if is_core(m)} >= {"rbp", "rbp.fixed_point", "rbp.linear"}
 
 
 def test_the_kit_uses_only_the_cores_public_api(graph: dict) -> None:

@@ -31,7 +31,7 @@ class Broyden(Stopping):
     memory: int = 50
     replay: int | None = None
     # its state hands its final inverse-Jacobian estimate per sample to the backward
-    # (:class:`rbp.solvers.SHINE`): ``state.inverse_estimate()``
+    # (:class:`rbp.linear.SHINE`): ``state.inverse_estimate()``
     gives_inverse_estimate = True
 
     def __post_init__(self) -> None:

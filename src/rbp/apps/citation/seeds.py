@@ -138,11 +138,11 @@ class SeededUniformRBP:
     generators: list[torch.Generator]
     shape: tuple[int, ...]          # the state's shape (S, N, H)
 
-    def solve(self, matvec: Any, b: torch.Tensor) -> rbp.solvers.Solution:
+    def solve(self, matvec: Any, b: torch.Tensor) -> rbp.linear.Solution:
         draws = [torch.rand(self.shape[1:], generator=g, dtype=b.dtype)
                  for g in self.generators]
         z0 = torch.stack(draws).to(b.device).reshape(b.shape)
-        return rbp.solvers.fixed_point_iteration(matvec, b, max_iter=self.max_iter, z0=z0)
+        return rbp.linear.fixed_point_iteration(matvec, b, max_iter=self.max_iter, z0=z0)
 
 
 def build_per_seed(seeds: list[int], build: Any, device: torch.device | str = "cpu"

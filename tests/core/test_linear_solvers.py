@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rbp
-from rbp import solvers
+from rbp import linear
 from rbp.diagnostics import Status
 
 DT = torch.float64
@@ -47,8 +47,8 @@ def jacobians(kind: str, rows: int = 3, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
-def operator(jac: torch.Tensor) -> solvers.AdjointOperator:
-    return solvers.AdjointOperator(
+def operator(jac: torch.Tensor) -> linear.AdjointOperator:
+    return linear.AdjointOperator(
         lambda v: torch.einsum("bij,bi->bj", jac, v), lambda v: torch.einsum("bij,bj->bi", jac, v)
     )
 
@@ -63,12 +63,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 KRYLOV = {
-    "gmres": lambda k: solvers.GMRES(max_iter=k),
-    "cg": lambda k: solvers.CGNormal(max_iter=3 * k),
+    "gmres": lambda k: linear.GMRES(max_iter=k),
+    "cg": lambda k: linear.CGNormal(max_iter=3 * k),
 }
 SERIES = {
-    "neumann": lambda k: solvers.Neumann(max_iter=k),
-    "rbp": lambda k: solvers.RBP(max_iter=k),
+    "neumann": lambda k: linear.Neumann(max_iter=k),
+    "rbp": lambda k: linear.RBP(max_iter=k),
 }
 
 
@@ -115,7 +115,7 @@ def test_series_error_estimate_tracks_truncation_error(name):
 def test_near_singular_series_reports_a_large_error():
     jac = jacobians("nearsingular")
     b = torch.randn(3, N, dtype=DT, generator=torch.Generator().manual_seed(3))
-    sol = solvers.Neumann(max_iter=20).solve(operator(jac), b)
+    sol = linear.Neumann(max_iter=20).solve(operator(jac), b)
     true = rel(sol.z, dense(jac, b))
     assert true > 0.5 and sol.error_estimate > 0.5
 
@@ -139,19 +139,19 @@ def test_batched_gmres_beats_one_krylov_space_for_the_batch():
     jac = jacobians("nonsymmetric", rows=4, seed=7)
     b = torch.randn(4, N, dtype=DT, generator=torch.Generator().manual_seed(8))
     want = dense(jac, b)
-    per_row = solvers.GMRES(max_iter=8).solve(operator(jac), b)
+    per_row = linear.GMRES(max_iter=8).solve(operator(jac), b)
     block = torch.block_diag(*jac)
-    whole_op = solvers.AdjointOperator(lambda v: v @ block)
-    whole = solvers.GMRES(max_iter=8).solve(whole_op, b.reshape(1, -1))
+    whole_op = linear.AdjointOperator(lambda v: v @ block)
+    whole = linear.GMRES(max_iter=8).solve(whole_op, b.reshape(1, -1))
     assert rel(per_row.z, want) < rel(whole.z.reshape(4, N), want)
 
 
 def test_gmres_restart_and_tol():
     jac = jacobians("nonsymmetric")
     b = torch.randn(3, N, dtype=DT, generator=torch.Generator().manual_seed(9))
-    restarted = solvers.GMRES(max_iter=150, restart=4).solve(operator(jac), b)
+    restarted = linear.GMRES(max_iter=150, restart=4).solve(operator(jac), b)
     assert rel(restarted.z, dense(jac, b)) <= 1e-8
-    early = solvers.GMRES(max_iter=60, tol=1e-6).solve(operator(jac), b)
+    early = linear.GMRES(max_iter=60, tol=1e-6).solve(operator(jac), b)
     assert early.status == Status.CONVERGED and early.iterations < 60
     assert early.error_estimate <= 1e-6
 
@@ -160,7 +160,7 @@ def test_tol_stops_series_per_row():
     jac = jacobians("spd")
     jac[0] *= 0.1  # row 0 converges much faster
     b = torch.randn(3, N, dtype=DT, generator=torch.Generator().manual_seed(10))
-    sol = solvers.Neumann(max_iter=2000, tol=1e-10, check_every=5).solve(operator(jac), b)
+    sol = linear.Neumann(max_iter=2000, tol=1e-10, check_every=5).solve(operator(jac), b)
     assert sol.status == Status.CONVERGED and sol.iterations < 2000
     assert rel(sol.z, dense(jac, b)) <= 1e-8
 
@@ -172,13 +172,13 @@ def test_singular_system_without_solution_is_breakdown_not_converged():
     """J = I: (I - J^T) z = b has no solution; Krylov solvers must not say converged."""
     jac = torch.eye(N, dtype=DT).expand(2, N, N).clone()
     b = torch.randn(2, N, dtype=DT, generator=torch.Generator().manual_seed(11))
-    for solver in (solvers.GMRES(max_iter=5), solvers.CGNormal(max_iter=5)):
+    for solver in (linear.GMRES(max_iter=5), linear.CGNormal(max_iter=5)):
         sol = solver.solve(operator(jac), b)
         assert sol.status == Status.BREAKDOWN, solver
         assert max(sol.sample_residuals) == pytest.approx(1.0)
         assert sol.error_estimate == math.inf  # sigma_min(I - J^T) = 0: no error bound
         assert not sol.ok
-    series = solvers.Neumann(max_iter=5).solve(operator(jac), b)
+    series = linear.Neumann(max_iter=5).solve(operator(jac), b)
     assert series.status == Status.GROWING and series.error_estimate == math.inf
 
 
@@ -187,7 +187,7 @@ def test_singular_but_consistent_system_converges():
     jac = torch.diag(torch.tensor([1.0] + [0.5] * (N - 1), dtype=DT)).expand(1, N, N).clone()
     b = torch.ones(1, N, dtype=DT)
     b[0, 0] = 0.0
-    sol = solvers.GMRES(max_iter=N).solve(operator(jac), b)
+    sol = linear.GMRES(max_iter=N).solve(operator(jac), b)
     assert sol.status == Status.CONVERGED
     assert torch.allclose(operator(jac)(sol.z), b, atol=1e-12)
 
@@ -221,7 +221,7 @@ def test_zero_residual_stops_at_once(make):
 
 @pytest.mark.parametrize("make", [*KRYLOV.values(), *SERIES.values()])
 def test_nan_in_the_operator_is_diverged_not_a_crash(make):
-    op = solvers.AdjointOperator(lambda v: v * math.nan, lambda v: v * math.nan)
+    op = linear.AdjointOperator(lambda v: v * math.nan, lambda v: v * math.nan)
     sol = make(10).solve(op, torch.ones(2, N, dtype=DT))
     assert sol.status == Status.DIVERGED and not sol.ok
 
@@ -243,17 +243,17 @@ def test_status_names_and_messages():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: solvers.Neumann(max_iter=0), "max_iter must be an integer >= 1"),
-        (lambda: solvers.Neumann(max_iter=2.5), "max_iter must be an integer"),
-        (lambda: solvers.Neumann(max_iter=2.5), r"got 2.5 \(float\)"),
-        (lambda: solvers.RBP(max_iter=True), "max_iter must be an integer"),
-        (lambda: solvers.GMRES(restart=2.5), "restart must be an integer"),
-        (lambda: solvers.GMRES(restart=0), "restart must be an integer >= 1"),
-        (lambda: solvers.CGNormal(tol=-1.0), "tol must be a finite number > 0"),
-        (lambda: solvers.CGNormal(tol=math.inf), "tol must be a finite number > 0"),
-        (lambda: solvers.Neumann(tol=True), "tol must be a finite number > 0"),
-        (lambda: solvers.RBP(init="random"), "init must be 'zeros' or 'uniform'"),
-        (lambda: solvers.GMRES(check_every=0), "check_every must be an integer >= 1"),
+        (lambda: linear.Neumann(max_iter=0), "max_iter must be an integer >= 1"),
+        (lambda: linear.Neumann(max_iter=2.5), "max_iter must be an integer"),
+        (lambda: linear.Neumann(max_iter=2.5), r"got 2.5 \(float\)"),
+        (lambda: linear.RBP(max_iter=True), "max_iter must be an integer"),
+        (lambda: linear.GMRES(restart=2.5), "restart must be an integer"),
+        (lambda: linear.GMRES(restart=0), "restart must be an integer >= 1"),
+        (lambda: linear.CGNormal(tol=-1.0), "tol must be a finite number > 0"),
+        (lambda: linear.CGNormal(tol=math.inf), "tol must be a finite number > 0"),
+        (lambda: linear.Neumann(tol=True), "tol must be a finite number > 0"),
+        (lambda: linear.RBP(init="random"), "init must be 'zeros' or 'uniform'"),
+        (lambda: linear.GMRES(check_every=0), "check_every must be an integer >= 1"),
     ],
 )
 def test_bad_solver_options_are_refused_at_construction(make, match):
@@ -263,22 +263,22 @@ def test_bad_solver_options_are_refused_at_construction(make, match):
 
 
 def test_cg_needs_forward_products():
-    op = solvers.AdjointOperator(lambda v: 0.5 * v)  # no jvp
+    op = linear.AdjointOperator(lambda v: 0.5 * v)  # no jvp
     with pytest.raises(ValueError, match="J v"):
-        solvers.CGNormal().solve(op, torch.ones(1, 3, dtype=DT))
+        linear.CGNormal().solve(op, torch.ones(1, 3, dtype=DT))
 
 
 def test_float32_solve_stays_float32():
     jac = jacobians("spd").float()
-    op = solvers.AdjointOperator(lambda v: torch.einsum("bij,bi->bj", jac, v))
-    sol = solvers.GMRES(max_iter=N).solve(op, torch.ones(3, N))
+    op = linear.AdjointOperator(lambda v: torch.einsum("bij,bi->bj", jac, v))
+    sol = linear.GMRES(max_iter=N).solve(op, torch.ones(3, N))
     assert sol.z.dtype == torch.float32
     assert rel(sol.z.double(), dense(jac.double(), torch.ones(3, N, dtype=DT))) <= 1e-4
 
 
 def test_public_names():
-    assert rbp.solvers.SOLVERS["gmres"] is solvers.GMRES
-    assert isinstance(solvers.GMRES(), solvers.Solver)
+    assert rbp.linear.SOLVERS["gmres"] is linear.GMRES
+    assert isinstance(linear.GMRES(), linear.Solver)
 
 
 def _krylov(jac: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -305,7 +305,7 @@ def test_gmres_final_step_reaches_one_more_krylov_dimension(kind: str):
     k = 5
     jac = jacobians(kind, rows=3, seed=11)
     b = torch.randn(3, N, dtype=DT, generator=torch.Generator().manual_seed(12))
-    sol = solvers.GMRES(max_iter=k).solve(operator(jac), b)
+    sol = linear.GMRES(max_iter=k).solve(operator(jac), b)
     for i in range(3):
         basis = _krylov(jac[i], b[i], k + 1)
         coef = torch.linalg.lstsq(basis, sol.z[i][:, None]).solution
@@ -325,6 +325,6 @@ def test_gmres_final_step_is_dropped_where_j_expands_the_residual():
     q = torch.linalg.qr(torch.randn(N, N, dtype=DT, generator=gen)).Q
     jac = (3.0 * q)[None]
     b = torch.randn(1, N, dtype=DT, generator=gen)
-    sol = solvers.GMRES(max_iter=4).solve(operator(jac), b)
+    sol = linear.GMRES(max_iter=4).solve(operator(jac), b)
     true = ((torch.eye(N, dtype=DT) - jac[0].T) @ sol.z[0] - b[0]).norm().item()
     assert true == pytest.approx(_best_residual(jac[0], b[0], 4), rel=1e-8)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from rbp.diagnostics import Status
-from rbp.solvers.estimates import _classify, _finish, _read, _Window, _window_gram
-from rbp.solvers.protocol import RATE_WINDOW, Matvec, Solution, Tensor, _estimating, _rows, _vjp_of
+from rbp.linear.estimates import _classify, _finish, _read, _Window, _window_gram
+from rbp.linear.protocol import RATE_WINDOW, Matvec, Solution, Tensor, _estimating, _rows, _vjp_of
 
 # Without a tolerance the only reason to stop early is an exact zero (or NaN): checked after the
 # first products, then every this many.

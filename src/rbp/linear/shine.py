@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from rbp.diagnostics import Status
-from rbp.solvers.krylov import _true_errors, gmres
-from rbp.solvers.protocol import Matvec, Solution, Tensor, _check_int, _check_tol
+from rbp.linear.krylov import _true_errors, gmres
+from rbp.linear.protocol import Matvec, Solution, Tensor, _check_int, _check_tol
 
 USES = ("init", "precondition")
 
@@ -76,7 +76,7 @@ class SHINE:
         if estimate is None:
             raise ValueError(
                 "SHINE needs the inverse-Jacobian estimate of a Broyden forward "
-                "(fixed_point(..., solver=rbp.Broyden(), method=rbp.Implicit(rbp.solvers."
+                "(fixed_point(..., solver=rbp.Broyden(), method=rbp.Implicit(rbp.linear."
                 "SHINE(...)))); this operator carries none"
             )
         if estimate.rows != b.shape[0]:
@@ -119,8 +119,8 @@ def check_forward(method: Any, fallback: Any, solver: Any) -> None:
     if uses_estimate(method, fallback) and not getattr(solver, "gives_inverse_estimate", False):
         name = str(getattr(solver, "name", type(solver).__name__))
         raise ValueError(
-            f"the SHINE backward (rbp.solvers.SHINE) reuses the inverse-Jacobian estimate of a "
+            f"the SHINE backward (rbp.linear.SHINE) reuses the inverse-Jacobian estimate of a "
             f"Broyden forward, and the forward solver {name!r} builds none; pass "
             "solver=rbp.Broyden(...) (with tol=... as usual), or use another backward solver "
-            "(e.g. rbp.solvers.GMRES())"
+            "(e.g. rbp.linear.GMRES())"
         )

@@ -1,11 +1,11 @@
 """Linear solvers for the adjoint system ``A z = b`` with ``A = I - J^T``.
 
-One module each: :mod:`~rbp.solvers.protocol` (the protocol, :class:`Solution`, the operator),
-:mod:`~rbp.solvers.series` (Neumann, RBP's fixed-point iteration),
-:mod:`~rbp.solvers.krylov` (CG on the normal equations, GMRES),
-:mod:`~rbp.solvers.shine` (SHINE: the Broyden forward's inverse estimate, alone or with GMRES),
-:mod:`~rbp.solvers.estimates` (their a-posteriori error estimates and statuses) and
-:mod:`~rbp.solvers.values` (the solvers as values).
+One module each: :mod:`~rbp.linear.protocol` (the protocol, :class:`Solution`, the operator),
+:mod:`~rbp.linear.series` (Neumann, RBP's fixed-point iteration),
+:mod:`~rbp.linear.krylov` (CG on the normal equations, GMRES),
+:mod:`~rbp.linear.shine` (SHINE: the Broyden forward's inverse estimate, alone or with GMRES),
+:mod:`~rbp.linear.estimates` (their a-posteriori error estimates and statuses) and
+:mod:`~rbp.linear.values` (the solvers as values).
 
 **Protocol.** A solver is a value with a method ``solve(matvec, b) -> Solution`` (a plain
 callable ``solver(matvec, b)`` is accepted too):
@@ -33,7 +33,7 @@ device once at the end.
 
 from __future__ import annotations
 
-from rbp.solvers.estimates import (  # noqa: F401 (the core's other modules and tests use these)
+from rbp.linear.estimates import (  # noqa: F401 (the core's other modules and tests use these)
     RATIO_SPREAD,
     RITZ_PYTHON_ROWS,
     _classify,
@@ -45,8 +45,8 @@ from rbp.solvers.estimates import (  # noqa: F401 (the core's other modules and 
     _Window,
     _window_gram,
 )
-from rbp.solvers.krylov import _true_errors, conjugate_gradient_normal, gmres  # noqa: F401
-from rbp.solvers.protocol import (  # noqa: F401
+from rbp.linear.krylov import _true_errors, conjugate_gradient_normal, gmres  # noqa: F401
+from rbp.linear.protocol import (  # noqa: F401
     DIVERGENCE_FACTOR,
     RATE_WINDOW,
     AdjointOperator,
@@ -60,13 +60,13 @@ from rbp.solvers.protocol import (  # noqa: F401
     _vjp_of,
     is_solver,
 )
-from rbp.solvers.series import (  # noqa: F401
+from rbp.linear.series import (  # noqa: F401
     UNTOLERANCED_CHECK_EVERY,
     fixed_point_iteration,
     neumann,
 )
-from rbp.solvers.shine import SHINE  # noqa: F401
-from rbp.solvers.values import GMRES, RBP, SOLVERS, CGNormal, Neumann  # noqa: F401
+from rbp.linear.shine import SHINE  # noqa: F401
+from rbp.linear.values import GMRES, RBP, SOLVERS, CGNormal, Neumann  # noqa: F401
 
 __all__ = [
     "GMRES", "RBP", "SHINE", "SOLVERS", "AdjointOperator", "CGNormal", "Matvec", "Neumann",

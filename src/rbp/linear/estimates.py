@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from rbp.diagnostics import Status
-from rbp.solvers.protocol import DIVERGENCE_FACTOR, RATE_WINDOW, Solution, Tensor
+from rbp.linear.protocol import DIVERGENCE_FACTOR, RATE_WINDOW, Solution, Tensor
 
 
 def _tail(increments: list[float], znorm: float, eps: float, ritz: float | None = None,

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rbp.solvers.krylov import conjugate_gradient_normal, gmres
-from rbp.solvers.protocol import Matvec, Solution, Tensor, _check_int, _check_tol
-from rbp.solvers.series import fixed_point_iteration, neumann
+from rbp.linear.krylov import conjugate_gradient_normal, gmres
+from rbp.linear.protocol import Matvec, Solution, Tensor, _check_int, _check_tol
+from rbp.linear.series import fixed_point_iteration, neumann
 
 JVP_MODES: tuple[str, ...] = ("double_vjp", "func")
 

@@ -8,9 +8,9 @@ import math
 import torch
 
 from rbp.diagnostics import Status
-from rbp.solvers.estimates import _finish
-from rbp.solvers.protocol import Matvec, Solution, Tensor, _estimating, _rows, _wide
-from rbp.solvers.series import _due
+from rbp.linear.estimates import _finish
+from rbp.linear.protocol import Matvec, Solution, Tensor, _estimating, _rows, _wide
+from rbp.linear.series import _due
 
 
 def _true_errors(matvec: Matvec, z: Tensor, b: Tensor, bnorm: Tensor) -> Tensor:
