@@ -886,8 +886,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pairs", type=int, default=None,
                         help="alternating rbp/hand calls in the overhead study (0: skip)")
     parser.add_argument("--overhead-only", action="store_true",
-                        help="only the issue's small problem (tanh RNN 128 x 16, T=50, K=20, "
-                             "float32): rbp.neumann against the hand-written loop (~1 min)")
+                        help="only the paired overhead study: rbp.neumann against the "
+                             "hand-written loop on the small problem (tanh RNN 128 x 16, T=50, "
+                             "K=20, float32; --pairs, default 300) and on the full-size "
+                             "problems (T=100, K=20, float32 and float64, 30 pairs; ~4 min)")
     parser.add_argument("--device", default="cpu",
                         help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
     args = parser.parse_args(argv)
@@ -906,10 +908,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         target = [paired_overhead(small, 50, 20, pairs, **kw)
                   for kw in ({}, {"max_backward_error": None})]
+        # the full-size problems, where F's cost dominates what rbp adds per call
+        full_pairs = 3 if args.quick else 30
+        full = [paired_overhead(p.on(getattr(torch, d), device), 100, 20, full_pairs)
+                for p in build_problems(args.quick, args.problems or list(SIZES["full"]), 0)
+                for d in (args.dtypes or ["float32", "float64"])]
         only: dict[str, Any] = {
             "settings": {"threads": torch.get_num_threads(), "pairs": pairs,
-                         **device_settings(device)},
+                         "full_size_pairs": full_pairs, **device_settings(device)},
             "versions": _versions(), "machine": _machine(), "overhead_target": target,
+            "overhead_paired": full,
             "wall_time_s": time.perf_counter() - start,
             "command": " ".join(["python", "benchmarks/core_bench.py",
                                  *(argv or sys.argv[1:])]),

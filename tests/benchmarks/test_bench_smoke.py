@@ -147,7 +147,8 @@ def test_missing_peers_are_skipped_with_a_note(
 def test_overhead_only_runs_the_small_problem_and_writes_json(bench: Any, tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     try:
-        bench.main(["--overhead-only", "--pairs", "2", "--out", str(tmp_path)])
+        bench.main(["--overhead-only", "--quick", "--pairs", "2", "--problems", "rnn", "gru",
+                    "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "overhead.json").read_text())
@@ -159,6 +160,11 @@ def test_overhead_only_runs_the_small_problem_and_writes_json(bench: Any, tmp_pa
     for o in (plain, unchecked):
         assert o["paired_cpu_ratio"] > 0 and math.isfinite(o["paired_cpu_ratio"])
         assert o["hand_cpu_fwd_ms"] > 0 and o["rbp_cpu_bwd_ms"] > 0
+    full = result["overhead_paired"]  # the named problems in both dtypes, at T = 100, K = 20
+    assert [(o["problem"], o["dtype"]) for o in full] == [
+        ("rnn", "float32"), ("rnn", "float64"), ("gru", "float32"), ("gru", "float64")]
+    assert all((o["T"], o["K"], o["pairs"]) == (100, 20, 3) for o in full)
+    assert all(o["paired_cpu_ratio"] > 0 for o in full)
 
 
 # --------------------------------------------------------------------------- --device

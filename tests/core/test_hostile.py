@@ -3,6 +3,7 @@ crashed deep inside, checked against an exact reference (BPTT, dense float64 sol
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
@@ -135,6 +136,27 @@ def test_one_slow_sample_among_fast_ones_is_reported(options):
             f, torch.zeros(200, 4, dtype=DT), steps, checks=rbp.Checks(settle_tol=1e-3),
             inputs=inputs, **options,
         )
+
+
+@pytest.mark.parametrize("host_rows", [0, 64])
+def test_settle_check_reads_rows_the_same_on_the_host_and_on_the_tensors(monkeypatch, host_rows):
+    """Few rows on the CPU are read to the host in one read (``HOST_ROWS``), more are reduced
+    on the tensors: the same worst row ratio, the same slow row named, the same whole norms."""
+    monkeypatch.setattr(importlib.import_module("rbp.forward.unroll"), "HOST_ROWS", host_rows)
+    rates = [0.3] * 5 + [0.97] + [0.3] * 4
+    _, f, inputs = _rates_problem(rates)
+    with pytest.warns(rbp.ConvergenceWarning, match=r"1 of 10 rows.*row 5"):
+        h, info = rbp.fixed_point(f, torch.zeros(10, 4, dtype=DT), 40, inputs=inputs,
+                                  return_info=True)
+    rate = torch.tensor(rates, dtype=DT)
+    step = rate**39 * (1 - rate)  # |h_40 - h_39| per element, with h_t = 1 - rate^t
+    rows = 2 * (1 - rate**40)  # ||h_40|| per row; a row's scale is at least their rms
+    scale = rows.clamp_min(rows.norm() / len(rates) ** 0.5)
+    assert info.worst_relative_difference == pytest.approx(float((2 * step / scale).max()),
+                                                           rel=1e-12)
+    assert info.final_difference == pytest.approx(float(2 * step.norm()), rel=1e-12)
+    assert info.relative_final_difference == pytest.approx(
+        info.final_difference / float(h.norm()), rel=1e-12)
 
 
 def test_settled_batch_gives_no_warning():

@@ -165,13 +165,15 @@ def _unroll_tensor(
 
 def _last_norms(
     h: Tensor, prev: Tensor, want_rows: bool = False
-) -> tuple[float, float, tuple[Tensor, Tensor] | None]:
+) -> tuple[float, float, tuple[Tensor, ...] | None]:
     """``||h - prev||`` and ``||h||`` on the host (one read each on CPU, one in all elsewhere),
     in the state's dtype (no float64 copy of the state) unless ``||h||`` overflows it; and
     (``want_rows``), for a state of two or more dims, the same per row of dim 0 (left on the
     device: the settle check reads their worst ratio, see :func:`row_differences`)."""
     o = h.detach()  # detached rather than under no_grad: one op fewer
     d = o - prev.detach()
+    if want_rows and o.is_cpu and o.dim() >= 2 and 1 < o.shape[0] <= HOST_ROWS:
+        return _last_norms_by_row(o, d)
     diff = torch.linalg.vector_norm(d)
     norm = torch.linalg.vector_norm(o)
     rows = None
@@ -192,6 +194,32 @@ def _last_norms(
     if not math.isfinite(norm_value):
         norm_value = torch.linalg.vector_norm(o, dtype=torch.float64).item()
     return diff_value, norm_value, rows
+
+
+# Up to this many rows on the CPU, the per-row norms are read to the host in one read and the
+# whole-state norms and the worst row ratio are summed there: fewer ops than on the tensors.
+HOST_ROWS = 64
+
+
+def _last_norms_by_row(o: Tensor, d: Tensor) -> tuple[float, float, tuple[Tensor, Tensor, float]]:
+    """:func:`_last_norms` with rows, for a few rows on the CPU: one host read of the per-row
+    ``||d_i||`` and ``||o_i||``; the whole-state norms are their root sum of squares, and the
+    worst ratio (the settle check's, see :func:`~rbp.forward.report.worst_ratio`) comes along."""
+    b = o.shape[0]
+    rows = torch.stack([torch.linalg.vector_norm(d.reshape(b, -1), dim=1),
+                        torch.linalg.vector_norm(o.reshape(b, -1), dim=1)])
+    drows, nrows = rows.tolist()
+    diff_value = math.sqrt(math.fsum(x * x for x in drows))
+    norm_value = math.sqrt(math.fsum(x * x for x in nrows))
+    if not math.isfinite(norm_value):  # a row norm overflowed the state's dtype
+        norm_value = torch.linalg.vector_norm(o, dtype=torch.float64).item()
+    floor = norm_value / math.sqrt(b)  # a row's scale is at least the rms row norm
+    worst = 0.0
+    for x, n in zip(drows, nrows, strict=True):
+        if x > 0:  # a row that did not move is settled; d / 0 = inf: a zero row that moved
+            scale = max(n, floor)
+            worst = max(worst, x / scale if scale > 0 else math.inf)
+    return diff_value, norm_value, (rows[0], rows[1].clamp_min(floor), worst)
 
 
 def _unroll_to_tol(
