@@ -243,6 +243,42 @@ def _lanczos_smin(coefs: list[Tensor]) -> Tensor | None:
     return torch.where(any_ok, lam.clamp_min(0).sqrt(), torch.nan)
 
 
+def _orthogonalise(v: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Classical Gram-Schmidt twice: ``w`` minus its projection on the orthonormal rows of
+    ``v`` (``(k, rows, n)``), and the projection's coefficients ``(rows, k)``."""
+    h = torch.einsum("kbn,bn->bk", v, w)
+    w = w - torch.einsum("bk,kbn->bn", h, v)
+    h2 = torch.einsum("kbn,bn->bk", v, w)
+    w = w - torch.einsum("bk,kbn->bn", h2, v)
+    return h + h2, w
+
+
+def _rotate_in(rot: Tensor, r_mat: Tensor, h: Tensor, h_next: Tensor, j: int) -> None:
+    """Column ``j`` of the Hessenberg matrix, ``(h, h_next)``, through the rotations so far
+    (``rot``, one orthogonal matrix per row) and a new Givens rotation that zeroes its last
+    entry: column ``j`` of the triangular ``r_mat``; ``rot`` takes the new rotation. In place."""
+    col = torch.cat([h, h_next.unsqueeze(1)], 1)  # (rows, j + 2)
+    col = torch.einsum("bik,bk->bi", rot[:, : j + 2, : j + 2], col)
+    a, c = col[:, j], col[:, j + 1]
+    rad = torch.hypot(a, c)
+    cs = torch.where(rad > 0, a / rad.clamp_min(1e-300), 1.0)
+    sn = torch.where(rad > 0, c / rad.clamp_min(1e-300), 0.0)
+    col[:, j], col[:, j + 1] = rad, 0.0
+    r_mat[:, : j + 1, j] = col[:, : j + 1]
+    row_j, row_k = rot[:, j].clone(), rot[:, j + 1].clone()
+    rot[:, j] = cs.unsqueeze(1) * row_j + sn.unsqueeze(1) * row_k
+    rot[:, j + 1] = -sn.unsqueeze(1) * row_j + cs.unsqueeze(1) * row_k
+
+
+def _least_squares(tri: Tensor, rhs: Tensor) -> Tensor:
+    """The cycle's coefficients ``y`` from ``R y = beta Q e_1`` per row, ``R`` upper triangular;
+    a zero pivot (a column built after the row's Krylov space stopped growing) gives 0."""
+    usable = torch.diagonal(tri, dim1=1, dim2=2).abs() > 1e-300
+    tri = tri + torch.diag_embed(torch.where(usable, 0.0, 1.0))
+    rhs = torch.where(usable, rhs, 0.0)
+    return torch.linalg.solve_triangular(tri, rhs.unsqueeze(2), upper=True).squeeze(2)
+
+
 def gmres(
     matvec: Matvec,
     b: Tensor,
@@ -316,24 +352,9 @@ def gmres(
                 mapped[j] = precondition(basis[j])
                 w = matvec(mapped[j])
             done += 1
-            v = basis[: j + 1]
-            h = torch.einsum("kbn,bn->bk", v, w)
-            w = w - torch.einsum("bk,kbn->bn", h, v)
-            h2 = torch.einsum("kbn,bn->bk", v, w)
-            w = w - torch.einsum("bk,kbn->bn", h2, v)
-            h = h + h2
+            h, w = _orthogonalise(basis[: j + 1], w)
             h_next = w.norm(dim=1)
-            col = torch.cat([h, h_next.unsqueeze(1)], 1)  # (rows, j + 2)
-            col = torch.einsum("bik,bk->bi", rot[:, : j + 2, : j + 2], col)
-            a, c = col[:, j], col[:, j + 1]
-            rad = torch.hypot(a, c)
-            cs = torch.where(rad > 0, a / rad.clamp_min(1e-300), 1.0)
-            sn = torch.where(rad > 0, c / rad.clamp_min(1e-300), 0.0)
-            col[:, j], col[:, j + 1] = rad, 0.0
-            r_mat[:, : j + 1, j] = col[:, : j + 1]
-            row_j, row_k = rot[:, j].clone(), rot[:, j + 1].clone()
-            rot[:, j] = cs.unsqueeze(1) * row_j + sn.unsqueeze(1) * row_k
-            rot[:, j + 1] = -sn.unsqueeze(1) * row_j + cs.unsqueeze(1) * row_k
+            _rotate_in(rot, r_mat, h, h_next, j)
             norms.append(beta * rot[:, j + 1, 0].abs())
             grew = h_next > 50 * eps * beta
             broke = broke | (alive & ~grew)
@@ -353,12 +374,7 @@ def gmres(
             if precondition is not None:  # against the Gram matrix of M V: sigma_min in z
                 r_cycle = _against_gram(r_cycle, mapped[:j_end], cols)
             smin = torch.minimum(smin, _hessenberg_smin(r_cycle, cols))
-        diag = torch.diagonal(r_mat[:, :j_end, :j_end], dim1=1, dim2=2)
-        rhs = beta.unsqueeze(1) * rot[:, :j_end, 0]
-        usable = diag.abs() > 1e-300
-        tri = r_mat[:, :j_end, :j_end] + torch.diag_embed(torch.where(usable, 0.0, 1.0))
-        rhs = torch.where(usable, rhs, 0.0)
-        y = torch.linalg.solve_triangular(tri, rhs.unsqueeze(2), upper=True).squeeze(2)
+        y = _least_squares(r_mat[:, :j_end, :j_end], beta.unsqueeze(1) * rot[:, :j_end, 0])
         z = z + torch.einsum("bk,kbn->bn", y, mapped[:j_end])
         last = norms[-1]
         # the cycle's residual b - A z = V_{j+1} Q^T (g_{j+1} e_{j+1}), from the basis alone
