@@ -93,6 +93,18 @@ class Problem:
         """One update ``F(h)`` closing over the problem's tensors (what an rbp user writes)."""
         return self.step(h, *self.args)
 
+    def with_input(self) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor]:
+        """``(f(h, x), x)``: the update taking the input x as an argument, for
+        ``inputs=(x,)`` (which ``batch_dim`` slices sample by sample)."""
+        xi, args, step = self.input_index, list(self.args), self.step
+
+        def f(h: Tensor, x: Tensor) -> Tensor:
+            a = list(args)
+            a[xi] = x
+            return step(h, *a)
+
+        return f, args[xi]
+
     def loss(self, h: Tensor) -> Tensor:
         """``L = 0.5 ||h - target||^2``, so ``g = dL/dh = h - target``."""
         return 0.5 * (h - self.target).pow(2).sum()
@@ -290,18 +302,11 @@ def _rbp_per_sample(method: str) -> Method:
     """``batch_dim=0``: each row is its own system, solved with its own Krylov space / stop."""
 
     def make(p: Problem, steps: int, k: int) -> Forward:
-        xi = p.input_index
-        args = list(p.args)
-        step = p.step
-
-        def f(h: Tensor, x: Tensor) -> Tensor:
-            a = list(args)
-            a[xi] = x
-            return step(h, *a)
+        f, x = p.with_input()
 
         def forward() -> Tensor:
             return rbp.fixed_point(
-                f, p.h0, steps, method=method, truncate=k, batch_dim=0, inputs=(args[xi],)
+                f, p.h0, steps, method=method, truncate=k, batch_dim=0, inputs=(x,)
             )
 
         return forward
@@ -798,6 +803,14 @@ def device_line(settings: dict[str, Any], cpu_clock: bool = True) -> str:
     return f"device: {name}{gpu}, torch threads {settings.get('threads')}{clock}"
 
 
+def write_result(out: Path, name: str, result: dict[str, Any], table: str) -> None:
+    """Write ``result`` as ``out/name`` (JSON) and print ``table`` and where it went."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(result, indent=1))
+    print(table)
+    print(f"\nwrote {out / name} ({result['wall_time_s']:.0f} s)")
+
+
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"torch": torch.__version__, "rbp": rbp.__version__}
     for name in ("torchdeq", "torchopt"):
@@ -922,19 +935,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "command": " ".join(["python", "benchmarks/core_bench.py",
                                  *(argv or sys.argv[1:])]),
         }
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "overhead.json").write_text(json.dumps(only, indent=1))
-        print(format_table({"rows": [], "skipped": [], **only}))
-        print(f"\nwrote {args.out / 'overhead.json'} ({only['wall_time_s']:.0f} s)")
+        write_result(args.out, "overhead.json", only,
+                     format_table({"rows": [], "skipped": [], **only}))
         return only
     result = run(quick=args.quick, repeats=args.repeats, steps=args.steps, ks=args.k,
                  problems=args.problems, dtypes=args.dtypes, counts=not args.no_counts,
                  pairs=args.pairs, device=device)
     result["command"] = " ".join(["python", "benchmarks/core_bench.py", *(argv or sys.argv[1:])])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=1))
-    print(format_table(result))
-    print(f"\nwrote {args.out / 'bench.json'} ({result['wall_time_s']:.0f} s)")
+    write_result(args.out, "bench.json", result, format_table(result))
     return result
 
 

@@ -35,7 +35,6 @@ one repeat (seconds).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -254,10 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     finally:
         torch.set_num_threads(threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=1))
-    print(format_table(result))
-    print(f"\nwrote {args.out / 'bench.json'} ({result['wall_time_s']:.0f} s)")
+    cb.write_result(args.out, "bench.json", result, format_table(result))
     return result
 
 

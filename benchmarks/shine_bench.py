@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import platform
 import statistics
 import sys
@@ -78,18 +77,11 @@ def _rbp(solver: Callable[[int], Any], per_sample: bool, steps: int, tol: float,
                                        tol=tol, checks=rbp.Checks(on_failure="ignore"),
                                        return_info=True)
             return whole
-        xi = p.input_index
-        args = list(p.args)
-        step = p.step
-
-        def f(h: Tensor, x: Tensor) -> Tensor:
-            a = list(args)
-            a[xi] = x
-            return step(h, *a)
+        f, x = p.with_input()
 
         def forward() -> tuple[Tensor, Any]:
             return rbp.fixed_point(f, p.h0, steps, method=method, solver=rbp.Broyden(), tol=tol,
-                                   batch_dim=0, inputs=(args[xi],),
+                                   batch_dim=0, inputs=(x,),
                                    checks=rbp.Checks(on_failure="ignore"), return_info=True)
 
         return forward
@@ -267,10 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     finally:
         torch.set_num_threads(threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=1))
-    print(format_table(result))
-    print(f"\nwrote {args.out / 'bench.json'} ({result['wall_time_s']:.0f} s)")
+    cb.write_result(args.out, "bench.json", result, format_table(result))
     return result
 
 
