@@ -159,6 +159,20 @@ def test_settle_check_reads_rows_the_same_on_the_host_and_on_the_tensors(monkeyp
         info.final_difference / float(h.norm()), rel=1e-12)
 
 
+@pytest.mark.parametrize("rows", [4, 100])
+def test_settle_norms_of_a_half_precision_state_beyond_its_range(rows):
+    """A float16 state whose norms exceed float16's range (65504) is measured, not crashed on:
+    the norms are formed wider than the state."""
+    w = torch.tensor(0.5, requires_grad=True)
+    h0 = torch.full((rows, 3), 6e4, dtype=torch.float16)
+    h, info = rbp.fixed_point(lambda h: 0.5 * h + w.half() * 3e4, h0, 3, "neumann", 3,
+                              checks=rbp.Checks(on_failure="ignore"), return_info=True)
+    # h_t = 3e4 (1 + 2^-t): ||h_3|| = 3.375e4 sqrt(3 rows) > 65504, each element moved 3750
+    assert info.final_difference == pytest.approx(3750 * (3 * rows) ** 0.5, rel=1e-2)
+    assert info.relative_final_difference == pytest.approx(3750 / 33750, rel=1e-2)
+    assert info.worst_relative_difference == pytest.approx(3750 / 33750, rel=1e-2)
+
+
 def test_settled_batch_gives_no_warning():
     _, f, inputs = _rates_problem([0.3] * 10 + [0.9])
     with warnings.catch_warnings():

@@ -203,16 +203,15 @@ HOST_ROWS = 64
 
 def _last_norms_by_row(o: Tensor, d: Tensor) -> tuple[float, float, tuple[Tensor, Tensor, float]]:
     """:func:`_last_norms` with rows, for a few rows on the CPU: one host read of the per-row
-    ``||d_i||`` and ``||o_i||``; the whole-state norms are their root sum of squares, and the
-    worst ratio (the settle check's, see :func:`~rbp.forward.report.worst_ratio`) comes along."""
+    ``||d_i||`` and ``||o_i||`` (float64: no overflow of a half-precision state's norms); the
+    whole-state norms are their root sum of squares, and the worst ratio (the settle check's,
+    see :func:`~rbp.forward.report.worst_ratio`) comes along."""
     b = o.shape[0]
-    rows = torch.stack([torch.linalg.vector_norm(d.reshape(b, -1), dim=1),
-                        torch.linalg.vector_norm(o.reshape(b, -1), dim=1)])
+    rows = torch.stack([torch.linalg.vector_norm(d.reshape(b, -1), dim=1, dtype=torch.float64),
+                        torch.linalg.vector_norm(o.reshape(b, -1), dim=1, dtype=torch.float64)])
     drows, nrows = rows.tolist()
     diff_value = math.sqrt(math.fsum(x * x for x in drows))
     norm_value = math.sqrt(math.fsum(x * x for x in nrows))
-    if not math.isfinite(norm_value):  # a row norm overflowed the state's dtype
-        norm_value = torch.linalg.vector_norm(o, dtype=torch.float64).item()
     floor = norm_value / math.sqrt(b)  # a row's scale is at least the rms row norm
     worst = 0.0
     for x, n in zip(drows, nrows, strict=True):
