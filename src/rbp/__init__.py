@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -108,6 +109,11 @@ _SUBMODULES = ("adjoint", "checks", "module", "regularisers", "tree")
 
 
 def __getattr__(name: str) -> Any:
+    if name == "solvers":  # the adjoint's linear solvers before they were named rbp.linear
+        warnings.warn("rbp.solvers is now rbp.linear (the linear solvers of the backward, "
+                      "e.g. rbp.linear.GMRES); the old name goes in a later release",
+                      DeprecationWarning, stacklevel=2)
+        return importlib.import_module("rbp.linear")
     where = _WHERE.get(name)
     if where is None and name in _SUBMODULES:
         where = ""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
 import pytest
+
+import rbp
 
 
 def _python(code: str) -> str:
@@ -47,3 +50,9 @@ def test_importing_the_submodule_keeps_rbp_fixed_point_the_function():
         "print(callable(rbp.fixed_point), callable(fixed_point), hasattr(mod, '_validate'))"
     )
     assert out == "True True True"
+
+
+def test_the_old_name_of_the_linear_solvers_still_resolves_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match=r"rbp\.solvers is now rbp\.linear"):
+        old = rbp.solvers
+    assert old is importlib.import_module("rbp.linear") and old.GMRES is rbp.linear.GMRES
