@@ -891,9 +891,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("results/core_bench"))
     parser.add_argument("--steps", type=int, default=None, help="forward steps T")
     parser.add_argument("--k", type=int, nargs="+", default=None, help="backward budgets K")
-    parser.add_argument("--problems", nargs="+", default=None,
+    parser.add_argument("--problems", nargs="+", default=None, choices=list(SIZES["full"]),
                         help="rnn gru rnn-nonnormal (default: all)")
-    parser.add_argument("--dtypes", nargs="+", default=None, help="float64 float32")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["float64", "float32"],
+                        help="float64 float32")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--no-counts", action="store_true", help="skip the F / vjp count run")
     parser.add_argument("--pairs", type=int, default=None,
@@ -908,8 +909,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
-        if not args.overhead_only:  # that one is float32
+        if not args.overhead_only:
             check_dtypes(device, args.dtypes or default_dtypes(args.quick))
+        else:  # the small problem is float32; the full-size ones run in both by default
+            check_dtypes(device, args.dtypes or ["float32", "float64"])
     except ValueError as exc:  # ConfigError: no such device here; no float64 on it
         print(f"core_bench: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

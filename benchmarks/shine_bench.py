@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (seconds)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per config")
     parser.add_argument("--problems", nargs="+", default=["rnn", "gru", "rnn-nonnormal"],
+                        choices=list(cb.SIZES["full"]),
                         help="rnn gru rnn-nonnormal (default: all)")
     parser.add_argument("--k", type=int, nargs="+", default=list(KS),
                         help="backward budgets K (GMRES iterations)")

@@ -362,3 +362,13 @@ def test_cuda_runs_on_the_gpu(
     assert result["settings"]["device"] == "cuda:0" and result["settings"]["gpu"]
     assert capsys.readouterr().out.splitlines()[0].startswith("device: cuda:0 (")
     assert all(r["time_ms"] > 0 for r in result["rows"])
+
+
+@pytest.mark.parametrize("argv", [["--problems", "lstm"], ["--dtypes", "float16"],
+                                  ["--overhead-only", "--problems", "lstm"]])
+def test_an_unknown_problem_or_dtype_is_one_line_before_any_work(bench: Any, argv: list[str],
+                                                                  tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*argv, "--quick", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
