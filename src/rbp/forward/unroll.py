@@ -198,7 +198,7 @@ def _last_norms(
 
 # Up to this many rows on the CPU, the per-row norms are read to the host in one read and the
 # whole-state norms and the worst row ratio are summed there: fewer ops than on the tensors.
-HOST_ROWS = 64
+HOST_ROWS = 32
 
 
 def _last_norms_by_row(o: Tensor, d: Tensor) -> tuple[float, float, tuple[Tensor, Tensor, float]]:
@@ -210,14 +210,12 @@ def _last_norms_by_row(o: Tensor, d: Tensor) -> tuple[float, float, tuple[Tensor
     rows = torch.stack([torch.linalg.vector_norm(d.reshape(b, -1), dim=1, dtype=torch.float64),
                         torch.linalg.vector_norm(o.reshape(b, -1), dim=1, dtype=torch.float64)])
     drows, nrows = rows.tolist()
-    diff_value = math.sqrt(math.fsum(x * x for x in drows))
-    norm_value = math.sqrt(math.fsum(x * x for x in nrows))
+    diff_value, norm_value = math.hypot(*drows), math.hypot(*nrows)
     floor = norm_value / math.sqrt(b)  # a row's scale is at least the rms row norm
-    worst = 0.0
-    for x, n in zip(drows, nrows, strict=True):
-        if x > 0:  # a row that did not move is settled; d / 0 = inf: a zero row that moved
-            scale = max(n, floor)
-            worst = max(worst, x / scale if scale > 0 else math.inf)
+    if floor > 0:  # a row that did not move is settled (0 / scale = 0)
+        worst = max(x / (n if n > floor else floor) for x, n in zip(drows, nrows, strict=True))
+    else:  # every row is zero: one that moved is infinitely far from settled
+        worst = math.inf if diff_value > 0 else 0.0
     return diff_value, norm_value, (rows[0], rows[1].clamp_min(floor), worst)
 
 
