@@ -203,12 +203,13 @@ HOST_ROWS = 32
 
 def _last_norms_by_row(o: Tensor, d: Tensor) -> tuple[float, float, tuple[Tensor, Tensor, float]]:
     """:func:`_last_norms` with rows, for a few rows on the CPU: one host read of the per-row
-    ``||d_i||`` and ``||o_i||`` (float64: no overflow of a half-precision state's norms); the
+    ``||d_i||`` and ``||o_i||`` (a half-precision state's in float32: no overflow); the
     whole-state norms are their root sum of squares, and the worst ratio (the settle check's,
     see :func:`~rbp.forward.report.worst_ratio`) comes along."""
     b = o.shape[0]
-    rows = torch.stack([torch.linalg.vector_norm(d.reshape(b, -1), dim=1, dtype=torch.float64),
-                        torch.linalg.vector_norm(o.reshape(b, -1), dim=1, dtype=torch.float64)])
+    wide = None if o.dtype in (torch.float32, torch.float64) else torch.float32  # no copy
+    rows = torch.stack([torch.linalg.vector_norm(d.reshape(b, -1), dim=1, dtype=wide),
+                        torch.linalg.vector_norm(o.reshape(b, -1), dim=1, dtype=wide)])
     drows, nrows = rows.tolist()
     diff_value, norm_value = math.hypot(*drows), math.hypot(*nrows)
     floor = norm_value / math.sqrt(b)  # a row's scale is at least the rms row norm
