@@ -1,0 +1,84 @@
+"""Table 1's paper-model cells come from the full-protocol runs (``tools/table1_full.py``):
+the committed README agrees with the committed runs, and the tool merges workers, writes the
+cells and the ordering sentence, and flags a stale page."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "table1_full.py"
+
+PAGE = """# Table 1
+
+ordering of two methods differs from the paper's, `table1.md` gives the per-seed paired
+differences and whether their 95 % interval excludes 0: on Cora none, so far.
+
+| method | cora (paper) | cora (ours) | pubmed (paper) | pubmed (ours) |
+|---|---|---|---|---|
+| BPTT | 24.48 ± 6.6 | 1.00 ± 0.00 (n=1) | 47.05 ± 3.1 | 40.42 ± 1.51 (n=2, 120 ep) |
+| TBPTT | 46.55 ± 6.4 | 1.00 ± 0.00 (n=1) | 53.41 ± 6.7 | 51.64 ± 13.66 (n=2, 120 ep) |
+| RBP | 29.25 ± 3.3 | 1.00 ± 0.00 (n=1) | 48.55 ± 3.4 | 45.51 ± 1.69 (n=2, 120 ep) |
+"""
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("table1_full", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(folder: Path, accs: dict[str, dict[int, float]]) -> None:
+    """A citation results.json with paper-model units (test accuracy per method and seed)."""
+    models = {m: {"per_seed": [{"seed": s, "test_acc": a, "settings": {"epochs": 2000}}
+                               for s, a in per.items()]} for m, per in accs.items()}
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(
+        {"datasets": {"cora": {"stats": {}, "baselines": {}, "models": {"paper": models}}}}))
+
+
+def test_the_committed_readme_agrees_with_the_committed_full_runs(tool):
+    assert tool.main(["--check"]) == 0, "run python tools/table1_full.py"
+
+
+def test_workers_are_merged_into_the_cells_and_the_ordering_sentence(tool, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(PAGE)
+    (tmp_path / "docs" / "reproducing.md").write_text(PAGE.split("\n\n", 2)[2])
+    full = tmp_path / "results" / "citation" / "full"
+    # seeds 0-1 in the main run, seed 9 in a worker; BPTT above RBP on every seed (the
+    # paper has it below)
+    _run(full / "cora", {"bptt": {0: 0.30, 1: 0.34}, "tbptt": {0: 0.44, 1: 0.40},
+                         "rbp": {0: 0.27, 1: 0.30}})
+    _run(full / "cora-b", {"bptt": {9: 0.32}, "rbp": {9: 0.28}})
+    assert tool.main(["--check", "--root", str(tmp_path)]) == 1
+    assert tool.main(["--root", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "| BPTT | 24.48 ± 6.6 | 32.00 ± 2.00 (n=3, 2000 ep) | 47.05 ± 3.1 |" in readme
+    assert "| TBPTT | 46.55 ± 6.4 | 42.00 ± 2.83 (n=2, 2000 ep) |" in readme
+    assert "| RBP | 29.25 ± 3.3 | 28.33 ± 1.53 (n=3, 2000 ep) |" in readme
+    assert "40.42 ± 1.51 (n=2, 120 ep) |" in readme  # no Pubmed run: its cells stay
+    # paired differences 3, 4, 4: mean 3.67, sd 0.58, t(0.975, 2) 4.30: [2.2, 5.1] excludes 0
+    assert ("excludes 0: on Cora only BPTT against RBP (+3.7 ± 0.6 points, n = 3, 95 % interval "
+            "[+2.2, +5.1]: a real difference), so far.") in readme
+    docs = (tmp_path / "docs" / "reproducing.md").read_text()
+    assert "| BPTT | 24.48 ± 6.6 | 32.00 ± 2.00 (n=3, 2000 ep) |" in docs
+    assert (full / "cora" / "table1.md").read_text().count("2000 ep") == 3
+    assert tool.main(["--check", "--root", str(tmp_path)]) == 0
+
+
+def test_a_readme_without_the_row_or_the_sentence_is_a_clear_error(tool, tmp_path):
+    results = {"datasets": {"cora": {"models": {"paper": {"cg": {
+        "n": 2, "mean": 40.0, "std": 1.0, "per_seed": []}}}}}}
+    with pytest.raises(ValueError, match="no Table 1 row 'CG-RBP'"):
+        tool.update_page(PAGE, "cora", results)
+    results["datasets"]["cora"]["models"]["paper"] = {"bptt": results["datasets"]["cora"][
+        "models"]["paper"]["cg"]}
+    with pytest.raises(ValueError, match="no 'excludes 0: on Cora"):
+        tool.update_page(PAGE.replace("on Cora none, so far.", ""), "cora", results)

@@ -1,0 +1,120 @@
+"""Table 1's paper-model rows from the full-protocol runs, into their table and the README.
+
+    python tools/table1_full.py          # write results/citation/full/<ds>/table1.md and the cells
+    python tools/table1_full.py --check  # exit 1 if the README's or reproducing.md's are stale
+
+The paper's protocol for the paper-model rows runs in ``results/citation/full/<dataset>/``,
+and on a machine with spare cores in more workers beside it, ``<dataset>-<name>/`` (each a
+resumable ``rbp citation`` run over some of the seeds). This merges each dataset's runs
+(``rbp.apps.citation.tables.merge_runs``: per (method, seed) one record), writes the merged
+``table1.md`` into ``results/citation/full/<dataset>/``, and puts the merged cells (mean ± sample
+std, n, epochs) into the README's Table 1 for the datasets whose full run has finished a seed,
+with the sentence that names the orderings that differ from the paper's and their paired
+intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from rbp.apps.citation.tables import _fmt, merge_runs, paired_differences, write_table1
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = {"bptt": "BPTT", "tbptt": "TBPTT", "rbp": "RBP", "cg": "CG-RBP",
+          "neumann": "Neumann-RBP", "gmres": "GMRES-RBP"}
+DATASETS = ("cora", "pubmed")  # the README's column order
+
+
+def merged(dataset: str, full: Path) -> dict[str, Any] | None:
+    """The runs of ``dataset`` (its folder and its workers' ``<dataset>-*``) merged, or None
+    when none has finished a paper-model seed."""
+    runs = []
+    for folder in sorted([full / dataset, *full.glob(f"{dataset}-*")]):
+        path = folder / "results.json"
+        if path.is_file():
+            res = json.loads(path.read_text())
+            if dataset in (res.get("datasets") or {}):
+                runs.append(res)
+    if not runs:
+        return None
+    out = merge_runs(runs)
+    paper = out["datasets"].get(dataset, {}).get("models", {}).get("paper")
+    return out if paper else None
+
+
+def ordering_sentence(results: dict[str, Any], dataset: str) -> str:
+    """``on Cora ...`` : the pairs whose order differs from the paper's, with their intervals."""
+    name = dataset.capitalize()
+    pairs = paired_differences(results, dataset)
+    if not pairs:
+        return f"on {name} none, so far."
+    parts = [f"{LABELS[p['a']]} against {LABELS[p['b']]} ({p['mean']:+.1f} ± {p['std']:.1f} "
+             f"points, n = {p['n']}, 95 % interval [{p['ci'][0]:+.1f}, {p['ci'][1]:+.1f}]: "
+             f"{'a real difference' if p['real'] else 'no difference at this n'})"
+             for p in pairs]
+    return f"on {name} {'only ' if len(parts) == 1 else ''}{'; '.join(parts)}, so far."
+
+
+def update_page(text: str, dataset: str, results: dict[str, Any], sentence: bool = True) -> str:
+    """``text`` with ``dataset``'s paper-model cells of Table 1 set, and (``sentence``) the
+    sentence naming the orderings that differ from the paper's."""
+    column = 2 + 2 * DATASETS.index(dataset)  # | method | cora (paper) | cora (ours) | ...
+    paper = results["datasets"][dataset]["models"]["paper"]
+    for method, summary in paper.items():
+        row = re.compile(r"^\| " + re.escape(LABELS[method]) + r" \|.*\|$", re.M)
+        found = row.search(text)
+        if found is None:
+            raise ValueError(f"the README has no Table 1 row {LABELS[method]!r}")
+        cells = found.group(0).split(" | ")
+        cells[column] = _fmt(summary) if column < len(cells) - 1 else _fmt(summary) + " |"
+        text = text[: found.start()] + " | ".join(cells) + text[found.end():]
+    if not sentence:
+        return text
+    pattern = re.compile(r"(?<=excludes 0: )on " + dataset.capitalize() + r" [^|#]{0,600}?"
+                         r", so far\.")
+    new, n = pattern.subn(lambda _: ordering_sentence(results, dataset), text, count=1)
+    if n != 1:
+        raise ValueError(f"the README's Table 1 text has no 'excludes 0: on "
+                         f"{dataset.capitalize()} ..., so far.' sentence to update")
+    return new
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if the README's cells are stale")
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="the checkout (README.md, docs/reproducing.md, results/)")
+    args = parser.parse_args(argv)
+    full = args.root / "results" / "citation" / "full"
+    pages = {args.root / "README.md": True, args.root / "docs" / "reproducing.md": False}
+    stale = []
+    for page, sentence in pages.items():
+        text = new = page.read_text()
+        for dataset in DATASETS:
+            results = merged(dataset, full)
+            if results is not None:
+                new = update_page(new, dataset, results, sentence)
+        if new != text:
+            stale.append(page)
+            if not args.check:
+                page.write_text(new)
+    if not args.check:
+        for dataset in DATASETS:
+            results = merged(dataset, full)
+            if results is not None:
+                write_table1(full / dataset / "table1.md", results)
+        return 0
+    for page in stale:
+        print(f"{page}: Table 1's paper-model cells differ from the merged runs in {full}; "
+              "run python tools/table1_full.py", file=sys.stderr)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
