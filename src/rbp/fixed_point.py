@@ -89,7 +89,8 @@ def fixed_point(
             options (``from_name("rbp", 10, init="uniform")``).
         truncate: K of a string method. tbptt: the number of steps back-propagated
             (1 <= K <= steps); implicit methods: the number of backward iterations
-            (Jacobian-vector products).
+            (Jacobian-vector products). ``"bptt"`` has no K: it accepts any (checked as an
+            integer >= 1) so that one call switches between the six methods by name alone.
         solver: forward solver: ``"iterate"`` / :class:`rbp.Iterate` (plain, or damped),
             ``"anderson"`` / :class:`rbp.Anderson`, ``"broyden"`` / :class:`rbp.Broyden`; each
             value carries its stopping options (``tol``, ``tol_mode``, ``check_every``,
