@@ -93,8 +93,8 @@ def configs(ks: list[int]) -> list[Config]:
 
 
 def direction(p: cb.Problem, seed: int = 5) -> list[Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(a.shape, dtype=a.dtype, generator=gen) for a in p.args]
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same v on every device
+    return [torch.randn(a.shape, dtype=a.dtype, generator=gen).to(a.device) for a in p.args]
 
 
 def hvp(p: cb.Problem, method: Any, steps: int, v: list[Tensor]
@@ -153,8 +153,10 @@ def saved_memory(p: cb.Problem, method: Any, steps: int, v: list[Tensor]) -> dic
 
 
 def _timed(p: cb.Problem, method: Any, steps: int, v: list[Tensor]) -> float:
+    cb.synchronize(p.device)
     start = time.perf_counter()
     hvp(p, method, steps, v)
+    cb.synchronize(p.device)
     return time.perf_counter() - start
 
 
@@ -213,7 +215,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="T of the BPTT reference (default: 2 x the largest T; quick: 400)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=Path("results/second_order_bench"))
+    parser.add_argument("--device", default="cpu",
+                        help="auto, cpu, cuda, cuda:N (default: cpu; float64 throughout)")
     args = parser.parse_args(argv)
+    try:
+        device = cb.resolve_device(args.device)
+        cb.check_dtypes(device, ["float64"])
+    except ValueError as exc:  # ConfigError: no such device here; no float64 on it
+        print(f"second_order_bench: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     mode = "quick" if args.quick else "full"
     steps_list = args.steps or list(STEPS[mode])
     ref_steps = args.ref_steps or (400 if args.quick else 2 * max(steps_list))
@@ -234,13 +244,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rbp.ConvergenceWarning)
             for name in args.problems:
-                p = makers[name](*SIZES[mode][name], 0)
+                p = makers[name](*SIZES[mode][name], 0).on(torch.float64, device)
                 problems[name], got = bench_problem(p, steps_list, args.k, ref_steps, repeats)
                 rows += got
         result = {
             "settings": {"quick": args.quick, "repeats": repeats, "threads": args.threads,
                          "steps": steps_list, "k": args.k, "ref_steps": ref_steps, "tol": TOL,
                          "dtype": "float64", "sizes": {n: SIZES[mode][n] for n in args.problems},
+                         **cb.device_settings(device),
                          "hvp": "d<dL/dtheta, v>/dtheta, theta = all tensors F uses, "
                                 "v ~ N(0, 1) (seed 5)"},
             "versions": {"torch": torch.__version__, "rbp": rbp.__version__,

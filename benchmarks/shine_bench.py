@@ -128,11 +128,14 @@ def configs(ks: list[int], steps: int, tol: float, torchdeq: bool) -> list[Confi
 
 def _timed(p: cb.Problem, forward: Callable[[], tuple[Tensor, Any]]) -> tuple[float, float, Any]:
     p.zero_grad()
+    cb.synchronize(p.device)
     start = time.perf_counter()
     h, info = forward()
     loss = p.loss(h)
+    cb.synchronize(p.device)
     mid = time.perf_counter()
     loss.backward()
+    cb.synchronize(p.device)
     return mid - start, time.perf_counter() - mid, info
 
 
@@ -222,7 +225,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tol", type=float, default=1e-8, help="forward relative tolerance")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=Path("results/shine_bench"))
+    parser.add_argument("--device", default="cpu",
+                        help="auto, cpu, cuda, cuda:N (default: cpu; float64 throughout)")
     args = parser.parse_args(argv)
+    try:
+        device = cb.resolve_device(args.device)
+        cb.check_dtypes(device, ["float64"])
+    except ValueError as exc:  # ConfigError: no such device here; no float64 on it
+        print(f"shine_bench: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     for name in ("repeats", "threads", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -240,16 +251,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         problems: dict[str, Any] = {}
         for p in cb.build_problems(args.quick, args.problems, 0):
-            exact = cb.exact_gradients(p)
+            exact = cb.exact_gradients(p)  # on the CPU, float64; the problem then on device
             problems[p.name] = {"description": p.description, "rho": exact.rho,
                                 "norm": exact.norm}
+            p = p.on(torch.float64, device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", rbp.ConvergenceWarning)
                 rows += bench_problem(p, exact, cfgs, repeats)
         result = {
             "settings": {"quick": args.quick, "repeats": repeats, "threads": args.threads,
                          "k": args.k, "steps": args.steps, "tol": args.tol,
-                         "forward": "rbp.Broyden() (memory 50)", "dtype": "float64"},
+                         "forward": "rbp.Broyden() (memory 50)", "dtype": "float64",
+                         **cb.device_settings(device)},
             "versions": {"torch": torch.__version__, "python": platform.python_version(),
                          "torchdeq": _version("torchdeq")},
             "machine": {"processor": platform.processor() or platform.machine()},
