@@ -15,6 +15,7 @@ from rbp.apps.citation.model import (
     PPRGNN,
     normalised_adjacency,
     row_normalise,
+    sum_adjacency,
     symmetric_spmm,
     truncation_for,
 )
@@ -67,6 +68,28 @@ def test_symmetric_spmm_gradients_twice() -> None:
     z = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: symmetric_spmm(adj, t), (z,))
     assert torch.autograd.gradgradcheck(lambda t: symmetric_spmm(adj, t), (z,))
+
+
+@needs_data
+def test_the_paper_models_products_have_torchs_gradients_bit_for_bit() -> None:
+    """The GG-NN's ``A h`` uses symmetric_spmm (its backward multiplies by ``A`` instead of
+    transposing it each call): Cora's sum adjacency is symmetric, so the gradient and the
+    second derivative are exactly torch.sparse.mm's."""
+    d = _cora()
+    adj = sum_adjacency(d.edge_index, d.num_nodes)
+    dense = adj.to_dense()
+    assert torch.equal(dense, dense.T)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(d.num_nodes, 8, generator=gen, requires_grad=True)
+    g = torch.randn(d.num_nodes, 8, generator=gen)
+    ours = torch.autograd.grad(symmetric_spmm(adj, h), h, g, create_graph=True)[0]
+    torchs = torch.autograd.grad(torch.sparse.mm(adj, h), h, g, create_graph=True)[0]
+    assert torch.equal(ours, torchs)
+    v = torch.randn(d.num_nodes, 8, generator=gen)
+    g2 = g.clone().requires_grad_()
+    second = torch.autograd.grad(torch.autograd.grad(symmetric_spmm(adj, h), h, g2,
+                                                     create_graph=True)[0], g2, v)[0]
+    assert torch.equal(second, torch.sparse.mm(adj, v))
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.3])

@@ -61,7 +61,9 @@ def _csr(index: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def sum_adjacency(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """Sparse CSR ``A`` with ``A[i, j] = 1`` per edge ``j -> i``, so ``(A h)_i = sum_j h_j``."""
+    """Sparse CSR ``A`` with ``A[i, j] = 1`` per edge ``j -> i``, so ``(A h)_i = sum_j h_j``;
+    symmetric for an undirected edge list (every Planetoid graph: each edge both ways), as
+    :func:`symmetric_spmm`, which the models use for its products, needs."""
     ei = torch.unique(edge_index, dim=1)
     return _csr(ei.flip(0), torch.ones(ei.shape[1]), num_nodes)
 
@@ -101,8 +103,8 @@ class GGNN(nn.Module):
         self.out = nn.Linear(hidden, num_classes)
 
     def step(self, adj: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """One propagation step ``F(h) = GRU(A h, h)``."""
-        return self.cell(torch.sparse.mm(adj, h), h)
+        """One propagation step ``F(h) = GRU(A h, h)`` (``A`` symmetric: an undirected graph)."""
+        return self.cell(symmetric_spmm(adj, h), h)
 
     def forward(
         self, adj: torch.Tensor, h0: torch.Tensor, steps: int, method: str, truncate: int,
@@ -130,7 +132,7 @@ class InjectedGNN(nn.Module):
 
     def step(self, adj: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """One propagation step ``F(x, h) = GRU([Â h, u(x)], h)``."""
-        return self.cell(torch.cat([torch.sparse.mm(adj, h), u], dim=1), h)
+        return self.cell(torch.cat([symmetric_spmm(adj, h), u], dim=1), h)
 
     def forward(
         self, adj: torch.Tensor, x: torch.Tensor, steps: int, method: str, truncate: int,

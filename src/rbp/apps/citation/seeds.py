@@ -94,7 +94,7 @@ class SeedBatchedGGNN(nn.Module):
         seed ``s``'s weights ``w_ih[s], w_hh[s], b_ih[s], b_hh[s]``."""
         s, n, k = h.shape
         side_by_side = h.transpose(0, 1).reshape(n, s * k)           # [h_1 ... h_S]
-        m = torch.sparse.mm(adj, side_by_side).view(n, s, k).transpose(0, 1)
+        m = symmetric_spmm(adj, side_by_side).view(n, s, k).transpose(0, 1)
         gi = torch.baddbmm(b_ih, m, w_ih)
         gh = torch.baddbmm(b_hh, h, w_hh)
         i_r, i_z, i_n = gi.chunk(3, 2)
