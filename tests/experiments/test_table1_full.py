@@ -44,6 +44,13 @@ def _run(folder: Path, accs: dict[str, dict[int, float]]) -> None:
 
 
 def test_the_committed_readme_agrees_with_the_committed_full_runs(tool):
+    from rbp.runner.lifecycle import lock_holder
+
+    running = [d.name for d in (ROOT / "results" / "citation" / "full").glob("*")
+               if d.is_dir() and lock_holder(d) is not None]
+    if running:  # a live run rewrites its results.json as its seeds finish
+        pytest.skip(f"full-protocol runs are writing {running} now; the pages are refreshed "
+                    "(python tools/table1_full.py) when they stop")
     assert tool.main(["--check"]) == 0, "run python tools/table1_full.py"
 
 
