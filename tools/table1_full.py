@@ -37,7 +37,11 @@ def merged(dataset: str, full: Path) -> dict[str, Any] | None:
     for folder in sorted([full / dataset, *full.glob(f"{dataset}-*")]):
         path = folder / "results.json"
         if path.is_file():
-            res = json.loads(path.read_text())
+            try:
+                res = json.loads(path.read_text())
+            except ValueError as exc:
+                raise SystemExit(f"table1_full: {path} is not valid JSON ({exc}); restore it "
+                                 "(git checkout) or rerun that run with --resume") from None
             if dataset in (res.get("datasets") or {}):
                 runs.append(res)
     if not runs:

@@ -89,3 +89,15 @@ def test_a_readme_without_the_row_or_the_sentence_is_a_clear_error(tool, tmp_pat
         "models"]["paper"]["cg"]}
     with pytest.raises(ValueError, match="no 'excludes 0: on Cora"):
         tool.update_page(PAGE.replace("on Cora none, so far.", ""), "cora", results)
+
+
+def test_a_damaged_results_file_is_one_clear_message(tool, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(PAGE)
+    (tmp_path / "docs" / "reproducing.md").write_text(PAGE)
+    folder = tmp_path / "results" / "citation" / "full" / "cora"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text('{"datasets": {"cora": ')  # cut off mid-write
+    with pytest.raises(SystemExit, match=r"cora/results.json is not valid JSON"):
+        tool.main(["--root", str(tmp_path)])
+    assert (tmp_path / "README.md").read_text() == PAGE
