@@ -96,29 +96,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="the checkout (README.md, docs/reproducing.md, results/)")
     args = parser.parse_args(argv)
     full = args.root / "results" / "citation" / "full"
+    runs = {ds: merged(ds, full) for ds in DATASETS}
+    runs = {ds: res for ds, res in runs.items() if res is not None}
     pages = {args.root / "README.md": True, args.root / "docs" / "reproducing.md": False}
-    stale = []
+    updated: dict[Path, str] = {}
     for page, sentence in pages.items():
         text = new = page.read_text()
-        for dataset in DATASETS:
-            results = merged(dataset, full)
-            if results is not None:
+        try:
+            for dataset, results in runs.items():
                 new = update_page(new, dataset, results, sentence)
+        except ValueError as exc:  # nothing is written unless every page takes its cells
+            print(f"table1_full: {page}: {exc}", file=sys.stderr)
+            return 2
         if new != text:
-            stale.append(page)
-            if not args.check:
-                page.write_text(new)
-    if not args.check:
-        for dataset in DATASETS:
-            results = merged(dataset, full)
-            if results is not None:
-                write_table1(full / dataset / "table1.md", results)
-        return 0
-    for page in stale:
-        print(f"{page}: Table 1's paper-model cells differ from the merged runs in {full}; "
-              "run python tools/table1_full.py", file=sys.stderr)
-    return 1 if stale else 0
-
+            updated[page] = new
+    if args.check:
+        for page in updated:
+            print(f"{page}: Table 1's paper-model cells differ from the merged runs in {full}; "
+                  "run python tools/table1_full.py", file=sys.stderr)
+        return 1 if updated else 0
+    for page, new in updated.items():
+        page.write_text(new)
+    for dataset, results in runs.items():
+        write_table1(full / dataset / "table1.md", results)
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -91,6 +91,17 @@ def test_a_readme_without_the_row_or_the_sentence_is_a_clear_error(tool, tmp_pat
         tool.update_page(PAGE.replace("on Cora none, so far.", ""), "cora", results)
 
 
+def test_a_page_without_its_table_is_one_line_and_exit_2(tool, tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# no table here\n")
+    (tmp_path / "docs" / "reproducing.md").write_text(PAGE)
+    _run(tmp_path / "results" / "citation" / "full" / "cora", {"bptt": {0: 0.3, 1: 0.32}})
+    assert tool.main(["--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "README.md: the README has no Table 1 row 'BPTT'" in err[0]
+    assert (tmp_path / "README.md").read_text() == "# no table here\n"
+
+
 def test_a_damaged_results_file_is_one_clear_message(tool, tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "README.md").write_text(PAGE)
