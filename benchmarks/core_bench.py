@@ -689,6 +689,18 @@ def check_dtypes(device: torch.device, dtype_names: list[str]) -> None:
         raise ValueError("device 'mps' has no float64; run with --dtypes float32 there")
 
 
+def device_or_exit(script: str, name: str, dtype_names: list[str]) -> torch.device:
+    """The device ``name`` after checking it holds ``dtype_names``; else one line
+    ``<script>: error: ...`` on stderr and exit 2, before any work."""
+    try:
+        device = resolve_device(name)
+        check_dtypes(device, dtype_names)
+    except ValueError as exc:  # ConfigError: no such device here; no float64 on it
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return device
+
+
 def build_problems(quick: bool, names: list[str], seed: int) -> list[Problem]:
     sizes = SIZES["quick" if quick else "full"]
     makers: dict[str, Callable[[], Problem]] = {
@@ -907,15 +919,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu",
                         help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
     args = parser.parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        if not args.overhead_only:
-            check_dtypes(device, args.dtypes or default_dtypes(args.quick))
-        else:  # the small problem is float32; the full-size ones run in both by default
-            check_dtypes(device, args.dtypes or ["float32", "float64"])
-    except ValueError as exc:  # ConfigError: no such device here; no float64 on it
-        print(f"core_bench: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    # the small overhead problem is float32; the full-size ones run in both by default
+    dtypes = args.dtypes or (["float32", "float64"] if args.overhead_only
+                             else default_dtypes(args.quick))
+    device = device_or_exit("core_bench", args.device, dtypes)
     torch.set_num_threads(args.threads)
     if args.overhead_only:
         pairs = args.pairs or 300

@@ -218,12 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu",
                         help="auto, cpu, cuda, cuda:N (default: cpu; float64 throughout)")
     args = parser.parse_args(argv)
-    try:
-        device = cb.resolve_device(args.device)
-        cb.check_dtypes(device, ["float64"])
-    except ValueError as exc:  # ConfigError: no such device here; no float64 on it
-        print(f"second_order_bench: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    device = cb.device_or_exit("second_order_bench", args.device, ["float64"])
     mode = "quick" if args.quick else "full"
     steps_list = args.steps or list(STEPS[mode])
     ref_steps = args.ref_steps or (400 if args.quick else 2 * max(steps_list))

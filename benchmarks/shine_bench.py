@@ -228,12 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu",
                         help="auto, cpu, cuda, cuda:N (default: cpu; float64 throughout)")
     args = parser.parse_args(argv)
-    try:
-        device = cb.resolve_device(args.device)
-        cb.check_dtypes(device, ["float64"])
-    except ValueError as exc:  # ConfigError: no such device here; no float64 on it
-        print(f"shine_bench: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    device = cb.device_or_exit("shine_bench", args.device, ["float64"])
     for name in ("repeats", "threads", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/core_bench.py: its --quick mode, in process, on tiny sizes; and the
---device option of core_bench.py and forward_bench.py."""
+--device option of core_bench.py and forward_bench.py (an unavailable device: of every script
+that imports core_bench)."""
 
 from __future__ import annotations
 
@@ -173,18 +174,23 @@ def test_overhead_only_runs_the_small_problem_and_writes_json(bench: Any, tmp_pa
 @pytest.fixture(scope="module")
 def forward(bench: Any) -> Any:
     """benchmarks/forward_bench.py, importing the core_bench module loaded above."""
-    spec = importlib.util.spec_from_file_location("forward_bench", FORWARD)
+    return _load_beside("forward_bench")
+
+
+def _load_beside(name: str) -> Any:
+    """benchmarks/<name>.py (after core_bench is loaded: the scripts import it)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH.with_name(f"{name}.py"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    saved = sys.modules.get("forward_bench")
-    sys.modules["forward_bench"] = module  # dataclasses resolve their module by name
+    saved = sys.modules.get(name)
+    sys.modules[name] = module  # dataclasses resolve their module by name
     try:
         spec.loader.exec_module(module)
     finally:
         if saved is None:
-            sys.modules.pop("forward_bench", None)
+            sys.modules.pop(name, None)
         else:
-            sys.modules["forward_bench"] = saved
+            sys.modules[name] = saved
     return module
 
 
@@ -257,12 +263,13 @@ def _unavailable_devices() -> list[str]:
 
 
 @pytest.mark.parametrize("device", _unavailable_devices())
-@pytest.mark.parametrize("script", ["core_bench", "forward_bench"])
+@pytest.mark.parametrize("script", ["core_bench", "forward_bench", "shine_bench",
+                                    "second_order_bench"])
 def test_unavailable_device_exits_2_with_one_line(
     bench: Any, forward: Any, script: str, device: str, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    module = bench if script == "core_bench" else forward
+    module = {"core_bench": bench, "forward_bench": forward}.get(script) or _load_beside(script)
     with pytest.raises(SystemExit) as exc:
         module.main(["--quick", "--device", device, "--out", str(tmp_path)])
     assert exc.value.code == 2
