@@ -103,7 +103,8 @@ class Adjoint:
     ) -> list[Tensor]:
         """``z = (I - J^T)^{-1} g`` on the graph ``h_out = F(h_in)``, checked and recorded in the
         info (``grads``: ``g`` per leaf of ``h_out``)."""
-        rows = _AdjointRows(h_in, h_out, grads, self.batch_dim, self._make_jvp)
+        rows = _AdjointRows(h_in, h_out, grads, self.batch_dim, self._make_jvp,
+                            check_jvp=self.jvp_mode == "double_vjp")
         op = linear.AdjointOperator(rows.vjp, rows.jvp,
                                      estimate=self.max_backward_error is not None,
                                      inverse_estimate=self.inverse_estimate)
@@ -265,8 +266,10 @@ class _AdjointRows:
     def __init__(self, h_in: list[Tensor], h_out: list[Tensor], grads: Sequence[Tensor | None],
                  batch_dim: int | None,
                  make_jvp: Callable[[list[Tensor], list[Tensor], list[int]],
-                                    Callable[[list[Tensor]], list[Tensor]]]) -> None:
+                                    Callable[[list[Tensor]], list[Tensor]]],
+                 check_jvp: bool = False) -> None:
         self.h_in, self.h_out, self.batch_dim, self._make_jvp = h_in, h_out, batch_dim, make_jvp
+        self._check_jvp_first = check_jvp  # J v by a double vjp: tested on its first use
         out0 = h_out[0]
         self.out_dtype = out0.dtype
         self._layout: Layout | None = None
@@ -349,8 +352,17 @@ class _AdjointRows:
     def jvp(self, v: Tensor) -> Tensor:
         if self._jvp is None:
             self._jvp = self._make_jvp(self.h_in, self.h_out, self.live)
+            if self._check_jvp_first:
+                self._check_jvp(v)
         vs = from_rows(v, self.layout(), [x.dtype for x in self.h_in])
         return to_rows(self._jvp(vs), self.layout(), self.work)
+
+    def _check_jvp(self, like: Tensor) -> None:
+        def jvp_rows(a: Tensor) -> Tensor:
+            assert self._jvp is not None
+            vs = from_rows(a, self.layout(), [x.dtype for x in self.h_in])
+            return to_rows(self._jvp(vs), self.layout(), self.work)
+        check_jvp(self.vjp, jvp_rows, like, JVP_BY_DOUBLE_VJP)
 
     def leaves(self, z: Tensor) -> list[Tensor]:
         """The rows ``z`` as leaves shaped and typed like ``h_out``."""
@@ -364,6 +376,33 @@ class _AdjointRows:
 # docs/guarantees.md; exact types, not subclasses, which may override solve).
 _TRUSTED = (linear.Neumann, linear.RBP, linear.CGNormal, linear.GMRES, linear.SHINE,
             _Identity, _Damped)
+
+
+JVP_BY_DOUBLE_VJP = (
+    "cg obtains J v that way (jvp='double_vjp'). Make that backward differentiable, pass "
+    "method=rbp.linear.CGNormal(max_iter=..., jvp='func') (forward mode; the Function needs a "
+    "jvp), or use method='gmres', which needs no J v")
+
+
+def check_jvp(vjp: Callable[[Tensor], Tensor], jvp: Callable[[Tensor], Tensor], like: Tensor,
+              remedy: str) -> None:
+    """``<J (J^T w), w> = ||J^T w||^2`` for one random ``w`` (rows shaped like ``like``): a map
+    whose backward cannot be differentiated (an ``autograd.Function`` with
+    ``once_differentiable``, a backward that detaches) gives ``J v`` by a double vjp as zeros
+    or worse, without any error. Two products; RuntimeError with ``remedy`` when it fails."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
+    a = vjp(w)
+    want = float(a.square().sum())
+    if not want > 0.0 or not math.isfinite(want):  # J^T w = 0 or non-finite: no test
+        return
+    got = float((jvp(a) * w).sum())
+    tol = 1e-8 if like.dtype == torch.float64 else 1e-3
+    if abs(got - want) > tol * want:
+        raise RuntimeError(
+            f"J v is wrong: <J J^T w, w> = {got:.4g} where ||J^T w||^2 = {want:.4g}: the step's "
+            f"backward cannot be differentiated again (an autograd.Function whose backward is "
+            f"once_differentiable or detaches), and {remedy}.")
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from rbp import tree
-from rbp.adjoint import Adjoint
+from rbp.adjoint import Adjoint, check_jvp
 from rbp.forward.rows import describe, from_rows, to_rows
 from rbp.linear import AdjointOperator
 
@@ -215,6 +215,11 @@ def _differentiable_gradient(plan: _Plan, g: list[Tensor]) -> tuple[Tensor, ...]
     def jt(u: Tensor) -> Tensor:
         return to_rows(_grad(y, h_star, from_rows(u, rows, [t.dtype for t in y]),
                              create_graph=False), rows, work)
+
+    check_jvp(jt, j, to_rows(z, rows, work),
+              "second_order=True differentiates it (the implicit gradient's derivative needs "
+              "F's second derivatives); make that backward differentiable, or use "
+              "method='bptt'")
 
     def solve_transposed(v: list[Tensor]) -> list[Tensor]:
         """``u = (I - J)^{-1} v``: the cotangent of ``z`` carried back through ``z = g + J^T z``."""

@@ -399,6 +399,50 @@ def test_compiled_step_with_cg_names_jvp_func():
     torch._dynamo.reset()
 
 
+class _OnceTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again (once_differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_once_differentiable_step_is_refused_where_j_v_is_needed(dtype):
+    """J v by a double vjp through a once-differentiable backward comes out as zeros with no
+    error from torch; CG-RBP and second order would be silently wrong. Both say so; GMRES,
+    which needs only J^T v, gives the exact gradient through the same step."""
+    gen = torch.Generator().manual_seed(0)
+    w = (0.3 * torch.randn(6, 6, generator=gen, dtype=dtype)).requires_grad_()
+    x = torch.randn(3, 6, generator=gen, dtype=dtype)
+
+    def run(act, method):
+        return rbp.fixed_point(lambda h, w: act(h @ w + x), torch.zeros(3, 6, dtype=dtype), 200,
+                               method=method, inputs=(w,))
+
+    h = run(_OnceTanh.apply, rbp.linear.CGNormal(max_iter=60))
+    with pytest.raises(RuntimeError, match=r"J v is wrong.*once_differentiable.*jvp='func'"):
+        h.sum().backward()
+    h = run(_OnceTanh.apply, rbp.Implicit(rbp.linear.GMRES(max_iter=60), second_order=True))
+    with pytest.raises(RuntimeError, match=r"J v is wrong.*second_order=True.*'bptt'"):
+        torch.autograd.grad(h.sum(), w, create_graph=True)   # said before a wrong graph is made
+    # the same step where only J^T v is needed, and the differentiable tanh with CG: exact
+    (g_once,) = torch.autograd.grad(run(_OnceTanh.apply, "gmres").sum(), w)
+    (g_cg,) = torch.autograd.grad(run(torch.tanh, rbp.linear.CGNormal(max_iter=60)).sum(), w)
+    (g_ref,) = torch.autograd.grad(run(torch.tanh, "bptt").sum(), w)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(g_once, g_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(g_cg, g_ref, rtol=tol, atol=tol)
+
+
 def test_readme_like_batch_reports_its_slow_samples_and_a_tiny_row_is_no_alarm():
     """32 samples contracting at 0.1 .. 0.99, 100 steps: the slow samples are reported without
     batch_dim too. A settled state with one row near zero (a graph node, say) is not."""
