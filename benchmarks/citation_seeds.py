@@ -1,4 +1,4 @@
-"""Seeds per hour on Cora: one seed at a time against S seeds batched in one model.
+"""Seeds per hour on Cora or Pubmed: one seed at a time against S seeds batched in one model.
 
 One training epoch of ``rbp citation``'s paper model (``--model paper``: 100 propagation
 steps, K = 5, SGD) or of the PPR fixed-point GNN (``--model ppr``: 194 steps, K = 193, Adam,
@@ -16,8 +16,10 @@ median of ``--repeats`` epochs after one warm-up, settings of one thread count i
 round-robin so that load from other jobs falls on them alike.
 
     python benchmarks/citation_seeds.py [--quick] [--device cpu] [--threads 1 2] [--model ppr]
+                                        [--dataset pubmed --data-dir DIR]
 
-prints a table and writes ``results/citation_seeds/bench[_ppr|_gcn].json`` (``--model gcn``:
+prints a table and writes ``results/citation_seeds/bench[_ppr|_gcn][_pubmed].json``
+(``--model gcn``:
 20 epochs of the GCN baseline for S seeds, one call per seed against one batched call). Seeds
 per hour is ``3600 / (epochs x seconds per epoch per seed)`` with the protocol's epochs (2000;
 PPR 200).
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from rbp.apps.citation.baselines import GCNSettings, gcn_baseline, gcn_baseline_seeds
-from rbp.apps.citation.experiment import _paper_method
+from rbp.apps.citation.experiment import CitationConfig, _paper_method
 from rbp.apps.citation.model import (
     GGNN,
     PPRGNN,
@@ -47,10 +49,11 @@ from rbp.apps.citation.model import (
     truncation_for,
 )
 from rbp.apps.citation.seeds import SeedBatchedGGNN, SeedBatchedPPR
-from rbp.data import load_planetoid, split_labelled
+from rbp.data import DataError, load_planetoid, split_labelled
 from rbp.runner.device import resolve_device
 
 EPOCHS = 2000   # the paper's protocol: seconds per epoch x EPOCHS = seconds per seed
+HIDDEN = CitationConfig().hidden   # the paper model's state size per dataset (the protocol's)
 
 
 def _sync(device: torch.device) -> None:
@@ -162,8 +165,8 @@ def _floor(adj: torch.Tensor, h0: torch.Tensor, seeds: int) -> Any:
     return products
 
 
-def _forward_only(adj: torch.Tensor, h0: torch.Tensor, seeds: int) -> Any:
-    net = SeedBatchedGGNN.from_seeds(h0.shape[1], 7, list(range(seeds))).to(h0.device)
+def _forward_only(adj: torch.Tensor, h0: torch.Tensor, seeds: int, classes: int) -> Any:
+    net = SeedBatchedGGNN.from_seeds(h0.shape[1], classes, list(range(seeds))).to(h0.device)
 
     def forward() -> None:
         with torch.no_grad():
@@ -195,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="Planetoid folder (default: shipped Cora)")
     p.add_argument("--model", choices=["paper", "ppr", "gcn"], default="paper")
+    p.add_argument("--dataset", choices=sorted(HIDDEN), default="cora",
+                   help="the paper model's hidden size is the protocol's for it (cora 64, "
+                        "pubmed 16); pubmed needs --data-dir")
     p.add_argument("--out", type=Path, default=Path("results/citation_seeds"))
     args = p.parse_args(argv)
     try:
@@ -206,13 +212,18 @@ def main(argv: list[str] | None = None) -> int:
                                ["bptt", "tbptt", "rbp", "cg", "neumann", "gmres"])
     sizes = args.seeds or ([1, 2] if args.quick else [1, 2, 5, 10])
     repeats = args.repeats or (2 if args.quick else 3)
-    d = load_planetoid("cora", args.data_dir)
+    try:
+        d = load_planetoid(args.dataset, args.data_dir)
+    except DataError as exc:  # a missing or damaged data folder: one line, not a traceback
+        print(f"citation_seeds: error: {exc}", file=sys.stderr)
+        return 2
     if args.model == "gcn":
         return _gcn_main(args, d, device, sizes, repeats)
     ppr = args.model == "ppr"
     epochs = 200 if ppr else EPOCHS
     adj = (normalised_adjacency if ppr else sum_adjacency)(d.edge_index, d.num_nodes).to(device)
-    h0 = d.features.to_sparse().to(device) if ppr else pca_features(d.features, 64).to(device)
+    h0 = (d.features.to_sparse().to(device) if ppr
+          else pca_features(d.features, HIDDEN[args.dataset]).to(device))
     labels = d.labels.to(device)
     single, batched = (_ppr_single, _ppr_batched) if ppr else (_single_epoch, _batched_epoch)
     rows: list[dict[str, Any]] = []
@@ -235,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                       f" x{rows[-1]['x_single']:.2f} of single", flush=True)
         if ppr:
             continue
-        floor_fns = {f"forward {s}": _forward_only(adj, h0, s) for s in sizes}
+        floor_fns = {f"forward {s}": _forward_only(adj, h0, s, d.num_classes) for s in sizes}
         floor_fns.update({f"floor {s}": _floor(adj, h0, s) for s in sizes})
         t = _median_times(floor_fns, repeats, device)
         for s in sizes:
@@ -245,9 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"threads {threads}  no-grad forward, 100 steps, S={s:2d}: {fwd:.3f} s; "
                   f"products alone {flo:.3f} s (x{fwd / flo:.2f} of the floor)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    doc = {"model": args.model, "device": str(device), "epochs_per_seed": epochs,
+    doc = {"model": args.model, "dataset": args.dataset, "device": str(device),
+           "epochs_per_seed": epochs,
            "repeats": repeats, "torch": torch.__version__, "rows": rows}
-    name = "bench_ppr.json" if ppr else "bench.json"
+    name = ("bench_ppr" if ppr else "bench") + ("" if args.dataset == "cora" else
+                                               f"_{args.dataset}") + ".json"
     (args.out / name).write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.out / name}")
     return 0
@@ -268,10 +281,13 @@ def _gcn_main(args: Any, d: Any, device: torch.device, sizes: list[int], repeats
                   f"{t['single']:.2f} s, batched {t['batched']:.2f} s "
                   f"(x{rows[-1]['x_single']:.2f})", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    doc = {"model": "gcn", "device": str(device), "epochs": 20, "repeats": repeats,
+    doc = {"model": "gcn", "dataset": args.dataset, "device": str(device), "epochs": 20,
+           "repeats": repeats,
            "torch": torch.__version__, "rows": rows}
-    (args.out / "bench_gcn.json").write_text(json.dumps(doc, indent=1))
-    print(f"wrote {args.out / 'bench_gcn.json'}")
+    path = args.out / ("bench_gcn.json" if args.dataset == "cora"
+                       else f"bench_gcn_{args.dataset}.json")
+    path.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {path}")
     return 0
 
 

@@ -307,7 +307,10 @@ class RunContext:
         except ValueError:
             return
         new = json.loads(now)
-        diff = settings_differences(with_new_defaults(old, self.config), new)
+        # settings that only choose which units run (seeds, methods, ...) do not change a
+        # unit's numbers: a finished unit of a run over other seeds is the same unit
+        selectors = getattr(type(self.config), "UNIT_SELECTORS", frozenset())
+        diff = settings_differences(with_new_defaults(old, self.config), new, ignore=selectors)
         if diff:
             shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}"
                               for k in diff[:6])
@@ -362,10 +365,12 @@ class RunContext:
 # ---------------------------------------------------------------- resume checks
 
 
-def settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two settings dicts (``CONTROL_KEYS`` ignored)."""
+def settings_differences(old: dict[str, Any], new: dict[str, Any],
+                         ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Keys whose values differ between two settings dicts (``CONTROL_KEYS`` and ``ignore``
+    left out)."""
     old_j, new_j = to_jsonable(old), to_jsonable(new)
-    keys = sorted((set(old_j) | set(new_j)) - CONTROL_KEYS)
+    keys = sorted((set(old_j) | set(new_j)) - CONTROL_KEYS - ignore)
     return [k for k in keys if old_j.get(k, "<unset>") != new_j.get(k, "<unset>")]
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -72,6 +72,13 @@ BATCHED_MODELS = ("paper", "ppr")
 @dataclass
 class CitationConfig:
     """Settings of ``rbp citation``; the packaged YAML holds the paper's protocol."""
+
+    #: Settings that choose which units run, not what a unit computes: a unit's checkpoint
+    #: written by a run over other seeds, datasets, models or methods resumes here (workers
+    #: over disjoint seeds share their finished units).
+    UNIT_SELECTORS: ClassVar[frozenset[str]] = frozenset({
+        "seed", "seeds", "num_seeds", "dataset_seeds", "dataset", "models", "methods",
+        "baselines", "injected_methods", "fp_methods"})
 
     methods: list[str] = field(default_factory=lambda: list(rbp.METHODS))
     seed: int = 0
