@@ -51,22 +51,21 @@ def merged(dataset: str, full: Path) -> dict[str, Any] | None:
     return out if paper else None
 
 
-def ordering_sentence(results: dict[str, Any], dataset: str) -> str:
-    """``on Cora ...`` : the pairs whose order differs from the paper's, with their intervals."""
+def ordering_clause(results: dict[str, Any], dataset: str) -> str:
+    """``on Cora ...``: the pairs whose order differs from the paper's, with their intervals."""
     name = dataset.capitalize()
     pairs = paired_differences(results, dataset)
     if not pairs:
-        return f"on {name} none, so far."
+        return f"on {name} none"
     parts = [f"{LABELS[p['a']]} against {LABELS[p['b']]} ({p['mean']:+.1f} ± {p['std']:.1f} "
              f"points, n = {p['n']}, 95 % interval [{p['ci'][0]:+.1f}, {p['ci'][1]:+.1f}]: "
              f"{'a real difference' if p['real'] else 'no difference at this n'})"
              for p in pairs]
-    return f"on {name} {'only ' if len(parts) == 1 else ''}{'; '.join(parts)}, so far."
+    return f"on {name} {'only ' if len(parts) == 1 else ''}{'; '.join(parts)}"
 
 
-def update_page(text: str, dataset: str, results: dict[str, Any], sentence: bool = True) -> str:
-    """``text`` with ``dataset``'s paper-model cells of Table 1 set, and (``sentence``) the
-    sentence naming the orderings that differ from the paper's."""
+def update_cells(text: str, dataset: str, results: dict[str, Any]) -> str:
+    """``text`` with ``dataset``'s paper-model cells of Table 1 set."""
     column = 2 + 2 * DATASETS.index(dataset)  # | method | cora (paper) | cora (ours) | ...
     paper = results["datasets"][dataset]["models"]["paper"]
     for method, summary in paper.items():
@@ -77,14 +76,20 @@ def update_page(text: str, dataset: str, results: dict[str, Any], sentence: bool
         cells = found.group(0).split(" | ")
         cells[column] = _fmt(summary) if column < len(cells) - 1 else _fmt(summary) + " |"
         text = text[: found.start()] + " | ".join(cells) + text[found.end():]
-    if not sentence:
-        return text
-    pattern = re.compile(r"(?<=excludes 0: )on " + dataset.capitalize() + r" [^|#]{0,600}?"
-                         r", so far\.")
-    new, n = pattern.subn(lambda _: ordering_sentence(results, dataset), text, count=1)
+    return text
+
+
+SENTENCE = re.compile(r"(?<=excludes 0: )on [A-Z][a-z]+ [^|#]{0,1600}?, so far\.")
+
+
+def update_sentence(text: str, runs: dict[str, dict[str, Any]]) -> str:
+    """``text`` with the sentence that names, per dataset with a full run, the orderings that
+    differ from the paper's (``excludes 0: on Cora ...; on Pubmed ..., so far.``)."""
+    clauses = "; ".join(ordering_clause(res, ds) for ds, res in runs.items())
+    new, n = SENTENCE.subn(lambda _: f"{clauses}, so far.", text, count=1)
     if n != 1:
-        raise ValueError(f"the README's Table 1 text has no 'excludes 0: on "
-                         f"{dataset.capitalize()} ..., so far.' sentence to update")
+        raise ValueError("the README's Table 1 text has no 'excludes 0: on <dataset> ..., so "
+                         "far.' sentence to update")
     return new
 
 
@@ -104,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         text = new = page.read_text()
         try:
             for dataset, results in runs.items():
-                new = update_page(new, dataset, results, sentence)
+                new = update_cells(new, dataset, results)
+            if sentence and runs:
+                new = update_sentence(new, runs)
         except ValueError as exc:  # nothing is written unless every page takes its cells
             print(f"table1_full: {page}: {exc}", file=sys.stderr)
             return 2

@@ -34,13 +34,13 @@ def tool():
     return module
 
 
-def _run(folder: Path, accs: dict[str, dict[int, float]]) -> None:
+def _run(folder: Path, accs: dict[str, dict[int, float]], dataset: str = "cora") -> None:
     """A citation results.json with paper-model units (test accuracy per method and seed)."""
     models = {m: {"per_seed": [{"seed": s, "test_acc": a, "settings": {"epochs": 2000}}
                                for s, a in per.items()]} for m, per in accs.items()}
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(
-        {"datasets": {"cora": {"stats": {}, "baselines": {}, "models": {"paper": models}}}}))
+        {"datasets": {dataset: {"stats": {}, "baselines": {}, "models": {"paper": models}}}}))
 
 
 def test_the_committed_readme_agrees_with_the_committed_full_runs(tool):
@@ -78,17 +78,25 @@ def test_workers_are_merged_into_the_cells_and_the_ordering_sentence(tool, tmp_p
     assert "| BPTT | 24.48 ± 6.6 | 32.00 ± 2.00 (n=3, 2000 ep) |" in docs
     assert (full / "cora" / "table1.md").read_text().count("2000 ep") == 3
     assert tool.main(["--check", "--root", str(tmp_path)]) == 0
+    # Pubmed's full run finishes its first seed of BPTT: that cell only, and a clause of its own
+    _run(full / "pubmed", {"bptt": {0: 0.45}}, "pubmed")
+    assert tool.main(["--root", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "| 47.05 ± 3.1 | 45.00 (n=1, 2000 ep) |" in readme  # one seed: no spread
+    assert "| 53.41 ± 6.7 | 51.64 ± 13.66 (n=2, 120 ep) |" in readme
+    assert "a real difference); on Pubmed none, so far." in readme
+    assert tool.main(["--check", "--root", str(tmp_path)]) == 0
 
 
 def test_a_readme_without_the_row_or_the_sentence_is_a_clear_error(tool, tmp_path):
     results = {"datasets": {"cora": {"models": {"paper": {"cg": {
         "n": 2, "mean": 40.0, "std": 1.0, "per_seed": []}}}}}}
     with pytest.raises(ValueError, match="no Table 1 row 'CG-RBP'"):
-        tool.update_page(PAGE, "cora", results)
+        tool.update_cells(PAGE, "cora", results)
     results["datasets"]["cora"]["models"]["paper"] = {"bptt": results["datasets"]["cora"][
         "models"]["paper"]["cg"]}
-    with pytest.raises(ValueError, match="no 'excludes 0: on Cora"):
-        tool.update_page(PAGE.replace("on Cora none, so far.", ""), "cora", results)
+    with pytest.raises(ValueError, match="no 'excludes 0: on <dataset>"):
+        tool.update_sentence(PAGE.replace("on Cora none, so far.", ""), {"cora": results})
 
 
 def test_a_page_without_its_table_is_one_line_and_exit_2(tool, tmp_path, capsys):

@@ -76,7 +76,8 @@ def _fmt(summary: dict[str, Any] | None) -> str:
     units = summary.get("per_seed") or [{}]
     epochs = {u.get("settings", {}).get("epochs") for u in units} - {None}
     ep = f", {'/'.join(str(e) for e in sorted(epochs))} ep" if epochs else ""
-    return f"{summary['mean']:.2f} ± {summary['std']:.2f} (n={summary['n']}{ep})"
+    spread = f" ± {summary['std']:.2f}" if summary["n"] > 1 else ""  # one seed: no spread
+    return f"{summary['mean']:.2f}{spread} (n={summary['n']}{ep})"
 
 
 def paired_differences(results: dict[str, Any], dataset: str) -> list[dict[str, Any]]:
