@@ -67,8 +67,10 @@ class CGNormal(_Options):
     """CG on the normal equations (CG-RBP). Assumes ``I - J`` invertible; needs ``J v``.
 
     ``jvp``: how ``J v`` is obtained: ``"double_vjp"`` (default: reverse-over-reverse on the graph
-    of the last step) or ``"func"`` (forward mode, ``torch.func.jvp``; for a step compiled by
-    ``torch.compile``, whose graph cannot be differentiated twice).
+    of the last step; tested on its first use, so a step whose backward cannot be differentiated
+    again, e.g. an ``autograd.Function`` with ``once_differentiable``, is an error, not zeros) or
+    ``"func"`` (forward mode, ``torch.func.jvp``; for a step compiled by ``torch.compile``, whose
+    graph cannot be differentiated twice).
     """
 
     jvp: str = "double_vjp"
