@@ -129,34 +129,29 @@ def test_experiment_batched_equals_sequential_and_resumes(tmp_path: Path) -> Non
 
 def test_workers_over_other_seeds_share_their_finished_units(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A unit finished by a worker over other seeds (and its methods in another order) is
-    reused by a run over all the seeds, with the numbers of a run that trained it itself; a
-    unit written with a setting that changes its numbers is still refused."""
+    """A unit finished by a worker over other seeds (its methods in another order) is reused
+    by an interrupted run over all the seeds, resumed with --reuse-from, with the numbers of a
+    run that trained it itself; a unit written with a setting that changes its numbers is
+    still refused."""
     whole = _per_seed(_run(tmp_path, "whole", "--set", "seed_batch=1"))
     worker = _run(tmp_path, "worker", "--set", "seed_batch=1", "--set", "seeds=[2]",
                   "--set", "methods=[gmres,neumann]")
     base = ["citation", "--quick", "--no-progress", "--device", "cpu", "--set",
             "models=[paper]", "--set", "baselines=[]", "--set", "checkpoint_every=2"]
-    main = tmp_path / "main" / "checkpoints"
-    assert cli.main([*base, "--out", str(main.parent), "--set", "num_seeds=3", "--set",
+    main = tmp_path / "main"
+    assert cli.main([*base, "--out", str(main), "--set", "num_seeds=3", "--set",
                      "methods=[neumann,gmres]", "--set", "interrupt_after=1"]) != 0
-    main.mkdir(parents=True, exist_ok=True)
-    for f in (tmp_path / "worker" / "checkpoints").glob("cora_paper_*_s2.pt"):
-        (main / f.name).write_bytes(f.read_bytes())
     capsys.readouterr()
-    merged = _per_seed(_run(tmp_path, "main", "--set", "seed_batch=1", "--resume"))
-    assert "cora_paper_gmres_s2: finished earlier; reusing its result" in capsys.readouterr().err
+    merged = _per_seed(_run(tmp_path, "main", "--set", "seed_batch=1", "--resume",
+                            "--reuse-from", str(tmp_path / "worker")))
+    assert "cora_paper_gmres_s2: finished by the run in" in capsys.readouterr().err
     assert merged == whole
     assert {k: v for k, v in merged.items() if k[1] == 2} == _per_seed(worker)
-    other = tmp_path / "other" / "checkpoints"
-    args = [*base, "--out", str(other.parent), "--set", "seeds=[2]", "--set",
-            "methods=[neumann]", "--set", "truncate=3"]
-    assert cli.main([*args, "--set", "interrupt_after=1"]) != 0
-    other.mkdir(parents=True, exist_ok=True)
-    for f in main.glob("*_s2.pt"):
-        (other / f.name).write_bytes(f.read_bytes())
+    assert (main / "checkpoints" / "cora_paper_gmres_s2.pt").is_file()  # copied: kept here
+    args = [*base, "--out", str(tmp_path / "other"), "--set", "seeds=[2]", "--set",
+            "methods=[neumann]", "--set", "truncate=3", "--reuse-from", str(main)]
     capsys.readouterr()
-    assert cli.main([*args, "--resume"]) == 2
+    assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "written by a run with other settings (truncate:" in err and "Traceback" not in err
 

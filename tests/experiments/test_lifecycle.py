@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import pickle
 import signal
@@ -612,3 +613,38 @@ def test_dry_run_of_a_resume_says_what_the_resume_would_refuse(
     (out / "results.json").write_text('{"status": "runn')
     assert _run(out, "--resume", "--dry-run") == 2
     assert "settings of the run to resume are unknown" in capsys.readouterr().err
+
+
+def test_a_run_reuses_the_finished_units_of_another_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """--reuse-from DIR: a unit finished there is copied here and not trained again; a
+    unit there written with other settings is refused naming them; a damaged one is skipped
+    with a warning; the run's own folder, or a file, is one clear line."""
+    worker, main = tmp_path / "worker", tmp_path / "main"
+    assert _run(worker) == 0
+    caplog.set_level(logging.INFO)
+    assert _run(main, "--reuse-from", str(worker)) == 0
+    assert _methods(main) == _methods(worker)
+    assert "a: finished by the run in" in caplog.text and "b: finished by the run in" in caplog.text
+    assert (main / "checkpoints" / "a.pt").read_bytes() == (
+        worker / "checkpoints" / "a.pt").read_bytes()
+    # the worker's unit is damaged: skipped, trained here instead (same numbers: same seed)
+    data = (worker / "checkpoints" / "b.pt").read_bytes()
+    (worker / "checkpoints" / "b.pt").write_bytes(data[:-7] + b"garbage")
+    caplog.clear()
+    assert _run(tmp_path / "third", "--set", "methods=[b]", "--reuse-from", str(worker)) == 0
+    assert "damaged" in caplog.text and "not reused" in caplog.text
+    # other numbers there: refused, naming the setting and the remedy
+    other = tmp_path / "other"
+    assert _run(other, "--set", "lr=0.1") == 0
+    capsys.readouterr()
+    assert _run(tmp_path / "fourth", "--reuse-from", str(other)) == 2
+    err = capsys.readouterr().err
+    assert "other settings (lr: 0.1 -> 0.3)" in err and f"drop --reuse-from {other}" in err
+    assert "Traceback" not in err
+    assert _run(main, "--force", "--reuse-from", str(main)) == 2
+    assert "this run's own --out" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert _run(tmp_path / "fifth", "--reuse-from", str(tmp_path / "file")) == 2
+    assert "is not a folder" in capsys.readouterr().err

@@ -111,6 +111,9 @@ def _add_common(p: argparse.ArgumentParser, exp: Experiment) -> None:
                             "checkpoints")
     group.add_argument("--force", action="store_true",
                        help="delete the run in --out and start a new one")
+    p.add_argument("--reuse-from", action="append", type=Path, default=[], metavar="DIR",
+                   help="another run's --out whose finished units this run takes instead of "
+                        "training them (repeatable; e.g. a worker over other seeds)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the settings, the output directory and the data; run nothing")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -275,7 +278,7 @@ def _run(exp: Experiment, args: argparse.Namespace, argv: list[str]) -> int:
     return run_experiment(exp.name, exp.run, cfg, args.out, resume=args.resume,
                           force=args.force, quick=args.quick,
                           show_progress=not args.no_progress, verbose=args.verbose,
-                          command=["rbp", *argv], log=log)
+                          command=["rbp", *argv], log=log, reuse_from=args.reuse_from)
 
 
 def _command_parser(parser: argparse.ArgumentParser,

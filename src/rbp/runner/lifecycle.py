@@ -26,8 +26,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rbp.data.atomic import remove_stale_tmp
-from rbp.runner.checkpoint import load_checkpoint, save_checkpoint, seed_everything
+from rbp.data.atomic import atomic_write, remove_stale_tmp
+from rbp.runner.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
 from rbp.runner.config import config_to_dict
 from rbp.runner.progress import get_logger
 from rbp.runner.results import (
@@ -210,7 +215,9 @@ class RunContext:
 
     Units of work are saved under a tag: :meth:`save` mid-way (when :meth:`should_checkpoint`),
     :meth:`finish` once done; :meth:`load` / :meth:`finished` read them back on ``--resume``.
-    Call :meth:`tick` after each training step (the ``interrupt_after`` test hook).
+    :meth:`finished` also takes a unit finished by another run in ``reuse_from`` (workers over
+    other seeds, say), copied into this run. Call :meth:`tick` after each training step (the
+    ``interrupt_after`` test hook).
     """
 
     out_dir: Path
@@ -224,6 +231,7 @@ class RunContext:
     command: list[str] = field(default_factory=list)
     interrupt_after: int | None = None
     prior_wall_time_s: float = 0.0
+    reuse_from: list[Path] = field(default_factory=list)
     _start: float = field(default_factory=time.monotonic, init=False, repr=False)
     _started_at: str = field(
         default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"),
@@ -297,7 +305,9 @@ class RunContext:
                 self.log.info("%s: resuming from its checkpoint", tag)
         return state
 
-    def _check_settings(self, path: Path, saved: Any) -> None:
+    def _check_settings(self, path: Path, saved: Any,
+                        remedy: str = "pass --force to start over, or choose a fresh --out"
+                        ) -> None:
         """Refuse a checkpoint written with other settings (e.g. copied from another run)."""
         now = self._settings_json()
         if not isinstance(saved, str) or now is None:
@@ -317,17 +327,45 @@ class RunContext:
             more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
             raise SettingsMismatchError(
                 f"checkpoint {path} was written by a run with other settings ({shown}{more}); "
-                "it cannot be resumed with these: pass --force to start over, or choose a "
-                "fresh --out")
+                f"it cannot be resumed with these: {remedy}")
 
     def finish(self, tag: str, result: dict[str, Any]) -> None:
         """Record unit ``tag`` as done with ``result`` (replaces its mid-way checkpoint)."""
         self.save(tag, {"done": True, "result": result})
 
     def finished(self, tag: str) -> dict[str, Any] | None:
-        """The result of unit ``tag`` if it finished in an earlier session, else ``None``."""
+        """The result of unit ``tag`` if it finished in an earlier session, or in a run of
+        ``reuse_from`` (then copied here), else ``None``."""
         state = self.load(tag)
-        return state["result"] if state is not None and state.get("done") else None
+        if state is not None and state.get("done"):
+            return state["result"]
+        return self._reuse(tag) if self.reuse_from else None
+
+    def _reuse(self, tag: str) -> dict[str, Any] | None:
+        """Unit ``tag`` finished by a run in ``reuse_from`` (same settings but for those that
+        only choose units): copied into this run's checkpoints, its result returned."""
+        name = self.checkpoint_path(tag).name
+        for other in self.reuse_from:
+            path = Path(other) / CHECKPOINT_DIR / name
+            try:
+                data = path.read_bytes()
+            except OSError:  # not there (yet)
+                continue
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as exc:  # a damaged file there is that run's to redo
+                self.log.warning("%s; not reused", exc)
+                continue
+            if state is None or not state.get("done"):
+                continue
+            state = dict(state)
+            self._check_settings(path, state.pop(SETTINGS_KEY, None),
+                                 remedy=f"drop --reuse-from {other}")
+            with deferred_interrupts(), atomic_write(self.checkpoint_path(tag)) as f:
+                f.write(data)
+            self.log.info("%s: finished by the run in %s; reusing its result", tag, other)
+            return state["result"]
+        return None
 
     def write_results(
         self, results: dict[str, Any], status: str = "running", error: str | None = None
@@ -496,8 +534,12 @@ def run_experiment(
     verbose: bool = False,
     command: Sequence[str] = (),
     log: logging.Logger | None = None,
+    reuse_from: Sequence[Path] = (),
 ) -> int:
     """Run ``run(cfg, ctx)`` in ``out`` with the whole lifecycle; return the exit status.
+
+    ``reuse_from``: other runs' folders whose finished units this run takes instead of
+    training them (:meth:`RunContext.finished`).
 
     0: finished (or already finished with these settings on ``--resume``); 2: a problem with
     the settings, the directory, the data or a file (ValueError, OSError: a damaged checkpoint,
@@ -508,6 +550,17 @@ def run_experiment(
     prog = f"rbp {name}"
     command = list(command)
     argv = command[1:] if command[:1] == ["rbp"] else command
+    for other in reuse_from:
+        if Path(other).resolve() == Path(out).resolve():
+            _error(prog, f"--reuse-from {other} is this run's own --out; name another run's "
+                         "folder")
+            return 2
+        if Path(other).exists() and not Path(other).is_dir():
+            _error(prog, f"--reuse-from {other} is not a folder; name another run's --out")
+            return 2
+        if not (Path(other) / CHECKPOINT_DIR).is_dir():
+            log.warning("--reuse-from %s has no %s/ (yet); its units are reused as they finish",
+                        other, CHECKPOINT_DIR)
     try:
         lock, out = _prepare(out, resume, force, command, log)
     except (ValueError, OSError) as exc:
@@ -519,7 +572,7 @@ def run_experiment(
     try:
         return _run_locked(name, run, cfg, out, lock, resume=resume, quick=quick,
                            show_progress=show_progress, verbose=verbose, command=command,
-                           argv=argv, log=log, prog=prog)
+                           argv=argv, log=log, prog=prog, reuse_from=list(reuse_from))
     finally:
         lock.release()
 
@@ -527,7 +580,7 @@ def run_experiment(
 def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | None], cfg: Any,
                 out: Path, lock: RunLock, *, resume: bool, quick: bool, show_progress: bool,
                 verbose: bool, command: list[str], argv: list[str], log: logging.Logger,
-                prog: str) -> int:
+                prog: str, reuse_from: list[Path]) -> int:
     prior_wall = 0.0
     last: dict[str, Any] = {}
     if resume:
@@ -556,7 +609,7 @@ def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | Non
         checkpoint_every=int(getattr(cfg, "checkpoint_every", 0) or 0), name=name,
         config=cfg, quick=quick, command=command,
         interrupt_after=interrupt_after if isinstance(interrupt_after, int) else None,
-        prior_wall_time_s=prior_wall,
+        prior_wall_time_s=prior_wall, reuse_from=reuse_from,
     )
     ctx._last = last
     try:
