@@ -393,10 +393,10 @@ def check_jvp(vjp: Callable[[Tensor], Tensor], jvp: Callable[[Tensor], Tensor], 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
     a = vjp(w)
-    want = float(a.square().sum())
+    want = float(a.double().square().sum())  # sums in float64: no round-off growing with n
     if not want > 0.0 or not math.isfinite(want):  # J^T w = 0 or non-finite: no test
         return
-    got = float((jvp(a) * w).sum())
+    got = float((jvp(a).double() * w.double()).sum())
     tol = 1e-8 if like.dtype == torch.float64 else 1e-3
     if abs(got - want) > tol * want:
         raise RuntimeError(
