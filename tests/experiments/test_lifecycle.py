@@ -648,3 +648,9 @@ def test_a_run_reuses_the_finished_units_of_another_run(
     (tmp_path / "file").write_text("x")
     assert _run(tmp_path / "fifth", "--reuse-from", str(tmp_path / "file")) == 2
     assert "is not a folder" in capsys.readouterr().err
+    # --dry-run says what would be reused, and refuses the same mistakes
+    assert _run(tmp_path / "sixth", "--dry-run", "--reuse-from", str(worker)) == 0
+    assert f"reuse: {worker} (2 checkpoint(s) there now" in capsys.readouterr().out
+    assert _run(tmp_path / "sixth", "--dry-run", "--reuse-from", str(tmp_path / "file")) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "sixth").exists()

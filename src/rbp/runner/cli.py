@@ -211,7 +211,8 @@ def _error(prog: str, message: object) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr)
 
 
-def _dry_run(exp: Experiment, cfg: Any, out: Path, resume: bool, force: bool) -> int:
+def _dry_run(exp: Experiment, cfg: Any, out: Path, resume: bool, force: bool,
+             reuse_from: list[Path] | None = None) -> int:
     """Check what a run would need without running it: exit 0 when all is in place."""
     prog = f"rbp {exp.name}"
     problems: list[str] = []
@@ -250,6 +251,14 @@ def _dry_run(exp: Experiment, cfg: Any, out: Path, resume: bool, force: bool) ->
                 _check_resume(out, _previous_results(out), cfg, exp.name)
         except RunExistsError as exc:
             problems.append(str(exc))
+    from rbp.runner.lifecycle import reuse_problems
+    from rbp.runner.results import CHECKPOINT_DIR
+
+    problems += reuse_problems(out, reuse_from or [])
+    for other in reuse_from or []:
+        found = len(list((Path(other) / CHECKPOINT_DIR).glob("*.pt")))
+        print(f"  reuse: {other} ({found} checkpoint(s) there now; finished units with these "
+              "settings are taken, not trained)")
     for problem in problems:
         _error(prog, problem)
     if not problems:
@@ -272,7 +281,7 @@ def _run(exp: Experiment, args: argparse.Namespace, argv: list[str]) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     if args.dry_run:
-        return _dry_run(exp, cfg, args.out, args.resume, args.force)
+        return _dry_run(exp, cfg, args.out, args.resume, args.force, args.reuse_from)
     from rbp.runner.lifecycle import run_experiment
 
     return run_experiment(exp.name, exp.run, cfg, args.out, resume=args.resume,

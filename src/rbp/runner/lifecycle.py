@@ -521,6 +521,19 @@ def _prepare(out: Path, resume: bool, force: bool, command: list[str],
     return lock, out
 
 
+def reuse_problems(out: Path, reuse_from: Sequence[Path]) -> list[str]:
+    """What is wrong with the ``--reuse-from`` folders, a line each: the run's own ``--out``,
+    or not a folder (a folder not there yet is fine: a worker may start later)."""
+    problems = []
+    for other in reuse_from:
+        if Path(other).resolve() == Path(out).resolve():
+            problems.append(f"--reuse-from {other} is this run's own --out; name another run's "
+                            "folder")
+        elif Path(other).exists() and not Path(other).is_dir():
+            problems.append(f"--reuse-from {other} is not a folder; name another run's --out")
+    return problems
+
+
 def run_experiment(
     name: str,
     run: Callable[[Any, RunContext], dict[str, Any] | None],
@@ -550,14 +563,10 @@ def run_experiment(
     prog = f"rbp {name}"
     command = list(command)
     argv = command[1:] if command[:1] == ["rbp"] else command
+    for problem in reuse_problems(out, reuse_from):
+        _error(prog, problem)
+        return 2
     for other in reuse_from:
-        if Path(other).resolve() == Path(out).resolve():
-            _error(prog, f"--reuse-from {other} is this run's own --out; name another run's "
-                         "folder")
-            return 2
-        if Path(other).exists() and not Path(other).is_dir():
-            _error(prog, f"--reuse-from {other} is not a folder; name another run's --out")
-            return 2
         if not (Path(other) / CHECKPOINT_DIR).is_dir():
             log.warning("--reuse-from %s has no %s/ (yet); its units are reused as they finish",
                         other, CHECKPOINT_DIR)
