@@ -156,6 +156,47 @@ def test_workers_over_other_seeds_share_their_finished_units(
     assert "written by a run with other settings (truncate:" in err and "Traceback" not in err
 
 
+def _diverge_at(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
+    """Make the ``calls``-th training forward of the run raise DivergenceError, as a forward
+    whose state overflowed does."""
+    real, count = rbp.fixed_point, [0]
+
+    def fixed_point(*args, **kwargs):
+        if torch.is_grad_enabled():
+            count[0] += 1
+            if count[0] == calls:
+                raise rbp.DivergenceError("fixed_point: the forward state is not finite")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rbp, "fixed_point", fixed_point)
+
+
+def test_a_diverged_seed_stops_and_keeps_its_best_epoch_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seed whose training diverges stops there: its result is its best validation epoch
+    before it, recorded as diverged (and counted in its Table 1 cell); the run goes on. In a
+    batched group the seeds are trained again one at a time, so the others' numbers are those
+    of a run in which nothing diverged."""
+    from rbp.apps.citation.tables import _fmt
+
+    one = ["--set", "methods=[neumann]", "--set", "num_seeds=2"]
+    clean = _per_seed(_run(tmp_path, "clean", *one, "--set", "seed_batch=1"))
+    _diverge_at(monkeypatch, 12 + 6)               # seed 1's sixth epoch (12 epochs a seed)
+    doc = _run(tmp_path, "lone", *one, "--set", "seed_batch=1")
+    row = doc["datasets"]["cora"]["models"]["paper"]["neumann"]
+    units = {u["seed"]: u for u in row["per_seed"]}
+    assert units[0]["diverged_at"] is None and units[1]["diverged_at"] == 5
+    assert units[1]["best_epoch"] <= 5 and max(units[1]["curves"]["eval_epochs"]) <= 5
+    assert len(units[1]["curves"]["train_loss"]) == 5
+    assert _per_seed(doc)[("neumann", 0)] == clean[("neumann", 0)]
+    assert _fmt(row).endswith("(n=2, 12 ep, 1 diverged)")
+    _diverge_at(monkeypatch, 7)                     # the batched group's seventh epoch
+    batched = _run(tmp_path, "batched", *one, "--set", "seed_batch=2")
+    assert _per_seed(batched) == clean            # both seeds again alone, nothing diverged
+    units = batched["datasets"]["cora"]["models"]["paper"]["neumann"]["per_seed"]
+    assert [u["seed_batch"] for u in units] == [1, 1]
+    assert not list((tmp_path / "batched" / "checkpoints").glob("*seeds*"))
+
+
 @pytest.mark.parametrize("spec, words", [
     ("gpu", "unknown device 'gpu'"), ("cdua", "did you mean 'cuda'"),
     ("cuda:99", "not available"), ("tpu", "valid: auto, cpu, cuda, cuda:N, mps"),

@@ -418,6 +418,8 @@ def _unit_result(hist: dict[str, Any], seed: int, method: str, model: str, datas
             "val_acc": hist["val_acc"], "test_acc": hist["test_acc"]},
         "traces": hist["traces"], "backward_status": hist["backward_status"],
         "settings": s, "saved_mb": hist.get("saved_mb"),
+        # the epoch at which training diverged (non-finite state or loss) and stopped, if it did
+        "diverged_at": hist.get("diverged_at"),
         # ||h_T - h_T-1|| / ||h_T||: last training step, and eval forward at the reported epoch
         "final_rel_diff": hist.get("train_rel_diff"),
         "best_rel_diff": rel[best] if best < len(rel) else None,
@@ -532,52 +534,66 @@ def _train_group(
                 hist["traces"].append({"epoch": ep, "diff_norm": list(info.forward_trace)})
         net.train()
 
-    if epoch == 0 and not hists[0]["eval_epochs"]:
-        evaluate(0)
-    net.train()
-    with progress(s_cfg["epochs"], desc=tag, enabled=ctx.progress, initial=epoch) as bar:
-        while epoch < s_cfg["epochs"]:
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            if "saved_mb" not in hists[0]:   # graph memory of one training forward
-                saved = _SavedBytes()
-                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+    def train() -> None:
+        nonlocal epoch
+        if epoch == 0 and not hists[0]["eval_epochs"]:
+            evaluate(0)
+        net.train()
+        with progress(s_cfg["epochs"], desc=tag, enabled=ctx.progress, initial=epoch) as bar:
+            while epoch < s_cfg["epochs"]:
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                if "saved_mb" not in hists[0]:   # graph memory of one training forward
+                    saved = _SavedBytes()
+                    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                        logits, info = forward(False)
+                    for hist in hists:
+                        hist["saved_mb"] = saved.megabytes / len(todo)
+                else:
                     logits, info = forward(False)
-                for hist in hists:
-                    hist["saved_mb"] = saved.megabytes / len(todo)
-            else:
-                logits, info = forward(False)
-            losses = torch.stack([F.cross_entropy(logits[i, train], labels[train])
-                                  for i, (train, _, _) in enumerate(splits)])
-            losses.sum().backward()          # seeds share nothing: each gets its own gradient
-            opt.step()
-            share = (time.perf_counter() - t0) / len(todo)
-            loss_v = losses.detach().cpu().tolist()
-            diffs = _per_seed_rel_diff(info, len(todo), model in BATCHED_MODELS)
-            for i, hist in enumerate(hists):
-                hist["train_time_s"] += share
-                for b in info.backward:
-                    hist["backward_status"][b.status] = hist["backward_status"].get(b.status, 0) + 1
-                if not np.isfinite(loss_v[i]):
-                    raise rbp.DivergenceError(f"{tags[todo[i]]}: non-finite training loss at "
-                                              f"epoch {epoch}")
-                hist["train_loss"].append(loss_v[i])
-                hist["train_rel_diff"] = diffs[i]
-                steps_i = info.forward_steps
-                hist.setdefault("forward_steps", []).append(
-                    int(steps_i[i] if isinstance(steps_i, list) else steps_i))
-            epoch += 1
-            if epoch % s_cfg["val_every"] == 0 or epoch == s_cfg["epochs"]:
-                evaluate(epoch)
-            bar.update()
-            bar.set_postfix(loss=f"{np.mean(loss_v):.3f}",
-                            val=f"{np.mean([h['val_acc'][-1] for h in hists]):.3f}")
-            if ctx.should_checkpoint(epoch) and epoch < s_cfg["epochs"]:
-                ctx.save(tag, {"epoch": epoch, "model": net.state_dict(),
-                               "optim": opt.state_dict(), "history": hists,
-                               "generators": [gen.get_state() for gen in gens],
-                               "rng": rng_state()})
-            ctx.tick()
+                losses = torch.stack([F.cross_entropy(logits[i, train], labels[train])
+                                      for i, (train, _, _) in enumerate(splits)])
+                losses.sum().backward()          # seeds share nothing: each gets its own gradient
+                opt.step()
+                share = (time.perf_counter() - t0) / len(todo)
+                loss_v = losses.detach().cpu().tolist()
+                diffs = _per_seed_rel_diff(info, len(todo), model in BATCHED_MODELS)
+                for i, hist in enumerate(hists):
+                    hist["train_time_s"] += share
+                    for b in info.backward:
+                        counts = hist["backward_status"]
+                        counts[b.status] = counts.get(b.status, 0) + 1
+                    if not np.isfinite(loss_v[i]):
+                        raise rbp.DivergenceError(f"{tags[todo[i]]}: non-finite training loss at "
+                                                  f"epoch {epoch}")
+                    hist["train_loss"].append(loss_v[i])
+                    hist["train_rel_diff"] = diffs[i]
+                    steps_i = info.forward_steps
+                    hist.setdefault("forward_steps", []).append(
+                        int(steps_i[i] if isinstance(steps_i, list) else steps_i))
+                epoch += 1
+                if epoch % s_cfg["val_every"] == 0 or epoch == s_cfg["epochs"]:
+                    evaluate(epoch)
+                bar.update()
+                bar.set_postfix(loss=f"{np.mean(loss_v):.3f}",
+                                val=f"{np.mean([h['val_acc'][-1] for h in hists]):.3f}")
+                if ctx.should_checkpoint(epoch) and epoch < s_cfg["epochs"]:
+                    ctx.save(tag, {"epoch": epoch, "model": net.state_dict(),
+                                   "optim": opt.state_dict(), "history": hists,
+                                   "generators": [gen.get_state() for gen in gens],
+                                   "rng": rng_state()})
+                ctx.tick()
+
+    try:
+        train()
+    except rbp.DivergenceError as exc:
+        if len(todo) > 1:  # the others' numbers must not depend on it: again one by one
+            ctx.log.warning("%s: %s; its seeds are trained again one at a time", tag, exc)
+            ctx.checkpoint_path(tag).unlink(missing_ok=True)
+            return [r for s in seeds for r in _train_group(cfg, ctx, g, model, method, [s])]
+        hists[0]["diverged_at"] = epoch
+        ctx.log.warning("%s: training diverged at epoch %d (%s); the seed's result is its best "
+                        "validation epoch before it", tag, epoch, str(exc).splitlines()[0])
     for i, s in enumerate(todo):
         done[s] = _unit_result(hists[i], s, method, model, g.name, splits[i], s_cfg,
                                seed_batch=len(todo))

@@ -66,6 +66,7 @@ def summarise(units: list[dict[str, Any]]) -> dict[str, Any]:
             for k, v in (u.get("backward_status") or {}).items():
                 status[k] = status.get(k, 0) + v
         out["backward_status"] = status
+        out["diverged"] = [u["seed"] for u in units if u.get("diverged_at") is not None]
     out["per_seed"] = units
     return out
 
@@ -77,7 +78,9 @@ def _fmt(summary: dict[str, Any] | None) -> str:
     epochs = {u.get("settings", {}).get("epochs") for u in units} - {None}
     ep = f", {'/'.join(str(e) for e in sorted(epochs))} ep" if epochs else ""
     spread = f" ± {summary['std']:.2f}" if summary["n"] > 1 else ""  # one seed: no spread
-    return f"{summary['mean']:.2f}{spread} (n={summary['n']}{ep})"
+    diverged = sum(u.get("diverged_at") is not None for u in units)
+    stopped = f", {diverged} diverged" if diverged else ""  # stopped early; best epoch before
+    return f"{summary['mean']:.2f}{spread} (n={summary['n']}{ep}{stopped})"
 
 
 def paired_differences(results: dict[str, Any], dataset: str) -> list[dict[str, Any]]:
