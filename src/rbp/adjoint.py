@@ -352,17 +352,10 @@ class _AdjointRows:
     def jvp(self, v: Tensor) -> Tensor:
         if self._jvp is None:
             self._jvp = self._make_jvp(self.h_in, self.h_out, self.live)
-            if self._check_jvp_first:
-                self._check_jvp(v)
+            if self._check_jvp_first:  # self.jvp no longer comes back here: _jvp is set
+                check_jvp(self.vjp, self.jvp, v, JVP_BY_DOUBLE_VJP)
         vs = from_rows(v, self.layout(), [x.dtype for x in self.h_in])
         return to_rows(self._jvp(vs), self.layout(), self.work)
-
-    def _check_jvp(self, like: Tensor) -> None:
-        def jvp_rows(a: Tensor) -> Tensor:
-            assert self._jvp is not None
-            vs = from_rows(a, self.layout(), [x.dtype for x in self.h_in])
-            return to_rows(self._jvp(vs), self.layout(), self.work)
-        check_jvp(self.vjp, jvp_rows, like, JVP_BY_DOUBLE_VJP)
 
     def leaves(self, z: Tensor) -> list[Tensor]:
         """The rows ``z`` as leaves shaped and typed like ``h_out``."""
