@@ -22,6 +22,7 @@ from rbp.data.atomic import atomic_write
 __all__ = [
     "CheckpointError",
     "load_checkpoint",
+    "parse_checkpoint",
     "rng_state",
     "save_checkpoint",
     "seed_everything",
@@ -81,8 +82,13 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
+    return parse_checkpoint(path.read_bytes(), path)
+
+
+def parse_checkpoint(data: bytes, path: Path) -> dict[str, Any]:
+    """The state held in ``data``, the bytes of checkpoint file ``path`` (named in errors);
+    raises :class:`CheckpointError` as :func:`load_checkpoint` does."""
     fix = "delete it to redo that part of the run, or pass --force to start the run over"
-    data = path.read_bytes()
     head = len(MAGIC) + _DIGEST_LEN + 1
     if not data.startswith(MAGIC) or len(data) < head or data[head - 1:head] != b"\n":
         raise CheckpointError(f"checkpoint {path} was not written by this version of rbp "

@@ -30,6 +30,7 @@ from rbp.data.atomic import atomic_write, remove_stale_tmp
 from rbp.runner.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    parse_checkpoint,
     save_checkpoint,
     seed_everything,
 )
@@ -352,11 +353,11 @@ class RunContext:
             except OSError:  # not there (yet)
                 continue
             try:
-                state = load_checkpoint(path)
+                state = parse_checkpoint(data, path)
             except CheckpointError as exc:  # a damaged file there is that run's to redo
                 self.log.warning("%s; not reused", exc)
                 continue
-            if state is None or not state.get("done"):
+            if not state.get("done"):
                 continue
             state = dict(state)
             self._check_settings(path, state.pop(SETTINGS_KEY, None),
