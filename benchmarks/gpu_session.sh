@@ -7,7 +7,7 @@
 #      Cora, then Pubmed, as far as the time allows; the run resumes where it stopped.
 # Each step has its own time limit (TEST_S, TABLE2_S, TABLE1_S seconds per data set); STEPS
 # picks the steps (default "tests table2 table1"), so one session can be split over two calls
-# of at most 10 minutes each. What finished is packed into $OUT as at most 8 files.
+# of at most 10 minutes each; T1_DATASETS the data sets (default "cora pubmed"). What finished is packed into $OUT as at most 8 files.
 #
 #   OUT=/tmp/out DATA=/path/to/data bash benchmarks/gpu_session.sh       # DATA holds mnist/
 #   DEVICE=cpu QUICK=1 OUT=/tmp/out DATA=../shared/data bash benchmarks/gpu_session.sh
@@ -15,7 +15,9 @@
 # DATA must hold mnist/t10k-*-idx*-ubyte.gz and planetoid/ind.pubmed.* (Cora ships with rbp).
 # On a GPU machine that receives a copy of the checkout, put those files in a folder of the
 # checkout that git ignores and pass DATA=<that folder>; RUNS=results/citation/full continues
-# the tracked CPU runs (their finished seeds are kept; seed_batch=10 regroups the rest).
+# the tracked CPU runs (their finished seeds, and those of the workers' <dataset>-* folders
+# beside them, are kept; seed_batch=10 regroups the rest; the data may lie elsewhere than on
+# the CPU machine: checkpoints compare the data's SHA-256, not the folder).
 # Without an installed package the script runs the source tree (PYTHONPATH=src).
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
@@ -58,11 +60,14 @@ has table1 || STEPS_T1=skip
 t1=(--device "$DEVICE" --data-dir "$DATA/planetoid" --set "models=[paper]"
     --set "baselines=[logreg]" --set seed_batch=10 --set checkpoint_every=100 --no-progress)
 [ -n "$QUICK" ] && t1+=(--quick --set "methods=[bptt,neumann,gmres]" --set num_seeds=3)
-for ds in cora pubmed; do
+for ds in ${T1_DATASETS:-cora pubmed}; do
     [ "${STEPS_T1:-}" = skip ] && break
     dir="${RUNS:-$OUT/citation}/$ds"
     again=()
     [ -f "$dir/results.json" ] && again=(--resume)
+    for worker in "$dir"-*; do  # the CPU workers' folders beside it: their finished seeds
+        [ -d "$worker" ] && again+=(--reuse-from "$worker")
+    done
     timeout -s INT "${TABLE1_S:-150}" $PY -m rbp.runner citation "${t1[@]}" \
         --set "dataset=[$ds]" --out "$dir" "${again[@]}" >>"$OUT/table1.log" 2>&1
     say "table 1 $ds: exit $?"

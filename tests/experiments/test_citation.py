@@ -248,6 +248,7 @@ def test_resume_reproduces_the_uninterrupted_run(
     assert _quick(out, "--set", "interrupt_after=7") == 130
     partial = json.loads((out / "results.json").read_text())
     assert partial["status"] == "interrupted"
+    _assert_data_recorded(out, "cora")
     assert _quick(out, "--resume") == 0
     ref = json.loads((ref_dir / "results.json").read_text())["datasets"]["cora"]["models"]
     got = json.loads((out / "results.json").read_text())["datasets"]["cora"]["models"]
@@ -257,6 +258,19 @@ def test_resume_reproduces_the_uninterrupted_run(
             assert a["curves"]["train_loss"] == b["curves"]["train_loss"]
             assert a["curves"]["val_acc"] == b["curves"]["val_acc"]
             assert a["test_acc"] == b["test_acc"]
+
+
+def _assert_data_recorded(out: Path, name: str) -> None:
+    """Every checkpoint holds the SHA-256 of the graph it was trained on (so the run may
+    resume where the data lie elsewhere)."""
+    from rbp.data import load_planetoid
+    from rbp.runner.checkpoint import load_checkpoint
+    from rbp.runner.lifecycle import data_fingerprint
+
+    d = load_planetoid(name)
+    want = data_fingerprint(d.features, d.labels, d.edge_index)
+    paths = sorted((out / "checkpoints").glob("*.pt"))
+    assert paths and all(load_checkpoint(p)["_rbp_data"] == {name: want} for p in paths)
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

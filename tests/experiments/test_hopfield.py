@@ -11,6 +11,7 @@ import rbp
 from rbp.apps.hopfield.experiment import load_digits
 from rbp.apps.hopfield.model import Hopfield, corrupt, full_update, hopfield_jacobian
 from rbp.runner import cli, read_json
+from rbp.runner.checkpoint import load_checkpoint
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
 needs_data = pytest.mark.skipif(not (DATA / "t10k-images-idx3-ubyte.gz").exists(),
@@ -174,6 +175,8 @@ def test_resume_gives_identical_numbers(tmp_path: Path) -> None:
     # interrupted in the second method at its step 3 (checkpoint at step 2), then resumed
     assert _run(cut, *common, "--set", "interrupt_after=9") == 130
     assert read_json(cut / "results.json")["status"] == "interrupted"
+    paths = sorted((cut / "checkpoints").glob("*.pt"))  # with the data's SHA-256 (moved runs)
+    assert paths and all(set(load_checkpoint(p)["_rbp_data"]) == {"digits"} for p in paths)
     assert _run(cut, *common, "--resume") == 0
     a, b = read_json(full / "results.json"), read_json(cut / "results.json")
     for r in (*a["methods"].values(), *b["methods"].values()):

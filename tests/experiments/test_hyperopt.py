@@ -12,6 +12,7 @@ import torch
 from rbp.apps.hyperopt import model
 from rbp.apps.hyperopt.experiment import HyperoptConfig, Problem, initial_state, meta_step
 from rbp.runner import ConfigError, cli
+from rbp.runner.checkpoint import load_checkpoint
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 MNIST = DATA / "mnist"
@@ -173,6 +174,8 @@ def test_resume_matches_uninterrupted(tmp_path: Path) -> None:
     assert _cli(cut, *args, "--set", "interrupt_after=4") == 130
     partial = json.loads((cut / "results.json").read_text())
     assert partial["status"] == "interrupted"
+    paths = sorted((cut / "checkpoints").glob("*.pt"))  # with the data's SHA-256 (moved runs)
+    assert paths and all(set(load_checkpoint(p)["_rbp_data"]) == {"mnist"} for p in paths)
     assert _cli(cut, *args, "--resume") == 0
     a = json.loads((full / "results.json").read_text())["units"]
     b = json.loads((cut / "results.json").read_text())["units"]

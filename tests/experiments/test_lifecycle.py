@@ -654,3 +654,115 @@ def test_a_run_reuses_the_finished_units_of_another_run(
     assert _run(tmp_path / "sixth", "--dry-run", "--reuse-from", str(tmp_path / "file")) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "sixth").exists()
+
+
+# ---------------------------------------------------------------- data moved to another folder
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None
+    steps: int = 12
+    checkpoint_every: int = 3
+    interrupt_after: int | None = None
+
+
+def data_run(cfg: DataConfig, ctx: RunContext) -> dict[str, Any]:
+    """A descent towards the mean of the numbers in ``<data_dir>/x.txt``."""
+    x = torch.tensor([float(v) for v in (Path(cfg.data_dir) / "x.txt").read_text().split()],
+                     dtype=torch.float64)
+    ctx.record_data("x", x)
+    w, step, losses = torch.zeros((), dtype=torch.float64), 0, []
+    state = ctx.load("fit")
+    if state is not None:
+        w, step, losses = state["w"], state["step"], state["losses"]
+    while step < cfg.steps:
+        w = w - 0.3 * (w - x.mean())
+        step += 1
+        losses.append(float((w - x.mean()) ** 2))
+        if ctx.should_checkpoint(step):
+            ctx.save("fit", {"w": w, "step": step, "losses": losses})
+        ctx.tick()
+    return {"w": float(w), "losses": losses}
+
+
+@pytest.fixture
+def data_experiment(tmp_path: Path):
+    yaml = tmp_path / "data.yaml"
+    yaml.write_text("steps: 12\n")
+    register(Experiment(name="lcdata", help="toy with data", config_cls=DataConfig,
+                        run=data_run, default_config=yaml))
+    yield
+    unregister("lcdata")
+
+
+def _data_run(out: Path, data: Path, *extra: str) -> int:
+    return cli.main(["lcdata", "--out", str(out), "--data-dir", str(data), "--no-progress",
+                     *extra])
+
+
+def _folder_with(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "x.txt").write_text(text)
+    return path
+
+
+def test_a_run_resumes_with_the_same_data_in_another_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], data_experiment: None
+) -> None:
+    """A run moved to a machine whose data live elsewhere resumes (its checkpoints hold the
+    data's SHA-256, not only the folder), to the numbers of an uninterrupted run; other data
+    there are refused in one line, nothing rewritten."""
+    here = _folder_with(tmp_path / "here", "1 2 6")
+    there = _folder_with(tmp_path / "there", "1 2 6")
+    whole, out = tmp_path / "whole", tmp_path / "moved"
+    assert _data_run(whole, here) == 0
+    assert _data_run(out, here, "--set", "interrupt_after=7") == 130
+    ckpt = out / "checkpoints" / "fit.pt"
+    assert set(load_checkpoint(ckpt)["_rbp_data"]) == {"x"}
+    assert _data_run(out, there, "--resume") == 0
+    assert read_json(out / "results.json")["losses"] == read_json(whole / "results.json")["losses"]
+    # other data in the folder named: refused, naming what differs and what to do
+    other = _folder_with(tmp_path / "other", "1 2 7")
+    assert _data_run(out, here, "--force", "--set", "interrupt_after=7") == 130
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    assert _data_run(out, other, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "other data than this run read (x: SHA-256" in err
+    assert "--data-dir" in err and "Traceback" not in err
+    assert ckpt.read_bytes() == before
+
+
+def test_a_checkpoint_without_data_fingerprints_needs_its_own_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], data_experiment: None
+) -> None:
+    """Checkpoints written before runs recorded their data: resumed only with the same
+    data_dir (as before), and then given the fingerprints, so they move from then on."""
+    here, there = _folder_with(tmp_path / "here", "3 4"), _folder_with(tmp_path / "there", "3 4")
+    out = tmp_path / "r"
+    assert _data_run(out, here, "--set", "interrupt_after=4") == 130
+    ckpt = out / "checkpoints" / "fit.pt"
+    state = load_checkpoint(ckpt)
+    del state["_rbp_data"]
+    save_checkpoint(ckpt, state)
+    capsys.readouterr()
+    assert _data_run(out, there, "--resume", "--set", "interrupt_after=1") == 2
+    assert "other settings (data_dir:" in capsys.readouterr().err
+    assert _data_run(out, here, "--resume", "--set", "interrupt_after=1") == 130
+    assert set(load_checkpoint(ckpt)["_rbp_data"]) == {"x"}  # noted on the way
+    assert _data_run(out, there, "--resume") == 0
+
+
+def test_data_fingerprint_is_of_the_values() -> None:
+    import numpy as np
+
+    from rbp.runner.lifecycle import data_fingerprint
+
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert data_fingerprint(x) == data_fingerprint(x.numpy()) == data_fingerprint(x.t().t())
+    assert data_fingerprint(x) == data_fingerprint(torch.tensor(x.tolist()))
+    for other in (x.double(), x.reshape(3, 2), x + 1e-7 * (x == 0), x[:1]):
+        assert data_fingerprint(other) != data_fingerprint(x)
+    assert data_fingerprint(x, x) != data_fingerprint(x)
+    assert data_fingerprint(torch.tensor([True])) == data_fingerprint(np.array([True]))

@@ -62,6 +62,7 @@ __all__ = [
     "RunLock",
     "RunLockedError",
     "SettingsMismatchError",
+    "data_fingerprint",
     "interrupt_on_sigterm",
     "run_experiment",
     "settings_differences",
@@ -76,6 +77,15 @@ SETTINGS_KEY = "_rbp_settings"
 #: Settings that control the run but not its numbers: they may differ on ``--resume`` (a
 #: checkpoint loads on another device, and seeds may be regrouped into other batches).
 CONTROL_KEYS = frozenset({"checkpoint_every", "interrupt_after", "device", "seed_batch"})
+
+#: Key of a checkpoint's state holding the fingerprints of the data the run read
+#: (:meth:`RunContext.record_data`): name -> SHA-256 of the arrays.
+DATA_KEY = "_rbp_data"
+
+#: Settings that say where the data are, not what they are: compared through the data's
+#: fingerprints instead, when the checkpoint holds them (a run moves to a machine whose data
+#: live elsewhere).
+LOCATION_KEYS = frozenset({"data_dir"})
 
 #: Keys the runner adds to ``results.json``; an app's results must not use them.
 RESERVED_RESULT_KEYS = frozenset(
@@ -242,6 +252,7 @@ class RunContext:
     _machine: dict[str, Any] | None = field(default=None, init=False, repr=False)
     _ticks: int = field(default=0, init=False, repr=False)
     _announced: set[str] = field(default_factory=set, init=False, repr=False)
+    _data: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def results_path(self) -> Path:
@@ -268,6 +279,15 @@ class RunContext:
         if self.interrupt_after is not None and self._ticks >= self.interrupt_after:
             raise KeyboardInterrupt(f"interrupt_after={self.interrupt_after} reached")
 
+    def record_data(self, name: str, *arrays: Any) -> str:
+        """Note the data ``name`` that this run read (tensors or NumPy arrays): their SHA-256
+        goes into every checkpoint saved from now on, and a checkpoint that recorded other
+        data under ``name`` is refused. Call it before loading checkpoints. Returns the hex
+        digest."""
+        digest = data_fingerprint(*arrays)
+        self._data[name] = digest
+        return digest
+
     def _settings_json(self) -> str | None:
         cfg = self.config
         if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
@@ -281,6 +301,8 @@ class RunContext:
         settings = self._settings_json()
         if settings is not None:
             state = {**state, SETTINGS_KEY: settings}
+        if self._data:
+            state = {**state, DATA_KEY: dict(self._data)}
         with deferred_interrupts():
             save_checkpoint(path, state)
         self.log.debug("checkpoint %s saved", path)
@@ -297,7 +319,10 @@ class RunContext:
         state = load_checkpoint(path)
         if state is not None:
             state = dict(state)
-            self._check_settings(path, state.pop(SETTINGS_KEY, None))
+            settings, data = state.pop(SETTINGS_KEY, None), state.pop(DATA_KEY, None)
+            self._check_settings(path, settings, data)
+            if data is None and self._data:  # written before runs recorded their data: the
+                self.save(tag, state)        # same data_dir read the same data; note them
         if state is not None and tag not in self._announced:
             self._announced.add(tag)
             if state.get("done"):
@@ -306,10 +331,22 @@ class RunContext:
                 self.log.info("%s: resuming from its checkpoint", tag)
         return state
 
-    def _check_settings(self, path: Path, saved: Any,
+    def _check_settings(self, path: Path, saved: Any, data: Any = None,
                         remedy: str = "pass --force to start over, or choose a fresh --out"
                         ) -> None:
-        """Refuse a checkpoint written with other settings (e.g. copied from another run)."""
+        """Refuse a checkpoint written with other settings (e.g. copied from another run) or
+        from other data. Where it holds the fingerprints of its data, ``data_dir`` may differ."""
+        ignore = getattr(type(self.config), "UNIT_SELECTORS", frozenset())
+        if isinstance(data, dict) and self._data:
+            other = sorted(k for k in set(data) & set(self._data) if data[k] != self._data[k])
+            if other:
+                raise SettingsMismatchError(
+                    f"checkpoint {path} was written from other data than this run read "
+                    f"({', '.join(other)}: SHA-256 {str(data[other[0]])[:12]}... -> "
+                    f"{self._data[other[0]][:12]}...); point --data-dir at the data that run "
+                    f"used, or {remedy}")
+            if set(data) & set(self._data):
+                ignore = ignore | LOCATION_KEYS
         now = self._settings_json()
         if not isinstance(saved, str) or now is None:
             return  # written before checkpoints recorded their settings
@@ -320,8 +357,7 @@ class RunContext:
         new = json.loads(now)
         # settings that only choose which units run (seeds, methods, ...) do not change a
         # unit's numbers: a finished unit of a run over other seeds is the same unit
-        selectors = getattr(type(self.config), "UNIT_SELECTORS", frozenset())
-        diff = settings_differences(with_new_defaults(old, self.config), new, ignore=selectors)
+        diff = settings_differences(with_new_defaults(old, self.config), new, ignore=ignore)
         if diff:
             shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}"
                               for k in diff[:6])
@@ -360,7 +396,7 @@ class RunContext:
             if not state.get("done"):
                 continue
             state = dict(state)
-            self._check_settings(path, state.pop(SETTINGS_KEY, None),
+            self._check_settings(path, state.pop(SETTINGS_KEY, None), state.pop(DATA_KEY, None),
                                  remedy=f"drop --reuse-from {other}")
             with deferred_interrupts(), atomic_write(self.checkpoint_path(tag)) as f:
                 f.write(data)
@@ -402,6 +438,28 @@ class RunContext:
 
 
 # ---------------------------------------------------------------- resume checks
+
+
+def data_fingerprint(*arrays: Any) -> str:
+    """SHA-256 (hex) of arrays' dtypes, shapes and bytes: the same for the same data wherever
+    the files lay and whatever device the tensors are on."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    h = hashlib.sha256()
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().contiguous()
+            dtype, shape = str(a.dtype).removeprefix("torch."), tuple(a.shape)
+            raw = a.view(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b""
+        else:
+            a = np.ascontiguousarray(a)
+            dtype, shape, raw = str(a.dtype), a.shape, a.tobytes()
+        h.update(f"{dtype}{shape};".encode())
+        h.update(raw)
+    return h.hexdigest()
 
 
 def settings_differences(old: dict[str, Any], new: dict[str, Any],
@@ -471,7 +529,8 @@ def _check_resume(out: Path, prev: dict[str, Any] | None, cfg: Any, name: str) -
         return
     new = config_to_dict(cfg)
     old = with_new_defaults(old, cfg)
-    diff = settings_differences(old, new)
+    # where the data lie may change: each checkpoint compares the data's fingerprints
+    diff = settings_differences(old, new, ignore=LOCATION_KEYS)
     if diff:
         old_j, new_j = to_jsonable(old), to_jsonable(new)
         shown = "; ".join(f"{k}: {_short(old_j.get(k))} -> {_short(new_j.get(k))}"

@@ -673,6 +673,7 @@ def check_data(cfg: CitationConfig) -> list[str]:
 def _prepare(cfg: CitationConfig, name: str, ctx: RunContext, device: torch.device) -> _Graph:
     key = name.lower()
     data = load_planetoid(key, cfg.data_dir)
+    ctx.record_data(key, data.features, data.labels, data.edge_index)
     g = _Graph(name=key, data=data, device=device)
     if "paper" in cfg.models:
         g.adj_sum = sum_adjacency(data.edge_index, data.num_nodes).to(device)

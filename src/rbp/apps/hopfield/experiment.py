@@ -271,6 +271,7 @@ def run(cfg: HopfieldConfig, ctx: RunContext) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     clean, idx = load_digits(cfg.data_dir, cfg.num_digits)
+    ctx.record_data("digits", clean)
     seed = cfg.seed if cfg.corrupt_seed is None else cfg.corrupt_seed
     corrupted = corrupt(clean, cfg.corrupt_fraction, seed).to(device)   # drawn on the CPU
     clean = clean.to(device)

@@ -375,6 +375,7 @@ def run(cfg: HyperoptConfig, ctx: RunContext) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     problem = load_problem(cfg.data_dir, cfg.split, cfg.num_examples, cfg.sizes,
                            cfg.batch_size, cfg.seed, cfg.init_scale, device=device)
+    ctx.record_data("mnist", problem.x, problem.y)
     ctx.log.info("inner problem: %d examples, MLP %s", len(problem.x), problem.sizes)
     units: dict[str, dict[str, Any]] = {}
     results: dict[str, Any] = {"units": units, "num_examples": len(problem.x),
