@@ -37,7 +37,7 @@ from rbp import forward, higher_order, methods, tree
 from rbp.adjoint import Adjoint, attach_implicit_backward, functorch_active, refuse_functorch
 from rbp.checks import DEFAULT as DEFAULT_CHECKS
 from rbp.checks import Checks
-from rbp.diagnostics import FixedPointInfo, report
+from rbp.diagnostics import DivergenceError, FixedPointInfo, report
 from rbp.diagnostics import check_count as _count
 from rbp.linear import shine
 from rbp.tree import State
@@ -150,11 +150,16 @@ def fixed_point(
     implicit = grad_on and how.implicit
     second_order = implicit and getattr(how, "second_order", False)
     since = higher_order.sequence_mark() if second_order else 0
-    fwd = forward.run(
-        f, h0, steps, method=how, time_varying=time_varying, last_step=last_step, tol=stop.tol,
-        tol_mode=stop.tol_mode, solver=call.solver, batch_dim=batch_dim, inputs=inputs,
-        best_iterate=stop.best_iterate, check_every=stop.check_every, trace=checks.trace,
-    )
+    try:
+        fwd = forward.run(
+            f, h0, steps, method=how, time_varying=time_varying, last_step=last_step,
+            tol=stop.tol, tol_mode=stop.tol_mode, solver=call.solver, batch_dim=batch_dim,
+            inputs=inputs, best_iterate=stop.best_iterate, check_every=stop.check_every,
+            trace=checks.trace,
+        )
+    except DivergenceError as exc:  # checked only now: a finite h0 costs nothing
+        _refuse_non_finite_start(h0, exc)
+        raise
     info = _info(method, steps, truncate, fwd.measured)
     h, h_in_leaves, out_leaves, spec = fwd.h, fwd.h_in, fwd.h_out, fwd.spec
     if stop.tol is not None:
@@ -430,6 +435,18 @@ def check_options(f: Any, steps: Any, method: Any = "neumann", truncate: Any = 2
         raise TypeError(f"{exc}; see help(rbp.fixed_point) for its options") from None
     bound.apply_defaults()
     _validate(dict(bound.arguments))
+
+
+def _refuse_non_finite_start(h0: State, exc: DivergenceError) -> None:
+    """Raise a DivergenceError that names ``h0`` when the start itself holds NaN or inf."""
+    for i, leaf in enumerate(tree.flatten(h0, "h0")[0]):
+        bad = int((~torch.isfinite(leaf.detach())).sum())
+        if bad:
+            where = f"h0 leaf {i}" if not isinstance(h0, torch.Tensor) else "h0"
+            raise DivergenceError(
+                f"fixed_point: {where} holds NaN or inf ({bad} of {leaf.numel()} entries), so "
+                "the forward state cannot settle; start from finite values (e.g. zeros, or a "
+                "warm start that did not diverge)") from exc
 
 
 def _refuse_functorch() -> None:

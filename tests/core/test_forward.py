@@ -327,6 +327,22 @@ def test_a_map_without_fixed_point_is_a_divergence_error(solver):
             )
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_start_or_a_weight_with_nan_is_named(solver):
+    """A NaN in h0 is named as such (not blamed on the map); one in a weight is listed among
+    the causes."""
+    w = torch.full((3,), 0.5, dtype=DT)
+    f = lambda s: (torch.tanh(w * s[0] + 1.0), 0.5 * s[1])  # noqa: E731
+    start = (torch.zeros(2, 3, dtype=DT), torch.tensor([[1.0], [float("nan")]], dtype=DT))
+    with pytest.raises(rbp.DivergenceError, match=r"h0 leaf 1 holds NaN or inf \(1 of 2 "):
+        rbp.fixed_point(f, start, 20, "neumann", tol=1e-8, solver=solver)
+    w[1] = float("inf")
+    with pytest.raises(rbp.DivergenceError, match="parameter or input of f holds NaN") as err:
+        rbp.fixed_point(f, (start[0], torch.ones(2, 1, dtype=DT)), 20, "neumann", tol=1e-8,
+                        solver=solver)
+    assert "h0" not in str(err.value)
+
+
 def test_accelerated_solvers_find_a_repelling_fixed_point_iteration_cannot():
     a = (3.0 * torch.eye(4, dtype=DT)).requires_grad_()
     f = lambda h: a @ h + 1  # noqa: E731  (h* = -1/2, |J| = 3: iteration explodes)
@@ -690,7 +706,7 @@ def test_non_finite_start_is_a_divergence_error(tol):
     p = tanh_rnn()
     h0 = p.h0.clone()
     h0[0] = float("nan")
-    with pytest.raises(rbp.DivergenceError, match="not finite"):
+    with pytest.raises(rbp.DivergenceError, match=r"h0 holds NaN or inf \(1 of "):
         rbp.fixed_point(lambda h: 0.5 * h, h0, 20, "neumann", tol=tol, solver="anderson"
                         if tol else "iterate")
 

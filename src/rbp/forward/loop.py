@@ -145,8 +145,9 @@ def _refuse_non_finite(res: Tensor, what: str, k: int) -> None:
     if not bool(torch.isfinite(res).all()):
         raise DivergenceError(
             f"{what}: the forward state is not finite after {k + 1} steps: the map "
-            "diverges. Check that f is a contraction (e.g. smaller weights or a damped "
-            "update), or use a safer solver."
+            "diverges or a parameter or input of f holds NaN or inf. Check them, and that f "
+            "is a contraction (e.g. smaller weights or a damped update), or use a safer "
+            "solver."
         )
 
 

@@ -80,6 +80,7 @@ def _norm(a: Sequence[Tensor]) -> float:
 def check_finite(leaves: Sequence[Tensor], method: str, steps: int) -> None:
     if not all(bool(torch.isfinite(leaf.detach()).all()) for leaf in leaves):
         raise DivergenceError(
-            f"fixed_point: the forward state is not finite after {steps} steps: the map diverges. "
-            "Check that f is a contraction (e.g. smaller weights or a damped update)."
+            f"fixed_point: the forward state is not finite after {steps} steps: the map diverges "
+            "or a parameter or input of f holds NaN or inf. Check them, and that f is a "
+            "contraction (e.g. smaller weights or a damped update)."
         )
