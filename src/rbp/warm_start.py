@@ -38,6 +38,9 @@ class WarmStart:
     :attr:`misses`). Whole state (``num_samples=None``): :meth:`h0` returns the last stored
     state, or the cold one before any :meth:`update`.
 
+    A stored state with NaN or inf is not kept: that sample (or the whole state) starts cold
+    the next time, counted in :attr:`rejected` (a diverged solve must not poison the cache).
+
     The cache belongs to one model and one state layout: a state of another structure, row
     shape, dtype or device than the stored ones raises ``ValueError`` (call :meth:`clear`
     when the layout changes), as do ids out of range, repeated or not matching the batch.
@@ -63,6 +66,7 @@ class WarmStart:
         self._whole: list[Tensor] | None = None
         self.hits = 0  #: rows (or whole states) started warm since the last clear()
         self.misses = 0  #: rows (or whole states) started cold since the last clear()
+        self.rejected = 0  #: rows (or whole states) not stored for NaN or inf since clear()
 
     # ------------------------------------------------------------------ public
 
@@ -111,7 +115,11 @@ class WarmStart:
             if self._whole is not None:
                 self._check_layout(spec, leaves, [w.shape for w in self._whole], whole=True)
             self._spec = spec
-            self._whole = [leaf.detach().clone() for leaf in leaves]
+            if all(bool(torch.isfinite(leaf.detach()).all()) for leaf in leaves):
+                self._whole = [leaf.detach().clone() for leaf in leaves]
+            else:
+                self._whole = None
+                self.rejected += 1
             return
         idx = self._ids(ids, leaves)
         if len(torch.unique(idx)) != len(idx):
@@ -125,14 +133,17 @@ class WarmStart:
         else:
             self._check_layout(spec, leaves, [b.shape[1:] for b in self._buffers], whole=False)
         assert self._seen is not None
-        for b, leaf in zip(self._buffers, leaves, strict=True):
-            b[idx] = leaf.detach().movedim(self.batch_dim, 0)
-        self._seen[idx] = True
+        rows = [leaf.detach().movedim(self.batch_dim, 0) for leaf in leaves]
+        finite = torch.stack([r.reshape(len(idx), -1).isfinite().all(1) for r in rows]).all(0)
+        for b, r in zip(self._buffers, rows, strict=True):
+            b[idx] = r
+        self._seen[idx] = finite  # a row with NaN or inf is stored but never handed out
+        self.rejected += len(idx) - int(finite.sum())
 
     def clear(self) -> None:
         """Forget every stored state (and the layout) and zero the counters."""
         self._buffers = self._seen = self._spec = self._whole = None
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.rejected = 0
 
     def __len__(self) -> int:
         """Number of samples (per-sample mode) or states (0 or 1) stored."""
@@ -142,7 +153,8 @@ class WarmStart:
 
     def __repr__(self) -> str:
         what = "whole state" if self.num_samples is None else f"num_samples={self.num_samples}"
-        return f"WarmStart({what}, stored={len(self)}, hits={self.hits}, misses={self.misses})"
+        return (f"WarmStart({what}, stored={len(self)}, hits={self.hits}, misses={self.misses}, "
+                f"rejected={self.rejected})")
 
     # ------------------------------------------------------------------ checks
 

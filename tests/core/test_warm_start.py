@@ -126,3 +126,30 @@ def test_other_device_is_refused() -> None:
     whole.update(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="on cpu.*on meta"):
         whole.h0(torch.zeros(2, 3, device="meta"))
+
+
+def test_a_state_with_nan_or_inf_is_not_handed_out() -> None:
+    """A diverged sample (NaN or inf in any leaf) starts cold next time instead of poisoning
+    every later solve; the other rows of its batch are kept; counted in ``rejected``."""
+    cache = rbp.WarmStart(num_samples=5, batch_dim=1)
+    h = (torch.arange(8.0).reshape(2, 4), torch.ones(3, 4))   # 4 samples along dim 1
+    h[0][1, 2] = float("nan")
+    h[1][0, 3] = float("inf")
+    cache.update(h, torch.tensor([0, 1, 2, 3]))
+    assert cache.rejected == 2 and len(cache) == 2
+    out = cache.h0((torch.full((2, 2), -1.0), torch.full((3, 2), -1.0)), torch.tensor([2, 1]))
+    assert torch.equal(out[0], torch.tensor([[-1.0, 1.0], [-1.0, 5.0]]))  # id 2 cold, 1 warm
+    assert cache.hits == 1 and cache.misses == 1
+    # a finite row stored earlier and NaN now: cold from now on
+    cache.update((torch.full((2, 1), float("nan")), torch.ones(3, 1)), torch.tensor([1]))
+    assert cache.rejected == 3 and len(cache) == 1
+    assert torch.equal(cache.h0((torch.zeros(2, 1), torch.zeros(3, 1)), torch.tensor([1]))[0],
+                       torch.zeros(2, 1))
+    whole = rbp.WarmStart()
+    whole.update(torch.ones(3))
+    whole.update(torch.tensor([1.0, float("nan"), 0.0]))
+    assert whole.rejected == 1 and len(whole) == 0
+    assert torch.equal(whole.h0(torch.zeros(3)), torch.zeros(3))
+    assert "rejected=1" in repr(whole)
+    whole.clear()
+    assert whole.rejected == 0
