@@ -230,6 +230,8 @@ def spectral_radius_power(
         norm = v.norm().item()
         if norm == 0.0:
             return 0.0, True
+        if math.isnan(norm):  # J^T v is NaN: nothing is known
+            return math.nan, False
         if not math.isfinite(norm):
             return math.inf, True
         logs.append(math.log(norm))

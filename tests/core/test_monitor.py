@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -93,3 +95,22 @@ def test_spectral_radius_per_sample() -> None:
     with pytest.raises(ValueError, match="same number of samples"):
         rbp.spectral_radius(lambda s: (s[0], s[1]), (torch.ones(2, 3), torch.ones(4)),
                             batch_dim=0)
+
+
+def test_spectral_radius_at_a_bad_state_or_under_inference_mode() -> None:
+    """NaN in h: refused (not rho = inf, 'converged'); NaN products: not converged; inference
+    mode: one clear error, while a state made there is measured outside it like any other."""
+    A = torch.diag(torch.tensor([0.5, -0.25], dtype=DT))
+    f = lambda h: h @ A.T + 1.0  # noqa: E731
+    with pytest.raises(ValueError, match=r"h holds NaN or inf \(leaf 1\)"):
+        rbp.spectral_radius(lambda s: (f(s[0]), s[1]),
+                            (torch.zeros(2, dtype=DT), torch.tensor([0.0, float("inf")])))
+    est = rbp.spectral_radius(lambda h: f(h) * float("nan"), torch.zeros(2, dtype=DT))
+    assert math.isnan(est.rho) and not est.converged
+    with torch.inference_mode():
+        h = torch.zeros(3, 2, dtype=DT)
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            rbp.spectral_radius(f, h)
+    assert abs(rbp.spectral_radius(f, h, iters=60).rho - 0.5) < 1e-6
+    with torch.no_grad():
+        assert abs(rbp.spectral_radius(f, h, iters=60).rho - 0.5) < 1e-6
