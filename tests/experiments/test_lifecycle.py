@@ -722,6 +722,12 @@ def test_a_run_resumes_with_the_same_data_in_another_folder(
     assert set(load_checkpoint(ckpt)["_rbp_data"]) == {"x"}
     assert _data_run(out, there, "--resume") == 0
     assert read_json(out / "results.json")["losses"] == read_json(whole / "results.json")["losses"]
+    # a finished run resumed where its data lie elsewhere: checked, not "nothing to do"
+    capsys.readouterr()
+    assert _data_run(whole, there, "--resume") == 0
+    assert "checking the data here against its checkpoints" in capsys.readouterr().err
+    assert _data_run(whole, _folder_with(tmp_path / "else", "0 0 1"), "--resume") == 2
+    assert "other data than this run read" in capsys.readouterr().err
     # other data in the folder named: refused, naming what differs and what to do
     other = _folder_with(tmp_path / "other", "1 2 7")
     assert _data_run(out, here, "--force", "--set", "interrupt_after=7") == 130

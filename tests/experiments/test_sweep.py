@@ -300,6 +300,25 @@ def test_settings_comparison_tolerates_only_settings_added_or_removed_as_no_ops(
     assert changed_settings(old, same) == ["new_knob"]  # without defaults: strict
 
 
+def test_a_point_whose_data_moved_is_resumed_not_a_conflict(tmp_path: Path) -> None:
+    """Only data_dir differs (the sweep moved to a machine whose data lie elsewhere): the
+    point resumes, and the run checks the data against its checkpoints; any other difference
+    is still a conflict."""
+    import json
+
+    run = tmp_path / "point"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "a.pt").write_bytes(b"x")
+    for status in ("finished", "interrupted"):
+        (run / "results.json").write_text(json.dumps(
+            {"experiment": "toy", "status": status, "config": {"lr": 0.1, "data_dir": "/a"}}))
+        action, why = plan_point(run, {"lr": 0.1, "data_dir": "/b"})
+        assert action == "resume" and "data_dir changed" in why
+        action, why = plan_point(run, {"lr": 0.2, "data_dir": "/b"})
+        assert action == "conflict" and "data_dir, lr" in why
+    assert plan_point(run, {"lr": 0.1, "data_dir": "/a"})[0] == "resume"  # interrupted
+
+
 # ---------------------------------------------------------------- local backend
 
 

@@ -56,6 +56,8 @@ except ImportError:  # pragma: no cover - Windows: runs are not locked
 
 __all__ = [
     "CONTROL_KEYS",
+    "DATA_KEY",
+    "LOCATION_KEYS",
     "LOCK_FILE",
     "RESERVED_RESULT_KEYS",
     "RunContext",
@@ -518,6 +520,16 @@ def _previous_results(out: Path) -> dict[str, Any] | None:
     return prev
 
 
+def _moved_data(prev: dict[str, Any], cfg: Any) -> list[str]:
+    """The ``LOCATION_KEYS`` whose values differ between the previous run and ``cfg``."""
+    old = prev.get("config")
+    if not isinstance(old, dict) or not dataclasses.is_dataclass(cfg):
+        return []
+    new = to_jsonable(config_to_dict(cfg))
+    old = to_jsonable(old)
+    return [k for k in sorted(LOCATION_KEYS) if k in new and old.get(k) != new[k]]
+
+
 def _check_resume(out: Path, prev: dict[str, Any] | None, cfg: Any, name: str) -> None:
     if prev is None:
         return
@@ -660,10 +672,15 @@ def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | Non
             _error(prog, exc)
             return 2
         if prev is not None:
-            if prev.get("status") == "finished":
+            moved = _moved_data(prev, cfg)
+            if prev.get("status") == "finished" and not moved:
                 log.info("%s holds a finished run with these settings; nothing to do "
                          "(pass --force to run it again)", out)
                 return 0
+            if prev.get("status") == "finished":
+                log.info("%s holds a finished run that read its data from elsewhere (%s); "
+                         "checking the data here against its checkpoints", out,
+                         ", ".join(moved))
             if prev.get("status") == "running" and lock.stale is None:
                 log.warning("the previous run in %s stopped without recording why (killed?)",
                             out)

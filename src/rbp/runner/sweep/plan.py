@@ -14,7 +14,7 @@ from typing import Any
 
 from rbp.runner.aggregate import read_results
 from rbp.runner.config import build_config, config_to_dict
-from rbp.runner.lifecycle import settings_differences
+from rbp.runner.lifecycle import LOCATION_KEYS, settings_differences
 from rbp.runner.registry import Experiment
 from rbp.runner.results import CHECKPOINT_DIR, RESULTS_FILE, to_jsonable
 
@@ -77,6 +77,10 @@ def plan_point(run_dir: Path, settings: dict[str, Any] | None, force: bool = Fal
         old = prev.get("config")
         diff = (changed_settings(old, settings, defaults) if isinstance(old, dict)
                 else ["(no settings recorded)"])
+        moved = [k for k in diff if k in LOCATION_KEYS]
+        if moved and len(moved) == len(diff):  # only where the data lie: the run checks them
+            return "resume", (f"{', '.join(moved)} changed: the run checks the data there "
+                              "against its checkpoints")
         if diff:
             what = "finished run" if finished else "run with checkpoints"
             keys = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
