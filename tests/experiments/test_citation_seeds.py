@@ -211,6 +211,26 @@ def test_bad_devices_are_one_clear_line(spec: str, words: str, tmp_path: Path,
     assert code != 0 and words in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("extra, ok", [
+    (["--set", "models=[injected]"], False), (["--set", "models=[ignn]"], False),
+    (["--set", "models=[injected]", "--set", "baselines=[gcn]"], True),
+    (["--set", "models=[injected]", "--set", "baselines=[gcn]", "--set", "gcn_backend=pyg"],
+     False),
+    (["--set", "models=[injected,ppr]"], True), (["--set", "models=[paper]"], True),
+])
+def test_seed_batch_without_a_batched_model_is_refused(
+    extra: list[str], ok: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """seed_batch applies to the paper model, the PPR GNN and the torch GCN: set for a run
+    with none of them it would be ignored, so it is refused."""
+    code = cli.main(["citation", "--quick", "--out", str(tmp_path / "x"), "--dry-run",
+                     "--set", "seed_batch=2", *extra])
+    err = capsys.readouterr().err
+    assert (code == 0) == ok, err
+    if not ok:
+        assert "seed_batch=2 applies to the models paper, ppr" in err and "leave it unset" in err
+
+
 def test_auto_and_cpu_devices() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

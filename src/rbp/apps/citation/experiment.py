@@ -297,6 +297,13 @@ class CitationConfig:
             raise ConfigError("on_failure must be 'raise', 'warn' or 'ignore'")
         if self.seed_batch is not None and self.seed_batch < 1:
             raise ConfigError(f"setting 'seed_batch' must be >= 1 or null, got {self.seed_batch}")
+        batched = set(BATCHED_MODELS) & set(self.models) or (
+            "gcn" in self.baselines and self.gcn_backend == "torch")
+        if self.seed_batch is not None and not batched:
+            raise ConfigError(
+                f"seed_batch={self.seed_batch} applies to the models {', '.join(BATCHED_MODELS)} "
+                "and the torch GCN baseline, and this run trains none of them (models "
+                f"{list(self.models)}, baselines {list(self.baselines)}): leave it unset")
         resolve_device(self.device)
 
 
