@@ -167,10 +167,9 @@ def fixed_point(
         if message is not None:
             report(checks.on_failure, message)
 
-    if implicit:
-        _check_settled(fwd, info, checks, stop, batch_dim)
     tangent = how.implicit and higher_order.forward_mode_active()
-    if implicit or tangent:
+    if implicit or tangent:  # both linearise at the returned state: it must have settled
+        _check_settled(fwd, info, checks, stop, batch_dim)
         if fwd.update is None:  # no graph was kept (grad off): forward mode only
             fwd.update = forward.step_map(f, steps, time_varying, last_step, inputs)
         adjoint = _adjoint(call, info, fwd, steps, batch_dim)
