@@ -662,6 +662,22 @@ def test_f_without_parameters_gives_a_constant_state(method):
     assert not h.requires_grad
 
 
+@pytest.mark.parametrize("method", rbp.METHODS)
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_f_returning_a_parameter_itself_passes_its_gradient(method, solver):
+    """``f`` returns a leaf that requires grad (no graph behind it): the state is that leaf,
+    and its gradient arrives (it was detached as a constant by the implicit methods)."""
+    x = torch.randn(3, 5, dtype=DT, requires_grad=True)
+    if solver != "iterate" and method in ("bptt", "tbptt"):
+        return  # they back-propagate through the plain iteration only
+    h = rbp.fixed_point(lambda h: (x, 0.5 * h[1]), (torch.zeros(3, 5, dtype=DT),
+                        torch.ones(2, dtype=DT)), 60, method, 5,
+                        tol=None if solver == "iterate" else 1e-10, solver=solver)
+    assert h[0].requires_grad
+    (2 * h[0]).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 2.0), rtol=1e-10)
+
+
 @pytest.mark.parametrize("method", rbp.IMPLICIT_METHODS)
 def test_parameter_used_only_after_step_0_still_gets_its_gradient(method):
     # step 0 uses no parameter (h0 = 0 takes the first branch), later steps do: the cheap test

@@ -135,6 +135,8 @@ def _constant_if_nothing_to_differentiate(fwd: Forward) -> Forward:
     if not fwd.h_in or not (outs[0].requires_grad or any(o.requires_grad for o in outs)):
         return fwd
     own = {id(leaf) for leaf in fwd.h_in}
+    if any(o.requires_grad and o.grad_fn is None and id(o) not in own for o in outs):
+        return fwd  # f returned a parameter itself (a leaf: no graph to walk)
     seen: set[int] = set()
     todo = [o.grad_fn for o in fwd.h_out if o.grad_fn is not None]
     while todo:
