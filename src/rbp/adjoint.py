@@ -74,6 +74,7 @@ class Adjoint:
     map_at_fixed_point: Callable[[State], State]
     spec: Any
     inverse_estimate: Any = None  # the forward's inverse-Jacobian estimate (SHINE reads it)
+    autocast_eps: float = 0.0  # unit round-off of the autocast dtype the forward ran under
 
     def __call__(
         self,
@@ -104,10 +105,10 @@ class Adjoint:
         """``z = (I - J^T)^{-1} g`` on the graph ``h_out = F(h_in)``, checked and recorded in the
         info (``grads``: ``g`` per leaf of ``h_out``)."""
         rows = _AdjointRows(h_in, h_out, grads, self.batch_dim, self._make_jvp,
-                            check_jvp=self.jvp_mode == "double_vjp")
+                            check_jvp=self.jvp_mode == "double_vjp", eps=self.autocast_eps)
         op = linear.AdjointOperator(rows.vjp, rows.jvp,
                                      estimate=self.max_backward_error is not None,
-                                     inverse_estimate=self.inverse_estimate)
+                                     inverse_estimate=self.inverse_estimate, eps=rows.eps)
         solution = self._checked(op, rows.b, rows.work)
         return rows.leaves(solution.z)
 
@@ -267,9 +268,11 @@ class _AdjointRows:
                  batch_dim: int | None,
                  make_jvp: Callable[[list[Tensor], list[Tensor], list[int]],
                                     Callable[[list[Tensor]], list[Tensor]]],
-                 check_jvp: bool = False) -> None:
+                 check_jvp: bool = False, eps: float = 0.0) -> None:
         self.h_in, self.h_out, self.batch_dim, self._make_jvp = h_in, h_out, batch_dim, make_jvp
         self._check_jvp_first = check_jvp  # J v by a double vjp: tested on its first use
+        # the products' unit round-off: the least precise leaf's, or the autocast dtype's
+        self.eps = max(eps, *(torch.finfo(o.dtype).eps for o in h_out))
         out0 = h_out[0]
         self.out_dtype = out0.dtype
         self._layout: Layout | None = None
@@ -353,7 +356,7 @@ class _AdjointRows:
         if self._jvp is None:
             self._jvp = self._make_jvp(self.h_in, self.h_out, self.live)
             if self._check_jvp_first:  # self.jvp no longer comes back here: _jvp is set
-                check_jvp(self.vjp, self.jvp, v, JVP_BY_DOUBLE_VJP)
+                check_jvp(self.vjp, self.jvp, v, JVP_BY_DOUBLE_VJP, self.eps)
         vs = from_rows(v, self.layout(), [x.dtype for x in self.h_in])
         return to_rows(self._jvp(vs), self.layout(), self.work)
 
@@ -378,11 +381,14 @@ JVP_BY_DOUBLE_VJP = (
 
 
 def check_jvp(vjp: Callable[[Tensor], Tensor], jvp: Callable[[Tensor], Tensor], like: Tensor,
-              remedy: str) -> None:
+              remedy: str, eps: float | None = None) -> None:
     """``<J (J^T w), w> = ||J^T w||^2`` for one random ``w`` (rows shaped like ``like``): a map
     whose backward cannot be differentiated (an ``autograd.Function`` with
     ``once_differentiable``, a backward that detaches) gives ``J v`` by a double vjp as zeros
-    or worse, without any error. Two products; RuntimeError with ``remedy`` when it fails."""
+    or worse, without any error. Two products; RuntimeError with ``remedy`` when it fails.
+    ``eps``: the products' unit round-off (default: ``like``'s); the test allows 1e-8 when
+    they run in float64, else ``max(1e-3, 10 eps)`` (7.8 % when in bfloat16, where 0.3 % was
+    seen; a J v by zeros is 100 % off)."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
     a = vjp(w)
@@ -390,7 +396,8 @@ def check_jvp(vjp: Callable[[Tensor], Tensor], jvp: Callable[[Tensor], Tensor], 
     if not want > 0.0 or not math.isfinite(want):  # J^T w = 0 or non-finite: no test
         return
     got = float((jvp(a).double() * w.double()).sum())
-    tol = 1e-8 if like.dtype == torch.float64 else 1e-3
+    eps = max(torch.finfo(like.dtype).eps, eps or 0.0)
+    tol = 1e-8 if eps <= torch.finfo(torch.float64).eps else max(1e-3, 10 * eps)
     if abs(got - want) > tol * want:
         raise RuntimeError(
             f"J v is wrong: <J J^T w, w> = {got:.4g} where ||J^T w||^2 = {want:.4g}: the step's "

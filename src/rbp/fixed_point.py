@@ -215,7 +215,20 @@ def _adjoint(call: Any, info: FixedPointInfo, fwd: forward.Forward, steps: int,
         batch_dim=batch_dim,
         inverse_estimate=fwd.inverse_estimate
         if shine.uses_estimate(call.how, call.fallback) else None,
+        autocast_eps=_autocast_eps(fwd.h_out),
     )
+
+
+def _autocast_eps(leaves: Sequence[torch.Tensor]) -> float:
+    """Unit round-off of the dtype autocast runs the map's products in, 0 without autocast:
+    the backward's tests of J v and of a Krylov breakdown allow for it."""
+    device = leaves[0].device.type if leaves else "cpu"
+    try:
+        if not torch.is_autocast_enabled(device):
+            return 0.0
+        return float(torch.finfo(torch.get_autocast_dtype(device)).eps)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return 0.0
 
 
 def _info(method: str, steps: int, truncate: int, m: forward.Measured | None) -> FixedPointInfo:

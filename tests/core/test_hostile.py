@@ -3,6 +3,7 @@ crashed deep inside, checked against an exact reference (BPTT, dense float64 sol
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 
@@ -441,6 +442,50 @@ def test_a_once_differentiable_step_is_refused_where_j_v_is_needed(dtype):
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(g_once, g_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(g_cg, g_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("precision", ["autocast", "bfloat16", "float16", "mixed"])
+def test_reduced_precision_is_no_false_alarm_for_cg_or_gmres(precision):
+    """A map run in bfloat16 / float16 (or under autocast, or with a float32 leaf beside a
+    float64 one) is as precise as its products: CG's J v test and GMRES's breakdown test
+    allow for that (both raised on valid solves), while a once-differentiable step is still
+    refused in bfloat16."""
+    gen = torch.Generator().manual_seed(0)
+    n = 16
+    w = (0.125 * torch.randn(n, n, generator=gen)).requires_grad_()
+    x = torch.randn(4, n, generator=gen)
+    low = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision, torch.float32)
+    checks = rbp.Checks(on_failure="raise")
+
+    def run(method, act=torch.tanh, k=20):
+        if precision == "mixed":  # one state, float32 and float64 leaves
+            def f(s, xs):
+                a = act(s[0] @ w.T + xs)
+                return a, 0.5 * s[1] + a.double()
+            h0 = (torch.zeros(4, n), torch.zeros(4, n, dtype=torch.float64))
+        else:
+            def f(h, xs):
+                return act(h @ w.to(low).T + xs)
+            h0 = torch.zeros(4, n, dtype=low)
+        per_sample = method != "bptt" and precision != "mixed"
+        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast"
+               else contextlib.nullcontext())
+        with ctx:
+            h = rbp.fixed_point(f, h0, 60, method, k, checks=checks, inputs=(x.to(h0[0].dtype if
+                                isinstance(h0, tuple) else low),),
+                                batch_dim=0 if per_sample else None)
+        leaf = h[0] if isinstance(h, tuple) else h
+        return torch.autograd.grad(leaf.float().sum(), w)[0]
+
+    ref = run("bptt")
+    for method in ("cg", "gmres"):   # K = 20 >= n: GMRES exhausts each sample's space
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            g = run(method)
+        assert (g - ref).norm() / ref.norm() < (1e-3 if precision == "mixed" else 5e-2)
+    if precision == "bfloat16":
+        with pytest.raises(RuntimeError, match="J v is wrong"):
+            run(rbp.linear.CGNormal(max_iter=20), act=_OnceTanh.apply)
 
 
 def test_readme_like_batch_reports_its_slow_samples_and_a_tiny_row_is_no_alarm():

@@ -118,18 +118,20 @@ def _hessenberg_smin(r: Tensor, cols: Tensor) -> Tensor:
 
 
 def _krylov_status(
-    sol: Solution, tol: float | None, broke: list[bool], dtype: torch.dtype
+    sol: Solution, tol: float | None, broke: list[bool], dtype: torch.dtype,
+    product_eps: float | None = None,
 ) -> Solution:
     """Judge a Krylov solve on its true residual rather than on its internal estimate.
 
     ``broke[i]``: row i's Krylov space stopped growing (or CG lost definiteness). That is an
-    exact solve when the true residual is small (below ``sqrt(eps)``), and a breakdown on a
-    singular system otherwise.
+    exact solve when the true residual is small (below ``sqrt(eps)``, ``eps`` the unit
+    round-off of the vectors or, if larger, of the products: ``product_eps``), and a
+    breakdown on a singular system otherwise.
     """
     if sol.status == Status.DIVERGED:
         return sol
     errors = sol.sample_errors or [0.0]
-    eps = torch.finfo(dtype).eps
+    eps = max(torch.finfo(dtype).eps, product_eps or 0.0)
     small = math.sqrt(eps)
     if any(b and e > small for b, e in zip(broke, errors, strict=False)):
         sol.status = Status.BREAKDOWN
@@ -203,7 +205,7 @@ def conjugate_gradient_normal(
     stalled = len(norms) >= 10 and sol.residuals[-1] > 0.999 * sol.residuals[-10]
     if sol.status == Status.MAX_ITER and stalled:
         sol.status = Status.STALLED
-    sol = _krylov_status(sol, tol, broke.tolist(), b.dtype)
+    sol = _krylov_status(sol, tol, broke.tolist(), b.dtype, getattr(matvec, "eps", None))
     if not estimate:
         return _with_error_estimates(sol, b, None)
     smin = _lanczos_smin(coefs)
@@ -392,5 +394,5 @@ def gmres(
     sol = _finish(z, done, norms, bnorm, tol, true_errors=errors)
     if sol.status == Status.GROWING:  # GMRES residuals never grow; equal means no progress
         sol.status = Status.STALLED
-    sol = _krylov_status(sol, tol, broke.tolist(), b.dtype)
+    sol = _krylov_status(sol, tol, broke.tolist(), b.dtype, getattr(matvec, "eps", None))
     return _with_error_estimates(sol, b, smin if done and estimate else None)

@@ -72,9 +72,12 @@ class AdjointOperator:
     """``A v = v - J^T v`` on ``(batch, n)`` rows, with ``vjp = J^T`` and ``rmatvec = A^T``."""
 
     def __init__(self, vjp: Matvec, jvp: Matvec | None = None, estimate: bool = True,
-                 inverse_estimate: Any = None) -> None:
+                 inverse_estimate: Any = None, eps: float | None = None) -> None:
         self.vjp = vjp
         self.jvp = jvp
+        # unit round-off of the products (a map run in bfloat16, or under autocast, is less
+        # precise than the float32 rows it is read in); None: that of the rows
+        self.eps = eps
         # the forward's estimate of (dg/dh)^{-1}, g = F(h) - h, per row (Broyden's; SHINE reads it)
         self.inverse_estimate = inverse_estimate
         # False: the caller reads statuses only, so the built-in solvers skip the conditioning
