@@ -120,7 +120,8 @@ def fixed_point(
         checks: what is checked and recorded, and what a failed check does:
             :class:`rbp.Checks` (``settle_tol``, ``max_backward_error``, ``on_failure``,
             ``fallback``, ``estimate_error``, ``trace``); ``None``: ``rbp.Checks()``.
-            bptt/tbptt refuse its ``fallback`` and ``estimate_error``.
+            bptt/tbptt refuse its ``fallback`` and ``estimate_error``, the inexact
+            ``rbp.JFB()`` / ``rbp.Phantom(k)`` its ``fallback``.
         return_info: return ``(h_T, info)`` with a :class:`FixedPointInfo`.
 
     Every option is checked before anything runs (TypeError for a wrong type, ValueError for a
@@ -403,6 +404,10 @@ def _refuse_combinations(o: dict[str, Any], how: methods.Method, checks: Checks,
                          f"solve; method {how.name!r} back-propagates through the forward "
                          "updates")
         _refuse_unrolled(how.name, solver, o["batch_dim"], stop.best_iterate)
+    elif not how.accurate and checks.fallback is not None:  # JFB, Phantom
+        _ignored("fallback", checks.fallback, f"re-solves a failed backward solve; {how!r} is "
+                 "inexact by design and never fails (use an exact method, e.g. 'gmres', to "
+                 "have its error checked)")
     if o["time_varying"] and (not isinstance(solver, forward.Iterate)
                               or o["batch_dim"] is not None):
         raise ValueError(

@@ -22,6 +22,11 @@ REFUSED = [
      "Checks(fallback='gmres') would be ignored"),
     ({"method": "tbptt", "truncate": 5, "checks": rbp.Checks(estimate_error=True)}, ValueError,
      "Checks(estimate_error=True) would be ignored"),
+    ({"method": rbp.JFB(), "checks": rbp.Checks(fallback="gmres")}, ValueError,
+     "Checks(fallback='gmres') would be ignored: fallback re-solves a failed backward solve; "
+     "JFB() is inexact"),
+    ({"method": rbp.Phantom(3), "checks": rbp.Checks(fallback="gmres")}, ValueError,
+     "Phantom(k=3, damping=0.5) is inexact"),
     ({"method": rbp.BPTT(), "truncate": 7}, ValueError, "truncate applies to the string"),
     ({"method": rbp.linear.GMRES(max_iter=10), "truncate": 7}, ValueError,
      "truncate applies to the string"),
