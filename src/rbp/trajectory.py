@@ -46,8 +46,8 @@ def sample_trajectory(
     steps: int,
     indices: Sequence[int],
     *,
-    k: int = 1,
-    damping: float = 0.5,
+    k: int | None = None,
+    damping: float | None = None,
     inputs: Sequence[Any] = (),
     method: str | Any | None = None,
     truncate: int = 20,
@@ -67,23 +67,28 @@ def sample_trajectory(
         steps: the largest index allowed (``h_steps`` is the last iterate).
         indices: which iterates, each in ``0..steps`` (negative: counted from ``steps``, so
             ``-1`` is ``h_steps``); the outputs come in this order.
-        k: differentiable steps per sampled iterate (memory O(k) each).
-        damping: ``lam`` in ``(0, 1]``.
+        k: differentiable steps per sampled iterate (memory O(k) each); default 1.
+        damping: ``lam`` in ``(0, 1]``; default 0.5.
         inputs: extra arguments of ``f``.
         method: ``None`` for the phantom gradient above; or an implicit method of
             :func:`rbp.fixed_point` (``"gmres"``, ``rbp.Implicit(...)``, ...): the output is then
             ``F(h_i)`` with the implicit gradient linearised at ``h_i``,
             ``(dF/dw)^T (I - J(h_i)^T)^{-1} g`` (one ``rbp.fixed_point`` step from ``h_i``,
             its settle check off: ``h_i`` need not be a fixed point); ``k`` and ``damping``
-            are then unused.
+            are then refused, as are bptt / tbptt (they have no gradient at one iterate).
         truncate: the implicit method's iterations (with a string ``method``).
 
     Returns:
-        One state per index, each differentiable in what ``f`` uses (not in ``h0``).
+        One state per index, each differentiable in what ``f`` uses (not in ``h0``); under
+        ``torch.no_grad()`` the iterates themselves, with no graph.
     """
     if not callable(f):
         raise TypeError(f"f must be callable (state -> state), got {type(f).__name__}")
     _check_int("steps", steps, 1)
+    if method is not None:
+        _check_method(method, k, damping)
+    k = 1 if k is None else k
+    damping = 0.5 if damping is None else damping
     _check_int("k", k, 1)
     ok = isinstance(damping, (int, float)) and not isinstance(damping, bool)
     if not ok or not math.isfinite(damping) or not 0 < damping <= 1:
@@ -122,17 +127,33 @@ def sample_trajectory(
             out.append(fixed_point(f, tree.unflatten(spec, kept[i]), 1, method, truncate,
                                    checks=Checks(settle_tol=None), inputs=inputs))
         return out
-    with torch.enable_grad():
-        for i in chosen:
-            z = list(kept[i])
-            for j in range(k):
-                fz = tree.check_same_structure(spec, z, f(tree.unflatten(spec, z), *inputs),
-                                               i + j)
-                z = fz if damping == 1 else [
-                    damping * a + (1 - damping) * b for a, b in zip(fz, z, strict=True)
-                ]
-            out.append(tree.unflatten(spec, z))
+    for i in chosen:  # under no_grad too: the same states, no graph
+        z = list(kept[i])
+        for j in range(k):
+            fz = tree.check_same_structure(spec, z, f(tree.unflatten(spec, z), *inputs), i + j)
+            z = fz if damping == 1 else [
+                damping * a + (1 - damping) * b for a, b in zip(fz, z, strict=True)
+            ]
+        out.append(tree.unflatten(spec, z))
     return out
+
+
+def _check_method(method: Any, k: int | None, damping: float | None) -> None:
+    """An implicit method gives each iterate its own gradient: k and damping do not apply,
+    and bptt / tbptt (a gradient through the steps) cannot be taken at one iterate."""
+    from rbp import methods
+
+    given = [f"{name}={value!r}" for name, value in (("k", k), ("damping", damping))
+             if value is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} configure the phantom gradient, which "
+                         f"method={method!r} replaces; pass one or the other")
+    name = method if isinstance(method, str) else None
+    if name in ("bptt", "tbptt") or isinstance(method, (methods.BPTT, methods.TBPTT)):
+        raise ValueError(f"method={method!r} back-propagates through the forward steps and has "
+                         "no gradient at one sampled iterate; pass an implicit method "
+                         "(e.g. 'gmres'), or method=None with damping=1 and k for truncated "
+                         "BPTT from each iterate")
 
 
 def correction_loss(losses: Sequence[Tensor], gamma: float = 0.8) -> Tensor:

@@ -135,3 +135,23 @@ def test_implicit_gradient_at_each_iterate() -> None:
             D = torch.diag(1 - iterates[i + 1][b] ** 2)
             u = torch.linalg.solve((torch.eye(N, dtype=DT) - D @ W.detach()).T, c[b])
             assert torch.allclose(gx[b], D @ u, atol=1e-10)
+
+
+def test_options_that_do_not_apply_are_refused_and_no_grad_is_honoured():
+    """With an implicit method, k and damping do not apply (refused, not ignored); bptt and
+    tbptt have no gradient at one iterate (refused); under no_grad no graph is built."""
+    torch.manual_seed(0)
+    w = (0.2 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_()
+    f = lambda h: torch.tanh(h @ w.T + 1.0)  # noqa: E731
+    h0 = torch.zeros(2, 4, dtype=torch.float64)
+    for extra in ({"k": 3}, {"damping": 0.3}, {"k": 1, "damping": 0.5}):
+        with pytest.raises(ValueError, match="configure the phantom gradient"):
+            rbp.sample_trajectory(f, h0, 5, [3], method="gmres", **extra)
+    for method in ("bptt", "tbptt", rbp.BPTT(), rbp.TBPTT(2)):
+        with pytest.raises(ValueError, match="no gradient at one sampled iterate"):
+            rbp.sample_trajectory(f, h0, 5, [3], method=method)
+    with torch.no_grad():
+        (a,) = rbp.sample_trajectory(f, h0, 5, [3], k=2)
+    assert not a.requires_grad
+    (b,) = rbp.sample_trajectory(f, h0, 5, [3], k=2)
+    assert b.requires_grad and torch.equal(a, b.detach())
