@@ -114,7 +114,7 @@ def fixed_point(
         inputs: tensors passed to ``f`` after the state; with ``batch_dim`` they are sliced to
             the live samples along ``batch_dim``.
         time_varying: pass the step index to ``f`` (e.g. a fresh mini-batch per step).
-        last_step: map used for the final update ``h_T = last_step(h_{T-1})`` by every
+        last_step: map used for the final update ``h_T = last_step(h_{T-1}, *inputs)`` by every
             method, so it is the map whose Jacobian the implicit methods invert (e.g. the
             full-batch step of a training run). Default: ``f`` at step ``T-1``.
         checks: what is checked and recorded, and what a failed check does:
@@ -383,6 +383,8 @@ def _validate_options(o: dict[str, Any]) -> None:
         )
     if o["last_step"] is not None and not callable(o["last_step"]):
         raise TypeError(f"last_step must be callable or None, got {type(o['last_step']).__name__}")
+    if o["last_step"] is not None and isinstance(o["inputs"], (tuple, list)):
+        _check_arity(o["last_step"], 1 + len(o["inputs"]))
     batch_dim = o["batch_dim"]
     if batch_dim is not None and (isinstance(batch_dim, bool) or not isinstance(batch_dim, int)):
         raise TypeError(f"batch_dim must be an integer dim or None, got {batch_dim!r}")
@@ -436,6 +438,21 @@ def _refuse_unrolled(method: str, solver: Any, batch_dim: Any, best: bool) -> No
                 "remove samples or iterates from a graph being back-propagated; use an "
                 f"implicit method, or {name}={'None' if name == 'batch_dim' else 'False'}"
             )
+
+
+def _check_arity(last_step: Callable[..., State], n: int) -> None:
+    """``last_step`` is called as ``last_step(h, *inputs)``: refuse one that cannot take that."""
+    try:
+        sig = inspect.signature(last_step)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call tell
+        return
+    try:
+        sig.bind(*([None] * n))
+    except TypeError:
+        raise TypeError(
+            f"last_step is called as last_step(h, *inputs), with {n} argument(s) here, but its "
+            f"signature is {sig}; give it the state and each of inputs, as f gets them"
+        ) from None
 
 
 def _ignored(name: str, value: Any, what: str) -> None:

@@ -115,6 +115,19 @@ def test_fixed_point_module_refuses_the_same_at_construction(options, error, mat
     assert match in str(caught.value)
 
 
+def test_a_last_step_that_cannot_take_the_inputs_is_refused_before_the_forward():
+    """last_step is called as last_step(h, *inputs): one taking h alone is one clear line
+    (it was a TypeError from inside the forward, after all the steps)."""
+    p = tanh_rnn()
+    with pytest.raises(TypeError, match=r"last_step is called as last_step\(h, \*inputs\), "
+                       r"with 2 argument\(s\) here, but its signature is \(h\)"):
+        rbp.fixed_point(lambda h, x: p.f(h) + 0 * x, p.h0, 10, "gmres", 5,
+                        inputs=(torch.ones(1, dtype=DT),), last_step=lambda h: p.f(h))
+    h = rbp.fixed_point(lambda h, x: p.f(h) + 0 * x, p.h0, 10, "gmres", 5, checks=rbp.Checks(
+        settle_tol=None), inputs=(torch.ones(1, dtype=DT),), last_step=lambda h, x: p.f(h))
+    assert h.shape == p.h0.shape
+
+
 def test_the_issue_example_fails_at_construction_not_at_the_first_call():
     with pytest.raises(ValueError, match="solver='iterate'"):
         rbp.FixedPoint(_Cell(), 10, "bptt", solver="anderson")
