@@ -270,3 +270,22 @@ def test_string_methods_resolve_once_per_option_set():
     assert methods.from_name("gmres", 7, restart=3).solver.restart == 3
     with pytest.raises(TypeError, match="tol must be a finite number"):
         methods.from_name("rbp", 3, tol=[1e-3])  # unhashable: still a clear message
+
+
+@pytest.mark.parametrize("method", [rbp.TBPTT(4), "tbptt"])
+def test_tbptt_through_every_step_is_bptt_into_h0_too(method):
+    """truncate == steps back-propagates through every update, so it reaches h0 (an encoder's
+    weights) exactly as BPTT does; one step shorter it does not."""
+    g = torch.Generator().manual_seed(0)
+    w = (0.3 * torch.randn(5, 5, generator=g, dtype=DT)).requires_grad_()
+    a = torch.randn(5, 5, generator=g, dtype=DT, requires_grad=True)  # h0 = tanh(x a)
+    x = torch.randn(3, 5, generator=g, dtype=DT)
+
+    def grads(m, k=4):
+        h = rbp.fixed_point(lambda h: torch.tanh(h @ w.T + x), torch.tanh(x @ a), 4, m, k)
+        return torch.autograd.grad(h.square().sum(), (w, a), allow_unused=True)
+
+    ref = grads("bptt")
+    got = grads(method)
+    assert all(torch.allclose(u, v, rtol=1e-13, atol=0) for u, v in zip(got, ref, strict=True))
+    assert grads("tbptt", 3)[1] is None

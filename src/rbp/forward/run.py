@@ -78,7 +78,8 @@ def run(
     implicit, name = method.implicit, method.name
     paper = tol is None and is_plain(solver) and batch_dim is None and not best_iterate
     graph_steps = method.graph_steps(steps) if grad_on else steps  # updates keeping a graph
-    detach = grad_on and not method.keeps_h0
+    # back-propagating through every update (bptt, or tbptt with k = steps) reaches h0
+    detach = grad_on and not (method.keeps_h0 or (not implicit and graph_steps >= steps))
     if (
         paper and not trace and not time_varying and last_step is None
         and isinstance(h0, Tensor) and h0.is_floating_point() and isinstance(inputs, tuple)
