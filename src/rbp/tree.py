@@ -54,6 +54,12 @@ def check_same_structure(
             return [out]
     out_leaves, out_spec = pytree.tree_flatten(out)
     if out_spec != spec:
+        template = pytree.tree_unflatten([None] * spec.num_leaves, spec)
+        if pytree.tree_flatten(_ordered_like(template, out))[1] == spec:
+            raise TypeError(
+                f"f returned the state's dict keys in another order at step {step} "
+                f"({_key_orders(template, out)}); the order is part of the state's structure: "
+                "return the keys in h0's order (e.g. build the dict as {k: ... for k in h})")
         raise TypeError(
             f"f returned a different structure at step {step}: expected {spec}, got {out_spec}. "
             "f must map a state to a state of the same structure"
@@ -83,6 +89,30 @@ def check_same_structure(
                 f"f must return the dtype of h0: {hint}"
             )
     return out_leaves
+
+
+def _ordered_like(template: Any, value: Any) -> Any:
+    """``value`` with each dict's keys in the order of ``template``'s (same key sets only)."""
+    if isinstance(template, dict) and isinstance(value, dict) and set(template) == set(value):
+        return type(value)((k, _ordered_like(template[k], value[k])) for k in template)
+    if (isinstance(template, (list, tuple)) and type(template) is type(value)
+            and len(template) == len(value)):
+        items = [_ordered_like(t, v) for t, v in zip(template, value, strict=True)]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def _key_orders(template: Any, value: Any) -> str:
+    """The first dict whose keys come in another order: 'h0 has [a, b], f gave [b, a]'."""
+    if isinstance(template, dict) and isinstance(value, dict):
+        if list(template) != list(value):
+            return f"h0 has {list(template)}, f gave {list(value)}"
+        pairs = [(template[k], value[k]) for k in template]
+    elif isinstance(template, (list, tuple)) and isinstance(value, (list, tuple)):
+        pairs = list(zip(template, value, strict=False))
+    else:
+        return ""
+    return next((found for t, v in pairs if (found := _key_orders(t, v))), "")
 
 
 def to_vector(leaves: Sequence[torch.Tensor]) -> torch.Tensor:

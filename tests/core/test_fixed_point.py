@@ -329,3 +329,17 @@ def test_warnings_point_at_the_users_line(how):
     assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
     if how == "grad":
         assert here == 0  # the warning came from the backward, and still names this file
+
+
+@pytest.mark.parametrize("method", ["bptt", "gmres"])
+def test_dict_keys_in_another_order_are_named(method):
+    """The order of a dict state's keys is part of its structure: f returning them in another
+    order is told so, at step 0, naming both orders."""
+    w = (0.3 * torch.randn(4, 4, dtype=DT)).requires_grad_()
+    h0 = {"a": torch.zeros(2, 4, dtype=DT), "b": torch.ones(3, dtype=DT)}
+    f = lambda s: {"b": 0.5 * s["b"], "a": torch.tanh(s["a"] @ w.T + 1)}  # noqa: E731
+    with pytest.raises(TypeError, match=r"dict keys in another order at step 0 \(h0 has "
+                       r"\['a', 'b'\], f gave \['b', 'a'\]\)"):
+        rbp.fixed_point(f, h0, 30, method, 10)
+    g = lambda s: {k: (0.5 * s[k] if k == "b" else torch.tanh(s[k] @ w.T + 1)) for k in s}  # noqa: E731
+    assert list(rbp.fixed_point(g, h0, 30, method, 10)) == ["a", "b"]

@@ -75,7 +75,8 @@ def unroll(
                 t += 1
         except Exception:
             # f failed on the output of an unchecked step: name a changed shape or dtype there
-            tree.check_same_structure(spec, h0_leaves, h, t - 1)
+            if t > lo:
+                tree.check_same_structure(spec, h0_leaves, h, t - 1)
             raise
         return h, prev
 
