@@ -61,3 +61,14 @@ def test_bad_arguments():
         rbp.jacobian_penalty("f", p.h0)
     with pytest.raises(ValueError, match="does not depend"):
         rbp.jacobian_penalty(lambda h: torch.zeros_like(h).detach(), p.h0)
+
+
+def test_inference_mode_is_one_clear_error_and_its_states_are_measured_outside():
+    p = tanh_rnn(n=4)
+    with torch.inference_mode():
+        h = torch.zeros(4, dtype=DT)
+        with pytest.raises(RuntimeError, match=r"inference_mode\(\) forbids"):
+            rbp.jacobian_penalty(p.f, h)
+    est = rbp.jacobian_penalty(p.f, h, probes=4000, generator=torch.Generator().manual_seed(0),
+                               create_graph=False).item()
+    assert est == pytest.approx(_exact_frobenius2(p.f, h.clone()).item(), rel=0.05)
