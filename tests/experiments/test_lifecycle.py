@@ -377,7 +377,7 @@ def test_read_only_out_is_one_clear_line(tmp_path: Path,
     assert "Traceback" not in err and err.count("error:") == 2
 
 
-@pytest.mark.parametrize("kind", ["data", "disk"])
+@pytest.mark.parametrize("kind", ["data", "disk", "other"])
 def test_failing_run_is_marked_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                       kind: str) -> None:
     import errno
@@ -387,17 +387,25 @@ def test_failing_run_is_marked_failed(tmp_path: Path, capsys: pytest.CaptureFixt
     def broken(cfg: ToyConfig, ctx: RunContext) -> dict[str, Any]:
         if kind == "disk":
             raise OSError(errno.ENOSPC, "No space left on device: damaged sparse matrix")
+        if kind == "other":  # anything else (a TypeError from a setting, out of memory, ...)
+            raise TypeError("'float' object cannot be interpreted as an integer: damaged")
         raise DataError("ind.cora.x is a damaged sparse matrix")
 
     register(Experiment(name="lcbroken", help="x", config_cls=ToyConfig, run=broken))
     try:
-        assert cli.main(["lcbroken", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+        code = cli.main(["lcbroken", "--out", str(tmp_path / "b"), "--no-progress"])
+        assert code == (1 if kind == "other" else 2)
+        err = capsys.readouterr().err
+        assert "damaged" in err and "Traceback" not in err and err.count("\n") == 1
+        assert "run with -v for the traceback" in err
+        res = read_json(tmp_path / "b" / "results.json")
+        assert res["status"] == "failed" and "damaged" in res["error"]
+        if kind == "other":  # -v shows where
+            assert cli.main(["lcbroken", "--out", str(tmp_path / "c"), "--no-progress",
+                             "-v"]) == 1
+            assert "Traceback" in capsys.readouterr().err
     finally:
         unregister("lcbroken")
-    err = capsys.readouterr().err
-    assert "damaged sparse matrix" in err and "Traceback" not in err
-    res = read_json(tmp_path / "b" / "results.json")
-    assert res["status"] == "failed" and "damaged" in res["error"]
 
 
 # ---------------------------------------------------------------- two processes
@@ -726,8 +734,17 @@ def test_a_run_resumes_with_the_same_data_in_another_folder(
     capsys.readouterr()
     assert _data_run(whole, there, "--resume") == 0
     assert "checking the data here against its checkpoints" in capsys.readouterr().err
+    before = (whole / "results.json").read_bytes()
     assert _data_run(whole, _folder_with(tmp_path / "else", "0 0 1"), "--resume") == 2
     assert "other data than this run read" in capsys.readouterr().err
+    assert (whole / "results.json").read_bytes() == before  # refused, not marked failed
+    # no checkpoints to compare with: refused before anything is written, never retrained
+    for path in (whole / "checkpoints").glob("*.pt"):
+        path.unlink()
+    assert _data_run(whole, here, "--resume") == 2   # it last read them from `there`
+    err = capsys.readouterr().err
+    assert "no checkpoints to compare the data here with" in err and "Traceback" not in err
+    assert (whole / "results.json").read_bytes() == before
     # other data in the folder named: refused, naming what differs and what to do
     other = _folder_with(tmp_path / "other", "1 2 7")
     assert _data_run(out, here, "--force", "--set", "interrupt_after=7") == 130

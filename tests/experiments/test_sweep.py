@@ -317,6 +317,11 @@ def test_a_point_whose_data_moved_is_resumed_not_a_conflict(tmp_path: Path) -> N
         action, why = plan_point(run, {"lr": 0.2, "data_dir": "/b"})
         assert action == "conflict" and "data_dir, lr" in why
     assert plan_point(run, {"lr": 0.1, "data_dir": "/a"})[0] == "resume"  # interrupted
+    (run / "checkpoints" / "a.pt").unlink()  # nothing to check the data against: a conflict
+    (run / "results.json").write_text(json.dumps(
+        {"experiment": "toy", "status": "finished", "config": {"lr": 0.1, "data_dir": "/a"}}))
+    action, why = plan_point(run, {"lr": 0.1, "data_dir": "/b"})
+    assert action == "conflict" and "data_dir" in why
 
 
 # ---------------------------------------------------------------- local backend

@@ -520,6 +520,15 @@ def _previous_results(out: Path) -> dict[str, Any] | None:
     return prev
 
 
+def _restore(path: Path, data: bytes) -> None:
+    """Put ``path``'s earlier bytes back (atomically; a failure to do so is only logged)."""
+    try:
+        with deferred_interrupts(), atomic_write(path) as f:
+            f.write(data)
+    except OSError as exc:
+        get_logger("run").warning("could not restore %s: %s", path, exc)
+
+
 def _moved_data(prev: dict[str, Any], cfg: Any) -> list[str]:
     """The ``LOCATION_KEYS`` whose values differ between the previous run and ``cfg``."""
     old = prev.get("config")
@@ -678,6 +687,13 @@ def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | Non
                          "(pass --force to run it again)", out)
                 return 0
             if prev.get("status") == "finished":
+                if not any((out / CHECKPOINT_DIR).glob("*.pt")):
+                    old = to_jsonable(prev.get("config") or {})
+                    _error(prog, f"{out} holds a finished run that read its data from "
+                           f"{', '.join(f'{k}={old.get(k)!r}' for k in moved)}, and no "
+                           "checkpoints to compare the data here with; resume it with that "
+                           f"{moved[0]}, or run into a fresh --out")
+                    return 2
                 log.info("%s holds a finished run that read its data from elsewhere (%s); "
                          "checking the data here against its checkpoints", out,
                          ", ".join(moved))
@@ -698,6 +714,10 @@ def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | Non
         prior_wall_time_s=prior_wall, reuse_from=reuse_from,
     )
     ctx._last = last
+    try:  # what a resume refused mid-way (its checkpoints' settings or data) puts back
+        before = ctx.results_path.read_bytes() if resume and ctx.results_path.is_file() else None
+    except OSError:
+        before = None
     try:
         ctx.write_results(last, status="running")
     except OSError as exc:
@@ -736,11 +756,21 @@ def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | Non
         _error(prog, message)
         return 2
     except (ValueError, OSError) as exc:  # bad settings or data, damaged files, disk full...
-        _finish_quietly(ctx, "failed", error=str(exc))
+        if isinstance(exc, SettingsMismatchError) and before is not None:
+            _restore(ctx.results_path, before)  # refused, not failed: the run is as it was
+        else:
+            _finish_quietly(ctx, "failed", error=str(exc))
         if verbose:
             traceback.print_exc()
         _error(prog, exc if verbose else f"{exc} (run with -v for the traceback)")
         return 2
+    except Exception as exc:  # anything else: one line, the traceback with -v
+        _finish_quietly(ctx, "failed", error=f"{type(exc).__name__}: {exc}")
+        if verbose:
+            traceback.print_exc()
+        _error(prog, f"{type(exc).__name__}: {exc}" + ("" if verbose else
+                                                        " (run with -v for the traceback)"))
+        return 1
     except BaseException as exc:
         _finish_quietly(ctx, "failed", error=f"{type(exc).__name__}: {exc}")
         raise

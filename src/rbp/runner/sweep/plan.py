@@ -78,7 +78,7 @@ def plan_point(run_dir: Path, settings: dict[str, Any] | None, force: bool = Fal
         diff = (changed_settings(old, settings, defaults) if isinstance(old, dict)
                 else ["(no settings recorded)"])
         moved = [k for k in diff if k in LOCATION_KEYS]
-        if moved and len(moved) == len(diff):  # only where the data lie: the run checks them
+        if moved and len(moved) == len(diff) and has_ckpt:  # the run checks the data there
             return "resume", (f"{', '.join(moved)} changed: the run checks the data there "
                               "against its checkpoints")
         if diff:
