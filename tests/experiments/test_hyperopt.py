@@ -185,6 +185,22 @@ def test_resume_matches_uninterrupted(tmp_path: Path) -> None:
         assert a[tag]["logit_momentum"] == b[tag]["logit_momentum"]
 
 
+def test_a_unit_started_after_a_resume_draws_what_it_would_have_drawn(tmp_path: Path) -> None:
+    """Each unit starts its own random stream (RBP's uniform z_0): a unit begun after a resume
+    gives the numbers of an uninterrupted run (it drew from wherever the stream stood)."""
+    args = ("--method", "rbp,neumann", "--set", "settings=[[30,10],[20,10]]",
+            "--set", "checkpoint_every=5", "--set", "meta_steps=8", "--set", "tsne_meta_steps=[]")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _cli(full, *args) == 0
+    assert _cli(cut, *args, "--set", "interrupt_after=19") == 130  # in the 3rd unit, before
+    assert _cli(cut, *args, "--resume") == 0                      # its first checkpoint
+    a = json.loads((full / "results.json").read_text())["units"]
+    b = json.loads((cut / "results.json").read_text())["units"]
+    assert set(a) == set(b)
+    for tag in a:
+        assert a[tag]["meta_loss"] == b[tag]["meta_loss"], tag
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

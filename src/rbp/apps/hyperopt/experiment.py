@@ -21,7 +21,14 @@ import torch
 import rbp
 from rbp.apps.hyperopt import model
 from rbp.data import DataError, describe_mnist_source, load_mnist
-from rbp.runner import ConfigError, RunContext, progress, rng_state, set_rng_state
+from rbp.runner import (
+    ConfigError,
+    RunContext,
+    progress,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from rbp.runner.config import DATA_DIR_ENV
 from rbp.runner.device import describe_device, resolve_device
 
@@ -259,6 +266,8 @@ def _run_unit(
         adam.load_state_dict(state["adam"])
         hist = state["history"]
         set_rng_state(state["rng"])
+    else:  # the same random stream (RBP's uniform start) whatever ran before in this process
+        seed_everything(cfg.seed)
 
     want_snaps = [int(s) for s in cfg.tsne_setting] == [steps, truncate] and (
         method in cfg.tsne_methods)
