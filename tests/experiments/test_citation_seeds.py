@@ -231,6 +231,17 @@ def test_seed_batch_without_a_batched_model_is_refused(
         assert "seed_batch=2 applies to the models paper, ppr" in err and "leave it unset" in err
 
 
+@pytest.mark.parametrize("setting", ["injected_methods=[neumann,neumann]",
+                                     "fp_methods=[bptt,BPTT]", "baselines=[logreg,logreg]"])
+def test_a_repeated_method_or_baseline_is_refused(setting: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Each repeat would be trained again and counted as another seed (n=2, std 0.00)."""
+    key = setting.split("=")[0]
+    assert cli.main(["citation", "--quick", "--out", str(tmp_path / "x"), "--dry-run",
+                     "--set", setting]) == 2
+    assert f"setting '{key}' repeats" in capsys.readouterr().err
+
+
 def test_auto_and_cpu_devices() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

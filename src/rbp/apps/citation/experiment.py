@@ -197,6 +197,11 @@ class CitationConfig:
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
                 raise ConfigError(f"setting '{key}' repeats {', '.join(repeated)}; list each once")
+        for key in ("baselines", "injected_methods", "fp_methods"):  # may be empty or null
+            names = [str(n).lower() for n in getattr(self, key) or []]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:  # each would be trained again and counted as more seeds
+                raise ConfigError(f"setting '{key}' repeats {', '.join(repeated)}; list each once")
         for key in ("hidden", "dataset_seeds"):
             bad = sorted(set(getattr(self, key)) - set(PLANETOID_NAMES))
             if bad:
