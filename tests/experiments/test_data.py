@@ -280,6 +280,17 @@ def test_planetoid_corrupt_pickle(tmp_path: Path) -> None:
         load_planetoid("cora", directory, download=False)
 
 
+def test_planetoid_test_id_beyond_the_graph_is_refused(tmp_path: Path) -> None:
+    """A corrupt test id far beyond the graph's nodes built a 1,000,000-node graph without a
+    word; it is refused naming the range and the graph's size."""
+    directory = _copy_cora(tmp_path)
+    path = directory / "ind.cora.test.index"
+    ids = path.read_text().split()
+    path.write_text("\n".join(["999999", *ids[1:]]) + "\n")
+    with pytest.raises(DataError, match=r"test ids from 1708 to 999999, a graph of 2708 nodes"):
+        load_planetoid("cora", directory, download=False)
+
+
 def test_planetoid_refuses_foreign_objects(tmp_path: Path) -> None:
     directory = _copy_cora(tmp_path)
     (directory / "ind.cora.graph").write_bytes(b"cos\ngetcwd\n(tR.")

@@ -574,6 +574,9 @@ def _assemble(key: str, objects: dict[str, Any], test_index: np.ndarray) -> Plan
     ty = _as_dense(objects["ty"], key, "ty")
     n_known, num_features = allx.shape
     num_classes = ally.shape[1]
+    graph = objects["graph"]
+    # every node is a key of the adjacency dict: test ids beyond them are not nodes
+    graph_nodes = len(graph) if isinstance(graph, Mapping) else 0
     consistent = (
         tx.shape[1] == num_features
         and ally.shape[0] == n_known
@@ -581,12 +584,14 @@ def _assemble(key: str, objects: dict[str, Any], test_index: np.ndarray) -> Plan
         and test_index.shape[0] == tx.shape[0]
         and np.unique(test_index).size == test_index.size
         and int(test_index.min()) >= n_known
+        and int(test_index.max()) < max(n_known + tx.shape[0], graph_nodes)
     )
     if not consistent:
         raise DataError(
             f"the ind.{key}.* files disagree (allx {allx.shape}, tx {tx.shape}, ally "
-            f"{ally.shape}, ty {ty.shape}, {test_index.size} test ids starting at "
-            f"{int(test_index.min())}); they do not belong to one data set. Replace them with "
+            f"{ally.shape}, ty {ty.shape}, {test_index.size} test ids from "
+            f"{int(test_index.min())} to {int(test_index.max())}, a graph of {graph_nodes} "
+            "nodes); they do not belong to one data set. Replace them with "
             "the copies from github.com/kimiyoung/planetoid."
         )
     # Test ids are a range after the allx nodes; for Citeseer some ids in that range are
