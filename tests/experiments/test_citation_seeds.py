@@ -242,6 +242,22 @@ def test_a_repeated_method_or_baseline_is_refused(setting: str, tmp_path: Path,
     assert f"setting '{key}' repeats" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, words", [
+    ("{cora: {epochs: abc}}", "overrides.cora.epochs expects int, got 'abc'"),
+    ("{cora: {injected_epochs: 3.5}}", "overrides.cora.injected_epochs expects int, got 3.5"),
+    ("{cora: {injected_dropout: [1]}}", "overrides.cora.injected_dropout expects float"),
+])
+def test_per_dataset_overrides_are_typed_like_the_settings(
+    override: str, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A per-dataset value of the wrong type is one line at --dry-run (it was a TypeError
+    traceback, or a crash mid-run)."""
+    assert cli.main(["citation", "--quick", "--out", str(tmp_path / "x"), "--dry-run",
+                     "--set", f"overrides={override}"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
 def test_auto_and_cpu_devices() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

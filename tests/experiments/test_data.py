@@ -291,6 +291,14 @@ def test_planetoid_test_id_beyond_the_graph_is_refused(tmp_path: Path) -> None:
         load_planetoid("cora", directory, download=False)
 
 
+def test_a_data_dir_under_an_unknown_home_is_a_data_error() -> None:
+    from rbp.data.cache import user_data_dir
+
+    with pytest.raises(DataError, match="'~nobody_rbp_x' names no home folder here"):
+        load_planetoid("cora", "~nobody_rbp_x/planetoid", download=False)
+    assert user_data_dir("~/x") == Path.home() / "x"
+
+
 def test_planetoid_refuses_foreign_objects(tmp_path: Path) -> None:
     directory = _copy_cora(tmp_path)
     (directory / "ind.cora.graph").write_bytes(b"cos\ngetcwd\n(tR.")

@@ -212,6 +212,7 @@ def test_a_unit_started_after_a_resume_draws_what_it_would_have_drawn(tmp_path: 
          "tbptt needs truncate <= train_steps"),
         (("--method", "sgd"), "sgd"),
         (("--set", "meta_lr=-1"), "meta_lr must be positive"),
+        (("--set", "tsne_methods=[tbptt,neuman]"), "in tsne_methods; did you mean 'neumann'"),
     ],
 )
 def test_bad_settings_fail_clearly(

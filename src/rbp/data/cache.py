@@ -1,11 +1,23 @@
-"""Where the data loaders keep downloads and derived caches."""
+"""Where the data loaders look for data a user names, and keep downloads and derived caches."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["user_cache_dir"]
+from .errors import DataError
+
+__all__ = ["user_cache_dir", "user_data_dir"]
+
+
+def user_data_dir(data_dir: str | os.PathLike[str]) -> Path:
+    """The folder ``data_dir`` names, ``~`` / ``~user`` expanded; DataError if that home
+    cannot be found (instead of the RuntimeError ``Path.expanduser`` raises)."""
+    try:
+        return Path(data_dir).expanduser()
+    except RuntimeError as exc:
+        raise DataError(f"data directory {str(data_dir)!r}: {exc} ({str(data_dir).split('/')[0]!r} "
+                        "names no home folder here); give the folder's full path") from None
 
 
 def user_cache_dir() -> Path:

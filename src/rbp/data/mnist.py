@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import user_cache_dir
+from .cache import user_cache_dir, user_data_dir
 from .download import download_verified, write_atomically
 from .download import fetch_bytes as _fetch_bytes  # the tests patch this name
 from .errors import DataError
@@ -229,7 +229,7 @@ def describe_mnist_source(data_dir: str | os.PathLike[str] | None, split: str = 
 
 def _mnist_dir(data_dir: str | os.PathLike[str], split: str) -> Path:
     """``data_dir`` itself, or its ``mnist/`` sub-folder when only that holds the images."""
-    directory = Path(data_dir).expanduser()
+    directory = user_data_dir(data_dir)
     stem = _idx_stem(split, "images")
     sub = directory / "mnist"
     if _find_idx(directory, stem) is None and _find_idx(sub, stem) is not None:

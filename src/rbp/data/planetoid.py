@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .cache import user_cache_dir
+from .cache import user_cache_dir, user_data_dir
 from .download import download_verified
 from .download import fetch_bytes as _fetch_bytes  # the tests patch this name
 from .errors import DataError
@@ -300,7 +300,7 @@ def _planetoid_dir(key: str, data_dir: str | os.PathLike[str] | None) -> Path:
     of ``key``; :func:`default_planetoid_dir` for ``None``."""
     if data_dir is None:
         return default_planetoid_dir()
-    directory = Path(data_dir).expanduser()
+    directory = user_data_dir(data_dir)
     sub = directory / "planetoid"
     if not (directory / f"ind.{key}.x").is_file() and (sub / f"ind.{key}.x").is_file():
         return sub

@@ -35,7 +35,7 @@ from rbp.runner import (
     seed_everything,
     set_rng_state,
 )
-from rbp.runner.config import DATA_DIR_ENV
+from rbp.runner.config import DATA_DIR_ENV, coerce, config_fields, type_name
 from rbp.runner.device import describe_device, resolve_device
 
 from .baselines import (
@@ -221,6 +221,13 @@ class CitationConfig:
             bad = sorted(set(over) - known)
             if bad:
                 raise ConfigError(f"overrides.{ds}: unknown setting(s) {bad}")
+            hints = config_fields(type(self))
+            for key, value in over.items():  # typed like the settings they override
+                ok, converted = coerce(value, hints[key])
+                if not ok:
+                    raise ConfigError(f"overrides.{ds}.{key} expects {type_name(hints[key])}, "
+                                      f"got {value!r} ({type(value).__name__})")
+                over[key] = converted
         for over in self.overrides.values():
             dataclasses.replace(self, **over, overrides={})._validate_one()
         self._validate_one()

@@ -29,7 +29,7 @@ from rbp.runner import (
     seed_everything,
     set_rng_state,
 )
-from rbp.runner.config import DATA_DIR_ENV
+from rbp.runner.config import DATA_DIR_ENV, check_methods
 from rbp.runner.device import describe_device, resolve_device
 
 #: (training steps, truncation) of paper Fig. 5 and 6.
@@ -116,6 +116,7 @@ class HyperoptConfig:
         if len(self.tsne_setting) != 2:
             raise ConfigError(f"tsne_setting must be [train_steps, truncate], got "
                               f"{self.tsne_setting}")
+        check_methods(self.tsne_methods, METHODS, "tsne_methods")  # a typo drew nothing
         for t, k in self.grid():
             if k > t and "tbptt" in self.methods:
                 raise ConfigError(f"tbptt needs truncate <= train_steps; got T={t}, K={k}")
