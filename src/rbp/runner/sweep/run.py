@@ -205,8 +205,11 @@ def _run_locked(spec: SweepSpec, out: Path, force: bool, show_progress: bool) ->
         write_json(out / SWEEP_FILE, doc)
         return doc
 
-    log.info("sweep of %d %s run(s) in %s: %d to run, %d finished already", len(records),
-             spec.experiment, out, len(jobs), len(records) - len(jobs))
+    skipped = sum(rec["action"] == "skip" for rec in records)
+    log.info("sweep of %d %s run(s) in %s: %d to run, %d finished already%s", len(records),
+             spec.experiment, out, len(jobs), skipped,
+             f", {len(records) - len(jobs) - skipped} refused (below)"
+             if len(records) - len(jobs) - skipped else "")
     for rec in records:
         if rec["error"]:
             log.warning("%s: %s", rec["name"], rec["error"])
