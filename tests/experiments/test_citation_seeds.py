@@ -258,6 +258,13 @@ def test_per_dataset_overrides_are_typed_like_the_settings(
     assert words in err and "Traceback" not in err
 
 
+def test_seeds_derived_past_the_seed_range_are_refused(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["citation", "--quick", "--out", str(tmp_path / "x"), "--dry-run",
+                     "--seed", "4294967295", "--set", "num_seeds=2"]) == 2
+    assert "pass 4294967295; choose a smaller seed" in capsys.readouterr().err
+
+
 def test_auto_and_cpu_devices() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

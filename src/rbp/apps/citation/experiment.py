@@ -35,7 +35,7 @@ from rbp.runner import (
     seed_everything,
     set_rng_state,
 )
-from rbp.runner.config import DATA_DIR_ENV, coerce, config_fields, type_name
+from rbp.runner.config import DATA_DIR_ENV, MAX_SEED, coerce, config_fields, type_name
 from rbp.runner.device import describe_device, resolve_device
 
 from .baselines import (
@@ -207,6 +207,9 @@ class CitationConfig:
             if bad:
                 raise ConfigError(f"setting '{key}' names unknown dataset(s) {', '.join(bad)} "
                                   f"(valid: {', '.join(PLANETOID_NAMES)})")
+        if self.seeds is None and self.seed + self.num_seeds - 1 > MAX_SEED:
+            raise ConfigError(f"seeds {self.seed}..{self.seed + self.num_seeds - 1} (seed + "
+                              f"num_seeds - 1) pass {MAX_SEED}; choose a smaller seed")
         for ds, ds_seeds in self.dataset_seeds.items():
             if len(set(ds_seeds)) != len(ds_seeds):
                 raise ConfigError(f"setting 'dataset_seeds' repeats a seed for {ds}; list each "
