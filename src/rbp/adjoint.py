@@ -223,13 +223,18 @@ class Adjoint:
         if self.jvp_mode == "func":
             primals = tuple(x.detach() for x in h_in)
 
+            checked: list[bool] = []
+
             def forward_mode(tangents: list[Tensor]) -> list[Tensor]:
                 def fn(*leaves: Tensor) -> tuple[Tensor, ...]:
                     out = self.map_at_fixed_point(tree.unflatten(self.spec, list(leaves)))
                     return tuple(tree.flatten(out)[0])
 
                 with torch.enable_grad():
-                    _, out_tangents = torch.func.jvp(fn, primals, tuple(tangents))
+                    values, out_tangents = torch.func.jvp(fn, primals, tuple(tangents))
+                if not checked:  # f runs again here: it must still be the forward's map
+                    check_same_map(values, h_out, "cg (jvp='func')", JVP_FUNC_REMEDY)
+                    checked.append(True)
                 return [t.detach() for t in out_tangents]
 
             return forward_mode
@@ -374,10 +379,29 @@ _TRUSTED = (linear.Neumann, linear.RBP, linear.CGNormal, linear.GMRES, linear.SH
             _Identity, _Damped)
 
 
+JVP_FUNC_REMEDY = ("use a method whose backward does not run f again (gmres, neumann, or cg "
+                   "with jvp='double_vjp')")
+
 JVP_BY_DOUBLE_VJP = (
     "cg obtains J v that way (jvp='double_vjp'). Make that backward differentiable, pass "
     "method=rbp.linear.CGNormal(max_iter=..., jvp='func') (forward mode; the Function needs a "
     "jvp), or use method='gmres', which needs no J v")
+
+
+def check_same_map(values: Sequence[Tensor], stored: Sequence[Tensor], who: str,
+                   remedy: str) -> None:
+    """``f`` run again in the backward at ``h_{T-1}`` must give the forward's ``F(h_{T-1})``
+    (to ``sqrt(eps)``, relative): a new dropout mask, a train/eval switch or a weight
+    recomputed in between would make the derivatives those of another map."""
+    worst = max((float((v.detach() - o.detach()).abs().max()
+                       / o.detach().abs().max().clamp_min(1e-30))
+                 for v, o in zip(values, stored, strict=True) if o.numel()), default=0.0)
+    if not worst <= math.sqrt(max(torch.finfo(o.dtype).eps for o in stored)):
+        raise RuntimeError(
+            f"{who}: the backward runs f again at the fixed point, and f(h) differs from the "
+            f"forward's by {worst:.2g} (relative): f changed in between (a new dropout mask, a "
+            "train/eval switch, a weight recomputed outside `with rbp.cached_norm(...)`). Run "
+            f"the backward before anything f reads changes, or {remedy}.")
 
 
 def check_jvp(vjp: Callable[[Tensor], Tensor], jvp: Callable[[Tensor], Tensor], like: Tensor,

@@ -16,9 +16,11 @@ the identity.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,7 +51,7 @@ class VariationalDropout(nn.Module):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        ok = isinstance(p, (int, float)) and not isinstance(p, bool)
+        ok = isinstance(p, numbers.Real) and not isinstance(p, (bool, np.bool_))
         if not ok or not math.isfinite(p) or not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability p must be a number in [0, 1), got {p!r}")
         self.p = float(p)
@@ -106,11 +108,11 @@ class VariationalDropout(nn.Module):
             raise RuntimeError(
                 f"{type(self).__name__} has no mask: call drop.reset(h0) (or use "
                 "`with drop.fixed(h0):`) before the solve, so that every iteration of f uses "
-                "the same mask; in eval mode (drop.eval()) it is the identity"
+                "the same mask; in eval mode (drop.eval()) it is the identity. A backward "
+                "that runs f again (second_order=True, cg with jvp='func') must run inside "
+                "the drop.fixed block"
             )
-        if m.dim() != x.dim() or any(
-            a != b and a != 1 for a, b in zip(m.shape, x.shape, strict=True)
-        ):
+        if tuple(m.shape) != self.mask_shape(x):  # a mask for one sample does not broadcast
             raise ValueError(
                 f"{type(self).__name__}: the mask has shape {tuple(m.shape)}, drawn for another "
                 f"input than this one of shape {tuple(x.shape)}; call reset() with a tensor "

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from rbp import tree
-from rbp.adjoint import Adjoint, check_jvp
+from rbp.adjoint import Adjoint, check_jvp, check_same_map
 from rbp.forward.rows import describe, from_rows, to_rows
 from rbp.linear import AdjointOperator
 
@@ -162,11 +162,15 @@ class _Substitute(TorchFunctionMode):
     def __init__(self, table: dict[int, Tensor]) -> None:
         super().__init__()
         self.table = table
+        self.hits: set[int] = set()  # ids of the tensors replaced at least once
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
         def swap(t: Any) -> Any:
-            return self.table.get(id(t), t) if isinstance(t, Tensor) else t
+            if isinstance(t, Tensor) and id(t) in self.table:
+                self.hits.add(id(t))
+                return self.table[id(t)]
+            return t
 
         args, kwargs = tree_map(swap, (args, kwargs or {}))
         return func(*args, **kwargs)
@@ -176,10 +180,24 @@ def _step(plan: _Plan, state: list[Tensor], closure: list[Tensor]) -> list[Tenso
     """``F(state)`` reading ``closure[i]`` wherever ``f`` reads ``plan.closure[i]``: stand-ins
     through which autograd takes partial derivatives (one closure tensor may be computed from
     another, e.g. ``w2 = w - lr * grad``; a derivative with respect to ``w`` would otherwise
-    include the path through ``w2``, which autograd already carries from ``w2`` on)."""
+    include the path through ``w2``, which autograd already carries from ``w2`` on).
+
+    ``state`` holds the values of ``plan.at``: ``f`` must read the tensors it read in the
+    forward and give the forward's ``F(h_{T-1})`` again, or the derivatives would be those
+    of another map; RuntimeError otherwise."""
     table = {id(c): s for c, s in zip(plan.closure, closure, strict=True)}
-    with _Substitute(table):
-        return tree.flatten(plan.step(tree.unflatten(plan.spec, state)))[0]
+    with _Substitute(table) as sub:
+        out = tree.flatten(plan.step(tree.unflatten(plan.spec, state)))[0]
+    if len(sub.hits) < len(table):
+        raise RuntimeError(
+            "second_order=True: the backward runs f again at the fixed point, and "
+            f"{len(table) - len(sub.hits)} tensor(s) that f read in the forward are no longer "
+            "read: f changed in between (e.g. a weight recomputed outside `with "
+            "rbp.cached_norm(...)`). Run the backward inside that block, or use a first-order "
+            "method without second_order=True.")
+    check_same_map(out, plan.out, "second_order=True",
+                   "use a first-order method without second_order=True")
+    return out
 
 
 def _grad(outs: list[Tensor], wrt: list[Tensor], cotangents: list[Tensor],

@@ -58,6 +58,11 @@ def _check_weight(module: nn.Module, name: str) -> Tensor:
     return weight
 
 
+def _check_bool(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 class Scale(nn.Module):
     """The parametrisation ``W -> s * W`` with one scalar ``s`` (a parameter when learnt), of
     ``like``'s dtype and device."""
@@ -98,6 +103,7 @@ def spectral_norm(
     """
     weight = _check_weight(module, name)
     scale = _check_scale(scale, "scale")
+    _check_bool(learn_scale, "learn_scale")
     if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or (
         n_power_iterations < 1
     ):
@@ -124,12 +130,21 @@ def weight_norm(
     with ``scale``, at that value for every slice (rows of norm ``scale``); ``learn_scale=False``
     freezes ``g``. Compute the weight once per DEQ forward with :func:`cached_norm`.
     """
-    _check_weight(module, name)
+    weight = _check_weight(module, name)
+    if scale is not None:  # every option checked before the module is touched
+        scale = _check_scale(scale, "scale")
+    _check_bool(learn_scale, "learn_scale")
+    if dim is not None:
+        if isinstance(dim, bool) or not isinstance(dim, int) or not (
+                -weight.dim() <= dim < weight.dim()):
+            raise ValueError(f"dim must be None or a dim of the {weight.dim()}-d weight, got "
+                             f"{dim!r}")
+        dim %= weight.dim()  # torch reads dim=-1 as "the whole tensor" (None), not the last
     parametrizations.weight_norm(module, name, dim=dim)
     g = getattr(module.parametrizations, name).original0
     if scale is not None:
         with torch.no_grad():
-            g.fill_(_check_scale(scale, "scale"))
+            g.fill_(scale)
     g.requires_grad_(learn_scale)
     return module
 

@@ -536,3 +536,74 @@ def test_inference_mode_support_adds_no_graph_break_under_compile():
     reasons = " ".join(str(k) for k in counters["graph_break"])
     assert "is_inference" not in reasons
     torch._dynamo.reset()
+
+
+def _norm_run(method, backward_inside):
+    """A weight-normalised tanh DEQ solved inside cached_norm; the loss's gradient in V."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, dtype=DT, generator=torch.Generator().manual_seed(0))
+    lin = rbp.weight_norm(torch.nn.Linear(5, 5).double(), scale=0.3)
+    with rbp.cached_norm(lin):
+        h = rbp.fixed_point(lambda h: torch.tanh(lin(h) + x), torch.zeros(3, 5, dtype=DT),
+                            300 if method == "bptt" else 200, method,
+                            **({} if method == "bptt" else {"tol": 1e-14}))
+        if backward_inside:
+            h.square().sum().backward()
+    if not backward_inside:
+        h.square().sum().backward()
+    return lin.parametrizations.weight.original1.grad
+
+
+def test_a_backward_that_runs_f_again_refuses_a_changed_f():
+    """second_order=True (and cg with jvp='func') run f again in the backward: a weight
+    recomputed outside cached_norm, a new dropout mask or eval() in between made the
+    gradient silently wrong (0 for V, or off by O(1)); now a RuntimeError says so. Inside
+    the block it is exact."""
+    so = rbp.Implicit(rbp.linear.GMRES(max_iter=30, tol=1e-13), second_order=True)
+    ref = _norm_run("bptt", False)
+    assert torch.allclose(_norm_run(so, True), ref, atol=1e-10)
+    with pytest.raises(RuntimeError, match="no longer read: f changed in between"):
+        _norm_run(so, False)
+    w0 = (0.12 * torch.randn(5, 5, dtype=DT, generator=torch.Generator().manual_seed(2)))
+    w0.requires_grad_()
+    x = torch.randn(3, 5, dtype=DT, generator=torch.Generator().manual_seed(3))
+    drop = rbp.VariationalDropout(0.4)
+    cg_func = rbp.Implicit(rbp.linear.CGNormal(max_iter=40, jvp="func"))
+    for method, who in ((so, "second_order=True"), (cg_func, r"cg \(jvp='func'\)")):
+        for change in (lambda: drop.reset(x), drop.eval):
+            drop.train()
+            w = w0 * 1.0  # a non-leaf read by f
+            with drop.fixed(x):
+                h = rbp.fixed_point(lambda h, w=w: torch.tanh(drop(h) @ w.T + x),
+                                    torch.zeros_like(x), 200, method, tol=1e-14)
+                change()
+                with pytest.raises(RuntimeError, match=who + r": the backward runs f again.*"
+                                   r"differs from the forward's"):
+                    torch.autograd.grad(h.square().sum(), w0)
+
+
+def test_a_dropout_mask_for_another_batch_never_broadcasts():
+    drop = rbp.VariationalDropout(0.5)
+    drop.reset(torch.zeros(1, 6))
+    with pytest.raises(ValueError, match=r"mask has shape \(1, 6\), drawn for another input"):
+        drop(torch.ones(8, 6))
+    two_d = rbp.VariationalDropout2d(0.5)
+    two_d.reset(torch.zeros(2, 3, 4, 4))
+    assert two_d(torch.ones(2, 3, 4, 4)).shape == (2, 3, 4, 4)  # spatial dims shared
+    with pytest.raises(ValueError, match="drawn for another input"):
+        two_d(torch.ones(1, 3, 4, 4))
+
+
+def test_norm_options_are_checked_before_the_module_is_touched():
+    from torch.nn.utils import parametrize
+
+    lin = torch.nn.Linear(3, 4)
+    for options, error in (({"scale": -1}, ValueError), ({"learn_scale": "no"}, TypeError),
+                           ({"dim": 2}, ValueError)):
+        with pytest.raises(error):
+            rbp.weight_norm(lin, **options)
+        assert not parametrize.is_parametrized(lin, "weight")
+    with pytest.raises(TypeError, match="learn_scale must be True or False"):
+        rbp.spectral_norm(torch.nn.Linear(3, 3), learn_scale="no")
+    last = rbp.weight_norm(torch.nn.Linear(3, 4), dim=-1, scale=2.0)  # the last dim, as 1
+    assert torch.allclose(last.weight.norm(dim=0), torch.full((3,), 2.0))
