@@ -157,7 +157,9 @@ def cached_norm(*modules: nn.Module) -> Iterator[None]:
     tensor, so ``F`` is one map for the whole solve, the normalisation's cost is paid once
     rather than per iteration, and spectral norm's power iteration advances once per forward
     call (once per training step). The backward, inside or after the block, goes through that
-    one weight to the parameters (``V``, ``g``, ``s``); run one forward per block.
+    one weight to the parameters (``V``, ``g``, ``s``); run one forward per block. A backward
+    that runs ``f`` again (``second_order=True``, cg with ``jvp='func'``) must run inside it
+    (after it, it is refused).
 
     The weights are computed at entry, in the caller's grad mode: torch's
     ``parametrize.cached`` alone would cache the first computation, and
