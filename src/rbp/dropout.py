@@ -117,7 +117,8 @@ class VariationalDropout(nn.Module):
                 f"{type(self).__name__}: the mask has shape {tuple(m.shape)}, drawn for another "
                 f"input than this one of shape {tuple(x.shape)}; call reset() with a tensor "
                 "shaped as the dropout's input (with batch_dim, pass the mask as an input of "
-                "fixed_point so it is sliced with the state)"
+                "rbp.fixed_point so it is sliced with the state; rbp.FixedPoint passes its "
+                "cell x alone, so there stack the mask into x or call rbp.fixed_point)"
             )
         return x * m.to(dtype=x.dtype, device=x.device)
 
