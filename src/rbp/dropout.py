@@ -56,6 +56,7 @@ class VariationalDropout(nn.Module):
             raise ValueError(f"dropout probability p must be a number in [0, 1), got {p!r}")
         self.p = float(p)
         self.mask: Tensor | None = None
+        self._drawn_in_eval = False  # the stored mask is all ones: refused in training
 
     def mask_shape(self, like: Tensor) -> tuple[int, ...]:
         """The mask's shape for an input shaped as ``like`` (here: the same, elementwise)."""
@@ -79,6 +80,7 @@ class VariationalDropout(nn.Module):
             keep = torch.rand(shape, generator=generator, device=like.device) >= self.p
             mask = keep.to(like.dtype) / (1.0 - self.p)
         self.mask = mask
+        self._drawn_in_eval = not self.training
         return mask
 
     def clear(self) -> None:
@@ -104,6 +106,10 @@ class VariationalDropout(nn.Module):
         if mask is not None and not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a tensor from reset(), got {type(mask).__name__}")
         m = self.mask if mask is None else mask
+        if mask is None and m is not None and self._drawn_in_eval:
+            raise RuntimeError(
+                f"{type(self).__name__}: the stored mask was drawn in eval mode (all ones) and "
+                "the module is now training: call drop.reset(h0) after drop.train()")
         if m is None:
             raise RuntimeError(
                 f"{type(self).__name__} has no mask: call drop.reset(h0) (or use "

@@ -592,6 +592,11 @@ def test_a_dropout_mask_for_another_batch_never_broadcasts():
     assert two_d(torch.ones(2, 3, 4, 4)).shape == (2, 3, 4, 4)  # spatial dims shared
     with pytest.raises(ValueError, match="drawn for another input"):
         two_d(torch.ones(1, 3, 4, 4))
+    drop.eval()
+    drop.reset(torch.zeros(2, 6))  # all ones: no dropout in training, so refused there
+    drop.train()
+    with pytest.raises(RuntimeError, match="drawn in eval mode"):
+        drop(torch.ones(2, 6))
 
 
 def test_norm_options_are_checked_before_the_module_is_touched():
