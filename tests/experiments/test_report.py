@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import zlib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,20 @@ def test_find_runs_and_page(result_dirs: Path, tmp_path: Path) -> None:
     assert "Not included (unfinished)" in page and "boom" in page
     assert "0.6 ± 0.14 (n=2)" in page  # the sweep's seeds aggregated
     assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_a_figure_older_than_its_run_is_left_out(result_dirs: Path) -> None:
+    """``--force`` starts a run over in a folder whose old figures stay: a figure written
+    before the run (its last session) started is another run's, not shown under this one."""
+    import os
+
+    alpha = result_dirs / "alpha"
+    stale = alpha / "fig3_citeseer.png"
+    stale.write_bytes(tiny_png(4, 4))
+    old = datetime(2025, 12, 31, tzinfo=UTC).timestamp()  # the run started 2026-01-01
+    os.utime(stale, (old, old))
+    runs = {(r.kind, r.path.name): r for r in find_runs([result_dirs])}
+    assert [f.name for f in runs[("run", "alpha")].figures] == ["small.png"]
 
 
 def test_report_command(result_dirs: Path, tmp_path: Path,

@@ -104,6 +104,14 @@ def _own_files(run_dir: Path) -> Iterable[Path]:
                 yield entry
 
 
+def _started_at(data: Mapping[str, Any]) -> float | None:
+    """The POSIX time at which the run (its last session) started, if recorded."""
+    try:
+        return datetime.fromisoformat(str(data["started_at"])).timestamp()
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def find_runs(roots: Sequence[Path],
               unreadable: list[tuple[Path, str]] | None = None) -> list[Run]:
     """Every run and sweep directory at or below ``roots``, in path order.
@@ -143,11 +151,14 @@ def find_runs(roots: Sequence[Path],
             continue  # a run directory that also holds a sweep file: shown as a run
         files = list(_own_files(path.parent))
         stems = {f.name[: -len(TABLE_SUFFIX)] for f in files if f.name.endswith(TABLE_SUFFIX)}
+        started = _started_at(data)
         for f in files:
             if f.name.endswith(TABLE_SUFFIX):
                 run.data_tables.append(f)
             elif f.suffix.lower() in _IMAGE_TYPES and f.stat().st_size <= _MAX_FIGURE_BYTES:
-                run.figures.append(f)
+                # a figure older than the run is another run's (left by --force): not this one's
+                if started is None or f.stat().st_mtime >= started - 2.0:
+                    run.figures.append(f)
             elif f.suffix.lower() == ".md" and f.stem not in stems:  # no data twin
                 run.tables.append(f)
         runs.append(run)
