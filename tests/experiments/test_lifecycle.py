@@ -363,6 +363,22 @@ def test_impossible_out_is_one_clear_line(tmp_path: Path,
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+@pytest.mark.parametrize("name", ["checkpoints", "results.json"])
+def test_a_file_or_folder_in_place_of_the_runs_own_is_one_clear_line(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r"
+    out.mkdir()
+    if name == "checkpoints":
+        (out / name).write_text("x")
+    else:
+        (out / name).mkdir()
+    for extra in ((), ("--force",)):
+        assert _run(out, *extra) == 2
+        err = capsys.readouterr().err
+        assert f"{out / name} is a" in err and "move it away" in err and "Errno" not in err
+
+
 def test_read_only_out_is_one_clear_line(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     ro = tmp_path / "ro"

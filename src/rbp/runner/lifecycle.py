@@ -582,6 +582,13 @@ def _prepare(out: Path, resume: bool, force: bool, command: list[str],
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunExistsError(f"--out {out} exists and is not a directory; choose another --out")
+    for name, folder in ((CHECKPOINT_DIR, True), (RESULTS_FILE, False)):
+        path = out / name
+        if path.exists() and path.is_dir() != folder:
+            raise RunExistsError(
+                f"{path} is a {'file' if folder else 'folder'} where the run keeps its "
+                f"{'checkpoints (a folder)' if folder else 'results (a file)'}; move it away "
+                "or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
