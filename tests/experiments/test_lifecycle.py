@@ -362,7 +362,6 @@ def test_impossible_out_is_one_clear_line(tmp_path: Path,
         assert err.startswith("rbp lctoy: error:") and "--out" in err and "\n" not in err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 @pytest.mark.parametrize("name", ["checkpoints", "results.json"])
 def test_a_file_or_folder_in_place_of_the_runs_own_is_one_clear_line(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -379,6 +378,7 @@ def test_a_file_or_folder_in_place_of_the_runs_own_is_one_clear_line(
         assert f"{out / name} is a" in err and "move it away" in err and "Errno" not in err
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_out_is_one_clear_line(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     ro = tmp_path / "ro"
