@@ -123,6 +123,7 @@ class _Plan:
     at: list[Tensor]  # h_{T-1}: where J is taken
     out: list[Tensor]  # the node's value, F(h_{T-1})
     graph: tuple[list[Tensor], list[Tensor]] | None = None  # the forward's (h_in, F(h_in))
+    f_at: list[Tensor] | None = None  # the forward's F(h_{T-1}), when ``out`` is not it
 
 
 State = Any
@@ -195,7 +196,7 @@ def _step(plan: _Plan, state: list[Tensor], closure: list[Tensor]) -> list[Tenso
             "read: f changed in between (e.g. a weight recomputed outside `with "
             "rbp.cached_norm(...)`). Run the backward inside that block, or use a first-order "
             "method without second_order=True.")
-    check_same_map(out, plan.out, "second_order=True",
+    check_same_map(out, plan.out if plan.f_at is None else plan.f_at, "second_order=True",
                    "use a first-order method without second_order=True")
     return out
 
@@ -213,7 +214,8 @@ def _grad(outs: list[Tensor], wrt: list[Tensor], cotangents: list[Tensor],
 
 def _differentiable_gradient(plan: _Plan, g: list[Tensor]) -> tuple[Tensor, ...]:
     """``z^T dF/dC`` as a graph in ``g``, ``h*`` and ``C`` (backward with create_graph)."""
-    inner = _Plan(plan.adjoint, plan.step, plan.spec, plan.closure, plan.at, plan.at)
+    inner = _Plan(plan.adjoint, plan.step, plan.spec, plan.closure, plan.at, plan.at,
+                  f_at=plan.out)
     h_star = list(_FixedPointNode.apply(inner, *plan.closure))
     # stand-ins for C that stay connected to C (views): autograd.grad with respect to them
     # stops there (partials), and the graph of the result still reaches C

@@ -612,3 +612,17 @@ def test_norm_options_are_checked_before_the_module_is_touched():
         rbp.spectral_norm(torch.nn.Linear(3, 3), learn_scale="no")
     last = rbp.weight_norm(torch.nn.Linear(3, 4), dim=-1, scale=2.0)  # the last dim, as 1
     assert torch.allclose(last.weight.norm(dim=0), torch.full((3,), 2.0))
+
+
+def test_second_order_at_an_unsettled_state_is_no_false_alarm():
+    """At a state that has not settled, h* = h_{T-1} differs from F(h_{T-1}): the check that
+    f is unchanged compares with the forward's F(h_{T-1}), not with h* (it raised here)."""
+    g = torch.Generator().manual_seed(0)
+    w = (0.3 * torch.randn(5, 5, generator=g, dtype=DT)).requires_grad_()
+    x = torch.randn(3, 5, generator=g, dtype=DT)
+    so = rbp.Implicit(rbp.linear.GMRES(max_iter=30, tol=1e-13), second_order=True)
+    h = rbp.fixed_point(lambda h: torch.tanh(h @ w.T + x), torch.zeros(3, 5, dtype=DT), 4, so,
+                        checks=rbp.Checks(on_failure="ignore"))
+    (gw,) = torch.autograd.grad(h.square().sum(), w, create_graph=True)
+    (hw,) = torch.autograd.grad(gw.square().sum(), w)
+    assert torch.isfinite(hw).all() and hw.abs().sum() > 0
