@@ -139,23 +139,17 @@ def spectral_radius(
         raise TypeError(f"f must be callable (state -> state), got {type(f).__name__}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 4:
         raise ValueError(f"iters must be an integer >= 4, got {iters!r}")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("spectral_radius needs vector-Jacobian products, which "
-                           "torch.inference_mode() forbids: call it outside inference mode "
-                           "(under torch.no_grad() it works)")
-    leaves, spec = tree.flatten(h, "h")
-    bad = [i for i, leaf in enumerate(leaves) if not bool(torch.isfinite(leaf.detach()).all())]
+    h_in, spec = tree.graph_inputs(h, "spectral_radius")
+    bad = [i for i, leaf in enumerate(h_in) if not bool(torch.isfinite(leaf.detach()).all())]
     if bad:
         raise ValueError(f"h holds NaN or inf (leaf {bad[0]}): J is not defined there; "
                          "measure at a finite state")
-    # a clone: h may be an inference tensor (made under inference_mode), which cannot join a graph
-    h_in = [leaf.detach().clone().requires_grad_() for leaf in leaves]
     with torch.enable_grad():
         out = tree.check_same_structure(spec, h_in, f(tree.unflatten(spec, h_in), *inputs), 0)
     live = [i for i, o in enumerate(out) if o.requires_grad]
     if not live:
         raise ValueError("f(h) does not depend on h through autograd: J is not defined")
-    flat = tree.to_vector([leaf.detach() for leaf in leaves])
+    flat = tree.to_vector([leaf.detach() for leaf in h_in])
 
     def vjp(v: Tensor) -> Tensor:
         parts = tree.from_vector(v, out)
@@ -165,7 +159,7 @@ def spectral_radius(
                                for g, x in zip(grads, h_in, strict=True)])
 
     if batch_dim is not None:
-        return _per_sample(vjp, flat, [leaf.detach() for leaf in leaves], batch_dim, iters, seed,
+        return _per_sample(vjp, flat, [leaf.detach() for leaf in h_in], batch_dim, iters, seed,
                            rel_tol)
     with torch.no_grad():
         rho, converged = spectral_radius_power(vjp, flat, iters=iters, seed=seed,

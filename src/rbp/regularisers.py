@@ -56,12 +56,7 @@ def jacobian_penalty(
         raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
     if isinstance(radius_iters, bool) or not isinstance(radius_iters, int) or radius_iters < 1:
         raise ValueError(f"radius_iters must be an integer >= 1, got {radius_iters!r}")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("jacobian_penalty needs vector-Jacobian products, which "
-                           "torch.inference_mode() forbids: call it outside inference mode")
-    leaves, spec = tree.flatten(h, "h")
-    # a clone: h may be an inference tensor (made under inference_mode), which cannot join a graph
-    h_in = [leaf.detach().clone().requires_grad_() for leaf in leaves]
+    h_in, spec = tree.graph_inputs(h, "jacobian_penalty")
     with torch.enable_grad():
         out = tree.check_same_structure(spec, h_in, f(tree.unflatten(spec, h_in)), 0)
         live = [i for i, o in enumerate(out) if o.requires_grad]

@@ -37,6 +37,19 @@ def flatten(state: State, what: str = "state") -> tuple[list[torch.Tensor], pytr
     return leaves, spec
 
 
+def graph_inputs(state: State, who: str) -> tuple[list[torch.Tensor], pytree.TreeSpec]:
+    """The leaves of ``state`` as fresh tensors that require grad, and its structure, for
+    ``who``'s vector-Jacobian products (clones: an inference tensor, made under
+    ``torch.inference_mode``, cannot join a graph); RuntimeError under inference mode itself,
+    which forbids the products."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{who} needs vector-Jacobian products, which "
+                           "torch.inference_mode() forbids: call it outside inference mode "
+                           "(under torch.no_grad() it works)")
+    leaves, spec = flatten(state, "h")
+    return [leaf.detach().clone().requires_grad_() for leaf in leaves], spec
+
+
 def unflatten(spec: pytree.TreeSpec, leaves: Sequence[torch.Tensor]) -> State:
     """Inverse of :func:`flatten`."""
     if spec is LEAF:

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from rbp.diagnostics import DivergenceError
 from rbp.forward.iterate import Iterate
 from rbp.forward.protocol import ForwardSolver, _row_norm
+from rbp.forward.result import divergence
 from rbp.forward.rows import RowMap
 
 Tensor = torch.Tensor
@@ -143,12 +143,7 @@ def _stopping_point(
 
 def _refuse_non_finite(res: Tensor, what: str, k: int) -> None:
     if not bool(torch.isfinite(res).all()):
-        raise DivergenceError(
-            f"{what}: the forward state is not finite after {k + 1} steps: the map "
-            "diverges or a parameter or input of f holds NaN or inf. Check them, and that f "
-            "is a contraction (e.g. smaller weights or a damped update), or use a safer "
-            "solver."
-        )
+        raise divergence(what, k + 1, ", or use a safer solver")
 
 
 def _solve(

@@ -77,10 +77,14 @@ def _norm(a: Sequence[Tensor]) -> float:
     return math.sqrt(sum(leaf.detach().double().pow(2).sum().item() for leaf in a))
 
 
+def divergence(what: str, steps: int, remedy: str = "") -> DivergenceError:
+    """The error for a forward state that is not finite after ``steps`` steps."""
+    return DivergenceError(
+        f"{what}: the forward state is not finite after {steps} steps: the map diverges or a "
+        "parameter or input of f holds NaN or inf. Check them, and that f is a contraction "
+        f"(e.g. smaller weights or a damped update){remedy}.")
+
+
 def check_finite(leaves: Sequence[Tensor], method: str, steps: int) -> None:
     if not all(bool(torch.isfinite(leaf.detach()).all()) for leaf in leaves):
-        raise DivergenceError(
-            f"fixed_point: the forward state is not finite after {steps} steps: the map diverges "
-            "or a parameter or input of f holds NaN or inf. Check them, and that f is a "
-            "contraction (e.g. smaller weights or a damped update)."
-        )
+        raise divergence("fixed_point", steps)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from rbp.data.atomic import atomic_write, remove_stale_tmp
 from rbp.runner.checkpoint import (
@@ -445,11 +449,6 @@ class RunContext:
 def data_fingerprint(*arrays: Any) -> str:
     """SHA-256 (hex) of arrays' dtypes, shapes and bytes: the same for the same data wherever
     the files lay and whatever device the tensors are on."""
-    import hashlib
-
-    import numpy as np
-    import torch
-
     h = hashlib.sha256()
     for a in arrays:
         if isinstance(a, torch.Tensor):

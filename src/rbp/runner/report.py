@@ -155,9 +155,11 @@ def find_runs(roots: Sequence[Path],
         for f in files:
             if f.name.endswith(TABLE_SUFFIX):
                 run.data_tables.append(f)
-            elif f.suffix.lower() in _IMAGE_TYPES and f.stat().st_size <= _MAX_FIGURE_BYTES:
+            elif f.suffix.lower() in _IMAGE_TYPES:
+                stat = f.stat()
                 # a figure older than the run is another run's (left by --force): not this one's
-                if started is None or f.stat().st_mtime >= started - 2.0:
+                fresh = started is None or stat.st_mtime >= started - 2.0
+                if stat.st_size <= _MAX_FIGURE_BYTES and fresh:
                     run.figures.append(f)
             elif f.suffix.lower() == ".md" and f.stem not in stems:  # no data twin
                 run.tables.append(f)
