@@ -93,3 +93,55 @@ def test_repr_names_the_method():
     assert "method='cg'" in repr(rbp.FixedPoint(Cell(), 10, "cg", 5))
     with pytest.raises(TypeError, match="cell must be a module"):
         rbp.FixedPoint("cell", 10)
+
+
+class DictCell(torch.nn.Module):
+    """``cell(x, h)`` with ``x = {"u": input, "gate": per-sample scale}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Cell()
+
+    def forward(self, x: dict, h: torch.Tensor) -> torch.Tensor:
+        return x["gate"] * self.inner(x["u"], h)
+
+
+def test_per_sample_structured_input_is_sliced_with_the_samples():
+    """A dict x with batch_dim: each leaf is sliced to the live samples; the gradient of every
+    leaf equals BPTT's through the same fixed point (float64)."""
+    cell = DictCell()
+    u = torch.randn(5, 3, dtype=DT, requires_grad=True)
+    gate = (0.5 + torch.rand(5, 1, dtype=DT)).requires_grad_()
+    layer = rbp.FixedPoint(cell, steps=300, method="gmres", truncate=60, batch_dim=0,
+                           solver="anderson", tol=1e-12)
+    h = layer({"u": u, "gate": gate}, torch.zeros(5, 5, dtype=DT))
+    h.square().sum().backward()
+    got = u.grad.clone(), gate.grad.clone()
+    u.grad = gate.grad = None
+    bptt = rbp.fixed_point(lambda h: cell({"u": u, "gate": gate}, h),
+                           torch.zeros(5, 5, dtype=DT), 300, "bptt")
+    bptt.square().sum().backward()
+    assert torch.allclose(got[0], u.grad, atol=1e-10)
+    assert torch.allclose(got[1], gate.grad, atol=1e-10)
+    assert len(set(layer.last_info.forward_steps)) > 1  # samples stopped on their own
+
+
+def test_non_tensor_leaf_of_x_with_batch_dim_is_refused():
+    layer = rbp.FixedPoint(Cell(), 50, "gmres", 10, batch_dim=0, solver="anderson", tol=1e-6)
+    with pytest.raises(TypeError, match="leaf 1 of x is a int"):
+        layer((torch.randn(2, 3, dtype=DT), 3), torch.zeros(2, 5, dtype=DT))
+
+
+def test_last_step_is_called_like_the_cell():
+    """last_step(x, h) takes the last update: here a step that adds x's first column to h_T."""
+    cell = Cell()
+    x = torch.randn(4, 3, dtype=DT)
+    plain = rbp.FixedPoint(cell, 80, "neumann", 20)(x, torch.zeros(4, 5, dtype=DT))
+    layer = rbp.FixedPoint(cell, 80, "neumann", 20,
+                           last_step=lambda x_, h: cell(x_, h) + x_[:, :1])
+    h = layer(x, torch.zeros(4, 5, dtype=DT))
+    assert torch.allclose(h, plain + x[:, :1], atol=1e-9)
+    with pytest.raises(TypeError, match=r"last_step\(x, h\)"):
+        rbp.FixedPoint(cell, 10, last_step=lambda h: h)
+    with pytest.raises(TypeError, match="last_step must be callable"):
+        rbp.FixedPoint(cell, 10, last_step=3)

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                  "rbp.runner.progress", "rbp.runner.stats", "rbp.runner.tables",
                  "rbp.runner.aggregate",
                  "rbp.runner.plots")),
-    ("config", ("rbp.runner.config", "rbp.runner.registry")),
+    ("config", ("rbp.runner.config", "rbp.runner.registry", "rbp.runner.arguments")),
     ("lifecycle", ("rbp.runner.lifecycle",)),
     ("sweep", ("rbp.runner.sweep",)),
     ("report", ("rbp.runner.report",)),

@@ -208,6 +208,27 @@ def test_dry_run_checks_settings(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 
+def test_a_flag_the_run_would_refuse_is_an_error_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt flag in a spec (passed to each run as it is) is caught by the dry run and
+    by the sweep before any point starts, with the run's own suggestion."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"experiment: sweepdummy\nimports: [{MODULE}]\nout: {tmp_path / 's'}\n"
+                    "fixed: {--no-progess: true}\ngrid: {seed: [0, 1]}\n")
+    assert cli.main(["sweep", str(spec), "--dry-run"]) == 2
+    out = capsys.readouterr().out
+    assert ("error 1 (2 points, seed-0 ...): rbp sweepdummy does not take --no-progess; did "
+            "you mean --no-progress?") in out
+    assert cli.main(["sweep", str(spec), "--no-progress"]) == 1
+    assert "does not take --no-progess" in capsys.readouterr().err
+    assert not any((tmp_path / "s").glob("seed-*/results.json"))
+    spec.write_text(spec.read_text().replace("--no-progess: true", "--reuse-from: null"))
+    assert cli.main(["sweep", str(spec), "--dry-run"]) == 0  # null: the flag is left out
+    spec.write_text(spec.read_text().replace("--reuse-from: null", "--reuse-from: true"))
+    assert cli.main(["sweep", str(spec), "--dry-run"]) == 2
+    assert "argument --reuse-from: expected one argument" in capsys.readouterr().out
+
+
 def test_an_unknown_experiment_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)  # the default sweep directory is runs/sweeps/<experiment>

@@ -14,7 +14,6 @@ application: the built-in applications are imported only when their command runs
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import os
 import sys
@@ -22,16 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rbp.runner.config import (
-    DATA_DIR_ENV,
-    ConfigError,
-    build_config,
-    config_fields,
-    parse_methods,
-)
+from rbp.runner.arguments import add_experiment, suggestions
+from rbp.runner.config import ConfigError, build_config, config_fields, parse_methods
 
 # The registry (Experiment, register, BUILTIN_APPS...) lives in rbp.runner.registry, below
-# this module, so that applications register without importing the CLI (issue 12).
+# this module, so that applications register without importing the CLI.
 from rbp.runner.registry import (
     _REGISTRY,
     APP_MODULES,
@@ -86,50 +80,6 @@ def _parse_methods(exp: Experiment, text: str) -> list[str] | None:
     return parse_methods(text, exp.methods, "--method")
 
 
-def _add_common(p: argparse.ArgumentParser, exp: Experiment) -> None:
-    choices = f" ({', '.join(exp.methods)})" if exp.methods else ""
-    p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
-                   help="override settings (VALUE is YAML), same as --set KEY=VALUE")
-    p.add_argument("--method", metavar="NAMES",
-                   help=f"comma-separated methods to run, or 'all'{choices}")
-    p.add_argument("--out", type=Path, default=Path("runs") / exp.name, metavar="DIR",
-                   help="output directory (default: %(default)s)")
-    p.add_argument("--seed", type=int, metavar="INT", help="random seed")
-    p.add_argument("--data-dir", metavar="DIR",
-                   help=f"where the data sets are (setting 'data_dir'; environment variable "
-                        f"{DATA_DIR_ENV}; default: the data shipped with rbp)")
-    p.add_argument("--device", metavar="NAME",
-                   help="where the run lives: auto (CUDA when available, else CPU), cpu, "
-                        "cuda, cuda:N or mps (setting 'device')")
-    p.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                   help="override one setting (repeatable; VALUE is YAML)")
-    p.add_argument("--quick", action="store_true", help="small, fast settings for a smoke test")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true",
-                       help="continue an interrupted run (with its own settings) from its "
-                            "checkpoints")
-    group.add_argument("--force", action="store_true",
-                       help="delete the run in --out and start a new one")
-    p.add_argument("--reuse-from", action="append", type=Path, default=[], metavar="DIR",
-                   help="another run's --out whose finished units this run takes instead of "
-                        "training them (repeatable; e.g. a worker over other seeds)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the settings, the output directory and the data; run nothing")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
-
-
-def _settings_epilog(exp: Experiment) -> str:
-    try:
-        keys = ", ".join(config_fields(exp.config_cls))
-    except TypeError:
-        return ""
-    return (f"settings for KEY=VALUE / --set / --config: {keys}. Later sources win: the "
-            f"packaged defaults, its 'quick:' section (--quick), --config FILE, "
-            f"${DATA_DIR_ENV} (data_dir only), --set and KEY=VALUE, then the flags.")
-
-
 def build_parser(exps: dict[str, Experiment]) -> argparse.ArgumentParser:
     """The ``rbp`` argument parser for the given experiments.
 
@@ -147,20 +97,8 @@ def build_parser(exps: dict[str, Experiment]) -> argparse.ArgumentParser:
         if name not in exps:
             sub.add_parser(name, help=help_text, description=help_text, add_help=False)
     for exp in exps.values():
-        _add_experiment(sub, exp)
+        add_experiment(sub, exp)
     return parser
-
-
-def _add_experiment(sub: Any, exp: Experiment) -> None:
-    p = sub.add_parser(exp.name, help=exp.help, description=exp.help,
-                       epilog=_settings_epilog(exp))
-    _add_common(p, exp)
-    if exp.add_arguments is not None:
-        exp.add_arguments(p)
-    dests = {a.dest for a in p._actions}
-    missing = sorted(set(exp.flag_to_key) - dests)
-    if missing:
-        raise ValueError(f"experiment '{exp.name}': flag_to_key names unknown flags {missing}")
 
 
 def _add_tool_commands(sub: Any, real: bool = True, only: str | None = None) -> None:
@@ -301,27 +239,6 @@ def _command_parser(parser: argparse.ArgumentParser,
     return parser
 
 
-def _suggestions(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                 extra: Sequence[str]) -> str:
-    """``; did you mean --quick?`` for unrecognized options close to one of the command's."""
-    sub = _command_parser(parser, args)
-    options = [o for a in sub._actions for o in a.option_strings]
-    if sub is not parser:
-        options += [o for a in parser._actions for o in a.option_strings]
-    hints = []
-    for word in extra:
-        if not word.startswith("--"):
-            continue
-        close = difflib.get_close_matches(word.partition("=")[0], options, n=1, cutoff=0.6)
-        if close:
-            hints.append((word.partition("=")[0], close[0]))
-    if not hints:
-        return ""
-    if len(hints) == 1:
-        return f"; did you mean {hints[0][1]}?"
-    return f"; did you mean {', '.join(f'{w} -> {o}' for w, o in hints)}?"
-
-
 def _command_of(argv: Sequence[str]) -> str | None:
     for arg in argv:
         if not arg.startswith("-"):
@@ -364,8 +281,9 @@ def _main(argv: list[str]) -> int:
             args.settings = [*args.settings, *kv]
             extra = [a for a in extra if a not in kv]
         if extra:
-            _command_parser(parser, args).error(
-                f"unrecognized arguments: {' '.join(extra)}{_suggestions(parser, args, extra)}")
+            sub = _command_parser(parser, args)
+            sub.error(f"unrecognized arguments: {' '.join(extra)}"
+                      f"{suggestions(sub, parser, extra)}")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:

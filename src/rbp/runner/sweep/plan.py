@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rbp.runner.aggregate import read_results
+from rbp.runner.arguments import check_flags
 from rbp.runner.config import build_config, config_to_dict
 from rbp.runner.lifecycle import LOCATION_KEYS, settings_differences
 from rbp.runner.registry import Experiment
@@ -25,7 +26,9 @@ __all__ = ["changed_settings", "plan_point", "resolve_point", "setting_defaults"
 
 def resolve_point(exp: Experiment, point: Point, quick: bool = False) -> dict[str, Any]:
     """The settings ``point`` runs with, as stored in its ``results.json`` (raises
-    :class:`~rbp.runner.config.ConfigError` or FileNotFoundError for bad settings)."""
+    :class:`~rbp.runner.config.ConfigError` or FileNotFoundError for bad settings or a flag
+    the run would refuse)."""
+    check_flags(exp, point.flags)
     quick = quick or "--quick" in point.flags
     return to_jsonable(config_to_dict(build_config(exp, point.overrides, quick=quick)))
 
