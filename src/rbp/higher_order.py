@@ -30,8 +30,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from rbp import tree
-from rbp.adjoint import Adjoint, check_jvp, check_same_map
+from rbp.adjoint import Adjoint
 from rbp.forward.rows import describe, from_rows, to_rows
+from rbp.jacobian import check_jvp, check_same_map
 from rbp.linear import AdjointOperator
 
 Tensor = torch.Tensor

@@ -411,14 +411,32 @@ def test_per_sample_backward_tol_stops_each_sample():
     assert max(record.sample_errors) <= 1e-9
 
 
+def _counting(fn, calls: list) -> object:
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def test_engine_fast_path_equals_the_public_autograd_path(monkeypatch):
-    """The per-product engine call gives the same gradient as torch.autograd.grad."""
-    from rbp import adjoint
+    """The per-product engine call gives the same gradient as torch.autograd.grad (both
+    engine entry points off: the CPU takes the direct one first)."""
+    from rbp import jacobian
 
     p = tanh_rnn()
+    engine_calls: list = []
+    direct = jacobian._ENGINE_DIRECT or jacobian._ENGINE_RUN_BACKWARD
+    assert direct is not None, "neither engine entry point exists in this torch"
+    monkeypatch.setattr(jacobian, "_ENGINE_DIRECT", _counting(direct, engine_calls))
     fast = method_gradients(p, "neumann", steps=200, truncate=20)
-    monkeypatch.setattr(adjoint, "_ENGINE_RUN_BACKWARD", None)
+    assert engine_calls, "the fast path was not taken"
+    monkeypatch.setattr(jacobian, "_ENGINE_DIRECT", None)
+    monkeypatch.setattr(jacobian, "_ENGINE_RUN_BACKWARD", None)
+    calls: list = []
+    monkeypatch.setattr(torch.autograd, "grad", _counting(torch.autograd.grad, calls))
     slow = method_gradients(p, "neumann", steps=200, truncate=20)
+    assert len(calls) >= 20, "the public path was not taken"
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
     assert max_rel_error(fast, exact_gradients(p)) <= 1e-6
 
