@@ -277,3 +277,40 @@ def test_cost_rows_show_constant_memory_for_implicit_methods(tmp_path: Path) -> 
     assert by[("ppr", "neumann")]["backward_status"] == ["converged"]
     with pytest.raises(SystemExit):
         main(["--rate", "1.5", "--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [  # each was accepted before: torch refused it after the data were loaded, or it ran
+        ({"lr": 0.0}, "setting 'lr' must be positive, got 0.0"),
+        ({"injected_lr": -0.01}, "setting 'injected_lr' must be positive, got -0.01"),
+        ({"momentum": 5.0}, r"setting 'momentum' must be in \[0, 1\), got 5.0"),
+        ({"momentum": -0.1}, "setting 'momentum' must be in"),
+        ({"weight_decay": -1.0}, "setting 'weight_decay' must be >= 0, got -1.0"),
+        ({"gcn_weight_decay": -1.0}, "setting 'gcn_weight_decay' must be >= 0"),
+        ({"fp_truncate": 0}, "setting 'fp_truncate' must be >= 1, got 0"),  # `or 1` let 0 by
+        ({"models": ["paper"], "fp_steps": 0}, "setting 'fp_steps' must be >= 1, got 0"),
+        ({"trace_points": -1}, "setting 'trace_points' must be >= 0"),
+        # an empty list silently meant "every method in `methods`" (null's meaning)
+        ({"injected_methods": []}, "setting 'injected_methods' is empty but models has "
+                                   "injected"),
+        ({"models": ["ignn"], "fp_methods": []}, "setting 'fp_methods' is empty but models has "
+                                                 "ignn"),
+        ({"dataset_seeds": {"cora": []}}, "setting 'dataset_seeds' gives no seeds for cora"),
+        ({"num_seeds": 0}, "no seeds to run: num_seeds must be >= 1, got 0"),
+        # read once for the whole run: a per-dataset value was silently ignored
+        ({"overrides": {"pubmed": {"device": "cpu"}}}, "overrides.pubmed: device cannot differ "
+                                                        "per dataset"),
+        ({"overrides": {"cora": {"dataset": ["pubmed"]}}}, "overrides.cora: dataset cannot"),
+        ({"overrides": {"cora": {"threads": 2}}}, "overrides.cora: threads cannot"),
+    ],
+)
+def test_settings_that_ran_wrongly_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        CitationConfig(**kwargs).validate()
+
+
+def test_empty_method_lists_of_models_not_run_and_per_dataset_seeds_pass() -> None:
+    CitationConfig(models=["paper"], injected_methods=[], fp_methods=[]).validate()
+    CitationConfig(momentum=0.0, weight_decay=0.0, trace_points=0, fp_steps=None,
+                   overrides={"pubmed": {"seed": 3, "fp_alpha": 0.2}}).validate()

@@ -163,3 +163,76 @@ def test_a_binary_config_file_is_named(tmp_path: Path,
     assert cli.main(["hopfield", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "weights.bin is not a UTF-8 text file" in err and "codec" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("lr: [0.1\n", "line 2, column 1: expected ',' or ']'"),
+        ("lr: 0.1\n---\nlr: 0.2\n", "but found another document"),
+        ("? [1, 2]\n: 3\n", "line 1, column 3: found unhashable key"),
+    ],
+)
+def test_damaged_yaml_is_one_line_naming_the_file(tmp_path: Path, text: str, where: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "damaged.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="cannot parse config file .*damaged.yaml") as info:
+        _build(config_file=path)
+    message = str(info.value)
+    assert where in message and "\n" not in message and "<unicode string>" not in message
+    assert cli.main(["hopfield", "--config", str(path), "--out", str(tmp_path / "o"),
+                     "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("rbp hopfield: error: cannot parse config file") and where in err[-1]
+
+
+def test_an_unparsable_set_value_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"--set lr: cannot parse value '\[0.1' as YAML "
+                                          r"\(line 1, column 5: expected") as info:
+        _build("lr=[0.1")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("section", ["[]", "false", "0", "''"])
+def test_a_quick_section_that_is_no_mapping_is_refused(tmp_path: Path, section: str) -> None:
+    """``quick: []`` was silently an empty section (``quick: 5`` was refused)."""
+    path = tmp_path / "q.yaml"
+    path.write_text(f"lr: 0.2\nquick: {section}\n")
+    with pytest.raises(ConfigError, match="'quick:' in config file .* must be a mapping"):
+        _build(config_file=path)
+    path.write_text("lr: 0.2\nquick:\n")  # nothing under it: no quick settings
+    assert _build(config_file=path).lr == 0.2
+
+
+def test_an_unused_quick_section_is_type_checked(tmp_path: Path) -> None:
+    """A wrong type under ``quick:`` was found only on the first --quick run."""
+    path = tmp_path / "q.yaml"
+    for text, message in (("quick:\n  seed: abc\n", "setting 'seed' in 'quick:' section"),
+                          ("quick:\n  lr: .nan\n", "'lr' in 'quick:' section .* finite"),
+                          ("quick:\n  seed: -1\n", "seed -1 is outside")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            _build(config_file=path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("checkpoint_every=-5", "setting 'checkpoint_every' in --set must be >= 0, got -5"),
+        ("interrupt_after=0", "setting 'interrupt_after' in --set must be >= 1, got 0"),
+        ("interrupt_after=-1", "setting 'interrupt_after' in --set must be >= 1, got -1"),
+    ],
+)
+def test_runner_step_counts_below_their_minimum_are_refused(override: str, message: str) -> None:
+    """A negative checkpoint_every silently meant "never", interrupt_after <= 0 "at once"."""
+
+    @dataclass
+    class Control:
+        checkpoint_every: int = 5
+        interrupt_after: int | None = None
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(Control, None, overrides=[override])
+    cfg = load_config(Control, None, overrides=["checkpoint_every=0", "interrupt_after=1"])
+    assert (cfg.checkpoint_every, cfg.interrupt_after) == (0, 1)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import rbp
-from rbp.apps.hopfield.experiment import load_digits
+from rbp.apps.hopfield.experiment import HopfieldConfig, load_digits
 from rbp.apps.hopfield.model import Hopfield, corrupt, full_update, hopfield_jacobian
-from rbp.runner import cli, read_json
+from rbp.runner import ConfigError, cli, read_json
 from rbp.runner.checkpoint import load_checkpoint
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
@@ -205,3 +205,38 @@ def test_sweep_merges_its_points_into_one_run(tmp_path: Path) -> None:
         assert merged["images"] == point["images"]
     for name in ("fig1_loss.png", "fig2_retrieval.png"):
         assert (out / "summary" / "run" / name).read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("a=0", "a must be positive, got 0.0"),        # the Euler step: h never settles
+        ("a=-1", "a must be positive, got -1.0"),
+        ("lr=0", "lr must be positive, got 0.0"),
+        ("n_hidden=-1", "n_hidden must be >= 0, got -1"),
+        ("init_std=-0.5", "init_std must be >= 0.0, got -0.5"),
+        ("truncate=60", "tbptt needs truncate <= steps (60 > 50); lower truncate or raise steps"),
+    ],
+)
+def test_bad_settings_name_the_setting_and_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, message: str
+) -> None:
+    """One line naming the setting and its value (before: "need n_hidden >= 0, lr > 0 and
+    init_std >= 0" whichever was wrong, and a step a <= 0 ran)."""
+    assert _run(tmp_path / "bad", "--dry-run", "--set", setting) == 2
+    err = capsys.readouterr().err
+    assert f"rbp hopfield: error: {message}" in err and "Traceback" not in err, err
+    key, value = setting.split("=")
+    with pytest.raises(ConfigError, match=key):
+        HopfieldConfig(**{key: float(value) if key in ("a", "lr", "init_std")
+                          else int(value)}).validate()
+
+
+def test_a_model_too_big_for_memory_is_one_line(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """n_hidden=10^9 asks for 4 * 10^18 bytes: a one-line error, not torch's traceback."""
+    assert _run(tmp_path / "big", "--quick", "--set", "n_hidden=1000000000") == 1
+    err = capsys.readouterr().err
+    assert "error: out of memory" in err and "lower the model or batch sizes" in err, err
+    assert "Traceback" not in err
+    assert read_json(tmp_path / "big" / "results.json")["status"] == "failed"

@@ -213,13 +213,29 @@ def test_a_unit_started_after_a_resume_draws_what_it_would_have_drawn(tmp_path: 
         (("--method", "sgd"), "sgd"),
         (("--set", "meta_lr=-1"), "meta_lr must be positive"),
         (("--set", "tsne_methods=[tbptt,neuman]"), "in tsne_methods; did you mean 'neumann'"),
+        # these passed the dry run once, then failed or silently did something else
+        (("--set", "sizes=[784,50,5]"), "sizes must start with 784 (the MNIST pixels) and end "
+                                         "with 10 (the classes), got [784, 50, 5]"),
+        (("--set", "sizes=[10,10]"), "sizes must start with 784"),
+        (("--set", "split=foo"), "split must be one of train, t10k, got 'foo'"),
+        (("--set", "split=train"), "split='train' applies to MNIST IDX files only"),
+        (("--set", "batch_size=2000"), "batch_size=2000 exceeds num_examples=1000"),
+        (("--set", "settings=[[30,10],[30,10]]"), "settings repeats [30, 10]; list each once"),
+        (("--set", "tsne_setting=[0,0]"), "tsne_setting must be [train_steps, truncate] with "
+                                          "both >= 1"),
+        (("--set", "tsne_meta_steps=[0,2]"), "tsne_meta_steps counts meta steps from 1, got [0]"),
+        (("--set", "tsne_meta_steps=[2,2]"), "tsne_meta_steps repeats 2"),
+        (("--set", "tsne_methods=[tbptt,tbptt]"), "tsne_methods repeats tbptt"),
+        (("--set", "meta_lr_decay_after=-1"), "meta_lr_decay_after must be >= 0"),
     ],
 )
 def test_bad_settings_fail_clearly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], message: str
 ) -> None:
-    assert _cli(tmp_path / "bad", *extra) == 2
-    assert message in capsys.readouterr().err
+    assert _cli(tmp_path / "bad", "--dry-run", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_config_validation_direct() -> None:
@@ -237,3 +253,9 @@ def test_real_mnist_problem_shape() -> None:
     assert prob.x.shape == (10000, 784) and prob.y_onehot.shape == (10000, 10)
     assert prob.x.mean(0).abs().max() < 1e-5  # mean-subtracted pixels
     assert float(prob.x.max()) <= 1.0
+
+
+def test_a_split_with_a_data_dir_and_the_default_sizes_pass() -> None:
+    HyperoptConfig(data_dir="/data/mnist", split="train").validate()
+    with pytest.raises(ConfigError, match="embedded digits have no split"):
+        HyperoptConfig(split="train").validate()

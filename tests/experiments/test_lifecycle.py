@@ -393,7 +393,7 @@ def test_read_only_out_is_one_clear_line(tmp_path: Path,
     assert "Traceback" not in err and err.count("error:") == 2
 
 
-@pytest.mark.parametrize("kind", ["data", "disk", "other"])
+@pytest.mark.parametrize("kind", ["data", "disk", "other", "runtime"])
 def test_failing_run_is_marked_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                       kind: str) -> None:
     import errno
@@ -405,18 +405,20 @@ def test_failing_run_is_marked_failed(tmp_path: Path, capsys: pytest.CaptureFixt
             raise OSError(errno.ENOSPC, "No space left on device: damaged sparse matrix")
         if kind == "other":  # anything else (a TypeError from a setting, out of memory, ...)
             raise TypeError("'float' object cannot be interpreted as an integer: damaged")
+        if kind == "runtime":  # torch's errors from deep inside are RuntimeErrors
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied: damaged")
         raise DataError("ind.cora.x is a damaged sparse matrix")
 
     register(Experiment(name="lcbroken", help="x", config_cls=ToyConfig, run=broken))
     try:
         code = cli.main(["lcbroken", "--out", str(tmp_path / "b"), "--no-progress"])
-        assert code == (1 if kind == "other" else 2)
+        assert code == (1 if kind in ("other", "runtime") else 2)
         err = capsys.readouterr().err
         assert "damaged" in err and "Traceback" not in err and err.count("\n") == 1
         assert "run with -v for the traceback" in err
         res = read_json(tmp_path / "b" / "results.json")
         assert res["status"] == "failed" and "damaged" in res["error"]
-        if kind == "other":  # -v shows where
+        if kind in ("other", "runtime"):  # -v shows where
             assert cli.main(["lcbroken", "--out", str(tmp_path / "c"), "--no-progress",
                              "-v"]) == 1
             assert "Traceback" in capsys.readouterr().err

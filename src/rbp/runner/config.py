@@ -6,8 +6,9 @@ section), the environment variable ``RBP_DATA_DIR`` (setting ``data_dir`` only),
 KEY=VALUE`` / ``KEY=VALUE`` overrides, then already-typed values from command-line flags
 (``--data-dir``, ``--seed``, ...). Every key and type is checked in every layer (also a
 ``quick:`` section that is not used), floats must be finite, seeds must lie in
-``0 .. 2**32 - 1``, ``methods`` and ``seeds`` must be non-empty lists without repeats, and the
-dataclass's ``validate()`` runs, before any work starts.
+``0 .. 2**32 - 1``, ``methods`` and ``seeds`` must be non-empty lists without repeats,
+``checkpoint_every`` must be >= 0 and ``interrupt_after`` >= 1, and the dataclass's
+``validate()`` runs, before any work starts.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ MAX_SEED = 2**32 - 1
 
 #: List settings that must be non-empty and hold no repeats.
 _UNIQUE_LISTS = ("methods", "seeds")
+
+#: The runner's step-count settings and their smallest value.
+_CONTROL_MINIMUM = {"checkpoint_every": 0, "interrupt_after": 1}
 
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -187,8 +191,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     except _DuplicateKeyError as exc:
         raise ConfigError(f"--set {key}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse value '{raw}': {exc}") from exc
+        raise ConfigError(f"--set {key}: cannot parse value '{raw}' as YAML "
+                          f"({_yaml_problem(exc)}); quote it or fix its brackets") from None
     return key, value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: ``line 2, column 1: expected ',' or ']' (while parsing a
+    flow sequence)`` (PyYAML's own text spans several lines and names no file)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return where + problem + (f" ({context})" if context else "")
 
 
 def _is_list_type(tp: Any) -> bool:
@@ -250,7 +265,8 @@ def load_yaml_file(path: Path, what: str) -> Any:
     except _DuplicateKeyError as exc:
         raise ConfigError(f"{what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse {what} {path}: {exc}") from exc
+        raise ConfigError(f"cannot parse {what} {path}: {_yaml_problem(exc)}; fix the YAML "
+                          "there") from None
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
@@ -266,9 +282,13 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
 
 def _split_quick(data: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
     data = dict(data)
-    quick = data.pop(QUICK_KEY, None) or {}
-    if not isinstance(quick, dict):
-        raise ConfigError(f"'{QUICK_KEY}:' in {source} must be a mapping of settings")
+    quick = data.pop(QUICK_KEY, None)
+    if quick is None:  # absent, or `quick:` with nothing under it
+        return data, {}
+    if not isinstance(quick, dict):  # also [] or false: not silently an empty section
+        raise ConfigError(f"'{QUICK_KEY}:' in {source} must be a mapping of settings, got "
+                          f"{quick!r} ({type(quick).__name__}); indent the settings under it "
+                          "or remove it")
     return data, quick
 
 
@@ -292,10 +312,24 @@ def _seeds_in(key: str, value: Any) -> list[Any]:
     return [value] if isinstance(value, int) and not isinstance(value, bool) else []
 
 
+def _check_control(key: str, value: Any, source: str) -> None:
+    """The runner's own settings: ``checkpoint_every`` (0: never) and ``interrupt_after``
+    (a count of steps, or null); a negative value would silently mean "never" / "at once"."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return
+    low = _CONTROL_MINIMUM.get(key)
+    if low is not None and value < low:
+        meaning = "0 saves no checkpoints" if low == 0 else "null: never"
+        raise ConfigError(f"setting '{key}' in {source} must be >= {low}, got {value} "
+                          f"({meaning})")
+
+
 def _check_value(key: str, value: Any, source: str) -> None:
-    """Checks that hold for every experiment: finite floats, 32-bit seeds, unique lists."""
+    """Checks that hold for every experiment: finite floats, 32-bit seeds, unique lists,
+    the runner's step counts."""
     if _non_finite(value):
         raise ConfigError(f"setting '{key}' in {source} must be finite, got {value!r}")
+    _check_control(key, value, source)
     for seed in _seeds_in(key, value):
         if not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"setting '{key}' in {source}: seed {seed} is outside "
@@ -307,6 +341,25 @@ def _check_value(key: str, value: Any, source: str) -> None:
         if repeated:
             raise ConfigError(f"setting '{key}' in {source} repeats {', '.join(repeated)}; "
                               "list each once")
+
+
+def _checked_layer(data: Mapping[str, Any], hints: Mapping[str, Any],
+                   source: str) -> dict[str, Any]:
+    """``data``'s settings converted to their hints; ConfigError naming ``source`` for an
+    unknown key, a wrong type or an impossible value."""
+    out = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(str(key), hints, source)
+        ok, converted = coerce(value, hints[key])
+        if not ok:
+            raise ConfigError(
+                f"setting '{key}' in {source} expects {type_name(hints[key])}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+        _check_value(key, converted, source)
+        out[key] = converted
+    return out
 
 
 def load_config(
@@ -338,9 +391,7 @@ def load_config(
         if quick:
             layers.append((quick_source, quick_data))
         else:  # still checked, so a typo there is not found only on the first --quick run
-            for key in quick_data:
-                if key not in hints:
-                    raise _unknown_key(str(key), hints, quick_source)
+            _checked_layer(quick_data, hints, quick_source)
     if env:
         layers.append(("the environment", dict(env)))
     set_values: dict[str, Any] = {}
@@ -357,16 +408,7 @@ def load_config(
     merged: dict[str, Any] = {}
     layer_of: dict[str, int] = {}  # the layer each merged value came from
     for rank, (source, data) in enumerate(layers):
-        for key, value in data.items():
-            if key not in hints:
-                raise _unknown_key(str(key), hints, source)
-            ok, converted = coerce(value, hints[key])
-            if not ok:
-                raise ConfigError(
-                    f"setting '{key}' in {source} expects {type_name(hints[key])}, "
-                    f"got {value!r} ({type(value).__name__})"
-                )
-            _check_value(key, converted, source)
+        for key, converted in _checked_layer(data, hints, source).items():
             merged[key] = converted
             layer_of[key] = rank
     settle = getattr(cls, "settle_layers", None)

@@ -564,6 +564,26 @@ def _check_resume(out: Path, prev: dict[str, Any] | None, cfg: Any, name: str) -
 # ---------------------------------------------------------------- the lifecycle
 
 
+def _out_of_memory(exc: BaseException) -> str | None:
+    """What to say of a failed allocation (CUDA/MPS's OutOfMemoryError or the CPU allocator's
+    refusal, e.g. ``--set n_hidden=1000000000``), or None for another error."""
+    text = str(exc)
+    if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    return (f"out of memory: {text.strip().splitlines()[-1]}; these settings need more memory "
+            "than this machine has: lower the model or batch sizes, or run on a larger device")
+
+
+def _failed(ctx: RunContext, prog: str, message: str, verbose: bool) -> int:
+    """A run that raised: recorded as failed, told in one line (the traceback with -v), 1."""
+    _finish_quietly(ctx, "failed", error=message)
+    if verbose:
+        traceback.print_exc()
+    _error(prog, message + ("" if verbose else " (run with -v for the traceback)"))
+    return 1
+
+
 def _error(prog: str, message: object) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr)
 
@@ -748,8 +768,8 @@ def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | Non
         return 130
     except RuntimeError as exc:
         if "loading state_dict" not in str(exc) or not resume:
-            _finish_quietly(ctx, "failed", error=f"{type(exc).__name__}: {exc}")
-            raise
+            return _failed(ctx, prog, _out_of_memory(exc) or f"{type(exc).__name__}: {exc}",
+                           verbose)
         # a checkpoint from a run with other settings (older checkpoints do not record them)
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first[1:] if ln.strip()), first[0] if first else "")
@@ -771,12 +791,7 @@ def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | Non
         _error(prog, exc if verbose else f"{exc} (run with -v for the traceback)")
         return 2
     except Exception as exc:  # anything else: one line, the traceback with -v
-        _finish_quietly(ctx, "failed", error=f"{type(exc).__name__}: {exc}")
-        if verbose:
-            traceback.print_exc()
-        _error(prog, f"{type(exc).__name__}: {exc}" + ("" if verbose else
-                                                        " (run with -v for the traceback)"))
-        return 1
+        return _failed(ctx, prog, f"{type(exc).__name__}: {exc}", verbose)
     except BaseException as exc:
         _finish_quietly(ctx, "failed", error=f"{type(exc).__name__}: {exc}")
         raise

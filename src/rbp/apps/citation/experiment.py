@@ -79,6 +79,9 @@ class CitationConfig:
     UNIT_SELECTORS: ClassVar[frozenset[str]] = frozenset({
         "seed", "seeds", "num_seeds", "dataset_seeds", "dataset", "models", "methods",
         "baselines", "injected_methods", "fp_methods"})
+    #: Settings read once for the whole run, which ``overrides`` may not set per dataset.
+    WHOLE_RUN: ClassVar[frozenset[str]] = frozenset({
+        "dataset", "device", "threads", "checkpoint_every", "interrupt_after"})
 
     methods: list[str] = field(default_factory=lambda: list(rbp.METHODS))
     seed: int = 0
@@ -224,6 +227,10 @@ class CitationConfig:
             bad = sorted(set(over) - known)
             if bad:
                 raise ConfigError(f"overrides.{ds}: unknown setting(s) {bad}")
+            whole_run = sorted(set(over) & self.WHOLE_RUN)
+            if whole_run:  # read once for the whole run: per dataset it would be ignored
+                raise ConfigError(f"overrides.{ds}: {', '.join(whole_run)} cannot differ per "
+                                  "dataset (the run reads it once); set it at the top level")
             hints = config_fields(type(self))
             for key, value in over.items():  # typed like the settings they override
                 ok, converted = coerce(value, hints[key])
@@ -257,8 +264,13 @@ class CitationConfig:
             missing = [d for d in self.dataset if d.lower() not in self.hidden]
             if missing:
                 raise ConfigError(f"setting 'hidden' has no size for {missing}")
-        if not self.seed_list() or any(not v for v in self.dataset_seeds.values()):
-            raise ConfigError("no seeds to run (num_seeds must be >= 1)")
+        if not self.seed_list():
+            raise ConfigError(f"no seeds to run: num_seeds must be >= 1, got {self.num_seeds}")
+        empty = sorted(ds for ds, v in self.dataset_seeds.items() if not v)
+        if empty:
+            raise ConfigError(f"setting 'dataset_seeds' gives no seeds for {', '.join(empty)}; "
+                              "name at least one, or drop the entry to use 'seeds'")
+        self._validate_method_lists()
         ints = {"steps": self.steps, "truncate": self.truncate, "epochs": self.epochs,
                 "val_every": self.val_every, "injected_steps": self.injected_steps,
                 "injected_truncate": self.injected_truncate,
@@ -294,11 +306,15 @@ class CitationConfig:
                               "from models or unset them")
         fp_ints = {"fp_hidden": self.fp_hidden, "fp_epochs": self.fp_epochs,
                    "fp_val_every": self.fp_val_every, "gcn_hidden": self.gcn_hidden,
-                   "gcn_epochs": self.gcn_epochs, "fp_truncate": self.fp_truncate or 1,
-                   "fp_steps": self.fp_steps or 1}
-        for key, value in fp_ints.items():
-            if value < 1:
+                   "gcn_epochs": self.gcn_epochs, "fp_truncate": self.fp_truncate,
+                   "fp_steps": self.fp_steps}
+        for key, value in fp_ints.items():  # fp_truncate, fp_steps: also null
+            if value is not None and value < 1:
                 raise ConfigError(f"setting '{key}' must be >= 1, got {value}")
+        if self.trace_points < 0:
+            raise ConfigError(f"setting 'trace_points' must be >= 0 (0: no traces), got "
+                              f"{self.trace_points}")
+        self._validate_optimisers()
         for model in FIXED_POINT_MODELS:
             if model in self.models and self.fp_steps is not None \
                     and self.fp_K(model) > self.fp_steps:
@@ -320,6 +336,30 @@ class CitationConfig:
                 "and the torch GCN baseline, and this run trains none of them (models "
                 f"{list(self.models)}, baselines {list(self.baselines)}): leave it unset")
         resolve_device(self.device)
+
+    def _validate_method_lists(self) -> None:
+        """An empty ``injected_methods`` / ``fp_methods`` would silently train every method in
+        ``methods`` (null's meaning) where its model runs."""
+        for key, models in (("injected_methods", ("injected",)),
+                            ("fp_methods", FIXED_POINT_MODELS)):
+            running = [m for m in models if m in self.models]
+            if getattr(self, key) == [] and running:
+                raise ConfigError(f"setting '{key}' is empty but models has {running[0]}; name "
+                                  f"its methods, null for every method in 'methods', or drop "
+                                  f"{running[0]} from models")
+
+    def _validate_optimisers(self) -> None:
+        """Learning rates, SGD's momentum and the weight decays (torch refuses some only
+        after the data are loaded, takes others and diverges)."""
+        for key in ("lr", "injected_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"setting '{key}' must be positive, got {getattr(self, key)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"setting 'momentum' must be in [0, 1), got {self.momentum}")
+        for key in ("weight_decay", "injected_weight_decay", "fp_weight_decay",
+                    "gcn_weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"setting '{key}' must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass

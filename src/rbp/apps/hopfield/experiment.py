@@ -73,11 +73,16 @@ class HopfieldConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if "tbptt" in self.methods and self.truncate > self.steps:
-            raise ConfigError(f"tbptt needs truncate <= steps ({self.truncate} > {self.steps})")
+            raise ConfigError(f"tbptt needs truncate <= steps ({self.truncate} > {self.steps}); "
+                              "lower truncate or raise steps")
         if not 0.0 <= self.corrupt_fraction <= 1.0:
             raise ConfigError(f"corrupt_fraction must be in [0, 1], got {self.corrupt_fraction}")
-        if self.n_hidden < 0 or self.lr <= 0 or self.init_std < 0:
-            raise ConfigError("need n_hidden >= 0, lr > 0 and init_std >= 0")
+        for name, low in (("n_hidden", 0), ("init_std", 0.0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "a"):  # a: the Euler step of Eq. 18; at 0 or below h never settles
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         resolve_device(self.device)
 
 

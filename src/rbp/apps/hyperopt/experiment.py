@@ -20,7 +20,7 @@ import torch
 
 import rbp
 from rbp.apps.hyperopt import model
-from rbp.data import DataError, describe_mnist_source, load_mnist
+from rbp.data import MNIST_SPLITS, DataError, describe_mnist_source, load_mnist
 from rbp.runner import (
     ConfigError,
     RunContext,
@@ -90,6 +90,9 @@ class HyperoptConfig:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.meta_lr_decay_after < 0:
+            raise ConfigError(f"meta_lr_decay_after must be >= 0 (0: decay from the first meta "
+                              f"step), got {self.meta_lr_decay_after}")
         if not self.settings and self.train_steps is None:
             raise ConfigError("settings is empty: give at least one [train_steps, truncate]")
         for s in self.settings:
@@ -97,8 +100,10 @@ class HyperoptConfig:
                 raise ConfigError(
                     f"settings entries must be [train_steps, truncate] with both >= 1, got {s}"
                 )
-        if len(self.sizes) < 2 or any(n < 1 for n in self.sizes):
-            raise ConfigError(f"sizes must list >= 2 positive layer widths, got {self.sizes}")
+        repeated = _repeats(self.settings)
+        if repeated:  # the second would silently reuse the first's unit
+            raise ConfigError(f"settings repeats {', '.join(repeated)}; list each once")
+        self._validate_data()
         if not 0.0 < self.init_momentum < 1.0:
             raise ConfigError(f"init_momentum must lie in (0, 1), got {self.init_momentum}")
         if not self.meta_lr > 0:
@@ -113,14 +118,50 @@ class HyperoptConfig:
         if self.last_step not in ("full", "minibatch"):
             raise ConfigError(f"last_step must be 'full' or 'minibatch', got "
                               f"{self.last_step!r}")
-        if len(self.tsne_setting) != 2:
-            raise ConfigError(f"tsne_setting must be [train_steps, truncate], got "
-                              f"{self.tsne_setting}")
-        check_methods(self.tsne_methods, METHODS, "tsne_methods")  # a typo drew nothing
+        self._validate_tsne()
         for t, k in self.grid():
             if k > t and "tbptt" in self.methods:
                 raise ConfigError(f"tbptt needs truncate <= train_steps; got T={t}, K={k}")
         resolve_device(self.device)
+
+    def _validate_data(self) -> None:
+        """MNIST fixes the input width (784 pixels), the output width (10 classes) and the
+        splits; the embedded digits have no split."""
+        if len(self.sizes) < 2 or any(n < 1 for n in self.sizes):
+            raise ConfigError(f"sizes must list >= 2 positive layer widths, got {self.sizes}")
+        if self.sizes[0] != 784 or self.sizes[-1] != 10:
+            raise ConfigError(f"sizes must start with 784 (the MNIST pixels) and end with 10 "
+                              f"(the classes), got {self.sizes}")
+        if self.split not in MNIST_SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(MNIST_SPLITS)}, got "
+                              f"{self.split!r}")
+        if self.data_dir is None and self.split != "t10k":
+            raise ConfigError(f"split={self.split!r} applies to MNIST IDX files only, and the "
+                              "embedded digits have no split: pass --data-dir, or leave split "
+                              "at t10k")
+        if self.batch_size > self.num_examples:
+            raise ConfigError(f"batch_size={self.batch_size} exceeds num_examples="
+                              f"{self.num_examples}; lower batch_size or raise num_examples")
+
+    def _validate_tsne(self) -> None:
+        """Fig. 4's settings: impossible or repeated values would silently draw nothing."""
+        if len(self.tsne_setting) != 2 or min(self.tsne_setting) < 1:
+            raise ConfigError(f"tsne_setting must be [train_steps, truncate] with both >= 1, "
+                              f"got {self.tsne_setting}")
+        check_methods(self.tsne_methods, METHODS, "tsne_methods")  # a typo drew nothing
+        bad = [s for s in self.tsne_meta_steps if s < 1]
+        if bad:
+            raise ConfigError(f"tsne_meta_steps counts meta steps from 1, got {bad}; "
+                              "use [] for no t-SNE figure")
+        for key in ("tsne_methods", "tsne_meta_steps"):
+            repeated = _repeats(getattr(self, key))
+            if repeated:
+                raise ConfigError(f"{key} repeats {', '.join(repeated)}; list each once")
+
+
+def _repeats(values: list[Any]) -> list[str]:
+    """The entries of ``values`` that appear more than once, as text."""
+    return sorted({str(v) for v in values if values.count(v) > 1})
 
 
 # ---------------------------------------------------------------- data and one meta step
