@@ -259,3 +259,15 @@ def test_a_split_with_a_data_dir_and_the_default_sizes_pass() -> None:
     HyperoptConfig(data_dir="/data/mnist", split="train").validate()
     with pytest.raises(ConfigError, match="embedded digits have no split"):
         HyperoptConfig(split="train").validate()
+
+
+def test_a_tsne_setting_no_unit_matches_says_fig4_is_not_drawn(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Valid t-SNE settings that match none of the run's units (a documented run may train
+    another grid) draw no Fig. 4, and the run says so and why."""
+    out = tmp_path / "q"
+    assert _cli(out, "--method", "neumann", "--set", "meta_steps=1",
+                "--set", "tsne_setting=[40,10]") == 0
+    err = capsys.readouterr().err
+    assert "fig4 not drawn: no unit of this run is tsne_setting=[40, 10]" in err
+    assert "fig4" not in json.loads((out / "results.json").read_text())["figures"]

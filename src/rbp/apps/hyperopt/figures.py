@@ -237,6 +237,11 @@ def make_all(results: dict[str, Any], cfg: Any, out_dir: Path,
     if p4 is not None:
         paths["fig4"] = str(p4)
         paths["fig4_tsne_coordinates"] = coords
+    elif log is not None and cfg.tsne_meta_steps:  # asked for, but no unit recorded one
+        log.warning("fig4 not drawn: no unit of this run is tsne_setting=%s with a method of "
+                    "tsne_methods=%s that reached a meta step of tsne_meta_steps=%s; set them "
+                    "to one of this run's units (or tsne_meta_steps=[] for none)",
+                    list(cfg.tsne_setting), list(cfg.tsne_methods), list(cfg.tsne_meta_steps))
     # One summary line plot of the meta loss of every unit (handy for a quick look).
     series = {tag: (list(range(1, len(u["meta_loss"]) + 1)), u["meta_loss"])
               for tag, u in units.items() if u["meta_loss"]}
