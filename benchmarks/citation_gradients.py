@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import core_bench  # noqa: E402  (device check, result writer)
 
 import rbp  # noqa: E402
-from rbp.apps.citation.experiment import CitationConfig, _paper_method  # noqa: E402
+from rbp.apps.citation.config import CitationConfig
+from rbp.apps.citation.experiment import _paper_method  # noqa: E402
 from rbp.apps.citation.model import pca_features, sum_adjacency  # noqa: E402
 from rbp.apps.citation.seeds import SeedBatchedGGNN  # noqa: E402
 from rbp.data import DataError, load_planetoid, split_labelled  # noqa: E402

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from rbp.apps.citation.baselines import GCNSettings, gcn_baseline, gcn_baseline_seeds
-from rbp.apps.citation.experiment import CitationConfig, _paper_method
+from rbp.apps.citation.config import CitationConfig
+from rbp.apps.citation.experiment import _paper_method
 from rbp.apps.citation.model import (
     GGNN,
     PPRGNN,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rbp.apps.citation.experiment import CitationConfig
+from rbp.apps.citation.config import CitationConfig
 from rbp.apps.citation.model import (
     IGNN,
     PPRGNN,

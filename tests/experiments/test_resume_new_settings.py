@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rbp.apps.citation.experiment import CitationConfig
+from rbp.apps.citation.config import CitationConfig
 from rbp.runner.config import config_to_dict
 from rbp.runner.lifecycle import settings_differences, with_new_defaults
 

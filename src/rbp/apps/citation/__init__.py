@@ -7,7 +7,8 @@ import argparse
 import rbp
 from rbp.runner.registry import Experiment, register, register_summary
 
-from .experiment import MODELS, CitationConfig, check_data, run
+from .config import MODELS, CitationConfig
+from .experiment import check_data, run
 from .tables import sweep_summary
 
 __all__ = ["EXPERIMENT", "MODELS", "CitationConfig", "run"]
