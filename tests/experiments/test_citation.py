@@ -265,7 +265,7 @@ def _assert_data_recorded(out: Path, name: str) -> None:
     resume where the data lie elsewhere)."""
     from rbp.data import load_planetoid
     from rbp.runner.checkpoint import load_checkpoint
-    from rbp.runner.lifecycle import data_fingerprint
+    from rbp.runner.resume import data_fingerprint
 
     d = load_planetoid(name)
     want = data_fingerprint(d.features, d.labels, d.edge_index)

@@ -27,8 +27,9 @@ def _rbp(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
                           text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
-HEAVY = ("rbp.apps", "rbp.runner.lifecycle", "rbp.runner.checkpoint", "rbp.runner.results",
-         "rbp.runner.sweep", "rbp.runner.report", "matplotlib", "scipy", "sklearn")
+HEAVY = ("rbp.apps", "rbp.runner.lifecycle", "rbp.runner.lock", "rbp.runner.resume",
+         "rbp.runner.checkpoint", "rbp.runner.results", "rbp.runner.sweep", "rbp.runner.report",
+         "matplotlib", "scipy", "sklearn")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["list"], []])
@@ -163,7 +164,7 @@ def test_dry_run_checks_each_datasets_own_data_dir(tmp_path: Path,
 
 def test_dry_run_into_a_locked_folder_is_not_ready(tmp_path: Path, kv_experiment: None,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from rbp.runner.lifecycle import RunLock
+    from rbp.runner.lock import RunLock
 
     out = tmp_path / "r"
     out.mkdir()

@@ -24,15 +24,11 @@ from rbp.data import atomic as atomic_mod
 from rbp.runner import checkpoint as ckpt_mod
 from rbp.runner import cli, read_json, register, rng_state, set_rng_state, unregister
 from rbp.runner.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
-from rbp.runner.lifecycle import (
-    LOCK_FILE,
-    RunContext,
-    RunLock,
-    RunLockedError,
-    deferred_interrupts,
-    settings_differences,
-)
+from rbp.runner.lifecycle import RunContext
+from rbp.runner.lock import LOCK_FILE, RunLock, RunLockedError
 from rbp.runner.registry import Experiment
+from rbp.runner.resume import settings_differences
+from rbp.runner.signals import deferred_interrupts
 
 
 @dataclass
@@ -798,7 +794,7 @@ def test_a_checkpoint_without_data_fingerprints_needs_its_own_data_dir(
 def test_data_fingerprint_is_of_the_values() -> None:
     import numpy as np
 
-    from rbp.runner.lifecycle import data_fingerprint
+    from rbp.runner.resume import data_fingerprint
 
     x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     assert data_fingerprint(x) == data_fingerprint(x.numpy()) == data_fingerprint(x.t().t())

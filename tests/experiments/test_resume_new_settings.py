@@ -6,7 +6,7 @@ import dataclasses
 
 from rbp.apps.citation.config import CitationConfig
 from rbp.runner.config import config_to_dict
-from rbp.runner.lifecycle import settings_differences, with_new_defaults
+from rbp.runner.resume import settings_differences, with_new_defaults
 
 
 def test_a_setting_added_since_the_run_started_is_taken_at_its_default() -> None:

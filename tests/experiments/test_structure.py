@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                  "rbp.runner.aggregate",
                  "rbp.runner.plots")),
     ("config", ("rbp.runner.config", "rbp.runner.registry", "rbp.runner.arguments")),
-    ("lifecycle", ("rbp.runner.lifecycle",)),
+    ("lifecycle", ("rbp.runner.lock", "rbp.runner.resume", "rbp.runner.lifecycle")),
     ("sweep", ("rbp.runner.sweep",)),
     ("report", ("rbp.runner.report",)),
     ("cli", ("rbp.runner.cli", "rbp.runner.__main__")),

@@ -478,7 +478,7 @@ def test_starting_is_logged_when_a_point_starts(tmp_path: Path,
 
 
 def test_one_sweep_per_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from rbp.runner.lifecycle import RunLock
+    from rbp.runner.lock import RunLock
 
     out = tmp_path / "s"
     out.mkdir()

@@ -44,7 +44,7 @@ def _run(folder: Path, accs: dict[str, dict[int, float]], dataset: str = "cora")
 
 
 def test_the_committed_readme_agrees_with_the_committed_full_runs(tool):
-    from rbp.runner.lifecycle import lock_holder
+    from rbp.runner.lock import lock_holder
 
     running = [d.name for d in (ROOT / "results" / "citation" / "full").glob("*")
                if d.is_dir() and lock_holder(d) is not None]

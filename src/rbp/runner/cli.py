@@ -174,7 +174,7 @@ def _dry_run(exp: Experiment, cfg: Any, out: Path, resume: bool, force: bool,
     elif not os.access(probe, os.W_OK | os.X_OK):
         problems.append(f"--out {out}: {probe} is not writable")
     else:
-        from rbp.runner.lifecycle import describe_holder, lock_holder
+        from rbp.runner.lock import describe_holder, lock_holder
         from rbp.runner.results import RunExistsError, check_run_dir
 
         holder = lock_holder(out)
@@ -184,9 +184,9 @@ def _dry_run(exp: Experiment, cfg: Any, out: Path, resume: bool, force: bool,
         try:
             check_run_dir(out, resume, force)
             if resume and out.is_dir():  # what --resume would refuse: unknown or other settings
-                from rbp.runner.lifecycle import _check_resume, _previous_results
+                from rbp.runner.resume import check_resume, previous_results
 
-                _check_resume(out, _previous_results(out), cfg, exp.name)
+                check_resume(out, previous_results(out), cfg, exp.name)
         except RunExistsError as exc:
             problems.append(str(exc))
     from rbp.runner.lifecycle import reuse_problems

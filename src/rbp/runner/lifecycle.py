@@ -9,15 +9,10 @@ experiment's ``run(cfg, ctx)`` gets a :class:`RunContext` and only trains and re
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
-import hashlib
 import json
 import logging
-import os
 import shlex
-import socket
 import sys
 import time
 import traceback
@@ -27,7 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rbp.data.atomic import atomic_write, remove_stale_tmp
@@ -39,6 +33,7 @@ from rbp.runner.checkpoint import (
     seed_everything,
 )
 from rbp.runner.config import config_to_dict
+from rbp.runner.lock import RunLock, describe_holder
 from rbp.runner.progress import get_logger
 from rbp.runner.results import (
     CHECKPOINT_DIR,
@@ -47,165 +42,33 @@ from rbp.runner.results import (
     current_torch_threads,
     machine_info,
     prepare_run_dir,
-    read_json,
     to_jsonable,
     write_json,
 )
+from rbp.runner.resume import (
+    DATA_KEY,
+    LOCATION_KEYS,
+    SettingsMismatchError,
+    check_resume,
+    data_fingerprint,
+    describe_differences,
+    moved_data,
+    previous_results,
+    settings_differences,
+    with_new_defaults,
+)
 from rbp.runner.signals import deferred_interrupts, interrupt_on_sigterm
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: runs are not locked
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = [
-    "CONTROL_KEYS",
-    "DATA_KEY",
-    "LOCATION_KEYS",
-    "LOCK_FILE",
-    "RESERVED_RESULT_KEYS",
-    "RunContext",
-    "RunLock",
-    "RunLockedError",
-    "SettingsMismatchError",
-    "data_fingerprint",
-    "interrupt_on_sigterm",
-    "run_experiment",
-    "settings_differences",
-]
-
-#: Lock file inside a run directory: held (``flock``) by the run writing there.
-LOCK_FILE = ".lock"
+__all__ = ["RESERVED_RESULT_KEYS", "RunContext", "reuse_problems", "run_experiment"]
 
 #: Key of a checkpoint's state holding the settings of the run that wrote it (JSON text).
 SETTINGS_KEY = "_rbp_settings"
-
-#: Settings that control the run but not its numbers: they may differ on ``--resume`` (a
-#: checkpoint loads on another device, and seeds may be regrouped into other batches).
-CONTROL_KEYS = frozenset({"checkpoint_every", "interrupt_after", "device", "seed_batch"})
-
-#: Key of a checkpoint's state holding the fingerprints of the data the run read
-#: (:meth:`RunContext.record_data`): name -> SHA-256 of the arrays.
-DATA_KEY = "_rbp_data"
-
-#: Settings that say where the data are, not what they are: compared through the data's
-#: fingerprints instead, when the checkpoint holds them (a run moves to a machine whose data
-#: live elsewhere).
-LOCATION_KEYS = frozenset({"data_dir"})
 
 #: Keys the runner adds to ``results.json``; an app's results must not use them.
 RESERVED_RESULT_KEYS = frozenset(
     {"experiment", "status", "error", "wall_time_s", "started_at", "resumed", "quick",
      "command", "rbp_version", "config", "machine"}
 )
-
-
-class RunLockedError(RunExistsError):
-    """Another live process holds the output directory's lock."""
-
-
-class SettingsMismatchError(RunExistsError):
-    """``--resume`` with settings that differ from the run's own."""
-
-
-# ---------------------------------------------------------------- signals
-
-
-# ---------------------------------------------------------------- lock
-
-
-def _describe_holder(info: dict[str, Any]) -> str:
-    pid, host, since = info.get("pid", "?"), info.get("host", "?"), info.get("started_at", "?")
-    return f"pid {pid} on {host}, started {since}"
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``<out>/.lock``, which holds the owner's pid, host and start.
-
-    The kernel drops the lock when its process dies, so a lock file with content that nobody
-    holds is *stale*: :attr:`stale` then describes the dead owner. Release empties the file.
-    """
-
-    def __init__(self, out: Path, command: Sequence[str] = ()) -> None:
-        self.path = Path(out) / LOCK_FILE
-        self.stale: dict[str, Any] | None = None
-        try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise RunExistsError(f"cannot write in --out {out}: {exc.strerror or exc}; choose "
-                                 "a writable directory") from None
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                get_logger("run").warning("cannot lock %s (%s); running without a lock",
-                                          self.path, exc.strerror or exc)
-                return
-            info = self._read()
-            os.close(self._fd)
-            raise RunLockedError(
-                f"another run ({_describe_holder(info)}) is writing to {out}; wait for it to "
-                "end or choose another --out") from None
-        prev = self._read()
-        if prev:
-            self.stale = prev
-        os.ftruncate(self._fd, 0)
-        doc = {"pid": os.getpid(), "host": socket.gethostname(),
-               "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-               "command": list(command)}
-        os.pwrite(self._fd, (json.dumps(doc) + "\n").encode(), 0)
-        os.fsync(self._fd)
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            raw = os.pread(self._fd, 65536, 0).decode(errors="replace").strip()
-            info = json.loads(raw) if raw else {}
-        except (OSError, ValueError):
-            return {"pid": "?", "host": "?", "started_at": "?"} if raw else {}
-        return info if isinstance(info, dict) else {}
-
-    def release(self) -> None:
-        """Empty the lock file and release the lock (idempotent)."""
-        if self._fd < 0:
-            return
-        with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, 0)
-        os.close(self._fd)  # closing the last descriptor releases the flock
-        self._fd = -1
-
-
-def lock_holder(out: Path) -> dict[str, Any] | None:
-    """Who holds the lock of run directory ``out`` now (pid, host, start), or None when no
-    live process does; creates nothing (``--dry-run``)."""
-    path = Path(out) / LOCK_FILE
-    if fcntl is None or not path.is_file():
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                return None
-            try:
-                info = json.loads(os.pread(fd, 65536, 0).decode(errors="replace") or "{}")
-            except (OSError, ValueError):
-                info = {}
-            return info if isinstance(info, dict) else {}
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def describe_holder(info: dict[str, Any]) -> str:
-    """``pid P on HOST, started T`` of a :func:`lock_holder` answer."""
-    return _describe_holder(info)
 
 
 # ---------------------------------------------------------------- context
@@ -365,12 +228,10 @@ class RunContext:
         # unit's numbers: a finished unit of a run over other seeds is the same unit
         diff = settings_differences(with_new_defaults(old, self.config), new, ignore=ignore)
         if diff:
-            shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}"
-                              for k in diff[:6])
-            more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
             raise SettingsMismatchError(
-                f"checkpoint {path} was written by a run with other settings ({shown}{more}); "
-                f"it cannot be resumed with these: {remedy}")
+                f"checkpoint {path} was written by a run with other settings "
+                f"({describe_differences(old, new, diff)}); it cannot be resumed with these: "
+                f"{remedy}")
 
     def finish(self, tag: str, result: dict[str, Any]) -> None:
         """Record unit ``tag`` as done with ``result`` (replaces its mid-way checkpoint)."""
@@ -443,82 +304,6 @@ class RunContext:
         return self.results_path
 
 
-# ---------------------------------------------------------------- resume checks
-
-
-def data_fingerprint(*arrays: Any) -> str:
-    """SHA-256 (hex) of arrays' dtypes, shapes and bytes: the same for the same data wherever
-    the files lay and whatever device the tensors are on."""
-    h = hashlib.sha256()
-    for a in arrays:
-        if isinstance(a, torch.Tensor):
-            a = a.detach().cpu().contiguous()
-            dtype, shape = str(a.dtype).removeprefix("torch."), tuple(a.shape)
-            raw = a.view(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b""
-        else:
-            a = np.ascontiguousarray(a)
-            dtype, shape, raw = str(a.dtype), a.shape, a.tobytes()
-        h.update(f"{dtype}{shape};".encode())
-        h.update(raw)
-    return h.hexdigest()
-
-
-def settings_differences(old: dict[str, Any], new: dict[str, Any],
-                         ignore: frozenset[str] = frozenset()) -> list[str]:
-    """Keys whose values differ between two settings dicts (``CONTROL_KEYS`` and ``ignore``
-    left out)."""
-    old_j, new_j = to_jsonable(old), to_jsonable(new)
-    keys = sorted((set(old_j) | set(new_j)) - CONTROL_KEYS - ignore)
-    return [k for k in keys if old_j.get(k, "<unset>") != new_j.get(k, "<unset>")]
-
-
-def with_new_defaults(old: dict[str, Any], cfg: Any) -> dict[str, Any]:
-    """``old`` settings plus every setting of ``cfg`` they lack that ``cfg`` holds at its
-    default: a setting added since a run started, left at its default, is what the run ran
-    with (so the run still resumes)."""
-    if not (dataclasses.is_dataclass(cfg) and isinstance(old, dict)):
-        return old
-    new = to_jsonable(config_to_dict(cfg))
-    added = {f.name: new[f.name] for f in dataclasses.fields(cfg)
-             if f.name not in old and f.name in new and _at_default(cfg, f)}
-    return {**added, **old}
-
-
-def _at_default(cfg: Any, f: dataclasses.Field) -> bool:
-    """Whether field ``f`` of settings ``cfg`` holds its declared default."""
-    if f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        return False
-    return to_jsonable(getattr(cfg, f.name)) == to_jsonable(default)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _previous_results(out: Path) -> dict[str, Any] | None:
-    path = out / RESULTS_FILE
-    if not path.is_file():
-        if any((out / CHECKPOINT_DIR).glob("*.pt")):
-            raise RunExistsError(f"{out} has checkpoints but no {RESULTS_FILE}, so the "
-                                 "settings of the run to resume are unknown; pass --force to "
-                                 "start it over")
-        return None
-    try:
-        prev = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise RunExistsError(f"cannot read {path} ({exc}), so the settings of the run to "
-                             "resume are unknown; pass --force to start it over") from None
-    if not isinstance(prev, dict):
-        raise RunExistsError(f"{path} does not hold a run's results; pass --force to start "
-                             "over or choose another --out")
-    return prev
-
-
 def _restore(path: Path, data: bytes) -> None:
     """Put ``path``'s earlier bytes back (atomically; a failure to do so is only logged)."""
     try:
@@ -526,39 +311,6 @@ def _restore(path: Path, data: bytes) -> None:
             f.write(data)
     except OSError as exc:
         get_logger("run").warning("could not restore %s: %s", path, exc)
-
-
-def _moved_data(prev: dict[str, Any], cfg: Any) -> list[str]:
-    """The ``LOCATION_KEYS`` whose values differ between the previous run and ``cfg``."""
-    old = prev.get("config")
-    if not isinstance(old, dict) or not dataclasses.is_dataclass(cfg):
-        return []
-    new = to_jsonable(config_to_dict(cfg))
-    old = to_jsonable(old)
-    return [k for k in sorted(LOCATION_KEYS) if k in new and old.get(k) != new[k]]
-
-
-def _check_resume(out: Path, prev: dict[str, Any] | None, cfg: Any, name: str) -> None:
-    if prev is None:
-        return
-    if prev.get("experiment") not in (None, name):
-        raise SettingsMismatchError(
-            f"{out} holds a '{prev.get('experiment')}' run, not '{name}'; choose another --out")
-    old = prev.get("config")
-    if not isinstance(old, dict):
-        return
-    new = config_to_dict(cfg)
-    old = with_new_defaults(old, cfg)
-    # where the data lie may change: each checkpoint compares the data's fingerprints
-    diff = settings_differences(old, new, ignore=LOCATION_KEYS)
-    if diff:
-        old_j, new_j = to_jsonable(old), to_jsonable(new)
-        shown = "; ".join(f"{k}: {_short(old_j.get(k))} -> {_short(new_j.get(k))}"
-                          for k in diff[:6])
-        more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
-        raise SettingsMismatchError(
-            f"cannot --resume {out} with other settings ({shown}{more}); resume with the "
-            "run's own settings, choose another --out, or pass --force to start a new run there")
 
 
 # ---------------------------------------------------------------- the lifecycle
@@ -617,7 +369,7 @@ def _prepare(out: Path, resume: bool, force: bool, command: list[str],
     try:
         if lock.stale:
             log.warning("%s was locked by a run that ended without releasing it (%s); taking "
-                        "it over", out, _describe_holder(lock.stale))
+                        "it over", out, describe_holder(lock.stale))
         stale = remove_stale_tmp(out / CHECKPOINT_DIR) + remove_stale_tmp(out)
         if stale:
             log.info("removed %d unfinished temporary file(s) of an earlier run", len(stale))
@@ -701,13 +453,13 @@ def _run_locked(name: str, run: Callable[[Any, RunContext], dict[str, Any] | Non
     last: dict[str, Any] = {}
     if resume:
         try:
-            prev = _previous_results(out)
-            _check_resume(out, prev, cfg, name)
+            prev = previous_results(out)
+            check_resume(out, prev, cfg, name)
         except ValueError as exc:
             _error(prog, exc)
             return 2
         if prev is not None:
-            moved = _moved_data(prev, cfg)
+            moved = moved_data(prev, cfg)
             if prev.get("status") == "finished" and not moved:
                 log.info("%s holds a finished run with these settings; nothing to do "
                          "(pass --force to run it again)", out)

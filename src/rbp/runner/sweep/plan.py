@@ -15,9 +15,9 @@ from typing import Any
 from rbp.runner.aggregate import read_results
 from rbp.runner.arguments import check_flags
 from rbp.runner.config import build_config, config_to_dict
-from rbp.runner.lifecycle import LOCATION_KEYS, settings_differences
 from rbp.runner.registry import Experiment
 from rbp.runner.results import CHECKPOINT_DIR, RESULTS_FILE, to_jsonable
+from rbp.runner.resume import LOCATION_KEYS, settings_differences
 
 from .spec import Point
 

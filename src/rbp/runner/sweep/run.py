@@ -14,7 +14,7 @@ from typing import Any
 
 from rbp.runner.aggregate import SWEEP_FILE, aggregate, read_results
 from rbp.runner.config import ConfigError, build_config, parse_override
-from rbp.runner.lifecycle import LOCK_FILE, RunLock, interrupt_on_sigterm
+from rbp.runner.lock import LOCK_FILE, RunLock
 from rbp.runner.progress import get_logger, progress, setup_logging
 from rbp.runner.registry import (
     IMPORTS_ENV,
@@ -25,6 +25,7 @@ from rbp.runner.registry import (
     summary_of,
 )
 from rbp.runner.results import write_json
+from rbp.runner.signals import interrupt_on_sigterm
 
 from .launch import Job, Launcher, LocalLauncher, RayLauncher
 from .plan import plan_point, resolve_point, setting_defaults
