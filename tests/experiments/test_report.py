@@ -89,15 +89,23 @@ def result_dirs(tmp_path: Path) -> Path:
 
 def test_markdown_tables() -> None:
     out = markdown_to_html(TABLE1)
-    assert out.count("<table") == 1 and "<h3>Table 1</h3>" in out
-    assert '<th style="text-align:left">method</th>' in out
-    assert '<td style="text-align:right">24.48 ± 6.6</td>' in out
-    assert '<td style="text-align:center">53.56 ± 5.3</td>' in out
+    assert out.count("<table") == 1 and ">Table 1</h3>" in out
+    assert '<th style="text-align: left;">method</th>' in out
+    assert '<td style="text-align: right;">24.48 ± 6.6</td>' in out
+    assert '<td style="text-align: center;">53.56 ± 5.3</td>' in out
     assert "<strong>46.63</strong>" in out and "<strong>3</strong>" in out
-    assert "<td style=\"text-align:left\">a | b</td>" in out
+    assert '<td style="text-align: left;">a | b</td>' in out
     assert "<code>x&lt;y</code>" in out
     assert out.count("<tr>") == 4
-    assert markdown_to_html("a | b\nno table here") == "<p>a | b no table here</p>"
+    assert markdown_to_html("a | b\nno table here") == "<p>a | b\nno table here</p>"
+
+
+def test_markdown_escapes_raw_html() -> None:
+    """A table file from someone else's results folder cannot put markup into the page."""
+    out = markdown_to_html('<script>alert(1)</script>\n\nok <b onclick="x">b</b>\n\n'
+                           "```\n<i>code</i>\n```\n")
+    assert "<script" not in out and "<b " not in out and "<i>" not in out
+    assert "&lt;script&gt;" in out and "&lt;i&gt;code&lt;/i&gt;" in out
 
 
 def test_find_runs_and_page(result_dirs: Path, tmp_path: Path) -> None:

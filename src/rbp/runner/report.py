@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
 import json
 import re
 import sys
@@ -171,108 +170,18 @@ def find_runs(roots: Sequence[Path],
 # ---------------------------------------------------------------- Markdown
 
 
-_INLINE = [
-    (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
-    (re.compile(r"\*\*([^*]+)\*\*"), r"<strong>\1</strong>"),
-    (re.compile(r"(?<![\w*])\*([^*]+)\*(?![\w*])"), r"<em>\1</em>"),
-]
-_SEPARATOR = re.compile(r"^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$")
-
-
-def _inline(text: str) -> str:
-    out = html.escape(text, quote=False)
-    for pattern, repl in _INLINE:
-        out = pattern.sub(repl, out)
-    return out
-
-
-def _cells(line: str) -> list[str]:
-    line = line.strip()
-    if line.startswith("|"):
-        line = line[1:]
-    if line.endswith("|") and not line.endswith("\\|"):
-        line = line[:-1]
-    parts = re.split(r"(?<!\\)\|", line)
-    return [p.strip().replace("\\|", "|") for p in parts]
-
-
-def _table(header: str, sep: str, body: list[str]) -> str:
-    aligns = []
-    for cell in _cells(sep):
-        left, right = cell.startswith(":"), cell.endswith(":")
-        aligns.append("center" if left and right else "right" if right else
-                      "left" if left else "")
-    heads = _cells(header)
-
-    def row(cells: list[str], tag: str) -> str:
-        cells = (cells + [""] * len(heads))[: len(heads)]
-        parts = []
-        for i, c in enumerate(cells):
-            style = f' style="text-align:{aligns[i]}"' if i < len(aligns) and aligns[i] else ""
-            parts.append(f"<{tag}{style}>{_inline(c)}</{tag}>")
-        return "<tr>" + "".join(parts) + "</tr>"
-
-    rows = "\n".join(row(_cells(b), "td") for b in body)
-    return (f'<table class="md">\n<thead>{row(heads, "th")}</thead>\n'
-            f"<tbody>\n{rows}\n</tbody>\n</table>")
-
-
 def markdown_to_html(text: str) -> str:
-    """A small Markdown subset as HTML: pipe tables (with ``:--:`` alignment), ``#`` headings,
-    ``-``/``*`` lists, fenced code blocks and paragraphs, with inline code, bold and italics.
-    All text is HTML-escaped."""
-    lines = text.splitlines()
-    out: list[str] = []
-    para: list[str] = []
-    items: list[str] = []
+    """Markdown (pipe tables with ``:--:`` alignment, fenced code, lists, emphasis) as HTML by
+    Python-Markdown, with raw HTML in ``text`` escaped, not passed through (a results folder
+    may come from anyone) and headings shifted below the page's own (``#`` is ``<h3>``)."""
+    import markdown  # the experiments extra; loaded when a page is written
+    from markdown.extensions.toc import TocExtension
 
-    def flush() -> None:
-        if para:
-            out.append("<p>" + _inline(" ".join(para)) + "</p>")
-            para.clear()
-        if items:
-            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
-            items.clear()
-
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        if stripped.startswith("```"):
-            flush()
-            j = i + 1
-            while j < len(lines) and not lines[j].strip().startswith("```"):
-                j += 1
-            out.append("<pre>" + html.escape("\n".join(lines[i + 1: j])) + "</pre>")
-            i = j + 1
-            continue
-        if "|" in stripped and i + 1 < len(lines) and _SEPARATOR.match(lines[i + 1]) and \
-                "|" in lines[i + 1]:
-            flush()
-            j = i + 2
-            while j < len(lines) and "|" in lines[j] and lines[j].strip():
-                j += 1
-            out.append(_table(line, lines[i + 1], lines[i + 2: j]))
-            i = j
-            continue
-        heading = re.match(r"^(#{1,6})\s+(.*)$", stripped)
-        if heading:
-            flush()
-            level = min(len(heading.group(1)) + 2, 6)  # below the page's own headings
-            out.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
-        elif re.match(r"^[-*]\s+", stripped):
-            if para:
-                flush()
-            items.append(re.sub(r"^[-*]\s+", "", stripped))
-        elif not stripped:
-            flush()
-        else:
-            if items:
-                flush()
-            para.append(stripped)
-        i += 1
-    flush()
-    return "\n".join(out)
+    md = markdown.Markdown(extensions=["tables", "fenced_code",
+                                       TocExtension(baselevel=3, anchorlink=False)])
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    return md.convert(text)
 
 
 # ---------------------------------------------------------------- page data
