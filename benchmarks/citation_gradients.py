@@ -67,14 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=list(rbp.METHODS), default=None,
                    help="default: all six (--quick: bptt neumann)")
     p.add_argument("--quick", action="store_true", help="Cora, BPTT and Neumann-RBP")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=core_bench.int_at_least(0, core_bench.MAX_SEED), default=0,
+                   help="the model's weights, split and PCA start (0 .. 2^32 - 1)")
     p.add_argument("--data-dir", default=None, help="Planetoid folder (pubmed needs one offline)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--out", type=Path, default=Path("results/citation_gradients"))
+    p.add_argument("--out", type=Path, default=Path("results/citation_gradients"),
+                   help="folder for gradients.json (default: results/citation_gradients)")
     args = p.parse_args(argv)
+    core_bench.refuse_repeats(p, args, "datasets", "methods")
     datasets = args.datasets or (["cora"] if args.quick else ["cora", "pubmed"])
     methods = args.methods or (["bptt", "neumann"] if args.quick else list(rbp.METHODS))
     device = core_bench.device_or_exit("citation_gradients", args.device, ["float64"])
+    core_bench.out_dir_or_exit("citation_gradients", args.out)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []

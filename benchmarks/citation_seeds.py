@@ -38,6 +38,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import core_bench  # noqa: E402  (the option types, the --out check)
+
+import rbp  # noqa: E402
 from rbp.apps.citation.baselines import GCNSettings, gcn_baseline, gcn_baseline_seeds
 from rbp.apps.citation.config import CitationConfig
 from rbp.apps.citation.experiment import _paper_method
@@ -193,10 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 repeats, bptt and neumann, S <= 2")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="batch sizes S")
-    p.add_argument("--methods", nargs="+", default=None)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=core_bench.int_at_least(1), nargs="+", default=[1, 2],
+                   help="torch thread counts to time (default: 1 2)")
+    p.add_argument("--seeds", type=core_bench.int_at_least(1), nargs="+", default=None,
+                   help="batch sizes S")
+    p.add_argument("--methods", nargs="+", choices=list(rbp.METHODS), default=None,
+                   help="gradient methods (default: all six; --quick bptt neumann; not with "
+                        "--model gcn)")
+    p.add_argument("--repeats", type=core_bench.int_at_least(1), default=None,
+                   help="timed epochs per setting (default 3; --quick 2)")
     p.add_argument("--data-dir", default=None, help="Planetoid folder (default: shipped Cora)")
     p.add_argument("--model", choices=["paper", "ppr", "gcn"], default="paper")
     p.add_argument("--dataset", choices=sorted(HIDDEN), default="cora",
@@ -204,11 +213,16 @@ def main(argv: list[str] | None = None) -> int:
                         "pubmed 16); pubmed needs --data-dir")
     p.add_argument("--out", type=Path, default=Path("results/citation_seeds"))
     args = p.parse_args(argv)
+    core_bench.refuse_repeats(p, args, "threads", "seeds", "methods")
+    if args.model == "gcn" and args.methods is not None:
+        p.error("--methods does not apply with --model gcn (the GCN baseline has no gradient "
+                "method); leave it out")
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
         print(f"citation_seeds: error: {exc}", file=sys.stderr)
         return 2
+    core_bench.out_dir_or_exit("citation_seeds", args.out)
     methods = args.methods or (["bptt", "neumann"] if args.quick else
                                ["bptt", "tbptt", "rbp", "cg", "neumann", "gmres"])
     sizes = args.seeds or ([1, 2] if args.quick else [1, 2, 5, 10])

@@ -44,6 +44,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -701,6 +702,68 @@ def device_or_exit(script: str, name: str, dtype_names: list[str]) -> torch.devi
     return device
 
 
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[low, high]`` (no upper bound when ``high`` is None),
+    so that a count of 0 or a negative one is a usage error, not a silent default or a
+    traceback from inside the run."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a tolerance; ``nan``, ``inf`` and 0 refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
+    return value
+
+
+def refuse_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   *names: str) -> None:
+    """A usage error for a list option (``--k 5 5``) that names a value twice: the run would
+    measure it twice and print duplicate rows."""
+    for name in names:
+        values = getattr(args, name) or []
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} names {', '.join(twice)} more than once; give each value once")
+
+
+#: The largest seed torch's generators and the ``rbp`` runner take (``rbp.runner.config``).
+MAX_SEED = 2**32 - 1
+
+
+def out_dir_or_exit(script: str, out: Path) -> Path:
+    """``out`` created (with its parents) and writable; else one line ``<script>: error: ...``
+    on stderr and exit 2, before any work (not a traceback when the results are written)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        problem = None if os.access(out, os.W_OK) else "is not writable"
+    except FileExistsError:
+        problem = "is a file, not a folder"
+    except OSError as exc:
+        problem = f"cannot be created ({exc.strerror or exc})"
+    if problem is not None:
+        print(f"{script}: error: --out {out} {problem}; pass a folder that can be written",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return out
+
+
 def build_problems(quick: bool, names: list[str], seed: int) -> list[Problem]:
     sizes = SIZES["quick" if quick else "full"]
     makers: dict[str, Callable[[], Problem]] = {
@@ -896,20 +959,47 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _check_combination(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, as a usage error, options that the run would ignore or fail on midway."""
+    if args.overhead_only:
+        ignored = [flag for flag, value in (("--steps", args.steps), ("--k", args.k),
+                                            ("--repeats", args.repeats),
+                                            ("--no-counts", args.no_counts or None))
+                   if value is not None]
+        if ignored:
+            verb = "does" if len(ignored) == 1 else "do"
+            parser.error(f"{', '.join(ignored)} {verb} not apply with --overhead-only (its "
+                         "sizes are fixed: T=50 / 100, K=20); leave it out")
+        if args.pairs == 0:
+            parser.error("--pairs 0 with --overhead-only leaves nothing to measure; give "
+                         "--pairs 1 or more, or leave --overhead-only out")
+        return
+    steps = args.steps or (80 if args.quick else 100)
+    ks = args.k or ([5, 25] if args.quick else [10, 20, 30])
+    if max(ks) > steps:
+        given = "--k" if args.k else "the default K"
+        parser.error(f"{given} {max(ks)} is larger than T = {steps} (tbptt back-propagates K "
+                     "steps); give every K <= --steps")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per config")
+    parser.add_argument("--repeats", type=int_at_least(1), default=None,
+                        help="timed calls per config")
     parser.add_argument("--out", type=Path, default=Path("results/core_bench"))
-    parser.add_argument("--steps", type=int, default=None, help="forward steps T")
-    parser.add_argument("--k", type=int, nargs="+", default=None, help="backward budgets K")
+    parser.add_argument("--steps", type=int_at_least(1), default=None,
+                        help="forward steps T (default 100; --quick 80)")
+    parser.add_argument("--k", type=int_at_least(1), nargs="+", default=None,
+                        help="backward budgets K, each <= T")
     parser.add_argument("--problems", nargs="+", default=None, choices=list(SIZES["full"]),
                         help="rnn gru rnn-nonnormal (default: all)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float64", "float32"],
                         help="float64 float32")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int_at_least(1), default=1,
+                        help="torch.set_num_threads")
     parser.add_argument("--no-counts", action="store_true", help="skip the F / vjp count run")
-    parser.add_argument("--pairs", type=int, default=None,
+    parser.add_argument("--pairs", type=int_at_least(0), default=None,
                         help="alternating rbp/hand calls in the overhead study (0: skip)")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the paired overhead study: rbp.neumann against the "
@@ -919,13 +1009,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu",
                         help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
     args = parser.parse_args(argv)
+    refuse_repeats(parser, args, "k", "problems", "dtypes")
+    _check_combination(parser, args)
     # the small overhead problem is float32; the full-size ones run in both by default
     dtypes = args.dtypes or (["float32", "float64"] if args.overhead_only
                              else default_dtypes(args.quick))
     device = device_or_exit("core_bench", args.device, dtypes)
+    out_dir_or_exit("core_bench", args.out)
     torch.set_num_threads(args.threads)
     if args.overhead_only:
-        pairs = args.pairs or 300
+        pairs = 300 if args.pairs is None else args.pairs
         small = make_rnn(128, 16, 32, 0).cast(torch.float32, device)
         small.name = "rnn-128x16"
         start = time.perf_counter()

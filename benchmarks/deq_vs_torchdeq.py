@@ -78,8 +78,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import rbp
-from rbp.data import load_mnist
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import core_bench  # noqa: E402  (the option types, the --out check)
+
+import rbp  # noqa: E402
+from rbp.data import load_mnist  # noqa: E402
 from rbp.runner.device import describe_device, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,33 +242,25 @@ class StorageBytes:
         return sum(self.seen.values()) / 2**20
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
-        return value
-
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=_int_at_least(1), default=3)
+    parser.add_argument("--epochs", type=core_bench.int_at_least(1), default=None,
+                        help="training epochs (default 3; --quick 1)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"tiny: 1 epoch on {QUICK_TRAIN + QUICK_TEST} digits")
-    parser.add_argument("--threads", type=_int_at_least(1), default=1,
+                        help=f"tiny: {QUICK_TRAIN + QUICK_TEST} digits, 1 epoch unless "
+                             "--epochs is given")
+    parser.add_argument("--threads", type=core_bench.int_at_least(1), default=1,
                         help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cpu",
                         help="auto, cpu, cuda, cuda:N or mps (default cpu)")
-    parser.add_argument("--seed", type=_int_at_least(0), default=0)
+    parser.add_argument("--seed", type=core_bench.int_at_least(0, core_bench.MAX_SEED), default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "deq_vs_torchdeq",
                         help="directory for bench.json and table.md")
     parser.add_argument("--probe", choices=LIBS, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 1 if args.quick else 3
+    return args
 
 
 def _data(args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
@@ -558,9 +553,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.probe is not None:
         print(json.dumps(probe_rss(args)))
         return {}
+    core_bench.out_dir_or_exit("deq_vs_torchdeq", args.out)
     import torchdeq
 
-    epochs = 1 if args.quick else args.epochs
+    epochs = args.epochs
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -360,14 +360,14 @@ def per_sample_table(dtype: torch.dtype, quick: bool,
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, 1 repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, 1 repeat (unless --repeats is given)")
+    parser.add_argument("--repeats", type=core_bench.int_at_least(1), default=None,
+                        help="timed solves per setting (default 5; --quick 1)")
     parser.add_argument("--out", default="results/forward_bench")
     parser.add_argument("--device", default="cpu",
                         help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1 (got {args.repeats})")
     try:
         device = resolve_device(args.device)
         if device.type == "mps":
@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as exc:  # ConfigError: no such device here; no float64 on it
         print(f"forward_bench: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    repeats = 1 if args.quick else args.repeats
+    out = core_bench.out_dir_or_exit("forward_bench", Path(args.out))
+    repeats = args.repeats or (1 if args.quick else 5)
     torch.set_num_threads(1)
     have_deq = importlib.util.find_spec("torchdeq") is not None
     names = [n for n in SOLVERS if have_deq or not n.startswith("torchdeq")]
@@ -402,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   for r in per_sample_table(d, args.quick, device)]
     result = {
         "command": "python benchmarks/forward_bench.py"
-                   + (" --quick" if args.quick else f" --repeats {repeats}")
+                   + (" --quick" if args.quick else "")
+                   + ("" if args.quick and args.repeats is None else f" --repeats {repeats}")
                    + ("" if args.device == "cpu" else f" --device {args.device}"),
         "settings": core_bench.device_settings(device),
         "torch": torch.__version__,
@@ -417,8 +419,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "broyden_memory": broyden_memory_rows(rows, probs),
         "per_sample": per_sample,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
     print(core_bench.device_line({**result["settings"], "threads": result["threads"]},
                                  cpu_clock=False))  # its times are wall times anyway

@@ -19,12 +19,40 @@
 # beside them, are kept; seed_batch=10 regroups the rest; the data may lie elsewhere than on
 # the CPU machine: checkpoints compare the data's SHA-256, not the folder).
 # Without an installed package the script runs the source tree (PYTHONPATH=src).
+# A setting it cannot use (an unknown step or data set, QUICK other than 1 / 0, a time limit
+# that is not a positive integer, a DATA folder without the mnist/ or planetoid/ a step reads)
+# is refused in one line, exit 2, before anything runs.
 set -u
 : "${OUT:?set OUT to the folder that receives the results}"
 : "${DATA:?set DATA to the folder holding mnist/ and planetoid/}"
 DEVICE="${DEVICE:-cuda}"
 STEPS="${STEPS:-tests table2 table1}"
 QUICK="${QUICK:-}"
+# refuse, in one line and before any work, a setting that would silently skip or break a step
+die() { echo "gpu_session.sh: error: $*" >&2; exit 2; }
+for step in $STEPS; do
+    case "$step" in tests|table2|table1) ;;
+        *) die "STEPS: unknown step '$step' (valid: tests table2 table1)";; esac
+done
+[ -n "${STEPS// /}" ] || die "STEPS is empty; give some of: tests table2 table1"
+case "$QUICK" in ""|0) QUICK= ;; 1) ;;
+    *) die "QUICK='$QUICK' (valid: 1 for the tiny sizes, 0 or unset for the full ones)";; esac
+for limit in TEST_S TABLE2_S TABLE1_S; do
+    value="${!limit:-1}"
+    case "$value" in ''|*[!0-9]*|0) die "$limit='$value' is not a positive number of seconds";;
+    esac
+done
+for ds in ${T1_DATASETS:-cora pubmed}; do
+    case "$ds" in cora|pubmed|citeseer) ;;
+        *) die "T1_DATASETS: unknown data set '$ds' (valid: cora pubmed citeseer)";; esac
+done
+[ -d "$DATA" ] || die "DATA=$DATA is not a folder; point it at the folder holding mnist/ and planetoid/"
+case " $STEPS " in *" table2 "*)
+    [ -d "$DATA/mnist" ] || die "DATA=$DATA has no mnist/ folder, which step table2 reads";;
+esac
+case " $STEPS " in *" table1 "*)
+    [ -d "$DATA/planetoid" ] || die "DATA=$DATA has no planetoid/ folder, which step table1 reads";;
+esac
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"

@@ -205,31 +205,33 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (seconds)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per config")
+    parser.add_argument("--repeats", type=cb.int_at_least(1), default=None,
+                        help="timed calls per config")
     parser.add_argument("--problems", nargs="+", default=["rnn", "gru"], help="rnn gru")
-    parser.add_argument("--steps", type=int, nargs="+", default=None, help="forward lengths T")
-    parser.add_argument("--k", type=int, nargs="+", default=list(KS), help="solver iterations")
-    parser.add_argument("--ref-steps", type=int, default=None,
+    parser.add_argument("--steps", type=cb.int_at_least(1), nargs="+", default=None,
+                        help="forward lengths T")
+    parser.add_argument("--k", type=cb.int_at_least(1), nargs="+", default=list(KS),
+                        help="solver iterations")
+    parser.add_argument("--ref-steps", type=cb.int_at_least(1), default=None,
                         help="T of the BPTT reference (default: 2 x the largest T; quick: 400)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=cb.int_at_least(1), default=1,
+                        help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=Path("results/second_order_bench"))
     parser.add_argument("--device", default="cpu",
                         help="auto, cpu, cuda, cuda:N (default: cpu; float64 throughout)")
     args = parser.parse_args(argv)
+    cb.refuse_repeats(parser, args, "problems", "steps", "k")
     device = cb.device_or_exit("second_order_bench", args.device, ["float64"])
     mode = "quick" if args.quick else "full"
     steps_list = args.steps or list(STEPS[mode])
     ref_steps = args.ref_steps or (400 if args.quick else 2 * max(steps_list))
     repeats = args.repeats or (1 if args.quick else 3)
-    for value, name in ((repeats, "repeats"), (args.threads, "threads"), (ref_steps, "ref-steps"),
-                        (min(steps_list), "steps"), (min(args.k), "k")):
-        if value < 1:
-            parser.error(f"--{name} must be >= 1")
     unknown = set(args.problems) - set(SIZES[mode])
     if unknown:
         parser.error(f"unknown problems {sorted(unknown)}; choose from rnn gru")
+    cb.out_dir_or_exit("second_order_bench", args.out)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -213,28 +213,28 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (seconds)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per config")
+    parser.add_argument("--repeats", type=cb.int_at_least(1), default=None,
+                        help="timed calls per config")
     parser.add_argument("--problems", nargs="+", default=["rnn", "gru", "rnn-nonnormal"],
                         choices=list(cb.SIZES["full"]),
                         help="rnn gru rnn-nonnormal (default: all)")
-    parser.add_argument("--k", type=int, nargs="+", default=list(KS),
+    parser.add_argument("--k", type=cb.int_at_least(1), nargs="+", default=list(KS),
                         help="backward budgets K (GMRES iterations)")
-    parser.add_argument("--steps", type=int, default=300, help="most forward evaluations")
-    parser.add_argument("--tol", type=float, default=1e-8, help="forward relative tolerance")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--steps", type=cb.int_at_least(1), default=300,
+                        help="most forward evaluations")
+    parser.add_argument("--tol", type=cb.positive_float, default=1e-8,
+                        help="forward relative tolerance")
+    parser.add_argument("--threads", type=cb.int_at_least(1), default=1,
+                        help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, default=Path("results/shine_bench"))
     parser.add_argument("--device", default="cpu",
                         help="auto, cpu, cuda, cuda:N (default: cpu; float64 throughout)")
     args = parser.parse_args(argv)
+    cb.refuse_repeats(parser, args, "problems", "k")
     device = cb.device_or_exit("shine_bench", args.device, ["float64"])
-    for name in ("repeats", "threads", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1")
-    if any(k < 1 for k in args.k):
-        parser.error("--k must be >= 1")
+    cb.out_dir_or_exit("shine_bench", args.out)
     repeats = args.repeats or (1 if args.quick else 3)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

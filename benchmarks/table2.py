@@ -218,6 +218,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class WorkerError(RuntimeError):
+    """A measuring subprocess failed; the message is the last line of its stderr."""
+
+
 def _measure(spec: dict[str, Any], flag: str = "--worker") -> Any:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(
@@ -225,8 +229,33 @@ def _measure(spec: dict[str, Any], flag: str = "--worker") -> Any:
         capture_output=True, text=True, env=env, check=False,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"worker failed for {spec}:\n{proc.stderr[-3000:]}")
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise WorkerError(last)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The variants asked for; a bad option is a usage error before any work."""
+    if args.repeats is not None and args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants:
+        p.error(f"--variants {args.variants!r} names no variant; choose from "
+                f"{', '.join(VARIANTS)}")
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    return variants
+
+
+def _check_data(p: argparse.ArgumentParser, data_dir: str | None) -> None:
+    """The MNIST test split that every worker loads is there (one line if not)."""
+    from rbp.data import DataError, load_mnist
+
+    try:
+        load_mnist(data_dir, "t10k")
+    except DataError as exc:
+        p.error(str(exc))
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -309,14 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run every configuration in its own subprocess; print and save the tables."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    p.add_argument("--out", default="results/table2")
+    p.add_argument("--out", default="results/table2",
+                   help="folder for results.json, table2.md, scaling.png")
     p.add_argument("--data-dir", default=None,
                    help="MNIST IDX directory (default: ../shared/data/mnist if present, "
                         "else the embedded digits)")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed meta steps per configuration (default 3; --quick 1)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-scaling", action="store_true", help="skip the T-scaling runs")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--timing-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -329,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rbp.runner.device import resolve_device
 
+    variants = _check_options(p, args)
     try:
         device = str(resolve_device(args.device))
     except ValueError as exc:
@@ -337,6 +370,21 @@ def main(argv: list[str] | None = None) -> int:
     if data_dir is None:
         local = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
         data_dir = str(local) if local.is_dir() else None
+    _check_data(p, data_dir)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import core_bench  # the --out check (not in the workers, whose memory is measured)
+
+    out = core_bench.out_dir_or_exit("table2", Path(args.out))
+    try:
+        return _run(args, device, data_dir, variants, out)
+    except WorkerError as exc:
+        print(f"table2: error: a measurement failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, device: str, data_dir: str | None, variants: list[str],
+         out: Path) -> int:
+    """Measure every configuration, then write and print the tables."""
     quick = args.quick
     steps = 40 if quick else 1000
     ks = [5, 10] if quick else [10, 50, 100]
@@ -345,10 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if quick else 3)
     base = {"data_dir": data_dir, "num_examples": 1000 if quick else 10000, "seed": 0,
             "repeats": repeats, "device": device}
-    variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
 
     def run_group(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Memory: one subprocess per configuration; time: one interleaved subprocess."""
@@ -377,8 +421,6 @@ def main(argv: list[str] | None = None) -> int:
                  steps=t, truncate=min(scaling_k, t))
             for t in scaling_t for method in ("bptt", "tbptt", "neumann")])
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     import torch
 
     from rbp.runner import machine_info, write_json

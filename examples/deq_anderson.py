@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--train", type=_int_in(1, TRAIN), default=TRAIN,
                         help=f"training digits, at most {TRAIN} (the last {TEST} of the "
                         f"{TRAIN + TEST} are the test digits)")
-    parser.add_argument("--seed", type=_int_in(0), default=0)
+    parser.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)

@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "0.8^(N+1-j), z* weighted 1); 0: off")
     parser.add_argument("--warm-start", action="store_true",
                         help="start each digit's solve from its last fixed point")
-    parser.add_argument("--seed", type=_int_in(0), default=0)
+    parser.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     return parser.parse_args(argv)
 
 

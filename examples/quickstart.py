@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="neumann", choices=rbp.METHODS)
     parser.add_argument("--epochs", type=_int_in(1), default=3)
-    parser.add_argument("--seed", type=_int_in(0), default=0)
+    parser.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)

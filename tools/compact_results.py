@@ -168,9 +168,27 @@ def _tracked(folder: Path) -> list[Path]:
     """The files under ``folder`` that git tracks."""
     import subprocess
 
-    out = subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=folder, check=True,
-                         capture_output=True).stdout.decode()
-    return sorted(folder / name for name in out.split("\0") if name)
+    done = subprocess.run(["git", "ls-files", "-z", "--", "."], cwd=folder, check=False,
+                          capture_output=True)
+    if done.returncode != 0:
+        why = (done.stderr.decode(errors="replace").strip().splitlines() or ["git failed"])[-1]
+        raise SystemExit(f"compact_results: {folder} is not in a git checkout ({why}); leave "
+                         "out --tracked there")
+    return sorted(folder / name for name in done.stdout.decode().split("\0") if name)
+
+
+def compact_file(path: Path) -> bytes | None:
+    """The compact bytes of ``path`` (a ``results.json`` or a PNG), or None when it is not one
+    this tool compacts or is compact already; a file that cannot be read as what its name says
+    ends the tool in one line naming it, before anything is written."""
+    try:
+        if path.name == "results.json":
+            return compact_json(path)
+        return compact_png(path) if path.suffix == ".png" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"compact_results: {path} cannot be compacted ({type(exc).__name__}: "
+                         f"{exc}); restore it (git checkout) or move it out of the folder, "
+                         "then run again (nothing was written)") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,12 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{folder} is not a folder")
         paths = _tracked(folder) if args.tracked else sorted(folder.rglob("*"))
         for path in paths:
-            if path.name == "results.json":
-                new = compact_json(path)
-            elif path.suffix == ".png":
-                new = compact_png(path)
-            else:
-                continue
+            new = compact_file(path)
             if new is not None and new != path.read_bytes():
                 todo.append((path, new))
     for path, new in todo:

@@ -30,6 +30,19 @@ LABELS = {"bptt": "BPTT", "tbptt": "TBPTT", "rbp": "RBP", "cg": "CG-RBP",
 DATASETS = ("cora", "pubmed")  # the README's column order
 
 
+def _read_run(path: Path) -> dict[str, Any]:
+    """A run's ``results.json``; a damaged one ends the tool in one line naming it."""
+    try:
+        res = json.loads(path.read_text())
+    except ValueError as exc:
+        raise SystemExit(f"table1_full: {path} is not valid JSON ({exc}); restore it "
+                         "(git checkout) or rerun that run with --resume") from None
+    if not isinstance(res, dict) or not isinstance(res.get("datasets") or {}, dict):
+        raise SystemExit(f"table1_full: {path} is not a citation run's results (no "
+                         "'datasets' mapping); restore it (git checkout) or rerun that run")
+    return res
+
+
 def merged(dataset: str, full: Path) -> dict[str, Any] | None:
     """The runs of ``dataset`` (its folder and its workers' ``<dataset>-*``) merged, or None
     when none has finished a paper-model seed."""
@@ -37,16 +50,17 @@ def merged(dataset: str, full: Path) -> dict[str, Any] | None:
     for folder in sorted([full / dataset, *full.glob(f"{dataset}-*")]):
         path = folder / "results.json"
         if path.is_file():
-            try:
-                res = json.loads(path.read_text())
-            except ValueError as exc:
-                raise SystemExit(f"table1_full: {path} is not valid JSON ({exc}); restore it "
-                                 "(git checkout) or rerun that run with --resume") from None
+            res = _read_run(path)
             if dataset in (res.get("datasets") or {}):
                 runs.append(res)
     if not runs:
         return None
-    out = merge_runs(runs)
+    try:
+        out = merge_runs(runs)
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise SystemExit(f"table1_full: the {dataset} runs in {full} do not have a citation "
+                         f"run's layout ({type(exc).__name__}: {exc}); restore their "
+                         "results.json (git checkout) or rerun them") from None
     paper = out["datasets"].get(dataset, {}).get("models", {}).get("paper")
     return out if paper else None
 
@@ -100,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="the checkout (README.md, docs/reproducing.md, results/)")
     args = parser.parse_args(argv)
+    for page in ("README.md", "docs/reproducing.md"):
+        if not (args.root / page).is_file():
+            parser.error(f"--root {args.root} has no {page}; pass the checkout's root folder")
     full = args.root / "results" / "citation" / "full"
     runs = {ds: merged(ds, full) for ds in DATASETS}
     runs = {ds: res for ds, res in runs.items() if res is not None}

@@ -33,7 +33,7 @@ def bench() -> Any:
 @pytest.mark.parametrize("argv", [
     ["--epochs", "0"], ["--epochs", "two"], ["--epochs", "1.5"], ["--threads", "0"],
     ["--threads", "-1"], ["--seed", "-1"], ["--seed", "x"], ["--no-such-option"],
-    ["--probe", "jax"], ["--quick", "yes"],
+    ["--probe", "jax"], ["--quick", "yes"], ["--seed", str(2**64)],
 ])
 def test_bad_options_are_argparse_errors(bench: Any, argv: list[str],
                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,6 +48,30 @@ def test_defaults(bench: Any) -> None:
     assert (args.epochs, args.quick, args.threads, args.device, args.seed) == (3, False, 1,
                                                                              "cpu", 0)
     assert args.probe is None
+
+
+def test_quick_takes_one_epoch_unless_epochs_is_given(bench: Any) -> None:
+    """``--quick --epochs 2`` trains 2 epochs (it silently trained 1)."""
+    assert bench.parse_args(["--quick"]).epochs == 1
+    assert bench.parse_args(["--quick", "--epochs", "2"]).epochs == 2
+
+
+def test_out_that_is_a_file_exits_2_before_any_work(
+    bench: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "torchdeq" else find_spec(name, *a))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--out", str(afile)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"deq_vs_torchdeq: error: --out {afile} is a file, not a folder; pass a "
+                   "folder that can be written"]
+    assert afile.read_text() == "keep"
 
 
 def test_unknown_device_is_one_line_exit_2(tmp_path: Path) -> None:

@@ -359,6 +359,33 @@ def test_citation_seeds_benchmark_refuses_an_unavailable_device(
     assert "unknown device 'nosuch'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--threads", "0"], "--threads: 0 must be at least 1"),
+    (["--seeds", "0"], "--seeds: 0 must be at least 1"),
+    (["--repeats", "-1"], "--repeats: -1 must be at least 1"),
+    (["--methods", "newton"], "--methods: invalid choice: 'newton'"),
+    (["--model", "gcn", "--methods", "bptt"], "--methods does not apply with --model gcn"),
+    (["--seeds", "2", "2"], "--seeds names 2 more than once"),
+])
+def test_citation_seeds_benchmark_refuses_bad_options_before_any_work(
+        argv: list[str], message: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad count or method is one usage line, exit 2 (it failed deep inside torch after the
+    data was loaded, or with 0 repeats had no median)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "citation_seeds.py"
+    spec = importlib.util.spec_from_file_location("citation_seeds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--quick", *argv, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def _ppr_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from rbp.apps.citation.model import normalised_adjacency
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,29 @@ def test_compact_citation_rounds_curves_only(tool, tmp_path):
     assert entry["mean"] == 70.123456789 and entry["test_acc"] == [70.123456789] * 10
     assert entry["per_seed"][0]["curves"]["train_loss"][0] == 0.1235
     assert small["compacted"]
+
+
+@pytest.mark.parametrize(("name", "content", "why"), [
+    ("results.json", b'{"experiment": "hopfield", "status": "finished", bad', "JSONDecodeError"),
+    ("results.json", b"\xff", "UnicodeDecodeError"),
+    ("results.json", b'{"experiment": "hopfield", "status": "finished"}', "KeyError"),
+    ("fig.png", b"not a png", "UnidentifiedImageError"),
+])
+def test_a_damaged_file_is_one_line_and_nothing_is_written(tool, tmp_path, name, content, why):
+    """A cut-off or foreign file ends the tool in one line naming it, before any other file
+    is rewritten (it was a traceback from json, PIL or the compactor)."""
+    good = tmp_path / "a" / "results.json"
+    good.parent.mkdir()
+    good.write_text(json.dumps(dict(_hopfield_run(), status="finished")))  # not compact yet
+    before = good.read_bytes()
+    bad = tmp_path / "b" / name
+    bad.parent.mkdir()
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(bad))} cannot be compacted \({why}"):
+        tool.main([str(tmp_path)])
+    assert good.read_bytes() == before
+
+
+def test_tracked_outside_a_git_checkout_is_one_line(tool, tmp_path):
+    with pytest.raises(SystemExit, match="is not in a git checkout .*leave out --tracked"):
+        tool.main(["--check", "--tracked", str(tmp_path)])

@@ -33,7 +33,7 @@ def test_the_correction_loss_trains_too() -> None:
 @pytest.mark.parametrize("argv", [
     ["--epochs", "0"], ["--train", "4001"], ["--dropout", "1"], ["--dropout", "-0.1"],
     ["--tol", "0"], ["--scale", "nan"], ["--norm", "batch"], ["--channels", "x"],
-    ["--correction", "-1"], ["--jac-penalty", "-1"],
+    ["--correction", "-1"], ["--jac-penalty", "-1"], ["--seed", str(2**64)],
 ])
 def test_bad_options_are_argparse_errors(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_:

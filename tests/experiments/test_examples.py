@@ -115,11 +115,13 @@ def _load_example(name: str):
     ("deq_anderson", ["--tol", "nan"], "--tol: nan must be a positive number"),
     ("deq_anderson", ["--epochs", "0"], "--epochs: 0 must be at least 1"),
     ("deq_anderson", ["--solver", "newton"], "--solver: invalid choice"),
-    ("deq_anderson", ["--seed", "-1"], "--seed: -1 must be at least 0"),
+    ("deq_anderson", ["--seed", "-1"], "--seed: -1 must be between 0 and 4294967295"),
+    ("deq_anderson", ["--seed", str(2**64)], f"--seed: {2**64} must be between 0 and"),
     ("quickstart", ["--epochs", "0"], "--epochs: 0 must be at least 1"),
     ("quickstart", ["--epochs", "two"], "--epochs: 'two' is not an integer"),
     ("quickstart", ["--method", "newton"], "--method: invalid choice"),
-    ("quickstart", ["--seed", "-3"], "--seed: -3 must be at least 0"),
+    ("quickstart", ["--seed", "-3"], "--seed: -3 must be between 0 and 4294967295"),
+    ("quickstart", ["--seed", str(2**32)], f"--seed: {2**32} must be between 0 and"),
 ])
 def test_example_options_are_checked(example, argv, message, capsys):
     """A wrong option is an argparse error (exit 2, one line naming it), before any data is

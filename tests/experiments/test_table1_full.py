@@ -120,3 +120,29 @@ def test_a_damaged_results_file_is_one_clear_message(tool, tmp_path):
     with pytest.raises(SystemExit, match=r"cora/results.json is not valid JSON"):
         tool.main(["--root", str(tmp_path)])
     assert (tmp_path / "README.md").read_text() == PAGE
+
+
+def test_a_root_without_the_pages_is_a_usage_error(tool, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(["--check", "--root", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert f"--root {tmp_path} has no README.md" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[1, 2]", "is not a citation run's results"),
+    ('{"datasets": 5}', "is not a citation run's results"),
+    ('{"datasets": {"cora": {"models": {"paper": 3}}}}', "do not have a citation run's layout"),
+])
+def test_a_results_file_of_another_shape_is_one_clear_message(tool, tmp_path, text, message):
+    """Valid JSON that is not a citation run's results ends in one line, not an
+    AttributeError from inside the merge; nothing is written."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(PAGE)
+    (tmp_path / "docs" / "reproducing.md").write_text(PAGE)
+    folder = tmp_path / "results" / "citation" / "full" / "cora"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        tool.main(["--root", str(tmp_path)])
+    assert (tmp_path / "README.md").read_text() == PAGE
