@@ -316,11 +316,15 @@ def _restore(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------- the lifecycle
 
 
+# torch.OutOfMemoryError (recent torch) is torch.cuda.OutOfMemoryError, which older torch has
+_OOM: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def _out_of_memory(exc: BaseException) -> str | None:
     """What to say of a failed allocation (CUDA/MPS's OutOfMemoryError or the CPU allocator's
     refusal, e.g. ``--set n_hidden=1000000000``), or None for another error."""
     text = str(exc)
-    if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text
+    if not (isinstance(exc, _OOM) or "can't allocate memory" in text
             or "out of memory" in text.lower()):
         return None
     return (f"out of memory: {text.strip().splitlines()[-1]}; these settings need more memory "
