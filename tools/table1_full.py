@@ -10,7 +10,9 @@ resumable ``rbp citation`` run over some of the seeds). This merges each dataset
 ``table1.md`` into ``results/citation/full/<dataset>/``, and puts the merged cells (mean ± sample
 std, n, epochs) into the README's Table 1 for the datasets whose full run has finished a seed,
 with the sentence that names the orderings that differ from the paper's and their paired
-intervals.
+intervals. The merged run of ``results/citation`` (our models and the baselines, which the
+README's Table 1 and Fig. 3 point to) gets the same paper-model entries, its ``table1.md`` and
+``fig3_<dataset>.png`` redrawn.
 """
 
 from __future__ import annotations
@@ -107,6 +109,52 @@ def update_sentence(text: str, runs: dict[str, dict[str, Any]]) -> str:
     return new
 
 
+def with_full_runs(top: dict[str, Any], runs: dict[str, dict[str, Any]],
+                   sources: list[str]) -> dict[str, Any]:
+    """The merged Table 1 run of ``results/citation`` (``top``: our models, the baselines)
+    with its paper-model entries replaced by the full-protocol runs' (``runs``; the curves of
+    the first seed only, which Fig. 3 draws), and the runs' ``results.json`` named in its
+    ``merged_from``."""
+    out = json.loads(json.dumps(top))
+    for dataset, results in runs.items():
+        paper = json.loads(json.dumps(results["datasets"][dataset]["models"]["paper"]))
+        for method in paper.values():  # Fig. 3 draws the first seed: the runs keep the rest
+            for unit in (method.get("per_seed") or [])[1:]:
+                unit.pop("curves", None)
+                unit.pop("traces", None)
+        entry = out.setdefault("datasets", {}).setdefault(dataset, {"models": {}})
+        entry.setdefault("models", {})["paper"] = paper
+    merged_from = out.setdefault("merged_from", [])
+    merged_from += [s for s in sources if s not in merged_from]
+    return out
+
+
+def refresh_merge(root: Path, runs: dict[str, dict[str, Any]], check: bool) -> bool:
+    """Bring ``results/citation`` (results.json, table1.md, fig3_<dataset>.png: the merge the
+    README's Table 1 and Fig. 3 point to) up to the full-protocol runs; with ``check``,
+    change nothing. Whether it was (or would be) changed."""
+    top_dir = root / "results" / "citation"
+    path = top_dir / "results.json"
+    if not runs or not path.is_file():
+        return False
+    top = _read_run(path)
+    full = top_dir / "full"
+    sources = sorted(str(f.relative_to(root)) for ds in runs
+                     for f in [full / ds / "results.json", *full.glob(f"{ds}-*/results.json")]
+                     if f.is_file())
+    new = with_full_runs(top, runs, sources)
+    if new == top:
+        return False
+    if not check:
+        from rbp.apps.citation.figures import write_figures
+        from rbp.runner.results import write_json
+
+        write_json(path, new)
+        write_table1(top_dir / "table1.md", new)
+        write_figures(top_dir, new)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true",
@@ -138,12 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         for page in updated:
             print(f"{page}: Table 1's paper-model cells differ from the merged runs in {full}; "
                   "run python tools/table1_full.py", file=sys.stderr)
-        return 1 if updated else 0
+        stale_merge = refresh_merge(args.root, runs, check=True)
+        if stale_merge:
+            print(f"{full.parent}: the merged Table 1 run holds other paper-model entries than "
+                  f"the runs in {full}; run python tools/table1_full.py", file=sys.stderr)
+        return 1 if updated or stale_merge else 0
     for page, new in updated.items():
         page.write_text(new)
     for dataset, results in runs.items():
         write_table1(full / dataset / "table1.md", results)
+    refresh_merge(args.root, runs, check=False)
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

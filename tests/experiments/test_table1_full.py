@@ -146,3 +146,35 @@ def test_a_results_file_of_another_shape_is_one_clear_message(tool, tmp_path, te
     with pytest.raises(SystemExit, match=message):
         tool.main(["--root", str(tmp_path)])
     assert (tmp_path / "README.md").read_text() == PAGE
+
+
+def test_the_merged_table1_run_takes_the_full_runs_paper_entries(tool, tmp_path, monkeypatch):
+    """results/citation (our models and baselines, which the README's Table 1 and Fig. 3 point
+    to) gets the full runs' paper-model entries: its own other models stay, its table1.md is
+    rewritten, Fig. 3 redrawn, the runs named in merged_from; --check flags it until then."""
+    import rbp.apps.citation.figures as figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "write_figures", lambda out, res: drawn.append(res))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(PAGE)
+    (tmp_path / "docs" / "reproducing.md").write_text(PAGE.split("\n\n", 2)[2])
+    top = tmp_path / "results" / "citation"
+    _run(top / "full" / "cora", {"bptt": {0: 0.30, 1: 0.34}})
+    old_paper = {"bptt": {"n": 2, "mean": 28.0, "std": 1.8, "per_seed": []}}
+    ppr = {"neumann": {"n": 10, "mean": 70.0, "std": 6.0, "per_seed": []}}
+    (top / "results.json").write_text(json.dumps({"status": "merged", "merged_from": ["a"],
+        "datasets": {"cora": {"stats": {}, "baselines": {},
+                              "models": {"ppr": ppr, "paper": old_paper}}}}))
+    assert tool.main(["--root", str(tmp_path)]) == 0
+    merged = json.loads((top / "results.json").read_text())
+    models = merged["datasets"]["cora"]["models"]
+    assert models["ppr"] == ppr and models["paper"]["bptt"]["n"] == 2
+    assert models["paper"]["bptt"]["mean"] == pytest.approx(32.0)
+    assert merged["merged_from"] == ["a", "results/citation/full/cora/results.json"]
+    table = (top / "table1.md").read_text()
+    assert "32.00 ± 2.83 (n=2, 2000 ep)" in table and "28.00" not in table
+    assert len(drawn) == 1 and drawn[0] == merged
+    assert tool.main(["--check", "--root", str(tmp_path)]) == 0
+    _run(top / "full" / "cora-b", {"bptt": {9: 0.38}})  # a worker finishes a seed
+    assert tool.main(["--check", "--root", str(tmp_path)]) == 1
