@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from rbp import tree
 from rbp.diagnostics import FixedPointInfo
 from rbp.fixed_point import check_options, fixed_point
 from rbp.tree import State
@@ -65,7 +66,7 @@ class FixedPoint(nn.Module):
         leaves, spec = pytree.tree_flatten(x)
         batch_dim = self.options.get("batch_dim")
         if batch_dim is not None:
-            _check_batched(leaves, spec)
+            _check_batched(leaves, isinstance(x, torch.Tensor), h0, batch_dim)
 
         if self.options.get("time_varying", False):
 
@@ -123,12 +124,21 @@ def _check_last_step(last_step: Any) -> None:
         ) from None
 
 
-def _check_batched(leaves: list[Any], spec: pytree.TreeSpec) -> None:
-    """With ``batch_dim`` every leaf of ``x`` is sliced per sample, so it must be a tensor."""
+def _check_batched(leaves: list[Any], bare: bool, h0: State, batch_dim: int) -> None:
+    """With ``batch_dim`` every leaf of ``x`` (``bare``: x is one tensor) is sliced per sample,
+    so it must be a tensor holding the state's samples along ``batch_dim``."""
+    first = tree.flatten(h0, "h0")[0][0]
+    batch = first.shape[batch_dim] if -first.dim() <= batch_dim < first.dim() else None
     for i, leaf in enumerate(leaves):
+        where = "x" if bare else f"leaf {i} of x"
         if not isinstance(leaf, torch.Tensor):
-            where = "x" if spec.num_leaves == 1 and not spec.children_specs else f"leaf {i} of x"
             raise TypeError(
                 f"{where} is a {type(leaf).__name__}; with batch_dim every leaf of x must be a "
                 "tensor holding the batch along batch_dim (close over anything else in the cell)"
+            )
+        if batch is not None and (not -leaf.dim() <= batch_dim < leaf.dim()
+                                  or leaf.shape[batch_dim] != batch):
+            raise ValueError(
+                f"{where} of shape {tuple(leaf.shape)} does not hold the {batch} samples of h0 "
+                f"along batch_dim={batch_dim}; give every leaf of x the batch there"
             )

@@ -126,10 +126,14 @@ def test_per_sample_structured_input_is_sliced_with_the_samples():
     assert len(set(layer.last_info.forward_steps)) > 1  # samples stopped on their own
 
 
-def test_non_tensor_leaf_of_x_with_batch_dim_is_refused():
+def test_x_without_the_batch_with_batch_dim_is_refused():
     layer = rbp.FixedPoint(Cell(), 50, "gmres", 10, batch_dim=0, solver="anderson", tol=1e-6)
     with pytest.raises(TypeError, match="leaf 1 of x is a int"):
         layer((torch.randn(2, 3, dtype=DT), 3), torch.zeros(2, 5, dtype=DT))
+    with pytest.raises(ValueError, match=r"^x of shape \(3, 3\) does not hold the 2 samples"):
+        layer(torch.randn(3, 3, dtype=DT), torch.zeros(2, 5, dtype=DT))
+    with pytest.raises(ValueError, match=r"^leaf 1 of x of shape \(3,\) does not hold the 2"):
+        layer((torch.randn(2, 3, dtype=DT), torch.ones(3, dtype=DT)), torch.zeros(2, 5, dtype=DT))
 
 
 def test_last_step_is_called_like_the_cell():
