@@ -114,7 +114,8 @@ def with_full_runs(top: dict[str, Any], runs: dict[str, dict[str, Any]],
     """The merged Table 1 run of ``results/citation`` (``top``: our models, the baselines)
     with its paper-model entries replaced by the full-protocol runs' (``runs``; the curves of
     the first seed only, which Fig. 3 draws), and the runs' ``results.json`` named in its
-    ``merged_from``."""
+    ``merged_from``. The entries it replaces the first time go to ``earlier_paper_runs``
+    (without curves)."""
     out = json.loads(json.dumps(top))
     for dataset, results in runs.items():
         paper = json.loads(json.dumps(results["datasets"][dataset]["models"]["paper"]))
@@ -123,9 +124,24 @@ def with_full_runs(top: dict[str, Any], runs: dict[str, dict[str, Any]],
                 unit.pop("curves", None)
                 unit.pop("traces", None)
         entry = out.setdefault("datasets", {}).setdefault(dataset, {"models": {}})
-        entry.setdefault("models", {})["paper"] = paper
+        before = entry.setdefault("models", {}).get("paper")
+        if before and before != paper and dataset not in out.get("earlier_paper_runs", {}):
+            # the runs this merge held before the full protocol's (Pubmed: the scaled 120-epoch
+            # run), kept without their curves: nothing computed is lost
+            out.setdefault("earlier_paper_runs", {})[dataset] = _without_curves(before)
+        entry["models"]["paper"] = paper
     merged_from = out.setdefault("merged_from", [])
     merged_from += [s for s in sources if s not in merged_from]
+    return out
+
+
+def _without_curves(paper: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a model's per-method entries without the per-seed curves and traces."""
+    out = json.loads(json.dumps(paper))
+    for method in out.values():
+        for unit in method.get("per_seed") or []:
+            unit.pop("curves", None)
+            unit.pop("traces", None)
     return out
 
 

@@ -172,9 +172,14 @@ def test_the_merged_table1_run_takes_the_full_runs_paper_entries(tool, tmp_path,
     assert models["ppr"] == ppr and models["paper"]["bptt"]["n"] == 2
     assert models["paper"]["bptt"]["mean"] == pytest.approx(32.0)
     assert merged["merged_from"] == ["a", "results/citation/full/cora/results.json"]
+    assert merged["earlier_paper_runs"] == {"cora": old_paper}  # nothing computed is lost
     table = (top / "table1.md").read_text()
     assert "32.00 ± 2.83 (n=2, 2000 ep)" in table and "28.00" not in table
     assert len(drawn) == 1 and drawn[0] == merged
     assert tool.main(["--check", "--root", str(tmp_path)]) == 0
     _run(top / "full" / "cora-b", {"bptt": {9: 0.38}})  # a worker finishes a seed
     assert tool.main(["--check", "--root", str(tmp_path)]) == 1
+    assert tool.main(["--root", str(tmp_path)]) == 0
+    merged = json.loads((top / "results.json").read_text())
+    assert merged["datasets"]["cora"]["models"]["paper"]["bptt"]["n"] == 3
+    assert merged["earlier_paper_runs"] == {"cora": old_paper}  # the first ones, kept
