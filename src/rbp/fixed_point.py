@@ -158,8 +158,8 @@ def fixed_point(
             inputs=inputs, best_iterate=stop.best_iterate, check_every=stop.check_every,
             trace=checks.trace,
         )
-    except DivergenceError as exc:  # checked only now: a finite h0 costs nothing
-        _refuse_non_finite_start(h0, exc)
+    except (DivergenceError, RuntimeError, NotImplementedError) as exc:  # h0 checked now: free
+        _refuse_bad_start(h0, exc)
         raise
     info = _info(method, steps, truncate, fwd.measured)
     h, h_in_leaves, out_leaves, spec = fwd.h, fwd.h_in, fwd.h_out, fwd.spec
@@ -471,9 +471,15 @@ def check_options(f: Any, steps: Any, method: Any = "neumann", truncate: Any = 2
     _validate(dict(bound.arguments))
 
 
-def _refuse_non_finite_start(h0: State, exc: DivergenceError) -> None:
-    """Raise a DivergenceError that names ``h0`` when the start itself holds NaN or inf."""
-    for i, leaf in enumerate(tree.flatten(h0, "h0")[0]):
+def _refuse_bad_start(h0: State, exc: Exception) -> None:
+    """Name ``h0`` when the start itself is the cause: NaN or inf in it, or the meta device
+    (shapes, no values, which the forward's tests read; torch says 'Cannot copy out')."""
+    leaves = tree.flatten(h0, "h0")[0]
+    if any(leaf.device.type == "meta" for leaf in leaves):
+        raise ValueError("fixed_point: h0 is on the meta device, which holds no values for the "
+                         "forward's tests (finiteness, tol); start from a real tensor, e.g. "
+                         "torch.zeros(shape, device='cpu')") from exc
+    for i, leaf in enumerate(leaves if isinstance(exc, DivergenceError) else []):
         bad = int((~torch.isfinite(leaf.detach())).sum())
         if bad:
             where = f"h0 leaf {i}" if not isinstance(h0, torch.Tensor) else "h0"

@@ -727,6 +727,13 @@ def test_non_finite_start_is_a_divergence_error(tol):
                         if tol else "iterate")
 
 
+@pytest.mark.parametrize("tol", [None, 1e-8])
+def test_a_meta_start_is_named(tol):
+    h0 = torch.zeros(2, 3, device="meta")
+    with pytest.raises(ValueError, match="h0 is on the meta device, which holds no values"):
+        rbp.fixed_point(lambda h: 0.5 * h, h0, 5, "neumann", tol=tol)
+
+
 def test_low_precision_states_run_every_solver():
     w = 0.1 * torch.randn(8, 8)
     for dtype in (torch.bfloat16, torch.float16):

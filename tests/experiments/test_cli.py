@@ -162,6 +162,21 @@ def test_dry_run_checks_each_datasets_own_data_dir(tmp_path: Path,
     assert not (tmp_path / "o").exists()
 
 
+def test_a_data_problem_shared_by_the_datasets_is_said_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("scipy")
+    argv = ["citation", "--dry-run", "--dataset", "cora", "pubmed", "--data-dir", "",
+            "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2   # --dataset takes one name: the second reads as a setting
+    err = capsys.readouterr().err
+    assert "got 'pubmed'; a list is one value, as in dataset=[cora,pubmed]" in err, err
+    argv[2:5] = ["dataset=[cora,pubmed]"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("data directory is an empty string") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_dry_run_into_a_locked_folder_is_not_ready(tmp_path: Path, kv_experiment: None,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from rbp.runner.lock import RunLock

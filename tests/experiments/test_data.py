@@ -299,6 +299,18 @@ def test_a_data_dir_under_an_unknown_home_is_a_data_error() -> None:
     assert user_data_dir("~/x") == Path.home() / "x"
 
 
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_data_dir_is_refused_by_every_loader(empty: str) -> None:
+    """An empty string read the working folder (MNIST) or fell back to the shipped copy
+    (Planetoid); both loaders now refuse it alike."""
+    from rbp.data import load_mnist
+
+    for load in (lambda: load_planetoid("cora", empty, download=False),
+                 lambda: load_mnist(empty, "t10k")):
+        with pytest.raises(DataError, match="data directory is an empty string"):
+            load()
+
+
 def test_planetoid_refuses_foreign_objects(tmp_path: Path) -> None:
     directory = _copy_cora(tmp_path)
     (directory / "ind.cora.graph").write_bytes(b"cos\ngetcwd\n(tR.")

@@ -12,7 +12,11 @@ __all__ = ["user_cache_dir", "user_data_dir"]
 
 def user_data_dir(data_dir: str | os.PathLike[str]) -> Path:
     """The folder ``data_dir`` names, ``~`` / ``~user`` expanded; DataError if that home
-    cannot be found (instead of the RuntimeError ``Path.expanduser`` raises)."""
+    cannot be found (instead of the RuntimeError ``Path.expanduser`` raises). An empty
+    string is refused: it would read the working folder, which no one means by it."""
+    if not str(data_dir).strip():
+        raise DataError("the data directory is an empty string; give a folder (\".\" for the "
+                        "working folder), or leave it unset for the copies that ship with rbp")
     try:
         return Path(data_dir).expanduser()
     except RuntimeError as exc:

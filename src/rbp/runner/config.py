@@ -185,7 +185,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"--set expects KEY=VALUE, got '{text}'")
+        raise ConfigError(f"a setting is KEY=VALUE (on its own or after --set), got '{text}'; "
+                          "a list is one value, as in dataset=[cora,pubmed]")
     try:
         value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None  # noqa: S506
     except _DuplicateKeyError as exc:

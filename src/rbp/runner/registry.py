@@ -100,10 +100,11 @@ def check_experiment_data(exp: Experiment, cfg: Any) -> list[str]:
             lines += exp.check_data(one)
         except (ValueError, FileNotFoundError) as exc:
             problems.append(exc)
-    if len(problems) == 1:
+    messages = list(dict.fromkeys(str(p) for p in problems))   # one line for a shared cause
+    if len(messages) == 1:
         raise problems[0]
     if problems:
-        raise ValueError("; ".join(str(p) for p in problems))
+        raise ValueError("; ".join(messages))
     return lines
 
 
