@@ -87,9 +87,12 @@ class Implicit(Method):
 
     def __post_init__(self) -> None:
         if not (linear.is_solver(self.solver) or callable(self.solver)):
+            hint = (f" {self.solver!r}: a name is fixed_point's method=, not a solver; pass a "
+                    "value such as rbp.linear.GMRES(max_iter=20)"
+                    if isinstance(self.solver, str) else "")
             raise TypeError(
                 "Implicit(solver): solver must have a solve(matvec, b) method or be callable "
-                f"as solver(matvec, b), got {type(self.solver).__name__}"
+                f"as solver(matvec, b), got {type(self.solver).__name__}{hint}"
             )
         if not isinstance(self.second_order, bool):
             raise TypeError(f"second_order must be True or False, got {self.second_order!r}")

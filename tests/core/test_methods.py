@@ -164,7 +164,7 @@ def test_user_solver_that_is_wrong_is_reported():
         (lambda: rbp.Phantom(3, 0.0), ValueError, r"damping must be a number in \(0, 1\]"),
         (lambda: rbp.Phantom(3, float("nan")), ValueError, "damping"),
         (lambda: rbp.Phantom(3, True), ValueError, "damping"),
-        (lambda: rbp.Implicit("gmres"), TypeError, "solve"),
+        (lambda: rbp.Implicit("gmres"), TypeError, "a name is fixed_point.s method=, not a solver"),
     ],
 )
 def test_bad_method_values_are_refused_at_construction(make, error, match):
