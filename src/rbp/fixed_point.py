@@ -479,7 +479,9 @@ def _refuse_bad_start(h0: State, exc: Exception) -> None:
         raise ValueError("fixed_point: h0 is on the meta device, which holds no values for the "
                          "forward's tests (finiteness, tol); start from a real tensor, e.g. "
                          "torch.zeros(shape, device='cpu')") from exc
-    for i, leaf in enumerate(leaves if isinstance(exc, DivergenceError) else []):
+    if not isinstance(exc, DivergenceError):
+        return
+    for i, leaf in enumerate(leaves):
         bad = int((~torch.isfinite(leaf.detach())).sum())
         if bad:
             where = f"h0 leaf {i}" if not isinstance(h0, torch.Tensor) else "h0"
