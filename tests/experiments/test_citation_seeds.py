@@ -14,6 +14,7 @@ from rbp.apps.citation.experiment import _paper_method
 from rbp.apps.citation.model import GGNN, sum_adjacency
 from rbp.apps.citation.seeds import SeedBatchedGGNN
 from rbp.runner import cli
+from rbp.runner.checkpoint import load_checkpoint
 from rbp.runner.config import ConfigError
 from rbp.runner.device import resolve_device
 
@@ -119,6 +120,8 @@ def test_experiment_batched_equals_sequential_and_resumes(tmp_path: Path) -> Non
             "--set", "baselines=[]", "--set", "num_seeds=3", "--set", "methods=[neumann,gmres]",
             "--set", "checkpoint_every=2", "--set", "seed_batch=3"]
     assert cli.main([*args, "--set", "interrupt_after=5"]) != 0
+    # saved at the interrupt (epoch 5), not at the last periodic checkpoint (epoch 4)
+    assert load_checkpoint(out / "checkpoints" / "cora_paper_neumann_seeds0-1-2.pt")["epoch"] == 5
     assert cli.main([*args, "--resume"]) == 0
     resumed = _per_seed(json.loads((out / "results.json").read_text()))
     assert resumed == b

@@ -190,6 +190,15 @@ def test_resume_gives_identical_numbers(tmp_path: Path) -> None:
     for r in c["methods"].values():
         r.pop("wall_time_s")
     assert c["methods"] == a["methods"]
+    # an interrupt far from any periodic checkpoint saves where it stopped: nothing lost
+    cut3, rare = tmp_path / "cut3", [*common, "--set", "checkpoint_every=1000"]
+    assert _run(cut3, *rare, "--set", "interrupt_after=9") == 130
+    assert load_checkpoint(cut3 / "checkpoints" / "tbptt.pt")["step"] == 3
+    assert _run(cut3, *rare, "--resume") == 0
+    d = read_json(cut3 / "results.json")
+    for r in d["methods"].values():
+        r.pop("wall_time_s")
+    assert d["methods"] == a["methods"]
 
 
 def test_sweep_merges_its_points_into_one_run(tmp_path: Path) -> None:

@@ -185,6 +185,20 @@ def test_resume_matches_uninterrupted(tmp_path: Path) -> None:
         assert a[tag]["logit_momentum"] == b[tag]["logit_momentum"]
 
 
+def test_an_interrupt_between_checkpoints_loses_no_meta_step(tmp_path: Path) -> None:
+    """With checkpoints every 100 meta steps, an interrupt after meta step 2 saves meta step 2,
+    and the resumed run gives the uninterrupted numbers."""
+    args = ("--method", "rbp", "--set", "tsne_meta_steps=[]", "--set", "checkpoint_every=100")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _cli(full, *args) == 0
+    assert _cli(cut, *args, "--set", "interrupt_after=2") == 130
+    assert load_checkpoint(cut / "checkpoints" / "T30_K10_rbp.pt")["step"] == 2
+    assert _cli(cut, *args, "--resume") == 0
+    a = json.loads((full / "results.json").read_text())["units"]["T30_K10_rbp"]
+    b = json.loads((cut / "results.json").read_text())["units"]["T30_K10_rbp"]
+    assert a["meta_loss"] == b["meta_loss"] and a["log_lr"] == b["log_lr"]
+
+
 def test_a_unit_started_after_a_resume_draws_what_it_would_have_drawn(tmp_path: Path) -> None:
     """Each unit starts its own random stream (RBP's uniform z_0): a unit begun after a resume
     gives the numbers of an uninterrupted run (it drew from wherever the stream stood)."""

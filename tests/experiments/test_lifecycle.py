@@ -160,6 +160,44 @@ def test_signal_during_a_save_waits_for_the_write(tmp_path: Path,
         time.sleep(0.01)
 
 
+def test_a_signal_during_a_step_saves_the_state_where_the_step_ended(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of a training step waits for the step's end; the interrupt then
+    saves the state after that step, whole (both halves of its update), not the last
+    periodic checkpoint."""
+    ctx = RunContext(out_dir=tmp_path)
+    state = {"step": 0, "a": 0, "b": 0}
+    with pytest.raises(KeyboardInterrupt), ctx.saving_on_interrupt("u", lambda: dict(state)):
+        while state["step"] < 10:
+            with ctx.step():
+                state["a"] += 1
+                if state["step"] == 3:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.01)
+                state["b"] += 1
+                state["step"] += 1
+            if state["step"] == 2:
+                ctx.save("u", dict(state))
+    saved = load_checkpoint(ctx.checkpoint_path("u"))
+    assert (saved["step"], saved["a"], saved["b"]) == (4, 4, 4)
+
+
+def test_an_interrupt_raised_inside_a_step_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    """An interrupt that escapes from inside a step (the state half updated) saves nothing;
+    one between steps (the interrupt_after hook) saves."""
+    ctx = RunContext(out_dir=tmp_path)
+    ctx.save("u", {"step": 2})
+    with (pytest.raises(KeyboardInterrupt),
+          ctx.saving_on_interrupt("u", lambda: {"step": 99}), ctx.step()):
+        raise KeyboardInterrupt
+    assert load_checkpoint(ctx.checkpoint_path("u"))["step"] == 2
+    ctx.interrupt_after = 1
+    with pytest.raises(KeyboardInterrupt), ctx.saving_on_interrupt("u", lambda: {"step": 3}):
+        with ctx.step():
+            pass
+        ctx.tick()
+    assert load_checkpoint(ctx.checkpoint_path("u"))["step"] == 3
+
+
 def test_run_interrupted_inside_a_checkpoint_write_resumes_to_the_same_numbers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

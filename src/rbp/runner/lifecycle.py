@@ -9,6 +9,7 @@ experiment's ``run(cfg, ctx)`` gets a :class:`RunContext` and only trains and re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,7 +17,7 @@ import shlex
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,7 +97,8 @@ class RunContext:
     Units of work are saved under a tag: :meth:`save` mid-way (when :meth:`should_checkpoint`),
     :meth:`finish` once done; :meth:`load` / :meth:`finished` read them back on ``--resume``.
     :meth:`finished` also takes a unit finished by another run in ``reuse_from`` (workers over
-    other seeds, say), copied into this run. Call :meth:`tick` after each training step (the
+    other seeds, say), copied into this run. A training loop runs each step in :meth:`step`
+    within :meth:`saving_on_interrupt`, and calls :meth:`tick` after each step (the
     ``interrupt_after`` test hook).
     """
 
@@ -122,6 +124,7 @@ class RunContext:
     _ticks: int = field(default=0, init=False, repr=False)
     _announced: set[str] = field(default_factory=set, init=False, repr=False)
     _data: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _mid_step: bool = field(default=False, init=False, repr=False)
 
     @property
     def results_path(self) -> Path:
@@ -140,6 +143,31 @@ class RunContext:
     def should_checkpoint(self, step: int) -> bool:
         """True when ``checkpoint_every > 0`` and ``step`` (1-based, steps done) is a multiple."""
         return self.checkpoint_every > 0 and step > 0 and step % self.checkpoint_every == 0
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One training step: SIGINT/SIGTERM within it wait for its end, so that an interrupt
+        finds the state between two steps, where :meth:`saving_on_interrupt` saves it."""
+        self._mid_step = True
+        with deferred_interrupts():
+            yield
+            self._mid_step = False
+
+    @contextlib.contextmanager
+    def saving_on_interrupt(self, tag: str, state: Callable[[], dict[str, Any]]
+                            ) -> Iterator[None]:
+        """Around a training loop of :meth:`step` blocks: an interrupt that ends it saves
+        checkpoint ``tag`` from ``state()`` before it goes on, so that ``--resume`` loses no
+        finished step. An interrupt raised inside a step (the state half updated) saves
+        nothing; the last periodic checkpoint stands."""
+        self._mid_step = False
+        try:
+            yield
+        except KeyboardInterrupt:
+            if not self._mid_step:
+                self.save(tag, state())
+                self.log.info("%s: interrupted; saved where it stopped", tag)
+            raise
 
     def tick(self) -> None:
         """Count one training step; raise KeyboardInterrupt once ``interrupt_after`` are done

@@ -2,8 +2,8 @@
 
 One *unit* of work is (dataset, model, method, seed): train on the 1% training split of that
 seed, evaluate every ``val_every`` epochs, and report the test accuracy at the epoch of best
-validation accuracy. Units are checkpointed (mid-run every ``checkpoint_every`` epochs and when
-done) so that ``--resume`` skips finished units and continues an interrupted one exactly.
+validation accuracy. Units are checkpointed (mid-run every ``checkpoint_every`` epochs, at an
+interrupt once the epoch under way ends, and when done) so that ``--resume`` skips finished units and continues an interrupted one exactly.
 """
 
 from __future__ import annotations
@@ -292,55 +292,65 @@ def _train_group(
                 hist["traces"].append({"epoch": ep, "diff_norm": list(info.forward_trace)})
         net.train()
 
-    def train() -> None:
+    def checkpoint() -> dict[str, Any]:
+        return {"epoch": epoch, "model": net.state_dict(), "optim": opt.state_dict(),
+                "history": hists, "generators": [gen.get_state() for gen in gens],
+                "rng": rng_state()}
+
+    def train_epoch() -> list[float]:
         nonlocal epoch
-        if epoch == 0 and not hists[0]["eval_epochs"]:
-            evaluate(0)
-        net.train()
-        with progress(s_cfg["epochs"], desc=tag, enabled=ctx.progress, initial=epoch) as bar:
-            while epoch < s_cfg["epochs"]:
-                t0 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                if "saved_mb" not in hists[0]:   # graph memory of one training forward
-                    saved = _SavedBytes()
-                    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-                        logits, info = forward(False)
-                    for hist in hists:
-                        hist["saved_mb"] = saved.megabytes / len(todo)
-                else:
-                    logits, info = forward(False)
-                losses = torch.stack([F.cross_entropy(logits[i, train], labels[train])
-                                      for i, (train, _, _) in enumerate(splits)])
-                losses.sum().backward()          # seeds share nothing: each gets its own gradient
-                opt.step()
-                share = (time.perf_counter() - t0) / len(todo)
-                loss_v = losses.detach().cpu().tolist()
-                diffs = _per_seed_rel_diff(info, len(todo), model in BATCHED_MODELS)
-                for i, hist in enumerate(hists):
-                    hist["train_time_s"] += share
-                    for b in info.backward:
-                        counts = hist["backward_status"]
-                        counts[b.status] = counts.get(b.status, 0) + 1
-                    if not np.isfinite(loss_v[i]):
-                        raise rbp.DivergenceError(f"{tags[todo[i]]}: non-finite training loss at "
-                                                  f"epoch {epoch}")
-                    hist["train_loss"].append(loss_v[i])
-                    hist["train_rel_diff"] = diffs[i]
-                    steps_i = info.forward_steps
-                    hist.setdefault("forward_steps", []).append(
-                        int(steps_i[i] if isinstance(steps_i, list) else steps_i))
-                epoch += 1
-                if epoch % s_cfg["val_every"] == 0 or epoch == s_cfg["epochs"]:
-                    evaluate(epoch)
-                bar.update()
-                bar.set_postfix(loss=f"{np.mean(loss_v):.3f}",
-                                val=f"{np.mean([h['val_acc'][-1] for h in hists]):.3f}")
-                if ctx.should_checkpoint(epoch) and epoch < s_cfg["epochs"]:
-                    ctx.save(tag, {"epoch": epoch, "model": net.state_dict(),
-                                   "optim": opt.state_dict(), "history": hists,
-                                   "generators": [gen.get_state() for gen in gens],
-                                   "rng": rng_state()})
-                ctx.tick()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if "saved_mb" not in hists[0]:   # graph memory of one training forward
+            saved = _SavedBytes()
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                logits, info = forward(False)
+            for hist in hists:
+                hist["saved_mb"] = saved.megabytes / len(todo)
+        else:
+            logits, info = forward(False)
+        losses = torch.stack([F.cross_entropy(logits[i, train], labels[train])
+                              for i, (train, _, _) in enumerate(splits)])
+        losses.sum().backward()          # seeds share nothing: each gets its own gradient
+        opt.step()
+        share = (time.perf_counter() - t0) / len(todo)
+        loss_v = losses.detach().cpu().tolist()
+        diffs = _per_seed_rel_diff(info, len(todo), model in BATCHED_MODELS)
+        for i, hist in enumerate(hists):
+            hist["train_time_s"] += share
+            for b in info.backward:
+                counts = hist["backward_status"]
+                counts[b.status] = counts.get(b.status, 0) + 1
+            if not np.isfinite(loss_v[i]):
+                raise rbp.DivergenceError(f"{tags[todo[i]]}: non-finite training loss at "
+                                          f"epoch {epoch}")
+            hist["train_loss"].append(loss_v[i])
+            hist["train_rel_diff"] = diffs[i]
+            steps_i = info.forward_steps
+            hist.setdefault("forward_steps", []).append(
+                int(steps_i[i] if isinstance(steps_i, list) else steps_i))
+        epoch += 1
+        if epoch % s_cfg["val_every"] == 0 or epoch == s_cfg["epochs"]:
+            evaluate(epoch)
+        return loss_v
+
+    def train() -> None:
+        with ctx.saving_on_interrupt(tag, checkpoint):
+            if epoch == 0 and not hists[0]["eval_epochs"]:
+                with ctx.step():
+                    evaluate(0)
+            net.train()
+            with progress(s_cfg["epochs"], desc=tag, enabled=ctx.progress,
+                          initial=epoch) as bar:
+                while epoch < s_cfg["epochs"]:
+                    with ctx.step():
+                        loss_v = train_epoch()
+                    bar.update()
+                    bar.set_postfix(loss=f"{np.mean(loss_v):.3f}",
+                                    val=f"{np.mean([h['val_acc'][-1] for h in hists]):.3f}")
+                    if ctx.should_checkpoint(epoch) and epoch < s_cfg["epochs"]:
+                        ctx.save(tag, checkpoint())
+                    ctx.tick()
 
     try:
         train()

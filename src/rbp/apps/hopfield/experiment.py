@@ -157,54 +157,68 @@ def train_method(
             hist["retrieved"] = [[round(float(v), 4) for v in row] for row in y]
 
     start = time.perf_counter() - hist["elapsed"]
-    if step == 0 and not hist["val_epochs"]:
-        validate_now(0)
-    with progress(total, desc=method, enabled=ctx.progress, initial=step) as bar:
-        while step < total and hist["diverged_at"] is None:
-            epoch, pos = divmod(step, n)
-            x = clean[_epoch_order(cfg.seed, epoch, n, cfg.shuffle)[pos]]
-            opt.zero_grad(set_to_none=True)
-            problem = None
-            try:
-                how = (rbp.methods.from_name("rbp", cfg.truncate, init=cfg.rbp_init)
-                       if method == "rbp" else method)
-                y, info = model(x, cfg.steps, how, cfg.truncate, output=cfg.output,
-                                checks=rbp.Checks(on_failure=cfg.on_failure))
-                loss = (y - x).abs().mean()
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    problem = f"non-finite training loss {loss_value}"
-                else:
-                    loss.backward()
-                    if not bool(torch.isfinite(model.W.grad).all()):  # type: ignore[arg-type]
-                        problem = "non-finite gradient"
-                for rec in info.backward:
-                    hist["backward_status"][rec.status] = \
-                        hist["backward_status"].get(rec.status, 0) + 1
-                    if rec.status not in ("converged", "max_iter") and \
-                            hist["first_bad_backward"] is None:
-                        hist["first_bad_backward"] = step + 1
-            except rbp.DivergenceError as exc:
-                problem, loss_value = f"DivergenceError: {exc}", math.nan
-            step += 1
-            if problem is not None:
-                hist["diverged_at"], hist["divergence"] = step, problem
-                hist["train_loss"].append(loss_value if math.isfinite(loss_value) else None)
-                log.warning("%s blew up at step %d: %s; stopping this method", method, step,
-                            problem)
-                break
-            opt.step()
-            hist["train_loss"].append(loss_value)
-            bar.update()
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            if step % n == 0 and ((step // n) % cfg.val_every == 0 or step == total):
-                validate_now(step // n)
-            if ctx.should_checkpoint(step) and step < total:
-                hist["elapsed"] = time.perf_counter() - start
-                ctx.save(method, {"step": step, "model": model.state_dict(),
-                                  "optim": opt.state_dict(), "history": hist,
-                                  "rng": rng_state()})
-            ctx.tick()
+
+    def checkpoint() -> dict[str, Any]:
+        hist["elapsed"] = time.perf_counter() - start
+        return {"step": step, "model": model.state_dict(), "optim": opt.state_dict(),
+                "history": hist, "rng": rng_state()}
+
+    def train_step() -> float | None:
+        """One Adam step on one digit: its loss, or None when the method blew up (recorded)."""
+        nonlocal step
+        epoch, pos = divmod(step, n)
+        x = clean[_epoch_order(cfg.seed, epoch, n, cfg.shuffle)[pos]]
+        opt.zero_grad(set_to_none=True)
+        problem = None
+        try:
+            how = (rbp.methods.from_name("rbp", cfg.truncate, init=cfg.rbp_init)
+                   if method == "rbp" else method)
+            y, info = model(x, cfg.steps, how, cfg.truncate, output=cfg.output,
+                            checks=rbp.Checks(on_failure=cfg.on_failure))
+            loss = (y - x).abs().mean()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                problem = f"non-finite training loss {loss_value}"
+            else:
+                loss.backward()
+                if not bool(torch.isfinite(model.W.grad).all()):  # type: ignore[arg-type]
+                    problem = "non-finite gradient"
+            for rec in info.backward:
+                hist["backward_status"][rec.status] = \
+                    hist["backward_status"].get(rec.status, 0) + 1
+                if rec.status not in ("converged", "max_iter") and \
+                        hist["first_bad_backward"] is None:
+                    hist["first_bad_backward"] = step + 1
+        except rbp.DivergenceError as exc:
+            problem, loss_value = f"DivergenceError: {exc}", math.nan
+        step += 1
+        if problem is not None:
+            hist["diverged_at"], hist["divergence"] = step, problem
+            hist["train_loss"].append(loss_value if math.isfinite(loss_value) else None)
+            log.warning("%s blew up at step %d: %s; stopping this method", method, step,
+                        problem)
+            return None
+        opt.step()
+        hist["train_loss"].append(loss_value)
+        if step % n == 0 and ((step // n) % cfg.val_every == 0 or step == total):
+            validate_now(step // n)
+        return loss_value
+
+    with ctx.saving_on_interrupt(method, checkpoint):
+        if step == 0 and not hist["val_epochs"]:
+            with ctx.step():
+                validate_now(0)
+        with progress(total, desc=method, enabled=ctx.progress, initial=step) as bar:
+            while step < total and hist["diverged_at"] is None:
+                with ctx.step():
+                    loss_value = train_step()
+                if loss_value is None:
+                    break
+                bar.update()
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                if ctx.should_checkpoint(step) and step < total:
+                    ctx.save(method, checkpoint())
+                ctx.tick()
     hist["elapsed"] = time.perf_counter() - start
     finite_val = [v for v in hist["val_loss"] if v is not None and math.isfinite(v)]
     return {

@@ -316,61 +316,75 @@ def _run_unit(
     dim = sum(p.numel() for p in model.init_params(problem.sizes, 0))
     proj = _projection(dim, cfg.tsne_dims, cfg.seed).to(dev) if want_snaps else None
 
-    with progress(cfg.meta_steps, desc=tag, enabled=ctx.progress, initial=done) as bar:
-        while done < cfg.meta_steps:
-            meta_index = done + 1  # 1-based meta step being run
-            lr = cfg.meta_lr * (cfg.meta_lr_decay if done >= cfg.meta_lr_decay_after else 1.0)
-            for group in adam.param_groups:
-                group["lr"] = lr
-            record: list[torch.Tensor] = []
-            snaps: list[torch.Tensor] = []
-            snap_fn = None
-            if proj is not None and meta_index in cfg.tsne_meta_steps:
-                def snap_fn(t: int, h: tuple[torch.Tensor, ...], _s: list = snaps) -> None:
-                    if t % cfg.tsne_every == 0 or t == steps:
-                        flat = torch.cat([p.detach().reshape(-1) for p in h[:n_tensors * 2]])
-                        _s.append(flat @ proj)
-            adam.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            status = "ok"
-            try:
-                meta_loss, info = meta_step(
-                    problem, log_lr, logit, steps, truncate, method, rbp_init=cfg.rbp_init,
-                    loss_record=record, snapshot=snap_fn, inner_grad=cfg.inner_grad,
-                    last_step=cfg.last_step,
-                )
-                status = ",".join(b.status for b in info.backward) or "ok"
-            except rbp.DivergenceError as exc:
-                ctx.log.warning("%s: inner run diverged at meta step %d: %s", tag, meta_index,
-                                exc)
-                hist["stopped"] = f"diverged at meta step {meta_index}"
+    def checkpoint() -> dict[str, Any]:
+        return {"step": done, "log_lr": log_lr.detach().clone(),
+                "logit_momentum": logit.detach().clone(), "adam": adam.state_dict(),
+                "history": hist, "rng": rng_state()}
+
+    def meta_step_once() -> float | None:
+        """One meta step (an inner run and its hypergradient): the meta loss, or None when
+        the inner run diverged or the hypergradient is not finite (recorded in ``stopped``)."""
+        nonlocal done
+        meta_index = done + 1  # 1-based meta step being run
+        lr = cfg.meta_lr * (cfg.meta_lr_decay if done >= cfg.meta_lr_decay_after else 1.0)
+        for group in adam.param_groups:
+            group["lr"] = lr
+        record: list[torch.Tensor] = []
+        snaps: list[torch.Tensor] = []
+        snap_fn = None
+        if proj is not None and meta_index in cfg.tsne_meta_steps:
+            def snap_fn(t: int, h: tuple[torch.Tensor, ...], _s: list = snaps) -> None:
+                if t % cfg.tsne_every == 0 or t == steps:
+                    flat = torch.cat([p.detach().reshape(-1) for p in h[:n_tensors * 2]])
+                    _s.append(flat @ proj)
+        adam.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        status = "ok"
+        try:
+            meta_loss, info = meta_step(
+                problem, log_lr, logit, steps, truncate, method, rbp_init=cfg.rbp_init,
+                loss_record=record, snapshot=snap_fn, inner_grad=cfg.inner_grad,
+                last_step=cfg.last_step,
+            )
+            status = ",".join(b.status for b in info.backward) or "ok"
+        except rbp.DivergenceError as exc:
+            ctx.log.warning("%s: inner run diverged at meta step %d: %s", tag, meta_index,
+                            exc)
+            hist["stopped"] = f"diverged at meta step {meta_index}"
+            return None
+        grads = torch.cat([log_lr.grad, logit.grad])
+        if not bool(torch.isfinite(grads).all()):
+            hist["stopped"] = f"non-finite hypergradient at meta step {meta_index}"
+            ctx.log.warning("%s: %s", tag, hist["stopped"])
+            return None
+        adam.step()
+        elapsed = time.perf_counter() - start
+        hist["meta_loss"].append(meta_loss)
+        hist["log_lr"].append(log_lr.detach().tolist())
+        hist["logit_momentum"].append(logit.detach().tolist())
+        hist["grad_norm"].append(float(grads.norm()))
+        hist["wall_time_s"].append(elapsed)
+        hist["backward_status"].append(status)
+        curve = torch.stack(record).tolist() if record else []
+        if meta_index == 1:
+            hist["inner_loss_first"] = curve
+        hist["inner_loss_last"] = curve
+        if snaps:
+            hist["trajectories"][str(meta_index)] = torch.stack(snaps).tolist()
+        done += 1
+        return meta_loss
+
+    with ctx.saving_on_interrupt(tag, checkpoint), progress(
+            cfg.meta_steps, desc=tag, enabled=ctx.progress, initial=done) as bar:
+        while done < cfg.meta_steps and "stopped" not in hist:
+            with ctx.step():
+                meta_loss = meta_step_once()
+            if meta_loss is None:
                 break
-            grads = torch.cat([log_lr.grad, logit.grad])
-            if not bool(torch.isfinite(grads).all()):
-                hist["stopped"] = f"non-finite hypergradient at meta step {meta_index}"
-                ctx.log.warning("%s: %s", tag, hist["stopped"])
-                break
-            adam.step()
-            elapsed = time.perf_counter() - start
-            hist["meta_loss"].append(meta_loss)
-            hist["log_lr"].append(log_lr.detach().tolist())
-            hist["logit_momentum"].append(logit.detach().tolist())
-            hist["grad_norm"].append(float(grads.norm()))
-            hist["wall_time_s"].append(elapsed)
-            hist["backward_status"].append(status)
-            curve = torch.stack(record).tolist() if record else []
-            if meta_index == 1:
-                hist["inner_loss_first"] = curve
-            hist["inner_loss_last"] = curve
-            if snaps:
-                hist["trajectories"][str(meta_index)] = torch.stack(snaps).tolist()
-            done += 1
             bar.update()
             bar.set_postfix(loss=f"{meta_loss:.4f}")
             if ctx.should_checkpoint(done) and done < cfg.meta_steps:
-                ctx.save(tag, {"step": done, "log_lr": log_lr.detach().clone(),
-                               "logit_momentum": logit.detach().clone(),
-                               "adam": adam.state_dict(), "history": hist, "rng": rng_state()})
+                ctx.save(tag, checkpoint())
             ctx.tick()
 
     result = _summarise(hist, steps, truncate, method)
