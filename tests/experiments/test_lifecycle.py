@@ -160,7 +160,8 @@ def test_signal_during_a_save_waits_for_the_write(tmp_path: Path,
         time.sleep(0.01)
 
 
-def test_a_signal_during_a_step_saves_the_state_where_the_step_ended(tmp_path: Path) -> None:
+def test_a_signal_during_a_step_saves_the_state_where_the_step_ended(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Ctrl-C in the middle of a training step waits for the step's end; the interrupt then
     saves the state after that step, whole (both halves of its update), not the last
     periodic checkpoint."""
@@ -179,6 +180,8 @@ def test_a_signal_during_a_step_saves_the_state_where_the_step_ended(tmp_path: P
                 ctx.save("u", dict(state))
     saved = load_checkpoint(ctx.checkpoint_path("u"))
     assert (saved["step"], saved["a"], saved["b"]) == (4, 4, 4)
+    assert "interrupt received; saving once the training step under way ends" in \
+        capsys.readouterr().err
 
 
 def test_an_interrupt_raised_inside_a_step_keeps_the_last_checkpoint(tmp_path: Path) -> None:

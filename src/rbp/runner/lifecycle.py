@@ -149,7 +149,8 @@ class RunContext:
         """One training step: SIGINT/SIGTERM within it wait for its end, so that an interrupt
         finds the state between two steps, where :meth:`saving_on_interrupt` saves it."""
         self._mid_step = True
-        with deferred_interrupts():
+        with deferred_interrupts(f"[rbp.{self.name}] interrupt received; saving once the "
+                                 "training step under way ends"):
             yield
             self._mid_step = False
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -36,15 +37,18 @@ def interrupt_on_sigterm() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
+def deferred_interrupts(notice: str | None = None) -> Iterator[None]:
     """Hold SIGINT/SIGTERM that arrive within the block and raise KeyboardInterrupt after it,
-    so a file write is never cut in half by a signal (exceptions raised inside still escape)."""
+    so a file write is never cut in half by a signal (exceptions raised inside still escape).
+    ``notice`` is printed to stderr when the first signal is held."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
 
     def hold(signum: int, frame: Any) -> None:
+        if notice is not None and not caught:
+            print(notice, file=sys.stderr, flush=True)
         caught.append(signum)
 
     old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}

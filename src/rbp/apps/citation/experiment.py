@@ -3,7 +3,8 @@
 One *unit* of work is (dataset, model, method, seed): train on the 1% training split of that
 seed, evaluate every ``val_every`` epochs, and report the test accuracy at the epoch of best
 validation accuracy. Units are checkpointed (mid-run every ``checkpoint_every`` epochs, at an
-interrupt once the epoch under way ends, and when done) so that ``--resume`` skips finished units and continues an interrupted one exactly.
+interrupt once the epoch under way ends, and when done) so that ``--resume`` skips finished
+units and continues an interrupted one exactly.
 """
 
 from __future__ import annotations
