@@ -184,6 +184,18 @@ def test_a_signal_during_a_step_saves_the_state_where_the_step_ended(
         capsys.readouterr().err
 
 
+def test_a_signal_held_while_an_error_escapes_is_not_lost() -> None:
+    """Ctrl-C during a step that then fails (a divergence the loop would catch and go on
+    from) still interrupts: KeyboardInterrupt, caused by the error."""
+    with pytest.raises(KeyboardInterrupt) as info, deferred_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        raise ValueError("diverged")
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(ValueError), deferred_interrupts():  # no signal: the error as it was
+        raise ValueError("diverged")
+
+
 def test_an_interrupt_raised_inside_a_step_keeps_the_last_checkpoint(tmp_path: Path) -> None:
     """An interrupt that escapes from inside a step (the state half updated) saves nothing;
     one between steps (the interrupt_after hook) saves."""

@@ -39,8 +39,10 @@ def interrupt_on_sigterm() -> Iterator[None]:
 @contextlib.contextmanager
 def deferred_interrupts(notice: str | None = None) -> Iterator[None]:
     """Hold SIGINT/SIGTERM that arrive within the block and raise KeyboardInterrupt after it,
-    so a file write is never cut in half by a signal (exceptions raised inside still escape).
-    ``notice`` is printed to stderr when the first signal is held."""
+    so a file write is never cut in half by a signal. An exception raised inside still
+    escapes, as KeyboardInterrupt (caused by it) when a signal was held, so that no handler
+    of that exception swallows the interrupt. ``notice`` is printed to stderr when the first
+    signal is held."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -54,6 +56,10 @@ def deferred_interrupts(notice: str | None = None) -> Iterator[None]:
     old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except Exception as exc:
+        if caught:
+            raise KeyboardInterrupt from exc
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
