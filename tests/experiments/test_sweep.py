@@ -587,3 +587,13 @@ def test_spec_values_must_have_their_own_type(tmp_path: Path,
     path.write_text(f"experiment: sweepdummy\nimports: [{MODULE}]\nquick: no\n")  # YAML false
     assert load_spec(path).quick is False
     assert not (tmp_path / "o").exists()
+
+
+def test_progress_line_counts_interrupted_points_apart_from_failed_ones() -> None:
+    from rbp.runner.sweep.run import _progress_line
+
+    records = [{"status": s, "action": "run"}
+               for s in ("finished", "interrupted", "failed", "running", "pending")]
+    line = _progress_line(records, [10.0], workers=2)
+    assert line == ("1/5 done (0 skipped), 1 running, 1 failed, 1 interrupted, ETA 10s")
+    assert "interrupted" not in _progress_line(records[:1], [], workers=1)

@@ -127,16 +127,18 @@ def _last_line(log_path: Path) -> str | None:
 
 def _progress_line(records: list[dict[str, Any]], times: list[float], workers: int) -> str:
     """Counts and an ETA: mean wall time of the points finished here x points left / workers."""
-    count = {k: sum(r["status"] == k for r in records) for k in ("finished", "running")}
+    count = {k: sum(r["status"] == k for r in records)
+             for k in ("finished", "running", "interrupted")}
     skipped = sum(r["action"] == "skip" for r in records)
     left = sum(r["status"] in ("pending", "running") for r in records)
-    failed = len(records) - count["finished"] - left
+    failed = len(records) - count["finished"] - count["interrupted"] - left
     eta = "0s" if left == 0 else "?"
     if times and left:
         secs = sum(times) / len(times) * left / workers
         eta = f"{secs / 60:.1f} min" if secs >= 90 else f"{secs:.0f}s"
+    stopped = f", {count['interrupted']} interrupted" if count["interrupted"] else ""
     return (f"{count['finished']}/{len(records)} done ({skipped} skipped), {count['running']} "
-            f"running, {failed} failed, ETA {eta}")
+            f"running, {failed} failed{stopped}, ETA {eta}")
 
 
 def run_sweep(spec: SweepSpec, force: bool = False, show_progress: bool = True) -> dict[str, Any]:
