@@ -88,6 +88,34 @@ def test_workers_are_merged_into_the_cells_and_the_ordering_sentence(tool, tmp_p
     assert tool.main(["--check", "--root", str(tmp_path)]) == 0
 
 
+def test_the_sentence_drops_so_far_once_every_cell_has_ten_seeds(tool, tmp_path):
+    """Nine seeds of one method keep ", so far"; the tenth makes the sentence final, and a
+    rerun over the final sentence finds it (and changes nothing)."""
+    extra = "".join(f"| {name} | 1 | 1 | 1 | 1 |\n" for name in ("CG-RBP", "Neumann-RBP",
+                                                                 "GMRES-RBP"))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(PAGE + extra)
+    (tmp_path / "docs" / "reproducing.md").write_text(PAGE + extra)
+    full = tmp_path / "results" / "citation" / "full"
+    offset = {"bptt": 0.02, "tbptt": 0.1, "rbp": 0.0, "cg": 0.05, "neumann": 0.12, "gmres": 0.11}
+    for ds in ("cora", "pubmed"):
+        _run(full / ds, {m: {s: 0.3 + o + 0.01 * (s % 3) for s in range(10 if m != "gmres"
+                                                                          or ds == "cora" else 9)}
+                         for m, o in offset.items()}, ds)
+    assert tool.main(["--root", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "(n=9, 2000 ep)" in readme and readme.count(", so far.") == 1
+    _run(full / "pubmed-b", {"gmres": {9: 0.45}}, "pubmed")
+    assert tool.main(["--root", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "so far" not in readme and "excludes 0: on Cora " in readme
+    sentence = readme.split("excludes 0: ")[1].split("\n\n")[0]
+    assert sentence.endswith("a real difference).") and "BPTT against RBP" in sentence, sentence
+    assert tool.main(["--check", "--root", str(tmp_path)]) == 0
+    assert tool.main(["--root", str(tmp_path)]) == 0
+    assert (tmp_path / "README.md").read_text() == readme
+
+
 def test_a_readme_without_the_row_or_the_sentence_is_a_clear_error(tool, tmp_path):
     results = {"datasets": {"cora": {"models": {"paper": {"cg": {
         "n": 2, "mean": 40.0, "std": 1.0, "per_seed": []}}}}}}
