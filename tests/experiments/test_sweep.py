@@ -597,3 +597,48 @@ def test_progress_line_counts_interrupted_points_apart_from_failed_ones() -> Non
     line = _progress_line(records, [10.0], workers=2)
     assert line == ("1/5 done (0 skipped), 1 running, 1 failed, 1 interrupted, ETA 10s")
     assert "interrupted" not in _progress_line(records[:1], [], workers=1)
+
+
+def test_stop_processes_waits_for_a_run_to_save_and_kills_one_that_does_not(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """SIGINT first (a run that handles it ends by itself); one that ignores it is killed after
+    the grace period, and a second interrupt while waiting kills at once."""
+    from rbp.runner.sweep.launch import stop_processes
+
+    code = ("import signal, sys, time; signal.signal(signal.SIGINT, {}); "
+            "print('ready', flush=True); time.sleep(30)")
+    polite = subprocess.Popen([sys.executable, "-c", code.format("lambda *a: sys.exit(7)")],
+                              stdout=subprocess.PIPE)
+    stubborn = subprocess.Popen([sys.executable, "-c", code.format("signal.SIG_IGN")],
+                                stdout=subprocess.PIPE)
+    for proc in (polite, stubborn):
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    start = time.monotonic()
+    with caplog.at_level("INFO"):
+        stop_processes([polite, stubborn], grace=1.0)
+    assert polite.returncode == 7 and stubborn.returncode == -signal.SIGKILL
+    assert 0.9 < time.monotonic() - start < 10
+    assert "stopping 2 run(s): each saves the step under way" in caplog.text
+
+    class Impatient:  # the user presses Ctrl-C again while the runs save
+        def __init__(self) -> None:
+            self.killed = False
+
+        def poll(self) -> int | None:
+            return -9 if self.killed else None
+
+        def send_signal(self, sig: int) -> None:
+            pass
+
+        def wait(self, timeout: float | None = None) -> int:
+            if not self.killed:
+                raise KeyboardInterrupt
+            return -9
+
+        def kill(self) -> None:
+            self.killed = True
+
+    proc = Impatient()
+    start = time.monotonic()
+    stop_processes([proc], grace=60.0)  # type: ignore[list-item]
+    assert proc.killed and time.monotonic() - start < 5

@@ -4,7 +4,8 @@ Every point is ``python -m rbp.runner ARGS`` in its own subprocess (a crash, an 
 kill or ``kill -9`` of one point loses nothing of the others), with its output appended to a
 log file. A launcher only starts jobs and reports their exit status; what a point means is the
 sweep's business. On ``KeyboardInterrupt`` a launcher stops its running jobs (SIGINT: the run
-records ``interrupted`` and keeps its checkpoints; SIGKILL after a grace period) and re-raises.
+records ``interrupted`` and saves the step under way; SIGKILL after a grace period) and
+re-raises.
 """
 
 from __future__ import annotations
@@ -54,18 +55,26 @@ class Launcher(Protocol):
     def run(self, jobs: Sequence[Job], started: Started, finished: Finished) -> None: ...
 
 
-def stop_processes(procs: Iterable[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
-    """SIGINT every process (a run saves its state and exits 130); SIGKILL those still alive
-    after ``grace`` seconds."""
-    procs = list(procs)
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], grace: float = 60.0) -> None:
+    """SIGINT every process (a run ends the training step under way, saves it and exits 130);
+    SIGKILL those still alive after ``grace`` seconds, or at once on a second interrupt."""
+    procs = [p for p in procs if p.poll() is None]
     for proc in procs:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGINT)
+    if procs:
+        get_logger("sweep").info("stopping %d run(s): each saves the step under way (killed "
+                                 "after %.0f s; interrupt again to kill them now)",
+                                 len(procs), grace)
     deadline = time.monotonic() + grace
+    try:
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
     for proc in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
 
